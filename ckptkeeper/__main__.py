@@ -1,0 +1,3 @@
+from ckptkeeper.cli import entry
+
+entry()

@@ -1,0 +1,262 @@
+"""Removing checkpoints: the only module that deletes or moves anything.
+
+Every removal starts with one atomic rename of the whole checkpoint out of its run directory, so a crash
+at any moment leaves the checkpoint either whole under its name or gone from it; what reached the trash is
+finished on the next start.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import sys
+import uuid
+from pathlib import Path
+
+from ckptkeeper.integrity import safetensors_problem
+from ckptkeeper.scan import checkpoint_step
+from ckptkeeper.state import StateDir
+
+RUN_TRASH_NAME = ".ckptkeeper-trash"  # used only when the state directory is on another filesystem
+ARCHIVE_TEMP_PREFIX = ".ckptkeeper-tmp-"
+
+
+class ActionError(RuntimeError):
+    """An action could not be carried out; the checkpoint is still whole under its name."""
+
+
+class Vanished(ActionError):
+    """The checkpoint disappeared before ckptkeeper touched it (e.g. the Trainer's own rotation)."""
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def removal_guard(root: Path, checkpoint: Path) -> str | None:
+    """Why `checkpoint` must not be removed, or None. This is the last check before any removal.
+
+    It refuses when:
+    - the name is not `checkpoint-<digits>` (not a checkpoint: never counted, moved or deleted);
+    - the path is a symlink, or not a directory (links are never followed, files never removed);
+    - the resolved path leaves the root (nothing outside the root is ever touched);
+    - its parent, resolved, is not where the path says (a symlinked run directory or root component).
+    What a rule, a protection or an unfinished write needs is settled by the planner and re-checked by
+    the caller just before this; this guard is about what a path is, not about what it holds.
+    """
+    if checkpoint_step(checkpoint.name) is None:
+        return f"{checkpoint.name} is not named checkpoint-<step>"
+    try:
+        st = checkpoint.lstat()
+    except FileNotFoundError:
+        return "it no longer exists"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    real_root = root.resolve()
+    real = checkpoint.resolve()
+    if not _within(real, real_root) or real == real_root:
+        return f"it resolves to {real}, outside the root {real_root}"
+    if real.parent != checkpoint.parent.resolve() or real.name != checkpoint.name:
+        return "its path goes through a symlink"
+    return None
+
+
+def _trash_name(checkpoint: Path) -> str:
+    # The leading token keeps a trash entry from ever matching checkpoint-<digits>.
+    return f"{uuid.uuid4().hex[:12]}.{checkpoint.name}"
+
+
+def rename_to_trash(checkpoint: Path, state: StateDir) -> Path:
+    """Move the whole checkpoint out of its run directory in one atomic rename; return where it went."""
+    state.create()
+    target = state.trash / _trash_name(checkpoint)
+    try:
+        os.rename(checkpoint, target)
+        return target
+    except FileNotFoundError:
+        raise Vanished(f"{checkpoint} vanished before it was removed") from None
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise ActionError(f"cannot move {checkpoint} to the trash: {e.strerror}") from None
+    # The state directory is on another filesystem: a trash beside the checkpoint keeps the rename atomic.
+    local = checkpoint.parent / RUN_TRASH_NAME
+    local.mkdir(exist_ok=True)
+    target = local / _trash_name(checkpoint)
+    try:
+        os.rename(checkpoint, target)
+    except FileNotFoundError:
+        raise Vanished(f"{checkpoint} vanished before it was removed") from None
+    except OSError as e:
+        raise ActionError(f"cannot move {checkpoint} to the trash: {e.strerror}") from None
+    return target
+
+
+def _rmtree(path: Path) -> None:
+    def make_writable_and_retry(func: object, failed: str, exc: BaseException) -> None:
+        if isinstance(exc, FileNotFoundError):
+            return  # someone else removed it first: the goal is reached
+        if not isinstance(exc, PermissionError):
+            raise exc
+        # A read-only directory inside the trash entry: make it and its parent writable, then retry.
+        os.chmod(os.path.dirname(failed), stat.S_IRWXU)
+        if os.path.isdir(failed) and not os.path.islink(failed):
+            os.chmod(failed, stat.S_IRWXU)
+            shutil.rmtree(failed)
+        else:
+            os.unlink(failed)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(path, onerror=lambda func, failed, info: make_writable_and_retry(func, failed, info[1]))
+
+
+def empty_trash(trash: Path) -> list[str]:
+    """Finish removing what an earlier run left in a trash directory; return the names finished."""
+    finished = []
+    try:
+        entries = sorted(os.listdir(trash))
+    except FileNotFoundError:
+        return []
+    for name in entries:
+        entry = trash / name
+        if entry.is_dir() and not entry.is_symlink():
+            _rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+        finished.append(name)
+    return finished
+
+
+def tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, n))
+            if not stat.S_ISDIR(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def delete_checkpoint(root: Path, checkpoint: Path, state: StateDir) -> None:
+    problem = removal_guard(root, checkpoint)
+    if problem == "it no longer exists":
+        raise Vanished(f"{checkpoint} vanished before it was removed")
+    if problem:
+        raise ActionError(f"refusing to remove {checkpoint}: {problem}")
+    _rmtree(rename_to_trash(checkpoint, state))
+
+
+def _listing(top: Path) -> dict[str, tuple[str, int]]:
+    """Relative path -> (kind, size) for everything below `top`, links not followed."""
+    found: dict[str, tuple[str, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in dirnames + filenames:
+            full = os.path.join(dirpath, n)
+            st = os.lstat(full)
+            kind = "dir" if stat.S_ISDIR(st.st_mode) else "link" if stat.S_ISLNK(st.st_mode) else "file"
+            found[os.path.relpath(full, top)] = (kind, 0 if kind == "dir" else st.st_size)
+    return found
+
+
+def verify_copy(source: Path, copy: Path) -> str | None:
+    """None when `copy` has the same files, kinds and sizes as `source` and valid safetensors headers."""
+    want, have = _listing(source), _listing(copy)
+    if want.keys() != have.keys():
+        missing = sorted(want.keys() - have.keys())
+        extra = sorted(have.keys() - want.keys())
+        return f"file list differs (missing {missing[:3]}, extra {extra[:3]})"
+    for rel, (kind, size) in want.items():
+        if have[rel] != (kind, size):
+            return f"{rel}: {have[rel][0]} of {have[rel][1]} bytes, expected {kind} of {size} bytes"
+        if kind == "file" and rel.endswith(".safetensors"):
+            problem = safetensors_problem(copy / rel)
+            if problem:
+                return problem
+    return None
+
+
+def _fsync_tree(top: Path) -> None:
+    for dirpath, _, filenames in os.walk(top):
+        for n in filenames:
+            full = os.path.join(dirpath, n)
+            if os.path.islink(full):
+                continue
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _clear_archive_temps(parent: Path, name: str) -> None:
+    for leftover in parent.glob(f"{ARCHIVE_TEMP_PREFIX}{name}.*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            _rmtree(leftover)
+
+
+def archive_checkpoint(root: Path, checkpoint: Path, target: Path, state: StateDir) -> str:
+    """Move `checkpoint` to `target`; returns "renamed" (same filesystem) or "copied".
+
+    Another filesystem: copy under a temporary name beside the target, fsync, verify, rename into place,
+    and only then remove the source like a delete. A crash leaves the source whole; the temporary copy
+    is cleared the next time this checkpoint is archived.
+    """
+    problem = removal_guard(root, checkpoint)
+    if problem == "it no longer exists":
+        raise Vanished(f"{checkpoint} vanished before it was archived")
+    if problem:
+        raise ActionError(f"refusing to archive {checkpoint}: {problem}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(target):
+        # An earlier archive finished its copy but was stopped before removing the source.
+        mismatch = verify_copy(checkpoint, target)
+        if mismatch:
+            raise ActionError(f"{target} already exists and differs from {checkpoint}: {mismatch}")
+        delete_checkpoint(root, checkpoint, state)
+        return "already archived"
+    try:
+        os.rename(checkpoint, target)
+        return "renamed"
+    except FileNotFoundError:
+        raise Vanished(f"{checkpoint} vanished before it was archived") from None
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise ActionError(f"cannot archive {checkpoint} to {target}: {e.strerror}") from None
+
+    _clear_archive_temps(target.parent, target.name)
+    temp = target.parent / f"{ARCHIVE_TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
+    try:
+        shutil.copytree(checkpoint, temp, symlinks=True)
+        _fsync_tree(temp)
+        mismatch = verify_copy(checkpoint, temp)
+        if mismatch:
+            raise ActionError(f"the copy of {checkpoint} in {temp} does not match: {mismatch}")
+        os.rename(temp, target)
+    except FileNotFoundError as e:
+        _rmtree_quietly(temp)
+        if not checkpoint.exists():
+            raise Vanished(f"{checkpoint} vanished while it was archived") from None
+        raise ActionError(f"cannot archive {checkpoint}: {e}") from None
+    except (OSError, shutil.Error) as e:
+        _rmtree_quietly(temp)
+        raise ActionError(f"cannot archive {checkpoint} to {target}: {e}") from None
+    except ActionError:
+        _rmtree_quietly(temp)
+        raise
+    delete_checkpoint(root, checkpoint, state)
+    return "copied"
+
+
+def _rmtree_quietly(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)

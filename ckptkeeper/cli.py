@@ -1,0 +1,260 @@
+"""Command line: thin click commands over the library. Domain errors become click errors here only.
+
+Heavy modules (pydantic, safetensors) are imported inside the commands so `--help` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ckptkeeper import __version__
+
+if TYPE_CHECKING:
+    from ckptkeeper.config import Settings
+    from ckptkeeper.engine import Policy
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_LOCKED = 4
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done; 1 a failure while acting; 2 usage or config error; "
+    "3 refused by a safety rule (nothing removed); 4 another instance holds the root's lock."
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Refused(click.ClickException):
+    exit_code = EXIT_REFUSED
+
+    def format_message(self) -> str:
+        return f"refused: {self.message}"
+
+
+class Locked(click.ClickException):
+    exit_code = EXIT_LOCKED
+
+
+class Failed(click.ClickException):
+    exit_code = EXIT_FAILED
+
+
+class ConfigProblem(click.ClickException):
+    exit_code = EXIT_USAGE
+
+
+def _check_keep(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ckptkeeper.rules import RuleError, parse_rules
+
+    if value is None:
+        return None
+    try:
+        parse_rules(value)
+    except RuleError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+def policy_options(command: F) -> F:
+    """The options plan and prune share: everything that decides what is kept."""
+    decorators = [
+        click.argument("root", required=False, type=click.Path(path_type=Path)),
+        click.option(
+            "--keep",
+            "-k",
+            callback=_check_keep,
+            metavar="RULES",
+            help="Keep rules, comma-separated: last:N, best:N[:METRIC[:min|max]], epoch:all|N, every:K.",
+        ),
+        click.option(
+            "--config",
+            "-c",
+            "config_file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="YAML or TOML file with any of these settings; flags override it.",
+        ),
+        click.option(
+            "--archive-to",
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Move removed checkpoints here (keeping the run's path) instead of deleting them.",
+        ),
+        click.option(
+            "--state-dir",
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Where the lock, journal and trash live. Default: ROOT/.ckptkeeper",
+        ),
+        click.option("--max-depth", type=int, help="How deep below ROOT to look for run directories. Default: 4"),
+        click.option(
+            "--protect-trainer-best/--no-protect-trainer-best",
+            default=None,
+            help="Always keep the checkpoint the Trainer calls best (default: on).",
+        ),
+        click.option(
+            "--settle",
+            type=float,
+            metavar="SECONDS",
+            help="Treat a checkpoint changed less than this long ago as incomplete. Default: 0",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
+def _settings(flags: dict[str, Any]) -> Settings:
+    from ckptkeeper.config import ConfigError, load_settings
+
+    config_file = flags.pop("config_file", None)
+    try:
+        return load_settings(config_file, flags)
+    except ConfigError as e:
+        raise ConfigProblem(str(e)) from None
+
+
+def _within(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def _resolve(settings: Settings) -> tuple[Path, Path, Policy]:
+    """Root, state directory and policy, with every path problem reported as a usage error."""
+    from ckptkeeper.engine import default_state_dir
+
+    if settings.root is None:
+        raise click.UsageError("missing ROOT: the directory that holds your runs (or `root:` in --config)")
+    root = settings.root
+    if not root.exists():
+        raise ConfigProblem(f"root {root} does not exist")
+    if not root.is_dir():
+        raise ConfigProblem(f"root {root} is not a directory")
+    root = root.resolve()
+    policy = settings.policy()
+    if not policy.rules:
+        from ckptkeeper.policy import NO_RULE
+
+        raise Refused(NO_RULE)
+    if policy.archive_to is not None:
+        archive = policy.archive_to.resolve()
+        if _within(root, archive):
+            raise ConfigProblem(f"--archive-to {policy.archive_to} must not be the root or contain it")
+        policy = type(policy)(policy.rules, policy.protections, archive, policy.max_depth, policy.settle)
+    state_dir = (settings.state_dir or default_state_dir(root)).resolve()
+    return root, state_dir, policy
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, "--version", "-V", prog_name="ckptkeeper")
+def main() -> None:
+    """Keep the checkpoints that matter and delete or archive the rest.
+
+    \b
+    Example:
+        ckptkeeper plan  ./outputs --keep best:1,last:5,epoch:all
+        ckptkeeper prune ./outputs --keep best:1,last:5,epoch:all
+        ckptkeeper demo
+    """
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@policy_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON for scripts.")
+def plan(as_json: bool, **flags: Any) -> None:
+    """Show what the rules keep and remove, and why. Changes nothing.
+
+    \b
+    Example:
+        ckptkeeper plan ./outputs --keep best:1,last:5,epoch:all
+        ckptkeeper plan ./outputs --keep best:3:accuracy,last:2 --json
+    """
+    from ckptkeeper.engine import make_plan
+    from ckptkeeper.render import plan_json, plan_text
+
+    root, state_dir, policy = _resolve(_settings(flags))
+    result = make_plan(root, policy, state_dir)
+    if as_json:
+        click.echo(json.dumps(plan_json(str(root), policy, result.runs, result.warnings), indent=2))
+    else:
+        click.echo(plan_text(str(root), policy, result.runs, result.warnings))
+    if result.refusals:
+        raise Refused("; ".join(r.refusal or "" for r in result.refusals) + ". Nothing would be removed.")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@policy_options
+@click.option("--dry-run", "-n", is_flag=True, help="Print what would be removed; change nothing.")
+def prune(dry_run: bool, **flags: Any) -> None:
+    """Apply the rules once: remove (delete or archive) every checkpoint no rule or protection keeps.
+
+    \b
+    Example:
+        ckptkeeper prune ./outputs --keep best:1,last:5,epoch:all
+        ckptkeeper prune ./outputs --keep best:3:accuracy,last:2 --archive-to /mnt/archive
+        ckptkeeper prune ./outputs --config configs/hf-best-last-epoch.yaml --dry-run
+    """
+    from ckptkeeper.engine import apply_plan, finish_leftovers, make_plan
+    from ckptkeeper.render import describe_policy, outcome_line, totals_line
+    from ckptkeeper.state import LockHeld, StateDir
+
+    root, state_dir, policy = _resolve(_settings(flags))
+    click.echo(describe_policy(policy))
+    click.echo(f"Root: {root}")
+    state = StateDir(state_dir)
+    if not dry_run:
+        try:
+            state.acquire_lock(root)
+        except LockHeld as e:
+            raise Locked(str(e)) from None
+        except OSError as e:
+            raise Failed(f"cannot create the state directory {state_dir}: {e.strerror or e}") from None
+    try:
+        result = make_plan(root, policy, state_dir)
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        if not dry_run:
+            run_dirs = [root / p.run.path for p in result.runs]
+            for name in finish_leftovers(root, state, run_dirs):
+                click.echo(f"finished removing {name}, left in the trash by an interrupted run")
+        if result.refusals:
+            raise Refused("; ".join(r.refusal or "" for r in result.refusals) + ". Nothing was removed.")
+        if not result.runs:
+            click.echo(f"No checkpoint-N directories found below {root} (searched {policy.max_depth} levels deep).")
+        totals = apply_plan(
+            root, result.runs, policy, None if dry_run else state, lambda o: click.echo(outcome_line(o))
+        )
+        kept = sum(len(p.kept) for p in result.runs)
+        click.echo(totals_line(totals, dry_run) + f" Kept {kept}.")
+        if totals.errors:
+            raise Failed(f"{len(totals.errors)} checkpoint(s) could not be removed; they are still whole")
+    finally:
+        state.release_lock()
+
+
+@main.command()
+@click.option("--keep", "-k", default="best:1,last:5,epoch:all", show_default=True, callback=_check_keep)
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), help="Keep the demo run here.")
+def demo(keep: str, directory: Path | None) -> None:
+    """Simulate a Trainer run in a temporary directory, plan it, prune it, and show what is left.
+
+    \b
+    Example:
+        ckptkeeper demo
+    """
+    from ckptkeeper.demo import run_demo
+
+    run_demo(keep, directory, click.echo)
+
+
+def entry() -> None:
+    main(prog_name="ckptkeeper")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Settings: a config file (YAML or TOML) overlaid by command-line flags, validated by pydantic.
+
+User config is read strictly (unknown keys are errors), unlike what trainers write. Relative paths in a
+config file are taken from the current directory, like the same paths given as flags.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ckptkeeper.engine import Policy
+from ckptkeeper.policy import Protections
+from ckptkeeper.rules import RuleError, parse_rule, parse_rules
+from ckptkeeper.scan import DEFAULT_MAX_DEPTH
+
+
+class ConfigError(ValueError):
+    """A bad config file or setting; the message has one line per problem."""
+
+
+def _valid_rule(text: str) -> str:
+    parse_rule(text)
+    return text.strip()
+
+
+RuleText = Annotated[str, AfterValidator(_valid_rule)]
+
+
+class Settings(BaseModel):
+    """Every setting of plan and prune; each key is also a flag (`max_depth` is `--max-depth`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: Path | None = None
+    keep: list[RuleText] = Field(default_factory=list)
+    archive_to: Path | None = None
+    state_dir: Path | None = None
+    max_depth: int = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
+    protect_trainer_best: bool = True
+    settle: float = Field(0.0, ge=0, le=3600)
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        """`keep` may be written `best:1,last:5` as well as a list of rules."""
+        if isinstance(value, str):
+            return [p for p in (part.strip() for part in value.split(",")) if p] if value.strip() else []
+        return value
+
+    def rules_text(self) -> str:
+        return ",".join(self.keep)
+
+    def policy(self) -> Policy:
+        return Policy(
+            rules=parse_rules(self.rules_text()),
+            protections=Protections(trainer_best=self.protect_trainer_best),
+            archive_to=self.archive_to,
+            max_depth=self.max_depth,
+            settle=self.settle,
+        )
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _messages(error: ValidationError, source: str) -> str:
+    lines = []
+    for e in error.errors():
+        loc = tuple(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {_location(loc) or 'settings'}: {msg}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    name = path.name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no such config file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{name}: cannot read the config file: {e}") from None
+    if path.suffix == ".toml":
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{name}: invalid TOML: {e}") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{name}: invalid YAML{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: a config file holds a mapping of settings, not a {type(data).__name__}")
+    return data
+
+
+def load_settings(config: Path | None, flags: dict[str, Any]) -> Settings:
+    """Settings from `config` (if any), with every flag that was given (not None) on top."""
+    from_file = read_config_file(config) if config else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if config:
+        try:
+            Settings.model_validate(from_file)
+        except ValidationError as e:
+            raise ConfigError(_messages(e, config.name)) from None
+    try:
+        return Settings.model_validate({**from_file, **given})
+    except ValidationError as e:
+        raise ConfigError(_messages(e, "command line")) from None
+
+
+__all__ = ["ConfigError", "RuleError", "Settings", "load_settings"]

@@ -1,0 +1,66 @@
+"""Frozen values that flow through the pipeline: what a scan saw, and what the planner decided. No I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One `checkpoint-<step>` directory of a run, as read from disk at one moment."""
+
+    name: str
+    step: int
+    complete: bool
+    incomplete_reason: str | None = None
+    epoch: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict, hash=False)
+    size_bytes: int = 0
+    # What the Trainer itself calls best, as this checkpoint's trainer_state.json says (a step), if anything.
+    trainer_best_step: int | None = None
+    # `should_training_stop` of the TrainerControl saved with this checkpoint: true only in the final one.
+    training_stopped: bool = False
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory: `path` is relative to the root, in POSIX form ("." for the root itself)."""
+
+    path: str
+    checkpoints: tuple[Checkpoint, ...]
+
+
+class Action(StrEnum):
+    KEEP = "keep"
+    DELETE = "delete"
+    ARCHIVE = "archive"
+
+
+@dataclass(frozen=True)
+class Decision:
+    checkpoint: Checkpoint
+    action: Action
+    reasons: tuple[str, ...]
+
+    @property
+    def kept(self) -> bool:
+        return self.action is Action.KEEP
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The planner's answer for one run. A refused run keeps everything and says why."""
+
+    run: Run
+    decisions: tuple[Decision, ...]
+    refusal: str | None = None
+
+    @property
+    def kept(self) -> tuple[Decision, ...]:
+        return tuple(d for d in self.decisions if d.kept)
+
+    @property
+    def removed(self) -> tuple[Decision, ...]:
+        return tuple(d for d in self.decisions if not d.kept)

@@ -1,0 +1,197 @@
+"""Find run directories below a root and read their checkpoints from disk. Reads only; never writes.
+
+Symlinks are never followed: a `checkpoint-N` that is a link is not a checkpoint, a linked directory is
+not descended into, and sizes count a link as the link itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_problem
+from ckptkeeper.model import Checkpoint, Run
+from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
+
+# ASCII digits only, no leading zero: `checkpoint-7` is the Trainer's name for step 7, and two directories
+# can never claim the same step (`checkpoint-007` is left alone, like any other non-checkpoint).
+CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
+INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
+TEMP_PREFIX = ".tmp"  # the safetensors writer's in-flight file
+DEFAULT_MAX_DEPTH = 4
+
+
+def checkpoint_step(name: str) -> int | None:
+    m = CHECKPOINT_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def is_checkpoint_entry(entry: os.DirEntry[str]) -> bool:
+    return checkpoint_step(entry.name) is not None and entry.is_dir(follow_symlinks=False)
+
+
+@dataclass
+class ScanResult:
+    runs: list[Run] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_path(root: Path, directory: Path) -> str:
+    rel = directory.relative_to(root).as_posix()
+    return rel or "."
+
+
+def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings: list[str]) -> list[Path]:
+    """Directories at depth <= max_depth below `root` (root is depth 0) that hold a checkpoint directly.
+
+    Hidden directories, symlinks, checkpoint directories themselves and `excluded` paths (the state
+    directory, an archive inside the root) are never descended into.
+    """
+    skip = {os.path.normpath(p) for p in excluded}
+    found: list[Path] = []
+    pending: list[tuple[Path, int]] = [(root, 0)]
+    while pending:
+        directory, depth = pending.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError as error:
+            warnings.append(f"cannot list {directory}: {error.strerror or error}")
+            continue
+        if any(is_checkpoint_entry(entry) for entry in entries):
+            found.append(directory)
+        if depth >= max_depth:
+            continue
+        pending.extend(
+            (Path(entry.path), depth + 1)
+            for entry in entries
+            if not entry.name.startswith(".")
+            and checkpoint_step(entry.name) is None
+            and entry.is_dir(follow_symlinks=False)
+            and os.path.normpath(entry.path) not in skip
+        )
+    return sorted(found)
+
+
+def _walk_files(directory: Path) -> Iterator[os.stat_result]:
+    """lstat of the directory and of everything below it, links not followed."""
+    yield directory.lstat()
+    pending = [directory]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                yield st
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(Path(e.path))
+
+
+def _safetensors_problem(directory: Path, names: list[str]) -> str | None:
+    valid: set[str] = set()
+    for name in sorted(n for n in names if n.endswith(".safetensors")):
+        path = directory / name
+        if not path.is_file() or path.is_symlink():
+            continue  # only regular files are opened: a link may point outside the root
+        problem = safetensors_problem(path)
+        if problem:
+            return problem
+        valid.add(name)
+    for name in sorted(n for n in names if n.endswith(INDEX_SUFFIX)):
+        problem = index_problem(directory, directory / name, valid)
+        if problem:
+            return problem
+    return None
+
+
+def read_checkpoint(directory: Path, step: int, now: float | None = None, settle: float = 0.0) -> Checkpoint:
+    """Judge one checkpoint directory. `now` and `settle` apply the watch's "unchanged for" check."""
+    name = directory.name
+    try:
+        stats = list(_walk_files(directory))
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return Checkpoint(name, step, complete=False, incomplete_reason="vanished while reading")
+    except OSError as e:
+        return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
+    size = sum(st.st_size for st in stats if not stat.S_ISDIR(st.st_mode))
+    newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
+
+    problems: list[str] = []
+    if INCOMPLETE_MARKER in names:
+        problems.append(f"{INCOMPLETE_MARKER} present (save in progress)")
+    temps = sorted(n for n in names if n.startswith(TEMP_PREFIX))
+    if temps:
+        problems.append(f"temporary file {temps[0]} present (write in progress)")
+
+    epoch = None
+    metrics: dict[str, float] = {}
+    best_step = None
+    stopped = False
+    state_path = directory / TRAINER_STATE
+    if TRAINER_STATE not in names:
+        problems.append(f"no {TRAINER_STATE}")
+    elif not stat.S_ISREG(state_path.lstat().st_mode):
+        problems.append(f"{TRAINER_STATE} is not a regular file")
+    else:
+        try:
+            state = parse_trainer_state(state_path.read_bytes())
+        except TrainerStateError as e:
+            problems.append(str(e))
+        except OSError as e:
+            problems.append(f"cannot read {TRAINER_STATE}: {e.strerror or e}")
+        else:
+            epoch, best_step, stopped = state.epoch, state.best_step, state.training_stopped
+            metrics = state.metrics_at(step)
+            if state.global_step is not None and state.global_step != step:
+                problems.append(f"global_step {state.global_step} in {TRAINER_STATE} does not match {name}")
+    if not problems:
+        problem = _safetensors_problem(directory, names)
+        if problem:
+            problems.append(problem)
+    if now is not None and settle > 0 and now - newest_change < settle:
+        problems.append(f"changed {max(now - newest_change, 0):.1f} s ago (settle {settle:g} s)")
+
+    return Checkpoint(
+        name=name,
+        step=step,
+        complete=not problems,
+        incomplete_reason="; ".join(problems) or None,
+        epoch=epoch,
+        metrics=metrics,
+        size_bytes=size,
+        trainer_best_step=best_step,
+        training_stopped=stopped,
+    )
+
+
+def read_run(root: Path, directory: Path, now: float | None = None, settle: float = 0.0) -> Run:
+    checkpoints = []
+    try:
+        with os.scandir(directory) as it:
+            entries = [e for e in it if is_checkpoint_entry(e)]
+    except FileNotFoundError:
+        entries = []
+    for e in entries:
+        step = checkpoint_step(e.name)
+        assert step is not None
+        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle))
+    checkpoints.sort(key=lambda c: c.step)
+    return Run(run_path(root, directory), tuple(checkpoints))
+
+
+def scan_root(
+    root: Path,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    excluded: Iterable[Path] = (),
+    now: float | None = None,
+    settle: float = 0.0,
+) -> ScanResult:
+    result = ScanResult()
+    for directory in find_run_dirs(root, max_depth, excluded, result.warnings):
+        result.runs.append(read_run(root, directory, now, settle))
+    return result

@@ -1,0 +1,265 @@
+"""A simulated Hugging Face Trainer that writes checkpoints exactly as transformers 5.x does.
+
+Same files and write order as the real Trainer (see the fixtures' README and inotify logs): `mkdir
+checkpoint-N`, `config.json`, `model.safetensors` (written to a hidden `.tmpXXXXXX`, then renamed),
+`training_args.bin`, `optimizer.pt`, `scheduler.pt`, `rng_state.pth`, and `trainer_state.json` last,
+written in place and non-atomically. Metrics are deterministic for a seed. Used by the demo, the tests and
+the benchmarks; it trains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ckptkeeper.integrity import encode_safetensors
+
+Strategy = Literal["steps", "epoch", "no"]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    steps_per_epoch: int = 26
+    epochs: int = 3
+    save_strategy: Strategy = "steps"
+    save_steps: int = 10
+    eval_strategy: Strategy = "steps"
+    eval_steps: int = 10
+    logging_steps: int = 5
+    metric_for_best_model: str | None = "eval_loss"  # None: the Trainer tracks no best
+    greater_is_better: bool | None = None
+    save_total_limit: int | None = None
+    save_only_model: bool = False
+    shards: int = 1  # >1 writes model-0000i-of-0000n.safetensors and an index
+    model_floats: int = 2000  # size of the model tensor
+    optimizer_bytes: int = 2048  # size of optimizer.pt (make it large for crash and speed tests)
+    nan_eval_steps: frozenset[int] = field(default_factory=frozenset)
+    eval_sets: tuple[str, ...] = ()  # e.g. ("a", "b"): several eval datasets, keys eval_a_loss, ...
+    seed: int = 0
+
+    @property
+    def max_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+@dataclass(frozen=True)
+class SaveEvent:
+    step: int
+    path: Path
+    on_disk: tuple[str, ...]
+
+
+class SimulatedTrainer:
+    """Writes one run into `output_dir`. `pace` sleeps between optimizer steps; `state_write_pause`
+    sleeps halfway through writing trainer_state.json, so a reader can catch it cut short."""
+
+    def __init__(self, output_dir: Path, config: SimConfig = SimConfig()) -> None:
+        self.output_dir = output_dir
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.log_history: list[dict[str, Any]] = []
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+
+    def _epoch(self, step: int) -> float:
+        return step / self.config.steps_per_epoch
+
+    def _due(self, strategy: Strategy, every: int, step: int) -> bool:
+        """As the Trainer: every `every` steps or at each epoch's end, and always at the last step."""
+        if strategy == "no":
+            return False
+        if step == self.config.max_steps:
+            return True
+        if strategy == "steps":
+            return step % every == 0
+        return step % self.config.steps_per_epoch == 0
+
+    def _eval(self, step: int) -> None:
+        progress = step / self.config.max_steps
+        loss = 0.7 - 0.35 * progress + self.rng.uniform(-0.04, 0.04)
+        accuracy = round(min(1.0, 0.55 + 0.4 * progress + self.rng.uniform(-0.05, 0.05)), 6)
+        if step in self.config.nan_eval_steps:
+            loss = math.nan
+        epoch = self._epoch(step)
+        first_set = self.config.eval_sets[0] if self.config.eval_sets else ""
+        self._update_best(step, {self._key(first_set, "loss"): loss, self._key(first_set, "accuracy"): accuracy})
+        for name in self.config.eval_sets or ("",):
+            self.log_history.append(
+                {
+                    "epoch": epoch,
+                    self._key(name, "accuracy"): accuracy,
+                    self._key(name, "loss"): loss,
+                    self._key(name, "runtime"): 0.015,
+                    self._key(name, "samples_per_second"): 4300.0,
+                    self._key(name, "steps_per_second"): 270.0,
+                    "step": step,
+                }
+            )
+
+    @staticmethod
+    def _key(eval_set: str, metric: str) -> str:
+        return f"eval_{eval_set}_{metric}" if eval_set else f"eval_{metric}"
+
+    def _update_best(self, step: int, metrics: dict[str, float]) -> None:
+        name = self.config.metric_for_best_model
+        if name is None:
+            return
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        value = metrics.get(key)
+        if value is None or math.isnan(value):
+            return
+        greater = self.config.greater_is_better
+        if greater is None:
+            greater = not key.endswith("loss")
+        better = self.best_metric is None or (value > self.best_metric if greater else value < self.best_metric)
+        if better:
+            self.best_metric, self.best_step = value, step
+
+    def _log_train(self, step: int) -> None:
+        self.log_history.append(
+            {
+                "epoch": self._epoch(step),
+                "grad_norm": round(self.rng.uniform(0.1, 0.9), 6),
+                "learning_rate": 0.01 * (1 - step / self.config.max_steps),
+                "loss": round(0.7 - 0.3 * step / self.config.max_steps + self.rng.uniform(-0.05, 0.05), 6),
+                "step": step,
+            }
+        )
+
+    def trainer_state(self, step: int, final: bool) -> dict[str, Any]:
+        c = self.config
+        best_dir = None if self.best_step is None else str(self.output_dir / f"checkpoint-{self.best_step}")
+        return {
+            "best_global_step": self.best_step,
+            "best_metric": self.best_metric,
+            "best_model_checkpoint": best_dir,
+            "epoch": self._epoch(step),
+            "eval_steps": c.eval_steps if c.eval_strategy == "steps" else 500,
+            "global_step": step,
+            "is_hyper_param_search": False,
+            "is_local_process_zero": True,
+            "is_world_process_zero": True,
+            "log_history": list(self.log_history),
+            "logging_steps": c.logging_steps,
+            "max_steps": c.max_steps,
+            "num_input_tokens_seen": 0,
+            "num_train_epochs": c.epochs,
+            "save_steps": c.save_steps if c.save_strategy == "steps" else 500,
+            "stateful_callbacks": {
+                "TrainerControl": {
+                    "args": {
+                        "should_epoch_stop": False,
+                        "should_evaluate": False,
+                        "should_log": False,
+                        "should_save": True,
+                        "should_training_stop": final,
+                    },
+                    "attributes": {},
+                }
+            },
+            "total_flos": 3587291.0 * step,
+            "train_batch_size": 8,
+            "trial_name": None,
+            "trial_params": None,
+        }
+
+    def _write_model(self, directory: Path, step: int) -> None:
+        c = self.config
+        shard_names = (
+            ["model.safetensors"]
+            if c.shards == 1
+            else [f"model-{i:05d}-of-{c.shards:05d}.safetensors" for i in range(1, c.shards + 1)]
+        )
+        weight_map = {}
+        for index, shard in enumerate(shard_names):
+            data = self.rng.randbytes(4 * c.model_floats)
+            tensors = {
+                f"layer{index}.weight": ("float32", [c.model_floats], data),
+                f"layer{index}.step": ("int64", [1], step.to_bytes(8, "little")),
+            }
+            weight_map.update(dict.fromkeys(tensors, shard))
+            payload = encode_safetensors(tensors, {"format": "pt"})
+            temp = directory / f".tmp{self.rng.randbytes(4).hex()[:6]}"
+            temp.write_bytes(payload)
+            os.rename(temp, directory / shard)  # the safetensors writer's rename into place
+        if c.shards > 1:
+            index_doc = {"metadata": {"total_size": 4 * c.model_floats * c.shards}, "weight_map": weight_map}
+            (directory / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
+
+    def save(self, step: int, final: bool, state_write_pause: float = 0.0) -> Path:
+        c = self.config
+        directory = self.output_dir / f"checkpoint-{step}"
+        directory.mkdir()
+        (directory / "config.json").write_text(
+            json.dumps({"architectures": ["BertForSequenceClassification"], "hidden_size": 16}, indent=2) + "\n"
+        )
+        self._write_model(directory, step)
+        (directory / "training_args.bin").write_bytes(self.rng.randbytes(512))
+        if not c.save_only_model:
+            with open(directory / "optimizer.pt", "wb") as f:
+                remaining = c.optimizer_bytes
+                while remaining > 0:
+                    chunk = min(remaining, 1 << 22)
+                    f.write(self.rng.randbytes(chunk))
+                    remaining -= chunk
+            (directory / "scheduler.pt").write_bytes(self.rng.randbytes(256))
+            (directory / "rng_state.pth").write_bytes(self.rng.randbytes(1024))
+        text = json.dumps(self.trainer_state(step, final), indent=2, sort_keys=True) + "\n"
+        with open(directory / "trainer_state.json", "w") as f:  # in place, not atomic, like the Trainer
+            half = len(text) // 2
+            f.write(text[:half])
+            if state_write_pause > 0:
+                f.flush()
+                time.sleep(state_write_pause)
+            f.write(text[half:])
+        self._rotate()
+        return directory
+
+    def _rotate(self) -> None:
+        """The Trainer's save_total_limit: delete the oldest checkpoints, sparing the best."""
+        limit = self.config.save_total_limit
+        if limit is None:
+            return
+        steps = sorted(int(p.name.split("-")[1]) for p in self.output_dir.iterdir() if p.name.startswith("checkpoint-"))
+        if self.best_step in steps and limit == 1 and steps[-1] != self.best_step:
+            limit = 2
+        doomed = [s for s in steps if s != self.best_step][: max(0, len(steps) - limit)]
+        for s in doomed:
+            shutil.rmtree(self.output_dir / f"checkpoint-{s}", ignore_errors=True)
+
+    def train(
+        self,
+        pace: float = 0.0,
+        on_save: Callable[[SaveEvent], None] | None = None,
+        state_write_pause: float = 0.0,
+    ) -> list[int]:
+        """Run every step; return the steps that were saved."""
+        c = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        saved = []
+        for step in range(1, c.max_steps + 1):
+            if pace > 0:
+                time.sleep(pace)
+            if step % c.logging_steps == 0:
+                self._log_train(step)
+            final = step == c.max_steps
+            if self._due(c.eval_strategy, c.eval_steps, step):
+                self._eval(step)
+            if self._due(c.save_strategy, c.save_steps, step):
+                path = self.save(step, final, state_write_pause)
+                saved.append(step)
+                if on_save:
+                    on_save(SaveEvent(step, path, tuple(sorted(os.listdir(self.output_dir)))))
+        return saved
+
+
+def simulate_run(output_dir: Path, config: SimConfig = SimConfig(), pace: float = 0.0) -> list[int]:
+    return SimulatedTrainer(output_dir, config).train(pace)

@@ -1,0 +1,72 @@
+"""ckptkeeper's state directory (default `<root>/.ckptkeeper/`): the lock, the journal and the trash."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+STATE_DIR_NAME = ".ckptkeeper"
+LOCK_NAME = "lock"
+JOURNAL_NAME = "journal.jsonl"
+TRASH_NAME = "trash"
+
+
+class LockHeld(RuntimeError):
+    """Another ckptkeeper holds the root's lock."""
+
+
+class StateDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.trash = path / TRASH_NAME
+        self.journal_path = path / JOURNAL_NAME
+        self._lock_fd: int | None = None
+
+    def create(self) -> None:
+        self.trash.mkdir(parents=True, exist_ok=True)
+
+    def acquire_lock(self, root: Path) -> None:
+        """Take the per-root lock. flock is released by the kernel when a process dies, so a lock left
+        by a killed instance never blocks the next one."""
+        self.create()
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise LockHeld(
+                f"another ckptkeeper ({holder}) is already working on {root}; "
+                f"only one instance may run per root (lock: {self.path / LOCK_NAME})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one action to the journal (JSON lines), with the time it happened."""
+        line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), **entry}
+        with open(self.journal_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, sort_keys=False) + "\n")
+
+    def read_journal(self) -> list[dict[str, Any]]:
+        if not self.journal_path.exists():
+            return []
+        entries = []
+        for line in self.journal_path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+        return entries
