@@ -8,6 +8,7 @@ finished on the next start.
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import shutil
 import stat
@@ -60,7 +61,9 @@ def removal_guard(root: Path, checkpoint: Path) -> str | None:
     real = checkpoint.resolve()
     if not _within(real, real_root) or real == real_root:
         return f"it resolves to {real}, outside the root {real_root}"
-    if real.parent != checkpoint.parent.resolve() or real.name != checkpoint.name:
+    # Resolving the parent would follow a symlinked run directory too; compare with the path as written.
+    below_root = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root))
+    if below_root == os.pardir or below_root.startswith(os.pardir + os.sep) or real != real_root / below_root:
         return "its path goes through a symlink"
     return None
 
@@ -148,7 +151,14 @@ def delete_checkpoint(root: Path, checkpoint: Path, state: StateDir) -> None:
         raise Vanished(f"{checkpoint} vanished before it was removed")
     if problem:
         raise ActionError(f"refusing to remove {checkpoint}: {problem}")
-    _rmtree(rename_to_trash(checkpoint, state))
+    trashed = rename_to_trash(checkpoint, state)
+    try:
+        _rmtree(trashed)
+    except OSError as e:
+        raise ActionError(
+            f"{checkpoint} was moved to the trash ({trashed}) but could not be removed there: {e}; "
+            "it is finished on the next start"
+        ) from None
 
 
 def _listing(top: Path) -> dict[str, tuple[str, int]]:
@@ -177,6 +187,18 @@ def verify_copy(source: Path, copy: Path) -> str | None:
             problem = safetensors_problem(copy / rel)
             if problem:
                 return problem
+    return None
+
+
+def _content_mismatch(source: Path, copy: Path) -> str | None:
+    """None when every file of `copy` has the bytes of its twin in `source` and every link the same target.
+    Same names and sizes are not enough to remove the source: an earlier run into the same output_dir
+    leaves an archived checkpoint-N of exactly the same layout and other weights."""
+    for rel, (kind, _) in _listing(source).items():
+        if kind == "file" and not filecmp.cmp(source / rel, copy / rel, shallow=False):
+            return f"{rel}: same size, different content"
+        if kind == "link" and os.readlink(source / rel) != os.readlink(copy / rel):
+            return f"{rel}: links to {os.readlink(copy / rel)}, expected {os.readlink(source / rel)}"
     return None
 
 
@@ -219,7 +241,7 @@ def archive_checkpoint(root: Path, checkpoint: Path, target: Path, state: StateD
     target.parent.mkdir(parents=True, exist_ok=True)
     if os.path.lexists(target):
         # An earlier archive finished its copy but was stopped before removing the source.
-        mismatch = verify_copy(checkpoint, target)
+        mismatch = verify_copy(checkpoint, target) or _content_mismatch(checkpoint, target)
         if mismatch:
             raise ActionError(f"{target} already exists and differs from {checkpoint}: {mismatch}")
         delete_checkpoint(root, checkpoint, state)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -145,6 +146,15 @@ def _resolve(settings: Settings) -> tuple[Path, Path, Policy]:
         archive = policy.archive_to.resolve()
         if _within(root, archive):
             raise ConfigProblem(f"--archive-to {policy.archive_to} must not be the root or contain it")
+        if _within(archive, root):
+            # A later pass without --archive-to would see the archive as runs and prune it.
+            raise ConfigProblem(
+                f"--archive-to {policy.archive_to} is inside the root {root}: choose a directory outside it, "
+                "or ckptkeeper would later see the archive as runs and prune it"
+            )
+        existing = next(p for p in (archive, *archive.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigProblem(f"--archive-to {policy.archive_to}: {existing} is not a directory")
         policy = type(policy)(policy.rules, policy.protections, archive, policy.max_depth, policy.settle)
     state_dir = (settings.state_dir or default_state_dir(root)).resolve()
     return root, state_dir, policy
@@ -178,7 +188,7 @@ def plan(as_json: bool, **flags: Any) -> None:
     from ckptkeeper.render import plan_json, plan_text
 
     root, state_dir, policy = _resolve(_settings(flags))
-    result = make_plan(root, policy, state_dir)
+    result = make_plan(root, policy, state_dir, now=time.time())  # `now` makes --settle apply
     if as_json:
         click.echo(json.dumps(plan_json(str(root), policy, result.runs, result.warnings), indent=2))
     else:
@@ -215,7 +225,7 @@ def prune(dry_run: bool, **flags: Any) -> None:
         except OSError as e:
             raise Failed(f"cannot create the state directory {state_dir}: {e.strerror or e}") from None
     try:
-        result = make_plan(root, policy, state_dir)
+        result = make_plan(root, policy, state_dir, now=time.time())  # `now` makes --settle apply
         for warning in result.warnings:
             click.echo(f"warning: {warning}", err=True)
         if not dry_run:

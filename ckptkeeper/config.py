@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from ckptkeeper.engine import Policy
 from ckptkeeper.policy import Protections
@@ -31,17 +40,26 @@ def _valid_rule(text: str) -> str:
 RuleText = Annotated[str, AfterValidator(_valid_rule)]
 
 
+def _no_nul(path: Path) -> Path:
+    if "\0" in str(path):  # the OS rejects such a path with a ValueError, not an OSError
+        raise ValueError("a path cannot contain a NUL character")
+    return path
+
+
+PathSetting = Annotated[Path, AfterValidator(_no_nul)]
+
+
 class Settings(BaseModel):
     """Every setting of plan and prune; each key is also a flag (`max_depth` is `--max-depth`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    root: Path | None = None
+    root: PathSetting | None = None
     keep: list[RuleText] = Field(default_factory=list)
-    archive_to: Path | None = None
-    state_dir: Path | None = None
-    max_depth: int = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
-    protect_trainer_best: bool = True
+    archive_to: PathSetting | None = None
+    state_dir: PathSetting | None = None
+    max_depth: StrictInt = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
+    protect_trainer_best: StrictBool = True
     settle: float = Field(0.0, ge=0, le=3600)
 
     @field_validator("keep", mode="before")
@@ -68,7 +86,11 @@ class Settings(BaseModel):
 def _location(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        name = part if part.isprintable() else repr(part)  # a key with a line break stays on one line
+        out += f".{name}" if out else name
     return out
 
 
@@ -101,7 +123,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
             problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"{name}: invalid YAML{at}: {problem}") from None
+            if isinstance(e, yaml.reader.ReaderError):  # str(e) spans two lines; say where like the others
+                line = text.count("\n", 0, e.position) + 1
+                at = f" at line {line}, column {e.position - text.rfind(chr(10), 0, e.position)}"
+                problem = str(e).splitlines()[0]
+            raise ConfigError(f"{name}: invalid YAML{at}: {' '.join(problem.split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -13,7 +13,9 @@ from ckptkeeper.rules import parse_rules
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import StateDir
 
-DEMO_RUN = SimConfig(steps_per_epoch=25, epochs=4, save_steps=10, eval_steps=10, optimizer_bytes=200_000, seed=7)
+DEMO_RUN = SimConfig(
+    steps_per_epoch=20, epochs=6, save_steps=10, eval_steps=10, optimizer_bytes=200_000, seed=7, overfit_after=0.35
+)
 
 
 def run_demo(keep: str, directory: Path | None, say: Callable[[str], None]) -> None:

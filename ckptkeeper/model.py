@@ -22,6 +22,8 @@ class Checkpoint:
     trainer_best_step: int | None = None
     # `should_training_stop` of the TrainerControl saved with this checkpoint: true only in the final one.
     training_stopped: bool = False
+    # The newest mtime/ctime of anything in the directory (seconds since the epoch), as scanned.
+    last_change: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,12 @@ def summary_line(plans: Sequence[RunPlan]) -> str:
     runs = len(plans)
     kept_bytes = sum(d.checkpoint.size_bytes for d in kept)
     freed = sum(d.checkpoint.size_bytes for d in removed)
-    return (
-        f"Summary: {total} checkpoint{'s' if total != 1 else ''} in {runs} run{'s' if runs != 1 else ''}: "
-        f"keep {len(kept)} ({human_bytes(kept_bytes)}), remove {len(removed)} ({human_bytes(freed)} to free)"
-    )
+    head = f"Summary: {total} checkpoint{'s' if total != 1 else ''} in {runs} run{'s' if runs != 1 else ''}: "
+    refused = sum(1 for p in plans if p.refusal)
+    if refused:  # plan and prune refuse as a whole: no run is pruned, not even the ones not refused
+        where = f"{refused} run{'s' if refused != 1 else ''}"
+        return head + f"refused in {where} (see REFUSED above), so nothing is removed"
+    return head + f"keep {len(kept)} ({human_bytes(kept_bytes)}), remove {len(removed)} ({human_bytes(freed)} to free)"
 
 
 def _finite_or_text(value: float) -> float | str:
@@ -118,6 +120,7 @@ def plan_json(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Seq
     ]
     kept = [d for p in plans for d in p.kept]
     removed = [d for p in plans for d in p.removed if not p.refusal]
+    refused = any(p.refusal for p in plans)  # a refusal anywhere means nothing is removed anywhere
     return {
         "root": root,
         "keep": format_rules(policy.rules),
@@ -127,9 +130,10 @@ def plan_json(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Seq
         "summary": {
             "checkpoints": len(kept) + len(removed),
             "kept": len(kept),
-            "removed": len(removed),
+            "removed": 0 if refused else len(removed),
+            "refused": refused,
             "bytes_kept": sum(d.checkpoint.size_bytes for d in kept),
-            "bytes_to_free": sum(d.checkpoint.size_bytes for d in removed),
+            "bytes_to_free": 0 if refused else sum(d.checkpoint.size_bytes for d in removed),
         },
     }
 

@@ -135,7 +135,10 @@ AnyRule = Last | Best | Epoch | Every
 def _count(text: str, rule: str) -> int:
     if not _POSITIVE.fullmatch(text):
         raise RuleError(f"invalid rule {rule!r}: {text!r} is not a positive integer. Valid forms: {VALID_FORMS}.")
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits(), 4300 by default)
+        raise RuleError(f"invalid rule {rule!r}: {text!r} is too large. Valid forms: {VALID_FORMS}.") from None
 
 
 def _parse_one(text: str) -> AnyRule:

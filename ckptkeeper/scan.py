@@ -51,7 +51,8 @@ def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings
     Hidden directories, symlinks, checkpoint directories themselves and `excluded` paths (the state
     directory, an archive inside the root) are never descended into.
     """
-    skip = {os.path.normpath(p) for p in excluded}
+    # Compared as real paths: a relative root, or a root reached through a symlink, still matches.
+    skip = {os.path.realpath(p) for p in excluded}
     found: list[Path] = []
     pending: list[tuple[Path, int]] = [(root, 0)]
     while pending:
@@ -72,7 +73,7 @@ def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings
             if not entry.name.startswith(".")
             and checkpoint_step(entry.name) is None
             and entry.is_dir(follow_symlinks=False)
-            and os.path.normpath(entry.path) not in skip
+            and os.path.realpath(entry.path) not in skip
         )
     return sorted(found)
 
@@ -135,13 +136,15 @@ def read_checkpoint(directory: Path, step: int, now: float | None = None, settle
     state_path = directory / TRAINER_STATE
     if TRAINER_STATE not in names:
         problems.append(f"no {TRAINER_STATE}")
-    elif not stat.S_ISREG(state_path.lstat().st_mode):
-        problems.append(f"{TRAINER_STATE} is not a regular file")
     else:
         try:
+            if not stat.S_ISREG(state_path.lstat().st_mode):
+                raise TrainerStateError(f"{TRAINER_STATE} is not a regular file")
             state = parse_trainer_state(state_path.read_bytes())
         except TrainerStateError as e:
             problems.append(str(e))
+        except FileNotFoundError:  # removed since the listing, e.g. by the Trainer's own rotation
+            problems.append(f"no {TRAINER_STATE}")
         except OSError as e:
             problems.append(f"cannot read {TRAINER_STATE}: {e.strerror or e}")
         else:
@@ -166,6 +169,7 @@ def read_checkpoint(directory: Path, step: int, now: float | None = None, settle
         size_bytes=size,
         trainer_best_step=best_step,
         training_stopped=stopped,
+        last_change=newest_change,
     )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ckptkeeper.integrity import encode_safetensors
+from ckptkeeper.scan import checkpoint_step
 
 Strategy = Literal["steps", "epoch", "no"]
 
@@ -42,6 +43,7 @@ class SimConfig:
     model_floats: int = 2000  # size of the model tensor
     optimizer_bytes: int = 2048  # size of optimizer.pt (make it large for crash and speed tests)
     nan_eval_steps: frozenset[int] = field(default_factory=frozenset)
+    overfit_after: float | None = None  # fraction of training after which eval loss rises again
     eval_sets: tuple[str, ...] = ()  # e.g. ("a", "b"): several eval datasets, keys eval_a_loss, ...
     seed: int = 0
 
@@ -70,7 +72,10 @@ class SimulatedTrainer:
         self.best_step: int | None = None
 
     def _epoch(self, step: int) -> float:
-        return step / self.config.steps_per_epoch
+        # As the Trainer: completed epochs + the fraction of the current one, so the floats match its own
+        # bit for bit (40 steps of 26 -> 1 + 14/26 = 1.5384615384615383, not 40/26) and epoch ends are 1.0, 2.0.
+        done, within = divmod(step - 1, self.config.steps_per_epoch)
+        return done + (within + 1) / self.config.steps_per_epoch
 
     def _due(self, strategy: Strategy, every: int, step: int) -> bool:
         """As the Trainer: every `every` steps or at each epoch's end, and always at the last step."""
@@ -85,6 +90,8 @@ class SimulatedTrainer:
     def _eval(self, step: int) -> None:
         progress = step / self.config.max_steps
         loss = 0.7 - 0.35 * progress + self.rng.uniform(-0.04, 0.04)
+        if self.config.overfit_after is not None and progress > self.config.overfit_after:
+            loss += 0.9 * (progress - self.config.overfit_after)  # eval loss turns up: the best is not the last
         accuracy = round(min(1.0, 0.55 + 0.4 * progress + self.rng.uniform(-0.05, 0.05)), 6)
         if step in self.config.nan_eval_steps:
             loss = math.nan
@@ -228,7 +235,9 @@ class SimulatedTrainer:
         limit = self.config.save_total_limit
         if limit is None:
             return
-        steps = sorted(int(p.name.split("-")[1]) for p in self.output_dir.iterdir() if p.name.startswith("checkpoint-"))
+        # Only checkpoint directories: a foreign `checkpoint-abc` or a file must not crash the rotation.
+        found = (checkpoint_step(p.name) for p in self.output_dir.iterdir() if p.is_dir() and not p.is_symlink())
+        steps = sorted(s for s in found if s is not None)
         if self.best_step in steps and limit == 1 and steps[-1] != self.best_step:
             limit = 2
         doomed = [s for s in steps if s != self.best_step][: max(0, len(steps) - limit)]

@@ -59,8 +59,15 @@ class StateDir:
     def record(self, entry: dict[str, Any]) -> None:
         """Append one action to the journal (JSON lines), with the time it happened."""
         line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), **entry}
-        with open(self.journal_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, sort_keys=False) + "\n")
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # A crash may have cut the last line short: start on a fresh line, or this entry is lost with it.
+            size = os.fstat(fd).st_size
+            cut_short = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            os.write(fd, (("\n" if cut_short else "") + json.dumps(line, sort_keys=False) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def read_journal(self) -> list[dict[str, Any]]:
         if not self.journal_path.exists():

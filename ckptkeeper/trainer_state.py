@@ -11,7 +11,6 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError
@@ -26,7 +25,7 @@ class TrainerStateError(ValueError):
 class _TrainerStateFile(BaseModel):
     model_config = ConfigDict(extra="ignore")
     global_step: StrictInt | None = None
-    epoch: StrictInt | StrictFloat | None = None
+    epoch: StrictFloat | None = None  # strict float accepts a JSON integer, rejects strings and booleans
     log_history: list[dict[str, Any]] = []
     best_global_step: StrictInt | None = None
     best_model_checkpoint: str | None = None
@@ -55,10 +54,12 @@ def _best_step(state: _TrainerStateFile) -> int | None:
     if state.best_global_step is not None:
         return state.best_global_step
     if state.best_model_checkpoint:
-        # The sidecar rarely sees the trainer's absolute path: match by the last component only.
-        last = PurePath(state.best_model_checkpoint.rstrip("/\\")).name
+        # The sidecar rarely sees the trainer's absolute path: match by the last component only
+        # (a trainer on Windows writes backslashes).
+        last = state.best_model_checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
         prefix, _, digits = last.partition("-")
-        if prefix == "checkpoint" and digits.isascii() and digits.isdigit():
+        # The Trainer's own name: ASCII digits, no leading zero (as scan.CHECKPOINT_NAME).
+        if prefix == "checkpoint" and digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0"):
             return int(digits)
     return None
 
@@ -88,6 +89,19 @@ def _evals(history: list[dict[str, Any]]) -> tuple[tuple[int, Mapping[str, float
     return tuple(found)
 
 
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages (`null`, not Python's `NoneType`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
 def parse_trainer_state(data: bytes) -> TrainerState:
     if not data.strip():
         raise TrainerStateError("trainer_state.json is empty")
@@ -100,7 +114,7 @@ def parse_trainer_state(data: bytes) -> TrainerState:
     except RecursionError:
         raise TrainerStateError("trainer_state.json is nested too deeply") from None
     if not isinstance(raw, dict):
-        raise TrainerStateError(f"trainer_state.json holds a JSON {type(raw).__name__}, not an object")
+        raise TrainerStateError(f"trainer_state.json holds a JSON {_json_type(raw)}, not an object")
     try:
         state = _TrainerStateFile.model_validate(raw)
     except ValidationError as e:

@@ -1,0 +1,470 @@
+"""Settings from a YAML or TOML file (`--config`), overlaid by flags, and every way a config can be wrong.
+
+A config problem is exit code 2 with one line per problem, each starting with the file's name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckptkeeper.cli import main
+from ckptkeeper.config import ConfigError, Settings, load_settings
+from ckptkeeper.rules import parse_rules
+
+VALID_FORMS = (
+    "last:N, best:N[:METRIC[:min|max]], epoch:all, epoch:N, every:K (N and K positive integers), separated by commas"
+)
+NO_RULE = "Error: refused: no keep rule given: refusing to remove anything (pass --keep, e.g. --keep last:5)\n"
+KEYS = ("root", "keep", "archive_to", "state_dir", "max_depth", "protect_trainer_best", "settle")
+
+
+def cli(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def checkpoints(run: Path) -> set[int]:
+    return {int(p.name.removeprefix("checkpoint-")) for p in run.iterdir() if p.name.startswith("checkpoint-")}
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings and numbers are written alike in TOML and JSON
+
+
+def write_config(path: Path, values: dict[str, object]) -> Path:
+    if path.suffix == ".toml":
+        path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()), encoding="utf-8")
+    else:
+        path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# --- every setting, from YAML and TOML ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config.yml", "config.toml"])
+@pytest.mark.parametrize("keep", [["best:1", "last:5", "epoch:all"], "best:1, last:5,epoch:all"])
+def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list[str] | str) -> None:
+    values: dict[str, object] = {
+        "root": str(tmp_path / "outputs"),
+        "keep": keep,
+        "archive_to": str(tmp_path / "archive"),
+        "state_dir": str(tmp_path / "state"),
+        "max_depth": 2,
+        "protect_trainer_best": False,
+        "settle": 0.5,
+    }
+    assert set(values) == set(KEYS) == set(Settings.model_fields)
+    loaded = load_settings(write_config(tmp_path / name, values), {})
+    assert loaded == Settings(
+        root=tmp_path / "outputs",
+        keep=["best:1", "last:5", "epoch:all"],
+        archive_to=tmp_path / "archive",
+        state_dir=tmp_path / "state",
+        max_depth=2,
+        protect_trainer_best=False,
+        settle=0.5,
+    )
+    assert loaded.rules_text() == "best:1,last:5,epoch:all"
+
+
+def test_no_config_and_no_flags_gives_the_defaults() -> None:
+    assert load_settings(None, {}) == Settings()
+    assert (Settings().max_depth, Settings().protect_trainer_best, Settings().settle, Settings().keep) == (
+        4,
+        True,
+        0.0,
+        [],
+    )
+
+
+def test_flags_override_file_values_and_unset_flags_do_not(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", {"keep": "last:1", "max_depth": 0, "protect_trainer_best": False})
+    flags: dict[str, Any] = {"keep": "last:3", "max_depth": None, "protect_trainer_best": True, "settle": None}
+    loaded = load_settings(config, flags)
+    assert (loaded.keep, loaded.max_depth, loaded.protect_trainer_best, loaded.settle) == (["last:3"], 0, True, 0.0)
+
+
+def test_every_setting_in_a_file_takes_effect(hf_run: Callable[[str], Path], tmp_path: Path) -> None:
+    run = hf_run("B")  # checkpoints 26 52 78 104; the Trainer calls 52 best
+    root = run.parent
+    deep = root / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    (run.parent / "B").rename(deep / "B")  # the run is now 4 levels below the root
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    config = write_config(
+        tmp_path / "config.toml",
+        {
+            "root": str(root),
+            "keep": "last:1",
+            "archive_to": str(archive),
+            "state_dir": str(state),
+            "max_depth": 4,
+            "protect_trainer_best": False,
+            "settle": 0,
+        },
+    )
+    result = cli("prune", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[:2] == [
+        f"Policy: keep the last 1 (last:1); always keep the newest, incomplete ones; archive to {archive} the rest",
+        f"Root: {root}",
+    ]
+    assert checkpoints(deep / "B") == {104}  # 52, the Trainer's best, is not protected
+    assert checkpoints(archive / "a" / "b" / "c" / "B") == {26, 52, 78}
+    assert len((state / "journal.jsonl").read_text().splitlines()) == 3
+    assert not (root / ".ckptkeeper").exists()
+
+
+def test_max_depth_and_settle_from_a_file(hf_run: Callable[[str], Path], tmp_path: Path) -> None:
+    root = hf_run("B").parent
+    shallow = write_config(tmp_path / "shallow.yaml", {"keep": ["last:1"], "max_depth": 0})
+    result = cli("plan", root, "--config", shallow)
+    assert result.exit_code == 0, result.output
+    assert f"No checkpoint-N directories found below {root} (searched 0 levels deep)." in result.output
+    settle = write_config(tmp_path / "settle.yaml", {"keep": ["last:1"], "settle": 3600})
+    result = cli("prune", root, "--config", settle)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == "Done: removed 0 checkpoints, freed 0 B. Kept 4."
+    assert checkpoints(root / "B") == {26, 52, 78, 104}
+
+
+def test_flags_override_the_file_on_the_command_line(hf_run: Callable[[str], Path], tmp_path: Path) -> None:
+    root = hf_run("B").parent
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_config(
+        tmp_path / "config.yaml",
+        {
+            "root": str(other),
+            "keep": ["last:1"],
+            "archive_to": str(tmp_path / "archive-from-file"),
+            "state_dir": str(tmp_path / "state-from-file"),
+            "max_depth": 0,
+            "protect_trainer_best": False,
+            "settle": 3600,
+        },
+    )
+    result = cli(
+        "prune",
+        root,
+        "--config",
+        config,
+        "--keep",
+        "last:2",
+        "--archive-to",
+        tmp_path / "archive",
+        "--state-dir",
+        tmp_path / "state",
+        "--max-depth",
+        "1",
+        "--protect-trainer-best",
+        "--settle",
+        "0",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[:2] == [
+        "Policy: keep the last 2 (last:2); always keep the newest, incomplete ones, the Trainer's best; "
+        f"archive to {tmp_path / 'archive'} the rest",
+        f"Root: {root}",
+    ]
+    assert checkpoints(root / "B") == {52, 78, 104}
+    assert checkpoints(tmp_path / "archive" / "B") == {26}
+    assert (tmp_path / "state" / "journal.jsonl").exists()
+    assert not (tmp_path / "state-from-file").exists()
+    assert not (tmp_path / "archive-from-file").exists()
+
+
+def test_relative_paths_in_a_file_are_taken_from_the_current_directory(
+    hf_run: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hf_run("D2")
+    (tmp_path / "configs").mkdir()
+    config = write_config(tmp_path / "configs" / "c.yaml", {"root": "outputs", "keep": "last:1"})
+    monkeypatch.chdir(tmp_path)
+    result = cli("plan", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1] == f"Root: {tmp_path / 'outputs'}"
+
+
+# --- problems in a config file -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bogus: 1\n", "config.yaml: bogus: Extra inputs are not permitted"),
+        (
+            "keep: [last:1, bestt:1]\n",
+            f"config.yaml: keep[1]: invalid rule 'bestt:1': unknown rule 'bestt'. Valid forms: {VALID_FORMS}.",
+        ),
+        (
+            "keep: last:1,best:0\n",
+            f"config.yaml: keep[1]: invalid rule 'best:0': '0' is not a positive integer. Valid forms: {VALID_FORMS}.",
+        ),
+        (
+            "max_depth: deep\n",
+            "config.yaml: max_depth: Input should be a valid integer",
+        ),
+        ("max_depth: -1\n", "config.yaml: max_depth: Input should be greater than or equal to 0"),
+        (
+            "max_depth: 2.5\n",
+            "config.yaml: max_depth: Input should be a valid integer",
+        ),
+        ("settle: -1\n", "config.yaml: settle: Input should be greater than or equal to 0"),
+        (
+            "protect_trainer_best: maybe\n",
+            "config.yaml: protect_trainer_best: Input should be a valid boolean",
+        ),
+        ("keep: 5\n", "config.yaml: keep: Input should be a valid list"),
+        ("keep: [null]\n", "config.yaml: keep[0]: Input should be a valid string"),
+        ('root: "a\\0b"\n', "config.yaml: root: a path cannot contain a NUL character"),
+        ('archive_to: "a\\0b"\n', "config.yaml: archive_to: a path cannot contain a NUL character"),
+        ('state_dir: "a\\0b"\n', "config.yaml: state_dir: a path cannot contain a NUL character"),
+        ('"bo\\ngus": 1\n', "config.yaml: 'bo\\ngus': Extra inputs are not permitted"),
+        ("- last:1\n- best:1\n", "config.yaml: a config file holds a mapping of settings, not a list"),
+        ("a: b: c\n", "config.yaml: invalid YAML at line 1, column 5: mapping values are not allowed here"),
+        (
+            "root: x\nkeep: [last:1\n",
+            "config.yaml: invalid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'",
+        ),
+        (
+            "root: x\nkeep: \x07\n",
+            "config.yaml: invalid YAML at line 2, column 7: unacceptable character #x0007: "
+            "special characters are not allowed",
+        ),
+    ],
+)
+def test_a_bad_config_is_exit_2_with_one_line_naming_the_file(
+    outputs_root: Path, tmp_path: Path, text: str, message: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, {})
+    assert str(caught.value) == message
+    result = cli("prune", outputs_root, "--config", config, "--keep", "last:1")
+    assert result.exit_code == 2
+    assert result.output == f"Error: {message}\n"
+    assert checkpoints(outputs_root / "D2") == {50, 52}
+
+
+@pytest.fixture
+def outputs_root(hf_run: Callable[[str], Path]) -> Path:
+    return hf_run("D2").parent
+
+
+def test_several_problems_give_one_line_each(tmp_path: Path) -> None:
+    config = tmp_path / "sweep.yaml"
+    config.write_text("bogus: 1\nmax_depth: deep\nkeep: [last:1, best:0]\nsettle: -2\n", encoding="utf-8")
+    result = cli("plan", tmp_path, "--config", config)
+    assert result.exit_code == 2
+    assert sorted(result.output.splitlines()) == sorted(
+        [
+            "Error: sweep.yaml: keep[1]: invalid rule 'best:0': '0' is not a positive integer. "
+            f"Valid forms: {VALID_FORMS}.",
+            "sweep.yaml: max_depth: Input should be a valid integer",
+            "sweep.yaml: settle: Input should be greater than or equal to 0",
+            "sweep.yaml: bogus: Extra inputs are not permitted",
+        ]
+    )
+
+
+def test_a_bad_value_in_a_file_is_reported_even_when_a_flag_overrides_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", {"max_depth": "deep", "keep": "last:1"})
+    result = cli("plan", tmp_path, "--config", config, "--max-depth", "2")
+    assert result.exit_code == 2
+    assert result.output == ("Error: config.yaml: max_depth: Input should be a valid integer\n")
+
+
+def test_a_bad_flag_value_is_reported_as_the_command_line(tmp_path: Path) -> None:
+    result = cli("plan", tmp_path, "--keep", "last:1", "--max-depth", "-1")
+    assert result.exit_code == 2
+    assert result.output == "Error: command line: max_depth: Input should be greater than or equal to 0\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "line_and_column"),
+    [("root = 'x'\nkeep = = 1\n", "(at line 2, column 8)"), ("keep = 'a'\nkeep = 'b'\n", "(at line 2, column")],
+)
+def test_invalid_toml_is_exit_2_naming_the_file(tmp_path: Path, text: str, line_and_column: str) -> None:
+    config = tmp_path / "sweep.toml"
+    config.write_text(text, encoding="utf-8")
+    result = cli("plan", tmp_path, "--config", config)
+    assert result.exit_code == 2
+    [line] = result.output.splitlines()
+    assert line.startswith("Error: sweep.toml: invalid TOML: ")
+    assert line_and_column in line
+
+
+def test_a_toml_type_error_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "sweep.toml"
+    config.write_text("max_depth = 'deep'\nprotect_trainer_best = 'maybe'\n", encoding="utf-8")
+    result = cli("plan", tmp_path, "--config", config)
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "Error: sweep.toml: max_depth: Input should be a valid integer",
+        "sweep.toml: protect_trainer_best: Input should be a valid boolean",
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "# nothing set yet\n", "---\n"])
+@pytest.mark.parametrize("name", ["config.yaml", "config.toml"])
+def test_an_empty_config_sets_nothing_so_no_rule_is_refused(
+    outputs_root: Path, tmp_path: Path, text: str, name: str
+) -> None:
+    if name.endswith(".toml") and text == "---\n":
+        text = ""
+    config = tmp_path / name
+    config.write_text(text, encoding="utf-8")
+    assert load_settings(config, {}) == Settings()
+    result = cli("prune", outputs_root, "--config", config)
+    assert result.exit_code == 3
+    assert result.output == NO_RULE
+    assert checkpoints(outputs_root / "D2") == {50, 52}
+
+
+def test_a_missing_config_file_is_exit_2(outputs_root: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    result = cli("prune", outputs_root, "--config", missing, "--keep", "last:1")
+    assert result.exit_code == 2
+    assert result.output == f"Error: nope.yaml: no such config file: {missing}\n"
+    assert checkpoints(outputs_root / "D2") == {50, 52}
+
+
+def test_a_config_that_is_a_directory_or_not_utf8_is_exit_2(outputs_root: Path, tmp_path: Path) -> None:
+    result = cli("plan", outputs_root, "--config", tmp_path, "--keep", "last:1")
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1].startswith("Error: Invalid value for '--config' / '-c': File ")
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"keep: \xff\xfe\n")
+    result = cli("plan", outputs_root, "--config", binary)
+    assert result.exit_code == 2
+    [line] = result.output.splitlines()
+    assert line.startswith("Error: config.yaml: cannot read the config file: 'utf-8' codec can't decode byte 0xff")
+
+
+def test_a_null_byte_path_in_a_config_never_reaches_the_filesystem(outputs_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f'root: "{outputs_root}"\nkeep: last:1\narchive_to: "x\\0y"\n', encoding="utf-8")
+    result = cli("prune", "--config", config)
+    assert result.exit_code == 2
+    assert result.output == "Error: config.yaml: archive_to: a path cannot contain a NUL character\n"
+
+
+# --- fuzz: load_settings returns Settings or raises ConfigError, nothing else ------------------------------
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["last:1", "best:2:accuracy", "epoch:all", "every:0", "best:1,last:2", "", ",", "a\0b"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+setting_dicts = st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=10)), values, max_size=6)
+
+
+def check_outcome(load: Callable[[], Settings], source: str) -> None:
+    try:
+        loaded = load()
+    except ConfigError as e:
+        message = str(e)
+        assert message, "an empty error message"
+        for line in message.splitlines():
+            assert line.startswith(f"{source}: "), repr(message)
+            assert line.strip() != f"{source}:", repr(message)
+        assert message.count("\n") == len(message.splitlines()) - 1, repr(message)  # no stray \r, \x85, ...
+        return
+    # A Settings that loads gives a policy that works.
+    assert 0 <= loaded.max_depth <= 64
+    assert math.isfinite(loaded.settle) and 0 <= loaded.settle <= 3600
+    policy = loaded.policy()
+    assert len(policy.rules) == len(loaded.keep)
+    assert parse_rules(loaded.rules_text()) == policy.rules
+    for path in (loaded.root, loaded.archive_to, loaded.state_dir):
+        assert path is None or "\0" not in str(path)
+
+
+fuzz = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@fuzz
+@given(flags=setting_dicts)
+def test_fuzz_flags_dicts(flags: dict[str, Any]) -> None:
+    check_outcome(lambda: load_settings(None, flags), "command line")
+
+
+@fuzz
+@given(data=setting_dicts)
+def test_fuzz_yaml_files_from_dicts(tmp_path: Path, data: dict[str, Any]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    check_outcome(lambda: load_settings(config, {}), "config.yaml")
+
+
+yaml_lines = st.lists(
+    st.tuples(
+        st.sampled_from([*KEYS, "bogus", "- x", "  -", "? [a]"]),
+        st.sampled_from(
+            [
+                "",
+                " 1",
+                " -1",
+                " deep",
+                " [last:1, best:0]",
+                " last:1,epoch:all",
+                " 'x",
+                " {",
+                " *a",
+                " &a 3",
+                " !!set {a}",
+            ]
+        )
+        | st.text(max_size=8).map(lambda t: " " + t),
+    ).map(lambda kv: f"{kv[0]}:{kv[1]}"),
+    max_size=6,
+).map("\n".join)
+texts = st.one_of(st.text(max_size=60), yaml_lines)
+
+
+@fuzz
+@given(text=texts)
+def test_fuzz_yaml_texts(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+    check_outcome(lambda: load_settings(config, {}), "config.yaml")
+
+
+@fuzz
+@given(text=st.one_of(st.text(max_size=60), yaml_lines.map(lambda t: t.replace(":", " ="))))
+def test_fuzz_toml_texts(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+    check_outcome(lambda: load_settings(config, {}), "config.toml")
+
+
+@fuzz
+@given(raw=st.binary(max_size=40))
+def test_fuzz_bytes(tmp_path: Path, raw: bytes) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_bytes(raw)
+    check_outcome(lambda: load_settings(config, {}), "config.yaml")
