@@ -14,6 +14,7 @@ import shutil
 import stat
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from ckptkeeper.integrity import safetensors_problem
@@ -25,7 +26,8 @@ ARCHIVE_TEMP_PREFIX = ".ckptkeeper-tmp-"
 
 
 class ActionError(RuntimeError):
-    """An action could not be carried out; the checkpoint is still whole under its name."""
+    """An action could not be carried out; the checkpoint is still whole under its name, except when removing
+    it failed inside the trash: then it has left its name and is finished on the next start."""
 
 
 class Vanished(ActionError):
@@ -87,9 +89,9 @@ def rename_to_trash(checkpoint: Path, state: StateDir) -> Path:
             raise ActionError(f"cannot move {checkpoint} to the trash: {e.strerror}") from None
     # The state directory is on another filesystem: a trash beside the checkpoint keeps the rename atomic.
     local = checkpoint.parent / RUN_TRASH_NAME
-    local.mkdir(exist_ok=True)
     target = local / _trash_name(checkpoint)
     try:
+        local.mkdir(exist_ok=True)
         os.rename(checkpoint, target)
     except FileNotFoundError:
         raise Vanished(f"{checkpoint} vanished before it was removed") from None
@@ -118,19 +120,25 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onerror=lambda func, failed, info: make_writable_and_retry(func, failed, info[1]))
 
 
-def empty_trash(trash: Path) -> list[str]:
-    """Finish removing what an earlier run left in a trash directory; return the names finished."""
+def empty_trash(trash: Path, only: str | None = None, stuck: list[str] | None = None) -> list[str]:
+    """Finish removing entries of a trash directory (all, or the one named `only`); return the names
+    finished. An entry that cannot be removed is skipped, described in `stuck`, and tried again later."""
     finished = []
     try:
-        entries = sorted(os.listdir(trash))
+        entries = [only] if only is not None else sorted(os.listdir(trash))
     except FileNotFoundError:
         return []
     for name in entries:
         entry = trash / name
-        if entry.is_dir() and not entry.is_symlink():
-            _rmtree(entry)
-        else:
-            entry.unlink(missing_ok=True)
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                _rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError as e:
+            if stuck is not None:
+                stuck.append(f"{entry}: {e.strerror or e}")
+            continue
         finished.append(name)
     return finished
 
@@ -145,13 +153,21 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def delete_checkpoint(root: Path, checkpoint: Path, state: StateDir) -> None:
+Dispose = Callable[[Path], None]
+
+
+def delete_checkpoint(root: Path, checkpoint: Path, state: StateDir, dispose: Dispose | None = None) -> None:
+    """Rename the checkpoint into the trash, then delete it there, or hand the trash entry to `dispose`
+    (the daemon's reaper thread) so that deleting many gigabytes does not hold up the caller."""
     problem = removal_guard(root, checkpoint)
     if problem == "it no longer exists":
         raise Vanished(f"{checkpoint} vanished before it was removed")
     if problem:
         raise ActionError(f"refusing to remove {checkpoint}: {problem}")
     trashed = rename_to_trash(checkpoint, state)
+    if dispose is not None:
+        dispose(trashed)
+        return
     try:
         _rmtree(trashed)
     except OSError as e:
@@ -226,7 +242,9 @@ def _clear_archive_temps(parent: Path, name: str) -> None:
             _rmtree(leftover)
 
 
-def archive_checkpoint(root: Path, checkpoint: Path, target: Path, state: StateDir) -> str:
+def archive_checkpoint(
+    root: Path, checkpoint: Path, target: Path, state: StateDir, dispose: Dispose | None = None
+) -> str:
     """Move `checkpoint` to `target`; returns "renamed" (same filesystem) or "copied".
 
     Another filesystem: copy under a temporary name beside the target, fsync, verify, rename into place,
@@ -238,13 +256,16 @@ def archive_checkpoint(root: Path, checkpoint: Path, target: Path, state: StateD
         raise Vanished(f"{checkpoint} vanished before it was archived")
     if problem:
         raise ActionError(f"refusing to archive {checkpoint}: {problem}")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ActionError(f"cannot create the archive directory {target.parent}: {e.strerror or e}") from None
     if os.path.lexists(target):
         # An earlier archive finished its copy but was stopped before removing the source.
         mismatch = verify_copy(checkpoint, target) or _content_mismatch(checkpoint, target)
         if mismatch:
             raise ActionError(f"{target} already exists and differs from {checkpoint}: {mismatch}")
-        delete_checkpoint(root, checkpoint, state)
+        delete_checkpoint(root, checkpoint, state, dispose)
         return "already archived"
     try:
         os.rename(checkpoint, target)
@@ -275,7 +296,7 @@ def archive_checkpoint(root: Path, checkpoint: Path, target: Path, state: StateD
     except ActionError:
         _rmtree_quietly(temp)
         raise
-    delete_checkpoint(root, checkpoint, state)
+    delete_checkpoint(root, checkpoint, state, dispose)
     return "copied"
 
 

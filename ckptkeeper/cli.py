@@ -103,7 +103,7 @@ def policy_options(command: F) -> F:
             "--settle",
             type=float,
             metavar="SECONDS",
-            help="Treat a checkpoint changed less than this long ago as incomplete. Default: 0",
+            help="Treat a checkpoint changed less than this long ago as incomplete. Default: 0 (watch: 2)",
         ),
     ]
     for decorator in reversed(decorators):
@@ -125,19 +125,21 @@ def _within(path: Path, other: Path) -> bool:
     return path == other or other in path.parents
 
 
-def _resolve(settings: Settings) -> tuple[Path, Path, Policy]:
+def _resolve(
+    settings: Settings, default_settle: float = 0.0, root_may_be_missing: bool = False
+) -> tuple[Path, Path, Policy]:
     """Root, state directory and policy, with every path problem reported as a usage error."""
     from ckptkeeper.engine import default_state_dir
 
     if settings.root is None:
         raise click.UsageError("missing ROOT: the directory that holds your runs (or `root:` in --config)")
     root = settings.root
-    if not root.exists():
+    if not root.exists() and not root_may_be_missing:
         raise ConfigProblem(f"root {root} does not exist")
-    if not root.is_dir():
+    if root.exists() and not root.is_dir():
         raise ConfigProblem(f"root {root} is not a directory")
     root = root.resolve()
-    policy = settings.policy()
+    policy = settings.policy(default_settle)
     if not policy.rules:
         from ckptkeeper.policy import NO_RULE
 
@@ -169,6 +171,7 @@ def main() -> None:
     Example:
         ckptkeeper plan  ./outputs --keep best:1,last:5,epoch:all
         ckptkeeper prune ./outputs --keep best:1,last:5,epoch:all
+        ckptkeeper watch ./outputs --keep best:1,last:5,epoch:all
         ckptkeeper demo
     """
 
@@ -230,8 +233,11 @@ def prune(dry_run: bool, **flags: Any) -> None:
             click.echo(f"warning: {warning}", err=True)
         if not dry_run:
             run_dirs = [root / p.run.path for p in result.runs]
-            for name in finish_leftovers(root, state, run_dirs):
+            stuck: list[str] = []
+            for name in finish_leftovers(root, state, run_dirs, stuck):
                 click.echo(f"finished removing {name}, left in the trash by an interrupted run")
+            for problem in stuck:
+                click.echo(f"warning: could not finish removing {problem}; it stays in the trash", err=True)
         if result.refusals:
             raise Refused("; ".join(r.refusal or "" for r in result.refusals) + ". Nothing was removed.")
         if not result.runs:
@@ -242,16 +248,78 @@ def prune(dry_run: bool, **flags: Any) -> None:
         kept = sum(len(p.kept) for p in result.runs)
         click.echo(totals_line(totals, dry_run) + f" Kept {kept}.")
         if totals.errors:
-            raise Failed(f"{len(totals.errors)} checkpoint(s) could not be removed; they are still whole")
+            raise Failed(f"{len(totals.errors)} checkpoint(s) could not be removed (see the FAILED lines above)")
     finally:
         state.release_lock()
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@policy_options
+@click.option("--rescan-interval", type=float, metavar="SECONDS", help="Full rescan as a safety net. Default: 60")
+@click.option(
+    "--poll",
+    type=float,
+    metavar="SECONDS",
+    help="Watch by polling every SECONDS instead of inotify (NFS, Lustre, FUSE: inotify sees nothing there).",
+)
+@click.option(
+    "--exit-when-done",
+    is_flag=True,
+    default=None,
+    help="Exit 0 once every run's newest checkpoint says training stopped and it is pruned.",
+)
+@click.option("--dry-run", "-n", is_flag=True, help="Log what would be removed; remove nothing.")
+@click.option("--grace", type=float, metavar="SECONDS", help="How long a stop (SIGTERM) may take. Default: 10")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="text (default) or json lines.")
+@click.option("--verbose", "-v", "verbose", count=True, help="More detail (debug).")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
+def watch(dry_run: bool, verbose: int, quiet: bool, **flags: Any) -> None:
+    """Watch ROOT and apply the rules as each checkpoint completes, until stopped.
+
+    Runs beside a training job (another terminal, a tmux pane, a sidecar container). A checkpoint counts
+    once the SPEC's checks pass and nothing in it changed for --settle seconds. Logs go to stderr.
+
+    \b
+    Example:
+        ckptkeeper watch ./outputs --keep best:1,last:5,epoch:all
+        ckptkeeper watch /mnt/nfs/outputs --keep last:3 --poll 5
+        ckptkeeper watch /outputs --config /etc/ckptkeeper.yaml --exit-when-done --log-format json
+    """
+    from ckptkeeper.logs import configure_logging
+    from ckptkeeper.state import LockHeld
+    from ckptkeeper.watch import Daemon, WatchOptions
+
+    settings = _settings(flags)
+    root, state_dir, policy = _resolve(settings, default_settle=2.0, root_may_be_missing=True)
+    configure_logging(settings.log_format, -1 if quiet else verbose)
+    options = WatchOptions(
+        settle=policy.settle,
+        rescan_interval=settings.rescan_interval,
+        poll=settings.poll,
+        dry_run=dry_run,
+        exit_when_done=settings.exit_when_done,
+        grace=settings.grace,
+    )
+    daemon = Daemon(root, policy, state_dir, options)
+    daemon.install_signal_handlers()
+    try:
+        daemon.run()
+    except LockHeld as e:
+        raise Locked(str(e)) from None
+    except KeyboardInterrupt:
+        if not daemon.stop_event.is_set():
+            raise
 
 
 @main.command()
 @click.option("--keep", "-k", default="best:1,last:5,epoch:all", show_default=True, callback=_check_keep)
 @click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), help="Keep the demo run here.")
-def demo(keep: str, directory: Path | None) -> None:
-    """Simulate a Trainer run in a temporary directory, plan it, prune it, and show what is left.
+@click.option(
+    "--pace", type=click.FloatRange(min=0), default=0.13, show_default=True, metavar="SECONDS",
+    help="Seconds per simulated training step.",
+)
+def demo(keep: str, directory: Path | None, pace: float) -> None:
+    """Watch a simulated Trainer run live: each checkpoint kept or deleted as it completes, then what is left.
 
     \b
     Example:
@@ -259,7 +327,7 @@ def demo(keep: str, directory: Path | None) -> None:
     """
     from ckptkeeper.demo import run_demo
 
-    run_demo(keep, directory, click.echo)
+    run_demo(keep, directory, click.echo, pace)
 
 
 def entry() -> None:

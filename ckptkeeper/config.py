@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -50,7 +50,7 @@ PathSetting = Annotated[Path, AfterValidator(_no_nul)]
 
 
 class Settings(BaseModel):
-    """Every setting of plan and prune; each key is also a flag (`max_depth` is `--max-depth`)."""
+    """Every setting of plan, prune and watch; each key is also a flag (`max_depth` is `--max-depth`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,7 +60,14 @@ class Settings(BaseModel):
     state_dir: PathSetting | None = None
     max_depth: StrictInt = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
     protect_trainer_best: StrictBool = True
-    settle: float = Field(0.0, ge=0, le=3600)
+    # None: the command's default (0 for plan and prune, 2 s for watch)
+    settle: float | None = Field(None, ge=0, le=3600)
+    # watch only
+    rescan_interval: float = Field(60.0, gt=0, le=86400)
+    poll: float | None = Field(None, gt=0, le=3600)
+    exit_when_done: StrictBool = False
+    grace: float = Field(10.0, gt=0, le=3600)
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("keep", mode="before")
     @classmethod
@@ -73,13 +80,13 @@ class Settings(BaseModel):
     def rules_text(self) -> str:
         return ",".join(self.keep)
 
-    def policy(self) -> Policy:
+    def policy(self, default_settle: float = 0.0) -> Policy:
         return Policy(
             rules=parse_rules(self.rules_text()),
             protections=Protections(trainer_best=self.protect_trainer_best),
             archive_to=self.archive_to,
             max_depth=self.max_depth,
-            settle=self.settle,
+            settle=default_settle if self.settle is None else self.settle,
         )
 
 

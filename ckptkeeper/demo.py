@@ -1,57 +1,67 @@
-"""`ckptkeeper demo`: a simulated Trainer run, its plan, the prune, and what is left. Needs no training job."""
+"""`ckptkeeper demo`: the daemon live beside a simulated Trainer. Needs no training job.
+
+The simulated Trainer writes a run at a visible pace (the same files and write order as the Hugging Face
+Trainer) while `watch` applies the rules as each checkpoint completes; then the plan of what is left is
+printed with its reasons.
+"""
 
 from __future__ import annotations
 
+import logging
 import shutil
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ckptkeeper.engine import Policy, apply_plan, default_state_dir, make_plan
-from ckptkeeper.render import human_bytes, outcome_line, plan_text, totals_line
+from ckptkeeper.engine import Policy, default_state_dir, make_plan
+from ckptkeeper.logs import configure_logging
+from ckptkeeper.render import plan_text
 from ckptkeeper.rules import parse_rules
-from ckptkeeper.simtrainer import SimConfig, simulate_run
-from ckptkeeper.state import StateDir
+from ckptkeeper.simtrainer import SimConfig, SimulatedTrainer
+from ckptkeeper.watch import Daemon, WatchOptions
 
 DEMO_RUN = SimConfig(
     steps_per_epoch=20, epochs=6, save_steps=10, eval_steps=10, optimizer_bytes=200_000, seed=7, overfit_after=0.35
 )
+DEMO_SETTLE = 1.0
 
 
-def run_demo(keep: str, directory: Path | None, say: Callable[[str], None]) -> None:
+def run_demo(keep: str, directory: Path | None, say: Callable[[str], None], pace: float = 0.13) -> None:
     workdir = directory or Path(tempfile.mkdtemp(prefix="ckptkeeper-demo-"))
     root = workdir / "outputs"
     try:
         if root.exists():
             shutil.rmtree(root)
+        root.mkdir(parents=True)
         c = DEMO_RUN
-        simulate_run(root, c)
-        say(f"A simulated Hugging Face Trainer wrote a run to {root}:")
+        policy = Policy(parse_rules(keep), settle=DEMO_SETTLE)
+        say(f"$ ckptkeeper watch {root} --keep {keep} --settle {DEMO_SETTLE:g}")
         say(
-            f"  {c.epochs} epochs of {c.steps_per_epoch} steps, eval and save every {c.save_steps} steps, "
-            "best model by eval_loss.\n"
+            f"(a simulated Hugging Face Trainer writes {c.epochs} epochs of {c.steps_per_epoch} steps into it, "
+            f"eval and save every {c.save_steps} steps; its eval loss turns up after a while)\n"
         )
-        policy = Policy(parse_rules(keep))
-        state = StateDir(default_state_dir(root))
-        result = make_plan(root, policy, state.path)
+        sys.stdout.flush()
+        configure_logging("text", 0, sys.stdout)
+        daemon = Daemon(root, policy, default_state_dir(root), WatchOptions(settle=DEMO_SETTLE, exit_when_done=True))
+        watcher = threading.Thread(target=daemon.run, name="ckptkeeper-demo-watch", daemon=True)
+        watcher.start()
+        SimulatedTrainer(root, c).train(pace=pace)
+        deadline = time.monotonic() + 30
+        while watcher.is_alive() and time.monotonic() < deadline:
+            watcher.join(0.1)
+        if watcher.is_alive():
+            daemon.request_stop()
+            watcher.join(5)
+        logging.getLogger("ckptkeeper").handlers.clear()
+
+        result = make_plan(root, policy, default_state_dir(root))
+        say(f"\nTraining finished. Left in {root}, and why:")
         say(f"$ ckptkeeper plan {root} --keep {keep}")
         say(plan_text(str(root), policy, result.runs, result.warnings))
-        if result.refusals:
-            say("The plan is refused, so the demo removes nothing.")
-            return
-        say(f"\n$ ckptkeeper prune {root} --keep {keep}")
-        state.acquire_lock(root)
-        try:
-            totals = apply_plan(root, result.runs, policy, state, lambda o: say(outcome_line(o)))
-        finally:
-            state.release_lock()
-        say(totals_line(totals, dry_run=False))
-        say(f"\nLeft in {root}:")
-        for d in sorted(
-            (d for p in make_plan(root, policy, state.path).runs for d in p.decisions), key=lambda d: d.checkpoint.step
-        ):
-            say(f"  {d.checkpoint.name:<15} {human_bytes(d.checkpoint.size_bytes):>9}  {', '.join(d.reasons)}")
-        say(f"\nThe journal of what was done is {state.journal_path}.")
+        say(f"\nThe journal of every action is {default_state_dir(root) / 'journal.jsonl'}.")
     finally:
         if directory is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from ckptkeeper.actions import (
     RUN_TRASH_NAME,
     ActionError,
+    Dispose,
     Vanished,
     archive_checkpoint,
     delete_checkpoint,
@@ -89,20 +91,31 @@ class Totals:
         return sum(o.bytes for o in self.removed)
 
 
-def finish_leftovers(root: Path, state: StateDir, run_dirs: Sequence[Path] = ()) -> list[str]:
-    """Complete removals an earlier, interrupted instance left in the trash."""
-    finished = empty_trash(state.trash)
+def finish_leftovers(
+    root: Path, state: StateDir, run_dirs: Sequence[Path] = (), stuck: list[str] | None = None
+) -> list[str]:
+    """Complete removals an earlier, interrupted instance left in the trash. Entries that cannot be
+    removed are described in `stuck` (and journaled) and tried again on the next start."""
+    problems: list[str] = []
+    finished = empty_trash(state.trash, stuck=problems)
     for run_dir in run_dirs:
         local = run_dir / RUN_TRASH_NAME
         if local.is_dir() and not local.is_symlink():
-            finished += empty_trash(local)
-            local.rmdir()
+            finished += empty_trash(local, stuck=problems)
+            with contextlib.suppress(OSError):
+                local.rmdir()
     for name in finished:
         state.record({"action": "finish-trash", "entry": name, "why": "left by an interrupted removal"})
+    for problem in problems:
+        state.record({"action": "error", "entry": problem, "why": "could not finish a removal left in the trash"})
+    if stuck is not None:
+        stuck.extend(problems)
     return finished
 
 
-def _carry_out(root: Path, run: str, decision: Decision, policy: Policy, state: StateDir) -> Outcome:
+def _carry_out(
+    root: Path, run: str, decision: Decision, policy: Policy, state: StateDir, dispose: Dispose | None
+) -> Outcome:
     c = decision.checkpoint
     path = root / run / c.name if run != "." else root / c.name
     # The plan was made from an earlier look at the disk; act only on what is still the same.
@@ -111,29 +124,31 @@ def _carry_out(root: Path, run: str, decision: Decision, policy: Policy, state: 
         return Outcome(run, c.name, "vanished", 0, "removed by someone else before ckptkeeper got to it")
     if not now_seen.complete or now_seen.size_bytes != c.size_bytes:
         return Outcome(run, c.name, "skipped", 0, "changed since the plan was made; left for the next pass")
+    entry = {
+        "run": run,
+        "checkpoint": c.name,
+        "step": c.step,
+        "bytes": c.size_bytes,
+        "why": f"{'; '.join(decision.reasons)} (keep {format_rules(policy.rules)})",
+    }
+    # Written before acting, so a crash mid-removal still leaves a record of what was being done and why.
+    state.record({"action": f"start-{decision.action}", **entry})
     try:
         if decision.action is Action.ARCHIVE:
             assert policy.archive_to is not None
             target = policy.archive_to / run / c.name if run != "." else policy.archive_to / c.name
-            how = archive_checkpoint(root, path, target, state)
+            how = archive_checkpoint(root, path, target, state, dispose)
             outcome = Outcome(run, c.name, "archive", c.size_bytes, f"{how} to {target}")
         else:
-            delete_checkpoint(root, path, state)
+            delete_checkpoint(root, path, state, dispose)
             outcome = Outcome(run, c.name, "delete", c.size_bytes)
     except Vanished:
-        return Outcome(run, c.name, "vanished", 0, "removed by someone else while ckptkeeper worked")
+        outcome = Outcome(run, c.name, "vanished", 0, "removed by someone else while ckptkeeper worked")
     except ActionError as e:
         outcome = Outcome(run, c.name, "error", 0, str(e))
     state.record(
-        {
-            "action": outcome.action,
-            "run": run,
-            "checkpoint": c.name,
-            "step": c.step,
-            "bytes": outcome.bytes,
-            "why": f"{'; '.join(decision.reasons)} (keep {format_rules(policy.rules)})",
-            **({"detail": outcome.detail} if outcome.detail else {}),
-        }
+        {"action": outcome.action, **entry, "bytes": outcome.bytes}
+        | ({"detail": outcome.detail} if outcome.detail else {})
     )
     return outcome
 
@@ -144,8 +159,10 @@ def apply_plan(
     policy: Policy,
     state: StateDir | None,
     on_outcome: Callable[[Outcome], None] = lambda _: None,
+    dispose: Dispose | None = None,
 ) -> Totals:
-    """Carry out every removal in `plans` (oldest first per run). With `state=None`, a dry run."""
+    """Carry out every removal in `plans` (oldest first per run). With `state=None`, a dry run.
+    `dispose` takes over deleting trash entries (the daemon's reaper thread); by default it is inline."""
     totals = Totals()
     for plan in plans:
         if plan.refusal:
@@ -155,7 +172,7 @@ def apply_plan(
             if state is None:
                 outcome = Outcome(plan.run.path, c.name, f"would-{decision.action}", c.size_bytes)
             else:
-                outcome = _carry_out(root, plan.run.path, decision, policy, state)
+                outcome = _carry_out(root, plan.run.path, decision, policy, state, dispose)
             totals.outcomes.append(outcome)
             on_outcome(outcome)
     return totals

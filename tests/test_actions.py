@@ -200,7 +200,7 @@ def test_rename_to_trash_keeps_the_whole_checkpoint_under_a_non_checkpoint_name(
     assert not checkpoint.exists()
 
 
-def test_prune_journals_one_line_per_removal(tmp_path: Path) -> None:
+def test_prune_journals_each_removal_before_and_after(tmp_path: Path) -> None:
     root = tmp_path / "outputs"
     simulate_run(root / "run", SimConfig(steps_per_epoch=10, epochs=1, save_steps=5, eval_steps=5))
     size = tree_size(root / "run" / "checkpoint-5")
@@ -213,8 +213,17 @@ def test_prune_journals_one_line_per_removal(tmp_path: Path) -> None:
     assert [(o.checkpoint, o.action) for o in totals.outcomes] == [("checkpoint-5", "delete")]
     assert not (root / "run" / "checkpoint-5").exists() and (root / "run" / "checkpoint-10").is_dir()
     lines = state.journal_path.read_text().splitlines()
-    assert len(lines) == 1
-    entry = json.loads(lines[0])
+    assert len(lines) == 2
+    start, entry = json.loads(lines[0]), json.loads(lines[1])
+    # The intent is written before the rename, so a crash mid-removal still leaves what and why.
+    assert {k: start[k] for k in ("action", "run", "checkpoint", "step", "bytes", "why")} == {
+        "action": "start-delete",
+        "run": "run",
+        "checkpoint": "checkpoint-5",
+        "step": 5,
+        "bytes": size,
+        "why": "no rule keeps it (keep last:1)",
+    }
     assert {k: entry[k] for k in ("action", "run", "checkpoint", "step", "bytes")} == {
         "action": "delete",
         "run": "run",
@@ -415,8 +424,16 @@ def test_archive_on_the_same_filesystem_is_one_rename_to_archive_run_path_checkp
     assert not any(c[0] == "shutil.copytree" for c in fs_calls)
     assert target.stat().st_ino == inode and manifest(target) == before
     assert not source.exists() and (run / "checkpoint-10").is_dir()
-    [entry] = state.read_journal()
+    [start, entry] = state.read_journal()
+    assert (start["action"], start["run"], start["checkpoint"], start["step"]) == (
+        "start-archive",
+        run_path,
+        "checkpoint-5",
+        5,
+    )
     assert entry["action"] == "archive" and entry["checkpoint"] == "checkpoint-5" and entry["bytes"] > 0
+    assert start["bytes"] == entry["bytes"] and start["why"] == entry["why"]
+    assert entry["detail"] == f"renamed to {target}"
 
 
 def test_archive_to_another_filesystem_copies_under_a_temporary_name_then_renames_then_removes_the_source(
@@ -661,7 +678,16 @@ def test_a_removal_that_fails_inside_the_trash_is_an_error_outcome_and_the_pass_
         [left] = list(state.trash.iterdir())
         assert left.name.endswith(".checkpoint-5") and (left / "scheduler.pt").exists()
         assert sorted(p.name for p in run.iterdir()) == ["checkpoint-20"]
-        assert [e["action"] for e in state.read_journal()] == ["error", "delete", "delete"]
+        journal = state.read_journal()
+        assert [(e["action"], e["checkpoint"]) for e in journal] == [
+            ("start-delete", "checkpoint-5"),
+            ("error", "checkpoint-5"),
+            ("start-delete", "checkpoint-10"),
+            ("delete", "checkpoint-10"),
+            ("start-delete", "checkpoint-15"),
+            ("delete", "checkpoint-15"),
+        ]
+        assert journal[1]["bytes"] == 0 and journal[1]["detail"] == totals.errors[0].detail
     finally:
         for candidate in [stuck, *state.trash.glob("*/scheduler.pt")]:
             if candidate.exists():
@@ -669,3 +695,86 @@ def test_a_removal_that_fails_inside_the_trash_is_an_error_outcome_and_the_pass_
 
     assert finish_leftovers(root, state) == [left.name]
     assert trash_is_empty(state)
+
+
+@pytest.mark.parametrize("state_where", ["state dir on the same filesystem", "state dir on tmpfs"])
+def test_a_checkpoint_whose_run_directory_cannot_change_is_an_action_error_and_stays_whole(
+    tmp_path: Path, state_where: str, request: pytest.FixtureRequest
+) -> None:
+    # An immutable run directory (as a read-only one for a non-root user): nothing can leave it or be
+    # created in it, so neither the rename to the trash nor the run-local trash can be made.
+    root = tmp_path / "root"
+    checkpoint = make_checkpoint(root / "run", 4)
+    before = manifest(checkpoint)
+    base = tmp_path if state_where == "state dir on the same filesystem" else request.getfixturevalue("other_fs")
+    state = StateDir(base / "state")
+    if os.geteuid() != 0 or not _chattr("+i", root / "run"):
+        pytest.skip("needs root and a filesystem with the immutable attribute (chattr +i)")
+    try:
+        with pytest.raises(ActionError, match="cannot move") as refused:
+            delete_checkpoint(root, checkpoint, state)
+        assert not isinstance(refused.value, Vanished)
+    finally:
+        _chattr("-i", root / "run")
+    assert manifest(checkpoint) == before
+    assert sorted(p.name for p in (root / "run").iterdir()) == ["checkpoint-4"]
+    assert trash_is_empty(state)
+
+
+def test_one_trash_entry_that_cannot_be_removed_does_not_block_finishing_the_others(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    state = StateDir(root / ".ckptkeeper")
+    state.create()
+    stuck = state.trash / "aaaaaaaaaaaa.checkpoint-5"
+    os.rename(make_checkpoint(root / "run", 5), stuck)
+    fine = state.trash / "bbbbbbbbbbbb.checkpoint-6"
+    os.rename(make_checkpoint(root / "run", 6), fine)
+    if os.geteuid() != 0 or not _chattr("+i", stuck / "optimizer.pt"):
+        pytest.skip("needs root and a filesystem with the immutable attribute (chattr +i)")
+    try:
+        problems: list[str] = []
+        finished = finish_leftovers(root, state, stuck=problems)
+        assert finished == [fine.name]
+        assert not fine.exists() and stuck.exists() and (stuck / "optimizer.pt").exists()
+        assert problems == [f"{stuck}: Operation not permitted"]
+        assert [(e["action"], e["entry"], e["why"]) for e in state.read_journal()] == [
+            ("finish-trash", fine.name, "left by an interrupted removal"),
+            ("error", problems[0], "could not finish a removal left in the trash"),
+        ]
+    finally:
+        _chattr("-i", stuck / "optimizer.pt")
+    # The stuck entry stays in the trash and is tried again on the next start.
+    assert finish_leftovers(root, state) == [stuck.name]
+    assert trash_is_empty(state)
+    assert [(e["action"], e["entry"]) for e in state.read_journal()][2:] == [("finish-trash", stuck.name)]
+
+
+def test_empty_trash_skips_an_entry_it_cannot_remove_describes_it_and_finishes_the_rest(tmp_path: Path) -> None:
+    trash = tmp_path / "trash"
+    trash.mkdir()
+    first = trash / "aaaaaaaaaaaa.checkpoint-1"
+    first.mkdir()
+    (first / "model.safetensors").write_bytes(b"x" * 100)
+    stuck = trash / "bbbbbbbbbbbb.checkpoint-2"
+    stuck.mkdir()
+    (stuck / "optimizer.pt").write_bytes(b"y" * 100)
+    last = trash / "cccccccccccc.partial"
+    last.write_bytes(b"z")
+    if os.geteuid() != 0 or not _chattr("+i", stuck / "optimizer.pt"):
+        pytest.skip("needs root and a filesystem with the immutable attribute (chattr +i)")
+    try:
+        problems: list[str] = []
+        assert empty_trash(trash, stuck=problems) == [first.name, last.name]
+        assert problems == [f"{stuck}: Operation not permitted"]
+        assert sorted(os.listdir(trash)) == [stuck.name]
+        # Without a `stuck` list the entry is still skipped, silently.
+        assert empty_trash(trash) == []
+        assert sorted(os.listdir(trash)) == [stuck.name]
+        # `only` names the single entry to finish.
+        problems.clear()
+        assert empty_trash(trash, only=stuck.name, stuck=problems) == []
+        assert problems == [f"{stuck}: Operation not permitted"]
+    finally:
+        _chattr("-i", stuck / "optimizer.pt")
+    assert empty_trash(trash, only=stuck.name) == [stuck.name]
+    assert os.listdir(trash) == []

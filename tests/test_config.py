@@ -25,7 +25,20 @@ VALID_FORMS = (
     "last:N, best:N[:METRIC[:min|max]], epoch:all, epoch:N, every:K (N and K positive integers), separated by commas"
 )
 NO_RULE = "Error: refused: no keep rule given: refusing to remove anything (pass --keep, e.g. --keep last:5)\n"
-KEYS = ("root", "keep", "archive_to", "state_dir", "max_depth", "protect_trainer_best", "settle")
+KEYS = (
+    "root",
+    "keep",
+    "archive_to",
+    "state_dir",
+    "max_depth",
+    "protect_trainer_best",
+    "settle",
+    "rescan_interval",
+    "poll",
+    "exit_when_done",
+    "grace",
+    "log_format",
+)
 
 
 def cli(*args: str | Path) -> Result:
@@ -66,6 +79,11 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         "max_depth": 2,
         "protect_trainer_best": False,
         "settle": 0.5,
+        "rescan_interval": 30,
+        "poll": 2.5,
+        "exit_when_done": True,
+        "grace": 4,
+        "log_format": "json",
     }
     assert set(values) == set(KEYS) == set(Settings.model_fields)
     loaded = load_settings(write_config(tmp_path / name, values), {})
@@ -77,25 +95,69 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         max_depth=2,
         protect_trainer_best=False,
         settle=0.5,
+        rescan_interval=30.0,
+        poll=2.5,
+        exit_when_done=True,
+        grace=4.0,
+        log_format="json",
     )
     assert loaded.rules_text() == "best:1,last:5,epoch:all"
+    # A settle from the file wins over every command's default.
+    assert loaded.policy().settle == loaded.policy(default_settle=2.0).settle == 0.5
 
 
 def test_no_config_and_no_flags_gives_the_defaults() -> None:
     assert load_settings(None, {}) == Settings()
-    assert (Settings().max_depth, Settings().protect_trainer_best, Settings().settle, Settings().keep) == (
-        4,
-        True,
-        0.0,
-        [],
-    )
+    defaults = Settings()
+    assert (defaults.max_depth, defaults.protect_trainer_best, defaults.settle, defaults.keep) == (4, True, None, [])
+    assert (
+        defaults.rescan_interval,
+        defaults.poll,
+        defaults.exit_when_done,
+        defaults.grace,
+        defaults.log_format,
+    ) == (60.0, None, False, 10.0, "text")
+    # An unset settle is the command's default: 0 for plan and prune, 2 s for watch.
+    assert defaults.policy().settle == 0.0
+    assert defaults.policy(default_settle=2.0).settle == 2.0
+
+
+@pytest.mark.parametrize("settle", [0, 0.0, 7.5])
+def test_a_settle_that_is_set_wins_over_the_command_default_even_zero(settle: float) -> None:
+    loaded = load_settings(None, {"settle": settle})
+    assert loaded.settle == settle
+    assert loaded.policy().settle == settle
+    assert loaded.policy(default_settle=2.0).settle == settle
 
 
 def test_flags_override_file_values_and_unset_flags_do_not(tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", {"keep": "last:1", "max_depth": 0, "protect_trainer_best": False})
     flags: dict[str, Any] = {"keep": "last:3", "max_depth": None, "protect_trainer_best": True, "settle": None}
     loaded = load_settings(config, flags)
-    assert (loaded.keep, loaded.max_depth, loaded.protect_trainer_best, loaded.settle) == (["last:3"], 0, True, 0.0)
+    assert (loaded.keep, loaded.max_depth, loaded.protect_trainer_best, loaded.settle) == (["last:3"], 0, True, None)
+    assert loaded.policy().settle == 0.0
+
+
+def test_watch_flags_override_file_values_and_unset_flags_do_not(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "config.yaml",
+        {"keep": "last:1", "rescan_interval": 5, "poll": 3, "exit_when_done": True, "log_format": "json"},
+    )
+    flags: dict[str, Any] = {
+        "rescan_interval": 120.0,
+        "poll": None,
+        "exit_when_done": None,
+        "grace": 1.5,
+        "log_format": None,
+    }
+    loaded = load_settings(config, flags)
+    assert (loaded.rescan_interval, loaded.poll, loaded.exit_when_done, loaded.grace, loaded.log_format) == (
+        120.0,
+        3.0,
+        True,
+        1.5,
+        "json",
+    )
 
 
 def test_every_setting_in_a_file_takes_effect(hf_run: Callable[[str], Path], tmp_path: Path) -> None:
@@ -125,7 +187,10 @@ def test_every_setting_in_a_file_takes_effect(hf_run: Callable[[str], Path], tmp
     ]
     assert checkpoints(deep / "B") == {104}  # 52, the Trainer's best, is not protected
     assert checkpoints(archive / "a" / "b" / "c" / "B") == {26, 52, 78}
-    assert len((state / "journal.jsonl").read_text().splitlines()) == 3
+    journal = [json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()]
+    assert [(e["action"], e["checkpoint"]) for e in journal] == [
+        (action, f"checkpoint-{s}") for s in (26, 52, 78) for action in ("start-archive", "archive")
+    ]
     assert not (root / ".ckptkeeper").exists()
 
 
@@ -225,6 +290,26 @@ def test_relative_paths_in_a_file_are_taken_from_the_current_directory(
             "config.yaml: max_depth: Input should be a valid integer",
         ),
         ("settle: -1\n", "config.yaml: settle: Input should be greater than or equal to 0"),
+        ("rescan_interval: 0\n", "config.yaml: rescan_interval: Input should be greater than 0"),
+        ("rescan_interval: -5\n", "config.yaml: rescan_interval: Input should be greater than 0"),
+        ("rescan_interval: 86401\n", "config.yaml: rescan_interval: Input should be less than or equal to 86400"),
+        ("rescan_interval: .inf\n", "config.yaml: rescan_interval: Input should be less than or equal to 86400"),
+        ("rescan_interval: null\n", "config.yaml: rescan_interval: Input should be a valid number"),
+        (
+            "rescan_interval: often\n",
+            "config.yaml: rescan_interval: Input should be a valid number, unable to parse string as a number",
+        ),
+        ("poll: 0\n", "config.yaml: poll: Input should be greater than 0"),
+        ("poll: -0.5\n", "config.yaml: poll: Input should be greater than 0"),
+        ("poll: 3601\n", "config.yaml: poll: Input should be less than or equal to 3600"),
+        ("poll: slow\n", "config.yaml: poll: Input should be a valid number, unable to parse string as a number"),
+        ("grace: 0\n", "config.yaml: grace: Input should be greater than 0"),
+        ("log_format: xml\n", "config.yaml: log_format: Input should be 'text' or 'json'"),
+        ("log_format: JSON\n", "config.yaml: log_format: Input should be 'text' or 'json'"),
+        ("log_format: 1\n", "config.yaml: log_format: Input should be 'text' or 'json'"),
+        ("exit_when_done: 'true'\n", "config.yaml: exit_when_done: Input should be a valid boolean"),
+        ("exit_when_done: 1\n", "config.yaml: exit_when_done: Input should be a valid boolean"),
+        ("exit_when_done: maybe\n", "config.yaml: exit_when_done: Input should be a valid boolean"),
         (
             "protect_trainer_best: maybe\n",
             "config.yaml: protect_trainer_best: Input should be a valid boolean",
@@ -294,6 +379,33 @@ def test_a_bad_flag_value_is_reported_as_the_command_line(tmp_path: Path) -> Non
     result = cli("plan", tmp_path, "--keep", "last:1", "--max-depth", "-1")
     assert result.exit_code == 2
     assert result.output == "Error: command line: max_depth: Input should be greater than or equal to 0\n"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--rescan-interval", "0", "rescan_interval: Input should be greater than 0"),
+        ("--poll", "0", "poll: Input should be greater than 0"),
+        ("--poll", "-1", "poll: Input should be greater than 0"),
+        ("--grace", "0", "grace: Input should be greater than 0"),
+    ],
+)
+def test_a_bad_watch_flag_is_exit_2_before_watching(tmp_path: Path, flag: str, value: str, message: str) -> None:
+    result = cli("watch", tmp_path, "--keep", "last:1", flag, value)
+    assert result.exit_code == 2, result.output
+    assert result.output == f"Error: command line: {message}\n"
+    assert list(tmp_path.iterdir()) == []  # no state directory, lock or journal was made
+
+
+def test_a_bad_watch_setting_in_a_file_is_exit_2_naming_the_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "watch.yaml", {"keep": "last:1", "log_format": "xml", "exit_when_done": "yes"})
+    result = cli("watch", tmp_path, "--config", config)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "Error: watch.yaml: exit_when_done: Input should be a valid boolean",
+        "watch.yaml: log_format: Input should be 'text' or 'json'",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["watch.yaml"]
 
 
 @pytest.mark.parametrize(
@@ -396,8 +508,15 @@ def check_outcome(load: Callable[[], Settings], source: str) -> None:
         return
     # A Settings that loads gives a policy that works.
     assert 0 <= loaded.max_depth <= 64
-    assert math.isfinite(loaded.settle) and 0 <= loaded.settle <= 3600
+    assert loaded.settle is None or (math.isfinite(loaded.settle) and 0 <= loaded.settle <= 3600)
+    assert math.isfinite(loaded.rescan_interval) and 0 < loaded.rescan_interval <= 86400
+    assert loaded.poll is None or (math.isfinite(loaded.poll) and 0 < loaded.poll <= 3600)
+    assert math.isfinite(loaded.grace) and 0 < loaded.grace <= 3600
+    assert loaded.log_format in {"text", "json"}
+    assert type(loaded.exit_when_done) is bool
     policy = loaded.policy()
+    assert policy.settle == (0.0 if loaded.settle is None else loaded.settle)
+    assert loaded.policy(default_settle=2.0).settle == (2.0 if loaded.settle is None else loaded.settle)
     assert len(policy.rules) == len(loaded.keep)
     assert parse_rules(loaded.rules_text()) == policy.rules
     for path in (loaded.root, loaded.archive_to, loaded.state_dir):

@@ -13,7 +13,9 @@ SIGKILLs the child. Then:
   checkpoint name;
 - the prune is restarted in this process (lock, finish_leftovers, the same plan) and run to completion:
   exactly the kept checkpoints remain, whole; the removed ones are gone (archive: whole at
-  `<archive>/<run path>/checkpoint-N`); the trash is empty; no `.ckptkeeper-tmp-` is left.
+  `<archive>/<run path>/checkpoint-N`); the trash is empty; no `.ckptkeeper-tmp-` is left;
+- the journal accounts for every removal: each has a start-delete / start-archive line (written before
+  acting, so it survives any kill) before any outcome line of its own.
 
 Rounds per mode: 25, or CKPTKEEPER_CRASH_ROUNDS. CKPTKEEPER_CRASH_SEED fixes the delays; the figures of each
 mode are printed (run pytest with -s to see them) and, with CKPTKEEPER_CRASH_REPORT=<file>, appended to that
@@ -406,18 +408,34 @@ def classify(status: int, layout: Layout, expected: Expected) -> str:
     return "between two removals"
 
 
-def journal_gaps(layout: Layout, expected: Expected) -> tuple[int, int]:
-    """(removals with no entry of their own in the journal, of which finished as "finish-trash" entries)."""
+@dataclass
+class JournalGaps:
+    no_start: int = 0  # removals with no start-* line of their own: must stay 0
+    wrong_start: int = 0  # a start-* line of the other kind, or an outcome line before any start-*: must stay 0
+    no_outcome: int = 0  # killed between the start-* line and the outcome line
+    no_outcome_finish_trash: int = 0  # of those, finished by the restart as a finish-trash entry
+
+
+def journal_gaps(layout: Layout, expected: Expected) -> JournalGaps:
+    """How the journal accounts for each removal: an intent line (start-delete / start-archive) is written
+    before acting, so a kill can cost a removal its outcome line but never leave it unrecorded."""
     entries = layout.state.read_journal()
-    own = {(e.get("run"), e.get("checkpoint")) for e in entries if e.get("action") in ("delete", "archive")}
+    start = "start-archive" if layout.archive else "start-delete"
+    outcome = "archive" if layout.archive else "delete"
+    gaps = JournalGaps()
     finished = Counter(e["entry"].split(".", 1)[1] for e in entries if e.get("action") == "finish-trash")
-    missing = [key for key in sorted(expected.removed) if key not in own]
-    by_finish = 0
-    for _, name in missing:
-        if finished[name] > 0:
-            finished[name] -= 1
-            by_finish += 1
-    return len(missing), by_finish
+    for key in sorted(expected.removed):
+        own = [e["action"] for e in entries if (e.get("run"), e.get("checkpoint")) == key]
+        if not any(a.startswith("start-") for a in own):
+            gaps.no_start += 1
+        if any(a.startswith("start-") and a != start for a in own) or (own and not own[0].startswith("start-")):
+            gaps.wrong_start += 1
+        if outcome not in own:
+            gaps.no_outcome += 1
+            if finished[key[1]] > 0:
+                finished[key[1]] -= 1
+                gaps.no_outcome_finish_trash += 1
+    return gaps
 
 
 # ---------------------------------------------------------------------------------------------- the campaign
@@ -429,8 +447,10 @@ class Figures:
     kills_landed: int = 0
     where: Counter[str] = field(default_factory=Counter)
     violations: int = 0  # checkpoints half-present under their name, lost, or left over: must stay 0
-    journal_missing: int = 0
-    journal_only_finish_trash: int = 0
+    journal_no_start: int = 0  # removals with no start-* line in the journal: must stay 0
+    journal_wrong_start: int = 0  # must stay 0
+    journal_no_outcome: int = 0
+    journal_no_outcome_finish_trash: int = 0
     calibrated_apply_ms: float = 0.0
 
     @property
@@ -442,8 +462,10 @@ class Figures:
         return (
             f"crash campaign [{self.mode}] seed={self.seed}: {self.rounds} rounds, {self.kills_landed} kills landed "
             f"({self.mid_removal} mid-removal), data lost / invariant violations: {self.violations}; "
-            f"journal: {self.journal_missing} removals without their own entry "
-            f"({self.journal_only_finish_trash} of them as finish-trash); "
+            f"journal: {self.journal_no_start} removals without a start line, "
+            f"{self.journal_wrong_start} with a wrong or late one, "
+            f"{self.journal_no_outcome} without their outcome line "
+            f"({self.journal_no_outcome_finish_trash} of them finished as finish-trash); "
             f"apply ~{self.calibrated_apply_ms:.1f} ms; where: {where}"
         )
 
@@ -506,15 +528,19 @@ def test_sigkill_at_random_moments_loses_nothing(
         restart(layout)
         round_problems += final_state_problems(layout, expected)
         figures.violations += len(round_problems)
-        missing, by_finish = journal_gaps(layout, expected)
-        figures.journal_missing += missing
-        figures.journal_only_finish_trash += by_finish
+        gaps = journal_gaps(layout, expected)
+        figures.journal_no_start += gaps.no_start
+        figures.journal_wrong_start += gaps.wrong_start
+        figures.journal_no_outcome += gaps.no_outcome
+        figures.journal_no_outcome_finish_trash += gaps.no_outcome_finish_trash
         problems += [f"round {figures.rounds}: {p}" for p in round_problems]
         layout.clear()
 
     record_figures(figures)
     assert problems == []
     assert figures.rounds == ROUNDS
+    # Every removal, interrupted or not, has its intent in the journal, of the right kind and first.
+    assert (figures.journal_no_start, figures.journal_wrong_start) == (0, 0), figures.report()
     # The campaign must actually interrupt prunes, not just watch them finish, and (where a removal is more
     # than one rename) interrupt some removals halfway.
     assert figures.kills_landed >= ROUNDS // 2, figures.report()
@@ -552,7 +578,8 @@ def test_kill_while_holding_the_lock_then_next_run_succeeds(
     second_pid = second.stdout.split()[1]
     assert f"DONE {second_pid} " in second.stdout
     assert final_state_problems(layout, expected) == []
-    assert {(e["run"], e["checkpoint"]) for e in layout.state.read_journal() if e["action"] == "delete"} == (
-        expected.removed
-    )
+    journal = layout.state.read_journal()
+    for action in ("start-delete", "delete"):
+        assert {(e["run"], e["checkpoint"]) for e in journal if e["action"] == action} == expected.removed
+    assert {e["action"] for e in journal} == {"start-delete", "delete"}
     layout.clear()

@@ -1,0 +1,43 @@
+"""Log output for the daemon: one readable line per event, or JSON lines for log shippers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from typing import Literal, TextIO
+
+LogFormat = Literal["text", "json"]
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(fmt: LogFormat = "text", verbosity: int = 0, stream: TextIO | None = None) -> None:
+    """verbosity: -1 quiet (warnings and errors), 0 normal, 1 debug. Logs go to stderr by default."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("ckptkeeper")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    # watchdog's own warnings (an inotify queue overflow) go to the same place.
+    watchdog_logger = logging.getLogger("watchdog")
+    watchdog_logger.handlers[:] = [handler]
+    watchdog_logger.setLevel(logging.WARNING if verbosity < 1 else logging.INFO)
+    watchdog_logger.propagate = False

@@ -1,0 +1,452 @@
+"""`ckptkeeper watch`: the retention daemon.
+
+Filesystem events are hints; the disk is the truth. Event handlers only record which run (or which new
+directory) changed; one worker loop debounces them, rescans just that run through the same scan, plan and
+act pipeline as `prune`, and re-checks settling checkpoints when their settle time is up. A full rescan
+runs every `rescan_interval` seconds as a safety net, after an inotify queue overflow, and whenever the
+watcher had to be restarted. Deleting the bytes of a removed checkpoint (after its atomic rename into the
+trash) happens on a separate reaper thread, so a 100 GB delete never delays noticing the next checkpoint.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from ckptkeeper.actions import empty_trash
+from ckptkeeper.engine import Outcome, Policy, apply_plan, excluded_from_scan, finish_leftovers
+from ckptkeeper.model import Decision, RunPlan
+from ckptkeeper.policy import plan_run
+from ckptkeeper.render import human_bytes
+from ckptkeeper.scan import checkpoint_step, find_run_dirs, read_run, run_path
+from ckptkeeper.state import StateDir
+
+log = logging.getLogger("ckptkeeper")
+
+DEBOUNCE_SECONDS = 0.05  # how long a burst of events may go on before the touched runs are rescanned
+HEALTH_CHECK_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    settle: float = 2.0
+    rescan_interval: float = 60.0
+    poll: float | None = None  # seconds between polls; None: inotify, falling back to polling
+    dry_run: bool = False
+    exit_when_done: bool = False
+    grace: float = 10.0
+
+
+@dataclass
+class _Pending:
+    """What the event handlers have asked the worker to look at since it last looked."""
+
+    runs: set[Path] = field(default_factory=set)
+    subtrees: set[Path] = field(default_factory=set)
+    full: bool = False
+
+
+class _Hints(FileSystemEventHandler):
+    """Turns raw events into run directories to rescan. Never touches the disk, never deletes."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if raw:
+                self.daemon.hint(Path(os.fsdecode(raw)))
+
+
+class _OverflowAlarm(logging.Handler):
+    """watchdog logs a warning when the kernel's inotify queue overflows; events were lost then."""
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.on_overflow()
+
+
+class Reaper:
+    """Deletes trash entries on its own thread. What it has not finished at shutdown stays in the trash,
+    out of every run directory, and is finished on the next start."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Path | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="ckptkeeper-reaper", daemon=True)
+        self.busy = threading.Event()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def dispose(self, trash_entry: Path) -> None:
+        self.queue.put(trash_entry)
+
+    def _run(self) -> None:
+        while (entry := self.queue.get()) is not None:
+            self.busy.set()
+            try:
+                stuck: list[str] = []
+                empty_trash(entry.parent, only=entry.name, stuck=stuck)
+                for problem in stuck:
+                    log.error("could not finish deleting %s (it stays in the trash until the next start)", problem)
+            finally:
+                self.busy.clear()
+                self.queue.task_done()
+
+    def stop(self, timeout: float) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+
+class Daemon:
+    def __init__(self, root: Path, policy: Policy, state_dir: Path, options: WatchOptions) -> None:
+        self.root = root
+        self.policy = policy
+        self.state = StateDir(state_dir)
+        self.options = options
+        self.excluded_paths = excluded_from_scan(state_dir, policy.archive_to)
+        self.excluded = [os.path.normpath(p) for p in self.excluded_paths]
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.pending = _Pending()
+        self.observer: BaseObserver | None = None
+        self.mode = "none"
+        self.reaper = Reaper()
+        self.decisions: dict[tuple[str, str], str] = {}
+        self.refusals: dict[str, str] = {}
+        self.recheck_at: dict[Path, float] = {}
+        self.known_runs: set[Path] = set()
+        self.finished_runs: set[str] = set()
+        self.outcomes: list[Outcome] = []
+        self._overflow = _OverflowAlarm(self.request_full_rescan)
+
+    # ---- hints from event threads -------------------------------------------------------------
+    def hint(self, path: Path) -> None:
+        """Record which run a changed path belongs to. Called on watchdog's thread: cheap, no I/O."""
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return
+        if any(os.path.normpath(path).startswith(x) for x in self.excluded):
+            return
+        parts = rel.parts
+        for index, part in enumerate(parts):
+            if checkpoint_step(part) is not None:
+                run_dir = self.root.joinpath(*parts[:index])
+                if index <= self.policy.max_depth and not any(p.startswith(".") for p in parts[:index]):
+                    with self.lock:
+                        self.pending.runs.add(run_dir)
+                    self.wake.set()
+                return
+            if part.startswith("."):
+                return
+        with self.lock:
+            self.pending.subtrees.add(path)
+            if path != self.root:
+                self.pending.runs.add(path.parent)  # a deleted run directory: its parent sees it go
+        self.wake.set()
+
+    def request_full_rescan(self) -> None:
+        with self.lock:
+            self.pending.full = True
+        self.wake.set()
+
+    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if signum is not None:
+            log.info("received %s: finishing the current step and stopping", signal.Signals(signum).name)
+        self.stop_event.set()
+        self.wake.set()
+
+    # ---- the observer --------------------------------------------------------------------------
+    def _start_observer(self) -> None:
+        if self.options.poll is None:
+            observer: BaseObserver = Observer()
+            try:
+                observer.schedule(_Hints(self), os.fspath(self.root), recursive=True)
+                observer.start()
+                self.observer, self.mode = observer, "inotify"
+                log.debug("watching %s with inotify", self.root)
+                return
+            except OSError as e:
+                log.warning("cannot watch %s with inotify (%s); falling back to polling every 1 s", self.root, e)
+                self._stop_observer(observer)
+        interval = self.options.poll or 1.0
+        polling = PollingObserver(timeout=interval)
+        polling.schedule(_Hints(self), os.fspath(self.root), recursive=True)
+        polling.start()
+        self.observer, self.mode = polling, "polling"
+        log.debug("watching %s by polling every %g s", self.root, interval)
+
+    @staticmethod
+    def _stop_observer(observer: BaseObserver | None) -> None:
+        if observer is None:
+            return
+        try:
+            observer.stop()
+            if observer.is_alive():
+                observer.join(timeout=2)
+        except (RuntimeError, OSError):
+            pass
+
+    def observer_healthy(self) -> bool:
+        observer = self.observer
+        if observer is None or not observer.is_alive():
+            return False
+        return all(emitter.is_alive() for emitter in observer.emitters)
+
+    def _check_observer(self) -> None:
+        if not self.root.is_dir():
+            self._wait_for_root()
+            return
+        if not self.observer_healthy():
+            log.warning("the %s file watcher stopped unexpectedly; restarting it (polling)", self.mode)
+            self._stop_observer(self.observer)
+            # A watcher that died once may die again: polling cannot run out of watches.
+            self.options = WatchOptions(**{**self.options.__dict__, "poll": self.options.poll or 1.0})
+            self._start_observer()
+            self.request_full_rescan()
+
+    def _wait_for_root(self) -> None:
+        log.warning("the root %s is gone; waiting for it to come back", self.root)
+        self._stop_observer(self.observer)
+        self.observer, self.mode = None, "none"
+        self.decisions.clear()
+        self.known_runs.clear()
+        while not self.stop_event.is_set() and not self.root.is_dir():
+            self.stop_event.wait(0.2)
+        if self.stop_event.is_set():
+            return
+        log.info("the root %s is back; watching it again", self.root)
+        if not self.options.dry_run:
+            self.state.release_lock()
+            self.state.acquire_lock(self.root)
+        self._start_observer()
+        self.request_full_rescan()
+
+    # ---- reconciling ---------------------------------------------------------------------------
+    def _log_decisions(self, plan: RunPlan) -> None:
+        run = plan.run.path
+        if plan.refusal:
+            if self.refusals.get(run) != plan.refusal:
+                log.error("run %s: refused, nothing is removed there: %s", run, plan.refusal)
+            self.refusals[run] = plan.refusal
+        else:
+            self.refusals.pop(run, None)
+        for d in plan.decisions:
+            key = (run, d.checkpoint.name)
+            word = _decision_word(d)
+            if self.decisions.get(key) != word:
+                self.decisions[key] = word
+                if d.kept:
+                    level = logging.INFO if d.checkpoint.complete else logging.DEBUG
+                    log.log(level, "%s %s: %s", _where(run, d.checkpoint.name), word, ", ".join(d.reasons))
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+        where = _where(outcome.run, outcome.checkpoint)
+        if outcome.action == "delete":
+            log.info("%s deleted: freed %s", where, human_bytes(outcome.bytes))
+        elif outcome.action == "archive":
+            log.info("%s archived: %s, %s", where, outcome.detail, human_bytes(outcome.bytes))
+        elif outcome.action.startswith("would-"):
+            log.info("%s %s (dry run)", where, outcome.action.replace("-", " "))
+        elif outcome.action == "error":
+            log.error("%s could not be removed: %s", where, outcome.detail)
+        else:
+            log.info("%s %s: %s", where, outcome.action, outcome.detail)
+
+    def reconcile_run(self, run_dir: Path, now: float) -> None:
+        run = read_run(self.root, run_dir, now, self.options.settle)
+        self.recheck_at.pop(run_dir, None)
+        if not run.checkpoints:
+            self.known_runs.discard(run_dir)
+            return
+        self.known_runs.add(run_dir)
+        plan = plan_run(run, self.policy.rules, self.policy.protections, self.policy.removal)
+        self._log_decisions(plan)
+        if not plan.refusal and plan.removed:
+            apply_plan(
+                self.root,
+                [plan],
+                self.policy,
+                None if self.options.dry_run else self.state,
+                self._on_outcome,
+                dispose=self.reaper.dispose,
+            )
+            if not self.options.dry_run:
+                # What was removed is gone now; read the run again so the decisions logged next are true.
+                plan = plan_run(
+                    read_run(self.root, run_dir, now, self.options.settle),
+                    self.policy.rules,
+                    self.policy.protections,
+                    self.policy.removal,
+                )
+        settle_ends = [c.last_change + self.options.settle for c in run.checkpoints if not c.complete]
+        settling = [t for t in settle_ends if t > now]
+        if settling:
+            # Incomplete only because it changed recently: look again when its settle time is up, since
+            # no further event may come. Other incomplete checkpoints wait for events (and full rescans).
+            self.recheck_at[run_dir] = min(settling) + 0.02
+        names = {c.name for c in plan.run.checkpoints}
+        for key in [k for k in self.decisions if k[0] == plan.run.path and k[1] not in names]:
+            del self.decisions[key]
+        newest = max((c for c in run.checkpoints if c.complete), key=lambda c: c.step, default=None)
+        pruned = self.options.dry_run or not plan.removed
+        if newest is not None and newest.training_stopped and pruned and not settling:
+            if plan.run.path not in self.finished_runs:
+                log.info("run %s: training finished and its retention is applied", plan.run.path)
+            self.finished_runs.add(plan.run.path)
+        else:
+            self.finished_runs.discard(plan.run.path)
+
+    def _run_dirs_below(self, top: Path) -> list[Path]:
+        depth = len(top.relative_to(self.root).parts)
+        if depth > self.policy.max_depth or not top.is_dir() or top.is_symlink():
+            return []
+        warnings: list[str] = []
+        return find_run_dirs(top, self.policy.max_depth - depth, self.excluded_paths, warnings)
+
+    def reconcile_all(self) -> None:
+        now = time.time()
+        found = set(self._run_dirs_below(self.root)) if self.root.is_dir() else set()
+        for gone in self.known_runs - found:
+            self.known_runs.discard(gone)
+            self.finished_runs.discard(run_path(self.root, gone))
+        for run_dir in sorted(found):
+            if self.stop_event.is_set():
+                return
+            self.reconcile_run(run_dir, now)
+
+    def _take_pending(self) -> _Pending:
+        with self.lock:
+            taken, self.pending = self.pending, _Pending()
+        return taken
+
+    def _work(self, pending: _Pending) -> None:
+        if pending.full:
+            self.reconcile_all()
+            return
+        now = time.time()
+        targets = set(pending.runs)
+        for top in pending.subtrees:
+            if top.is_dir() and not top.is_symlink():
+                targets.update(self._run_dirs_below(top))
+        for run_dir in sorted(targets):
+            if self.stop_event.is_set():
+                return
+            if run_dir.is_dir() or run_dir in self.known_runs:
+                self.reconcile_run(run_dir, now)
+
+    def all_done(self) -> bool:
+        runs = {run_path(self.root, r) for r in self.known_runs}
+        return bool(runs) and runs <= self.finished_runs and self.reaper.queue.unfinished_tasks == 0
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        if not self.root.is_dir():
+            # A sidecar may start before the trainer creates its output directory: wait, never create it.
+            log.warning("the root %s does not exist yet; waiting for it to appear", self.root)
+            while not self.stop_event.is_set() and not self.root.is_dir():
+                self.stop_event.wait(0.2)
+            if self.stop_event.is_set():
+                return 0
+        if not self.options.dry_run:  # a dry run writes nothing, not even the state directory
+            self.state.acquire_lock(self.root)
+        logging.getLogger("watchdog").addHandler(self._overflow)
+        try:
+            if not self.options.dry_run:
+                stuck: list[str] = []
+                for name in finish_leftovers(self.root, self.state, self._run_dirs_below(self.root), stuck):
+                    log.info("finished removing %s, left in the trash by an interrupted run", name)
+                for problem in stuck:
+                    log.error("could not finish removing %s; it stays in the trash", problem)
+            self.reaper.start()
+            self._start_observer()
+            log.info(
+                "watching %s (%s; settle %g s; full rescan every %g s)%s",
+                self.root,
+                self.mode,
+                self.options.settle,
+                self.options.rescan_interval,
+                " (dry run: nothing is removed)" if self.options.dry_run else "",
+            )
+            self.reconcile_all()
+            next_full = time.monotonic() + self.options.rescan_interval
+            next_health = time.monotonic() + HEALTH_CHECK_SECONDS
+            while not self.stop_event.is_set():
+                if self.options.exit_when_done and self.all_done():
+                    log.info("every run has finished training and is pruned; exiting (--exit-when-done)")
+                    break
+                timeout = min(next_full, next_health) - time.monotonic()
+                if self.recheck_at:
+                    timeout = min(timeout, min(self.recheck_at.values()) - time.time())
+                if self.wake.wait(max(timeout, 0.0)):
+                    self.wake.clear()
+                    self.stop_event.wait(DEBOUNCE_SECONDS)  # let a burst of events finish
+                if self.stop_event.is_set():
+                    break
+                pending = self._take_pending()
+                due = [r for r, at in self.recheck_at.items() if at <= time.time()]
+                pending.runs.update(due)
+                if time.monotonic() >= next_full:
+                    pending.full = True
+                    next_full = time.monotonic() + self.options.rescan_interval
+                if pending.full or pending.runs or pending.subtrees:
+                    self._work(pending)
+                if time.monotonic() >= next_health:
+                    self._check_observer()
+                    next_health = time.monotonic() + HEALTH_CHECK_SECONDS
+        finally:
+            logging.getLogger("watchdog").removeHandler(self._overflow)
+            self._stop_observer(self.observer)
+            # Whatever the reaper has not deleted yet stays in the trash, outside every run directory.
+            self.reaper.stop(timeout=min(1.0, self.options.grace / 4))
+            self.state.release_lock()
+        return 0
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the daemon. If the current step (a long archive copy) has not ended
+        within most of the grace period, the main thread is interrupted: every step is either an atomic
+        rename or work under a temporary name, so stopping anywhere leaves no half-removed checkpoint."""
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            first = not self.stop_event.is_set()
+            self.request_stop(signum, frame)
+            if first:
+                timer = threading.Timer(self.options.grace * 0.7, _thread.interrupt_main)
+                timer.daemon = True
+                timer.start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+
+def _where(run: str, checkpoint: str) -> str:
+    return checkpoint if run == "." else f"{run}/{checkpoint}"
+
+
+def _decision_word(d: Decision) -> str:
+    if d.kept:
+        return "kept" if d.checkpoint.complete else "waiting"
+    return str(d.action)
