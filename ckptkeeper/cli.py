@@ -202,8 +202,8 @@ def plan(as_json: bool, **flags: Any) -> None:
 
 @main.command(epilog=EXIT_CODES_HELP)
 @policy_options
-@click.option("--dry-run", "-n", is_flag=True, help="Print what would be removed; change nothing.")
-def prune(dry_run: bool, **flags: Any) -> None:
+@click.option("--dry-run", "-n", is_flag=True, default=None, help="Print what would be removed; change nothing.")
+def prune(**flags: Any) -> None:
     """Apply the rules once: remove (delete or archive) every checkpoint no rule or protection keeps.
 
     \b
@@ -216,7 +216,9 @@ def prune(dry_run: bool, **flags: Any) -> None:
     from ckptkeeper.render import describe_policy, outcome_line, totals_line
     from ckptkeeper.state import LockHeld, StateDir
 
-    root, state_dir, policy = _resolve(_settings(flags))
+    settings = _settings(flags)
+    dry_run = settings.dry_run
+    root, state_dir, policy = _resolve(settings)
     click.echo(describe_policy(policy))
     click.echo(f"Root: {root}")
     state = StateDir(state_dir)
@@ -268,12 +270,14 @@ def prune(dry_run: bool, **flags: Any) -> None:
     default=None,
     help="Exit 0 once every run's newest checkpoint says training stopped and it is pruned.",
 )
-@click.option("--dry-run", "-n", is_flag=True, help="Log what would be removed; remove nothing.")
+@click.option("--dry-run", "-n", is_flag=True, default=None, help="Log what would be removed; remove nothing.")
 @click.option("--grace", type=float, metavar="SECONDS", help="How long a stop (SIGTERM) may take. Default: 10")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="text (default) or json lines.")
+@click.option("--metrics-port", type=int, metavar="PORT", help="Serve Prometheus /metrics and /healthz on PORT.")
+@click.option("--metrics-host", metavar="HOST", help="Address for --metrics-port. Default: 127.0.0.1")
 @click.option("--verbose", "-v", "verbose", count=True, help="More detail (debug).")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
-def watch(dry_run: bool, verbose: int, quiet: bool, **flags: Any) -> None:
+def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     """Watch ROOT and apply the rules as each checkpoint completes, until stopped.
 
     Runs beside a training job (another terminal, a tmux pane, a sidecar container). A checkpoint counts
@@ -296,9 +300,11 @@ def watch(dry_run: bool, verbose: int, quiet: bool, **flags: Any) -> None:
         settle=policy.settle,
         rescan_interval=settings.rescan_interval,
         poll=settings.poll,
-        dry_run=dry_run,
+        dry_run=settings.dry_run,
         exit_when_done=settings.exit_when_done,
         grace=settings.grace,
+        metrics_port=settings.metrics_port,
+        metrics_host=settings.metrics_host,
     )
     daemon = Daemon(root, policy, state_dir, options)
     daemon.install_signal_handlers()
@@ -315,7 +321,11 @@ def watch(dry_run: bool, verbose: int, quiet: bool, **flags: Any) -> None:
 @click.option("--keep", "-k", default="best:1,last:5,epoch:all", show_default=True, callback=_check_keep)
 @click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), help="Keep the demo run here.")
 @click.option(
-    "--pace", type=click.FloatRange(min=0), default=0.13, show_default=True, metavar="SECONDS",
+    "--pace",
+    type=click.FloatRange(min=0),
+    default=0.13,
+    show_default=True,
+    metavar="SECONDS",
     help="Seconds per simulated training step.",
 )
 def demo(keep: str, directory: Path | None, pace: float) -> None:

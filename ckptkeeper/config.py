@@ -6,7 +6,9 @@ config file are taken from the current directory, like the same paths given as f
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,12 +64,15 @@ class Settings(BaseModel):
     protect_trainer_best: StrictBool = True
     # None: the command's default (0 for plan and prune, 2 s for watch)
     settle: float | None = Field(None, ge=0, le=3600)
+    dry_run: StrictBool = False
     # watch only
     rescan_interval: float = Field(60.0, gt=0, le=86400)
     poll: float | None = Field(None, gt=0, le=3600)
     exit_when_done: StrictBool = False
     grace: float = Field(10.0, gt=0, le=3600)
     log_format: Literal["text", "json"] = "text"
+    metrics_port: StrictInt | None = Field(None, ge=0, le=65535)  # None: no metrics server; 0: any free port
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("keep", mode="before")
     @classmethod
@@ -142,17 +147,67 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(config: Path | None, flags: dict[str, Any]) -> Settings:
-    """Settings from `config` (if any), with every flag that was given (not None) on top."""
+ENV_PREFIX = "CKPTKEEPER_"
+CONFIG_ENV = "CKPTKEEPER_CONFIG"
+# Settings whose environment value is taken as text; the others are read as a YAML scalar (3, 2.5, true).
+_TEXT_SETTINGS = {"root", "keep", "archive_to", "state_dir", "log_format", "metrics_host"}
+
+
+def env_var(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from `CKPTKEEPER_*` variables (an empty variable counts as unset). A misspelt variable
+    is an error rather than a silently ignored setting."""
+    known = {env_var(name): name for name in Settings.model_fields}
+    values: dict[str, Any] = {}
+    problems = []
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV or raw == "":
+            continue
+        name = known.get(var)
+        if name is None:
+            problems.append(f"{var}: not a ckptkeeper setting (known: {', '.join(sorted(known))}, {CONFIG_ENV})")
+            continue
+        if name in _TEXT_SETTINGS:
+            values[name] = raw
+            continue
+        try:
+            values[name] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[name] = raw
+    if problems:
+        raise ConfigError("\n".join(problems))
+    try:
+        Settings.model_validate(values)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = str(err["loc"][0])
+            rest = _location(tuple(err["loc"][1:]))
+            where = env_var(field) + (rest if rest.startswith("[") else f".{rest}" if rest else "")
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+    return values
+
+
+def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the config file (`config`, or $CKPTKEEPER_CONFIG), then `CKPTKEEPER_*` variables, then
+    every flag that was given (not None): flags over environment over config file."""
+    environ = os.environ if environ is None else environ
+    if config is None and environ.get(CONFIG_ENV):
+        config = Path(environ[CONFIG_ENV])
     from_file = read_config_file(config) if config else {}
-    given = {k: v for k, v in flags.items() if v is not None}
     if config:
         try:
             Settings.model_validate(from_file)
         except ValidationError as e:
             raise ConfigError(_messages(e, config.name)) from None
+    from_env = read_environment(environ)
+    given = {k: v for k, v in flags.items() if v is not None}
     try:
-        return Settings.model_validate({**from_file, **given})
+        return Settings.model_validate({**from_file, **from_env, **given})
     except ValidationError as e:
         raise ConfigError(_messages(e, "command line")) from None
 

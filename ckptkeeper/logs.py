@@ -24,6 +24,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _WatchdogStopNoise(logging.Filter):
+    """watchdog (7.x) logs "InotifyEmitter.queue_events() called when the thread is inactive" at ERROR when an
+    emitter is stopped between two reads of its own loop: a race inside watchdog on every stop (shutdown,
+    watcher restart), after which the thread simply ends. Nothing is lost; it must not look like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name.startswith("watchdog")
+            and record.getMessage().startswith("InotifyEmitter.queue_events() called when the thread is inactive")
+        )
+
+
 def configure_logging(fmt: LogFormat = "text", verbosity: int = 0, stream: TextIO | None = None) -> None:
     """verbosity: -1 quiet (warnings and errors), 0 normal, 1 debug. Logs go to stderr by default."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
@@ -32,6 +44,7 @@ def configure_logging(fmt: LogFormat = "text", verbosity: int = 0, stream: TextI
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(_WatchdogStopNoise())
     logger = logging.getLogger("ckptkeeper")
     logger.handlers[:] = [handler]
     logger.setLevel(level)

@@ -29,6 +29,7 @@ from watchdog.observers.polling import PollingObserver
 
 from ckptkeeper.actions import empty_trash
 from ckptkeeper.engine import Outcome, Policy, apply_plan, excluded_from_scan, finish_leftovers
+from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
 from ckptkeeper.model import Decision, RunPlan
 from ckptkeeper.policy import plan_run
 from ckptkeeper.render import human_bytes
@@ -49,6 +50,8 @@ class WatchOptions:
     dry_run: bool = False
     exit_when_done: bool = False
     grace: float = 10.0
+    metrics_port: int | None = None  # serve /metrics and /healthz; 0 picks a free port
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -140,6 +143,11 @@ class Daemon:
         self.finished_runs: set[str] = set()
         self.outcomes: list[Outcome] = []
         self._overflow = _OverflowAlarm(self.request_full_rescan)
+        self.root_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the root being watched
+        self.metrics = Metrics()
+        self.announced: set[tuple[str, str]] = set()
+        self.metrics_server: MetricsServer | None = None
+        self.last_reconcile: float | None = None
 
     # ---- hints from event threads -------------------------------------------------------------
     def hint(self, path: Path) -> None:
@@ -181,11 +189,13 @@ class Daemon:
     # ---- the observer --------------------------------------------------------------------------
     def _start_observer(self) -> None:
         if self.options.poll is None:
-            observer: BaseObserver = Observer()
+            observer: BaseObserver | None = None
             try:
+                observer = Observer()  # watchdog opens the inotify instance here: it can fail (EMFILE) already
                 observer.schedule(_Hints(self), os.fspath(self.root), recursive=True)
                 observer.start()
                 self.observer, self.mode = observer, "inotify"
+                self.metrics.set_mode(self.mode)
                 log.debug("watching %s with inotify", self.root)
                 return
             except OSError as e:
@@ -196,6 +206,7 @@ class Daemon:
         polling.schedule(_Hints(self), os.fspath(self.root), recursive=True)
         polling.start()
         self.observer, self.mode = polling, "polling"
+        self.metrics.set_mode(self.mode)
         log.debug("watching %s by polling every %g s", self.root, interval)
 
     @staticmethod
@@ -219,6 +230,13 @@ class Daemon:
         if not self.root.is_dir():
             self._wait_for_root()
             return
+        if _identity(self.root) != self.root_identity or self._lock_file_deleted():
+            # Deleted and created again between two checks: the watcher still watches the deleted directory
+            # and the lock is the deleted state directory's. Start over on the new one.
+            log.warning("the root %s was deleted and created again; watching the new one", self.root)
+            self._forget_root()
+            self._watch_new_root()
+            return
         if not self.observer_healthy():
             log.warning("the %s file watcher stopped unexpectedly; restarting it (polling)", self.mode)
             self._stop_observer(self.observer)
@@ -227,17 +245,34 @@ class Daemon:
             self._start_observer()
             self.request_full_rescan()
 
+    def _lock_file_deleted(self) -> bool:
+        """True when the lock this daemon holds was deleted with its state directory. Unlike the root's inode
+        number (which a new directory may reuse once the old one is freed), the held lock's inode cannot be reused."""
+        fd = self.state._lock_fd
+        try:
+            return fd is not None and os.fstat(fd).st_nlink == 0
+        except OSError:
+            return False
+
     def _wait_for_root(self) -> None:
         log.warning("the root %s is gone; waiting for it to come back", self.root)
-        self._stop_observer(self.observer)
-        self.observer, self.mode = None, "none"
-        self.decisions.clear()
-        self.known_runs.clear()
+        self._forget_root()
         while not self.stop_event.is_set() and not self.root.is_dir():
             self.stop_event.wait(0.2)
         if self.stop_event.is_set():
             return
         log.info("the root %s is back; watching it again", self.root)
+        self._watch_new_root()
+
+    def _forget_root(self) -> None:
+        self._stop_observer(self.observer)
+        self.observer, self.mode = None, "none"
+        self.metrics.set_mode(self.mode)
+        self.decisions.clear()
+        self.known_runs.clear()
+
+    def _watch_new_root(self) -> None:
+        self.root_identity = _identity(self.root)
         if not self.options.dry_run:
             self.state.release_lock()
             self.state.acquire_lock(self.root)
@@ -264,12 +299,23 @@ class Daemon:
 
     def _on_outcome(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
+        if outcome.action == "delete":
+            self.metrics.removed.labels(run=outcome.run).inc()
+            self.metrics.bytes_freed.inc(outcome.bytes)
+        elif outcome.action == "archive":
+            self.metrics.archived.labels(run=outcome.run).inc()
+            self.metrics.bytes_freed.inc(outcome.bytes)
+        elif outcome.action == "error":
+            self.metrics.errors.inc()
         where = _where(outcome.run, outcome.checkpoint)
         if outcome.action == "delete":
             log.info("%s deleted: freed %s", where, human_bytes(outcome.bytes))
         elif outcome.action == "archive":
             log.info("%s archived: %s, %s", where, outcome.detail, human_bytes(outcome.bytes))
         elif outcome.action.startswith("would-"):
+            if (outcome.run, outcome.checkpoint) in self.announced:
+                return  # a dry run sees the same checkpoint at every pass: say it once
+            self.announced.add((outcome.run, outcome.checkpoint))
             log.info("%s %s (dry run)", where, outcome.action.replace("-", " "))
         elif outcome.action == "error":
             log.error("%s could not be removed: %s", where, outcome.detail)
@@ -281,6 +327,8 @@ class Daemon:
         self.recheck_at.pop(run_dir, None)
         if not run.checkpoints:
             self.known_runs.discard(run_dir)
+            self.metrics.checkpoints_seen.labels(run=run.path).set(0)
+            self.metrics.checkpoints_kept.labels(run=run.path).set(0)
             return
         self.known_runs.add(run_dir)
         plan = plan_run(run, self.policy.rules, self.policy.protections, self.policy.removal)
@@ -308,6 +356,8 @@ class Daemon:
             # Incomplete only because it changed recently: look again when its settle time is up, since
             # no further event may come. Other incomplete checkpoints wait for events (and full rescans).
             self.recheck_at[run_dir] = min(settling) + 0.02
+        self.metrics.checkpoints_seen.labels(run=plan.run.path).set(len(plan.run.checkpoints))
+        self.metrics.checkpoints_kept.labels(run=plan.run.path).set(len(plan.kept))
         names = {c.name for c in plan.run.checkpoints}
         for key in [k for k in self.decisions if k[0] == plan.run.path and k[1] not in names]:
             del self.decisions[key]
@@ -344,6 +394,15 @@ class Daemon:
         return taken
 
     def _work(self, pending: _Pending) -> None:
+        started = time.monotonic()
+        scope = "all" if pending.full else "runs"
+        self._reconcile_pending(pending)
+        self.metrics.reconcile_seconds.labels(scope=scope).observe(time.monotonic() - started)
+        if not self.stop_event.is_set():
+            self.last_reconcile = time.time()
+            self.metrics.last_reconcile.set(self.last_reconcile)
+
+    def _reconcile_pending(self, pending: _Pending) -> None:
         if pending.full:
             self.reconcile_all()
             return
@@ -358,6 +417,14 @@ class Daemon:
             if run_dir.is_dir() or run_dir in self.known_runs:
                 self.reconcile_run(run_dir, now)
 
+    def health(self) -> str | None:
+        """None when healthy; else why not (for /healthz)."""
+        if self.stop_event.is_set():
+            return "stopping"
+        if self.mode == "none" or not self.observer_healthy():
+            return f"the file watcher is not running (mode {self.mode})"
+        return staleness_problem(self.last_reconcile, 2 * self.options.rescan_interval + 30)
+
     def all_done(self) -> bool:
         runs = {run_path(self.root, r) for r in self.known_runs}
         return bool(runs) and runs <= self.finished_runs and self.reaper.queue.unfinished_tasks == 0
@@ -371,6 +438,7 @@ class Daemon:
                 self.stop_event.wait(0.2)
             if self.stop_event.is_set():
                 return 0
+        self.root_identity = _identity(self.root)
         if not self.options.dry_run:  # a dry run writes nothing, not even the state directory
             self.state.acquire_lock(self.root)
         logging.getLogger("watchdog").addHandler(self._overflow)
@@ -382,6 +450,13 @@ class Daemon:
                 for problem in stuck:
                     log.error("could not finish removing %s; it stays in the trash", problem)
             self.reaper.start()
+            if self.options.metrics_port is not None:
+                self.metrics_server = MetricsServer(
+                    self.metrics, self.health, self.options.metrics_host, self.options.metrics_port
+                )
+                self.metrics_server.start()
+                host, port = self.metrics_server.address
+                log.info("serving metrics on http://%s:%d/metrics and health on /healthz", host, port)
             self._start_observer()
             log.info(
                 "watching %s (%s; settle %g s; full rescan every %g s)%s",
@@ -391,7 +466,7 @@ class Daemon:
                 self.options.rescan_interval,
                 " (dry run: nothing is removed)" if self.options.dry_run else "",
             )
-            self.reconcile_all()
+            self._work(_Pending(full=True))
             next_full = time.monotonic() + self.options.rescan_interval
             next_health = time.monotonic() + HEALTH_CHECK_SECONDS
             while not self.stop_event.is_set():
@@ -419,6 +494,8 @@ class Daemon:
                     next_health = time.monotonic() + HEALTH_CHECK_SECONDS
         finally:
             logging.getLogger("watchdog").removeHandler(self._overflow)
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
             self._stop_observer(self.observer)
             # Whatever the reaper has not deleted yet stays in the trash, outside every run directory.
             self.reaper.stop(timeout=min(1.0, self.options.grace / 4))
@@ -440,6 +517,14 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _where(run: str, checkpoint: str) -> str:

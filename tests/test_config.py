@@ -33,11 +33,14 @@ KEYS = (
     "max_depth",
     "protect_trainer_best",
     "settle",
+    "dry_run",
     "rescan_interval",
     "poll",
     "exit_when_done",
     "grace",
     "log_format",
+    "metrics_port",
+    "metrics_host",
 )
 
 
@@ -79,11 +82,14 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         "max_depth": 2,
         "protect_trainer_best": False,
         "settle": 0.5,
+        "dry_run": True,
         "rescan_interval": 30,
         "poll": 2.5,
         "exit_when_done": True,
         "grace": 4,
         "log_format": "json",
+        "metrics_port": 9100,
+        "metrics_host": "0.0.0.0",
     }
     assert set(values) == set(KEYS) == set(Settings.model_fields)
     loaded = load_settings(write_config(tmp_path / name, values), {})
@@ -95,11 +101,14 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         max_depth=2,
         protect_trainer_best=False,
         settle=0.5,
+        dry_run=True,
         rescan_interval=30.0,
         poll=2.5,
         exit_when_done=True,
         grace=4.0,
         log_format="json",
+        metrics_port=9100,
+        metrics_host="0.0.0.0",
     )
     assert loaded.rules_text() == "best:1,last:5,epoch:all"
     # A settle from the file wins over every command's default.

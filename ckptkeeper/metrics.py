@@ -1,0 +1,116 @@
+"""Prometheus metrics and a health endpoint for the daemon (`watch --metrics-port`).
+
+`/metrics` serves the Prometheus text format; `/healthz` answers 200 while the file watcher is alive and
+the last successful reconcile is recent, and 503 with the reason otherwise. Each daemon has its own
+registry, so several can live in one process (tests, the demo).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OBSERVER_MODES = ("inotify", "polling", "none")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.checkpoints_seen = Gauge(
+            "ckptkeeper_checkpoints_seen", "Checkpoint directories on disk, per run", ["run"], registry=r
+        )
+        self.checkpoints_kept = Gauge(
+            "ckptkeeper_checkpoints_kept", "Checkpoints the rules and protections keep, per run", ["run"], registry=r
+        )
+        self.removed = Counter("ckptkeeper_checkpoints_removed", "Checkpoints deleted, per run", ["run"], registry=r)
+        self.archived = Counter("ckptkeeper_checkpoints_archived", "Checkpoints archived, per run", ["run"], registry=r)
+        self.bytes_freed = Counter(
+            "ckptkeeper_bytes_freed", "Bytes removed from the runs by deletes and archives", registry=r
+        )
+        self.errors = Counter("ckptkeeper_errors", "Removals that failed (retried on later passes)", registry=r)
+        self.reconcile_seconds = Histogram(
+            "ckptkeeper_reconcile_duration_seconds",
+            "Time to rescan, plan and act on one run or the whole root",
+            ["scope"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60),
+            registry=r,
+        )
+        self.last_reconcile = Gauge(
+            "ckptkeeper_last_reconcile_timestamp_seconds", "When the last reconcile succeeded (unix time)", registry=r
+        )
+        self.observer_mode = Gauge(
+            "ckptkeeper_observer_mode", "1 for the way the daemon watches the root now", ["mode"], registry=r
+        )
+        self.set_mode("none")
+
+    def set_mode(self, mode: str) -> None:
+        for m in OBSERVER_MODES:
+            self.observer_mode.labels(mode=m).set(1 if m == mode else 0)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+HealthCheck = Callable[[], str | None]  # None when healthy, else the reason
+
+
+class MetricsServer:
+    """A small HTTP server on its own thread: GET /metrics and GET /healthz."""
+
+    def __init__(self, metrics: Metrics, health: HealthCheck, host: str, port: int) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    problem = outer.health()
+                    body = (problem or "ok").encode() + b"\n"
+                    self._send(503 if problem else 200, body, "text/plain; charset=utf-8")
+                else:
+                    self._send(404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # scrapes and probes every few seconds would drown the daemon's own log
+
+        self.metrics = metrics
+        self.health = health
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="ckptkeeper-metrics", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=2)
+
+
+def staleness_problem(last_success: float | None, max_age: float, now: float | None = None) -> str | None:
+    if last_success is None:
+        return "no reconcile has finished yet"
+    age = (time.time() if now is None else now) - last_success
+    if age > max_age:
+        return f"the last successful reconcile was {age:.0f} s ago (more than {max_age:.0f} s)"
+    return None

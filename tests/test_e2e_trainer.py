@@ -1,0 +1,297 @@
+"""End to end: a real Hugging Face Trainer trains while a real `ckptkeeper watch` prunes beside it.
+
+Two real processes: `tests/e2e/train_hf.py` (transformers' Trainer, torch on the CPU, offline) evaluates
+and saves every 10 steps for 3 epochs with `load_best_model_at_end=True` (best by eval_loss), while
+`python -m ckptkeeper watch OUT --keep best:1,last:2,epoch:all --settle 0.5 --exit-when-done` watches
+its output directory. Afterwards the test checks, from the run's own records (its log_history and what a
+TrainerCallback saw on disk after every save), never from ckptkeeper's planner:
+
+- the Trainer finished (exit 0, no FileNotFoundError) and really loaded its best checkpoint at the end,
+  and the Trainer's current best was on disk at every save;
+- the daemon exited 0 by itself once training was over and retention was applied;
+- the output directory holds exactly the checkpoints the rules and protections name;
+- the journal has a start-delete and a delete line for each removed checkpoint and nothing else;
+- no kept checkpoint was touched: same files, sizes and mtimes as right after the Trainer wrote it.
+
+The training stack is part of the test requirements (`pip install '.[test,e2e]'`, which `.ci/run` does):
+when it is missing this test fails, it is never skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+TRAIN_SCRIPT = Path(__file__).parent / "e2e" / "train_hf.py"
+TRAINING_STACK = ("torch", "transformers", "accelerate")
+KEEP = "best:1,last:2,epoch:all"
+SETTLE = 0.5
+STEP_SLEEP = 0.05  # 78 optimizer steps -> the run spans ~4 s more, so saves arrive one by one
+DAEMON_READY_SECONDS = 30.0
+TRAIN_SECONDS = 240.0  # ~15 s here (most of it importing torch and transformers)
+DAEMON_DONE_SECONDS = 30.0  # after training: settle, prune, exit
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def require_training_stack() -> None:
+    missing = [name for name in TRAINING_STACK if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.fail(
+            f"the end-to-end test needs {', '.join(missing)} in {sys.executable}: `.ci/run` must install the "
+            "e2e extra (pip install '.[test,e2e]': torch==2.13.0, transformers==5.24.0, accelerate). "
+            "This test is never skipped.",
+            pytrace=False,
+        )
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, what: str, context: Callable[[], str]) -> None:
+    """Poll `condition` until it holds; fail with `what` and the context after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {seconds:g} s\n{context()}", pytrace=False)
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """End a process this test started, if it is still running."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"({path.name} was not written)"
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                entries.append({"unparsed": line})
+    return entries
+
+
+def checkpoints_on_disk(run_dir: Path) -> set[int]:
+    return {int(m.group(1)) for e in os.listdir(run_dir) if (m := CHECKPOINT.fullmatch(e)) and (run_dir / e).is_dir()}
+
+
+def file_listing(checkpoint: Path) -> dict[str, list[int]]:
+    """Every file below `checkpoint` -> [size, mtime_ns], as the training script records it after a save."""
+    listing: dict[str, list[int]] = {}
+    for dirpath, _dirs, files in os.walk(checkpoint):
+        for name in files:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            listing[str(path.relative_to(checkpoint))] = [st.st_size, st.st_mtime_ns]
+    return listing
+
+
+def journal_time(entry: dict[str, Any]) -> float:
+    return dt.datetime.fromisoformat(entry["time"]).timestamp()
+
+
+def expected_survivors(
+    saved_steps: list[int], log_history: list[dict[str, Any]], trainer_best: int
+) -> dict[int, list[str]]:
+    """What `best:1,last:2,epoch:all` plus the protections keep, worked out here from the run's own
+    log_history: step -> the reasons it is kept."""
+    steps = sorted(saved_steps)
+    eval_loss: dict[int, float] = {}
+    epoch: dict[int, float] = {}
+    for entry in log_history:
+        if "eval_loss" in entry:
+            step = entry["step"]
+            assert step not in eval_loss, f"two eval entries at step {step}: {log_history}"
+            eval_loss[step] = entry["eval_loss"]
+            epoch[step] = entry["epoch"]
+    missing = [s for s in steps if s not in eval_loss]
+    assert not missing, f"saves without an eval at their step (eval and save steps should coincide): {missing}"
+    assert not any(math.isnan(eval_loss[s]) for s in steps), f"NaN eval_loss: {eval_loss}"
+
+    reasons: dict[int, list[str]] = {}
+
+    def keep(step: int, why: str) -> None:
+        reasons.setdefault(step, []).append(why)
+
+    for step in steps[-2:]:
+        keep(step, "last 2")
+    best = min(steps, key=lambda s: (eval_loss[s], s))  # lowest loss; on a tie the lower step
+    keep(best, f"best eval_loss={eval_loss[best]:.4f}")
+    newest_in_bucket: dict[int, int] = {}
+    for step in steps:
+        bucket = math.ceil(round(epoch[step], 6))
+        newest_in_bucket[bucket] = max(step, newest_in_bucket.get(bucket, step))
+    for bucket, step in newest_in_bucket.items():
+        keep(step, f"epoch {bucket}")
+    keep(steps[-1], "protected: newest")
+    keep(trainer_best, "protected: trainer best")
+    return reasons
+
+
+# ---- the test --------------------------------------------------------------------------------------
+def test_watch_prunes_a_real_trainer_run_that_loads_its_best_model(tmp_path: Path) -> None:
+    require_training_stack()
+    out = tmp_path / "out"
+    out.mkdir()
+    summary_path = tmp_path / "summary.json"
+    daemon_log, daemon_stdout = tmp_path / "daemon.log", tmp_path / "daemon.stdout"
+    train_stdout, train_stderr = tmp_path / "train.stdout", tmp_path / "train.stderr"
+    journal = out / ".ckptkeeper" / "journal.jsonl"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": os.fspath(tmp_path / "hf-home"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+    def context() -> str:
+        return (
+            f"--- daemon log (tail)\n{tail(daemon_log)}\n--- trainer stderr (tail)\n{tail(train_stderr)}\n"
+            f"--- journal\n{tail(journal, 60)}\n--- on disk: {sorted(os.listdir(out))}"
+        )
+
+    with daemon_log.open("wb") as dlog, daemon_stdout.open("wb") as dout:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "ckptkeeper", "watch", os.fspath(out), "--keep", KEEP, "--settle", str(SETTLE),
+             "--exit-when-done", "--log-format", "json"],
+            stdout=dout, stderr=dlog, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
+        )  # fmt: skip
+    trainer: subprocess.Popen[bytes] | None = None
+    try:
+
+        def daemon_ready() -> bool:
+            assert daemon.poll() is None, f"the daemon exited early ({daemon.returncode})\n{context()}"
+            return any(str(e.get("message", "")).startswith("watching ") for e in json_lines(daemon_log))
+
+        wait_for(daemon_ready, DAEMON_READY_SECONDS, "the daemon did not start watching", context)
+
+        started = time.monotonic()
+        with train_stdout.open("wb") as tout, train_stderr.open("wb") as terr:
+            trainer = subprocess.Popen(
+                [sys.executable, os.fspath(TRAIN_SCRIPT), os.fspath(out), "--summary", os.fspath(summary_path),
+                 "--epochs", "3", "--save-steps", "10", "--step-sleep", str(STEP_SLEEP)],
+                stdout=tout, stderr=terr, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
+            )  # fmt: skip
+        running_trainer = trainer
+        wait_for(lambda: running_trainer.poll() is not None, TRAIN_SECONDS, "training did not finish", context)
+        train_seconds = time.monotonic() - started
+        wait_for(
+            lambda: daemon.poll() is not None,
+            DAEMON_DONE_SECONDS,
+            "`ckptkeeper watch --exit-when-done` did not exit after training finished",
+            context,
+        )
+    finally:
+        if trainer is not None:
+            stop(trainer)
+        stop(daemon)
+
+    # ---- the Trainer finished and loaded its best model, which was never taken away from it --------
+    stderr_text = train_stderr.read_text(encoding="utf-8", errors="replace")
+    assert trainer.returncode == 0, f"the training script failed ({trainer.returncode})\n{context()}"
+    assert "FileNotFoundError" not in stderr_text, context()
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    assert summary["ok"] and summary["error"] is None, summary["error"]
+    assert train_seconds < 120, f"training took {train_seconds:.0f} s; it should take well under a minute"
+    load_best = summary["load_best"]
+    assert summary["best_model_loaded"], f"the Trainer did not load its best model at the end: {load_best}"
+    assert load_best["called"] and load_best["best_dir_existed"] and load_best["weights_existed"], load_best
+    assert not load_best["not_found_warning"], summary["warnings"]
+    assert load_best["weights_equal_best"], load_best["weights_detail"]
+    best_step = summary["best_global_step"]
+    assert isinstance(best_step, int), summary
+    best_dir = Path(summary["best_model_checkpoint"])
+    assert best_dir == out / f"checkpoint-{best_step}", (best_dir, best_step)
+    assert (best_dir / "model.safetensors").is_file(), f"the Trainer's best {best_dir} is gone\n{context()}"
+
+    saves = summary["saves"]
+    assert saves, "the training script recorded no saves"
+    for record in saves:
+        # The Trainer's best at each save was on disk then (it only records a best that exists).
+        current_best = record["best_global_step"]
+        assert f"checkpoint-{current_best}" in record["checkpoints_on_disk"], record
+        assert record["best_model_checkpoint"] == os.fspath(out / f"checkpoint-{current_best}"), record
+
+    # ---- the daemon exited by itself -----------------------------------------------------------------
+    daemon_entries = json_lines(daemon_log)
+    assert daemon.returncode == 0, f"the daemon exited {daemon.returncode}\n{context()}"
+    assert any("exiting (--exit-when-done)" in str(e.get("message")) for e in daemon_entries), context()
+    errors = [e for e in daemon_entries if e.get("level") == "error" or "unparsed" in e]
+    assert not errors, f"the daemon logged errors: {errors}"
+
+    # ---- exactly the checkpoints the rules and protections name are left -----------------------------
+    saved_steps = [record["global_step"] for record in saves]
+    assert len(set(saved_steps)) == len(saved_steps), saved_steps
+    for record in saves:  # the epoch each save saw is the one its eval logged
+        (entry,) = [e for e in summary["log_history"] if "eval_loss" in e and e["step"] == record["global_step"]]
+        assert entry["epoch"] == record["epoch"], (entry, record)
+    survivors = expected_survivors(saved_steps, summary["log_history"], best_step)
+    kept_only_as_best = {"best eval_loss", "protected: trainer best"} >= {r.split("=")[0] for r in survivors[best_step]}
+    assert kept_only_as_best, (
+        f"the Trainer's best (step {best_step}) is also kept for {survivors[best_step]}: this run no longer shows "
+        "that the best survives only thanks to the best rule and the trainer-best protection; adjust the "
+        "training settings (learning rate, noise, seed) so that the best is an older, mid-epoch checkpoint"
+    )
+    removed = sorted(set(saved_steps) - set(survivors))
+    assert removed, f"nothing was due for removal: {survivors}"
+    on_disk = checkpoints_on_disk(out)
+    assert on_disk == set(survivors), (
+        f"on disk {sorted(on_disk)}, expected {sorted(survivors)} "
+        f"({ {s: survivors[s] for s in sorted(survivors)} }); saved {saved_steps}\n{context()}"
+    )
+    trash = out / ".ckptkeeper" / "trash"
+    assert not trash.exists() or not os.listdir(trash), f"the trash still holds {os.listdir(trash)}"
+
+    # ---- the journal records each removal, and nothing else --------------------------------------------
+    entries = json_lines(journal)
+    assert {e.get("action") for e in entries} <= {"start-delete", "delete"}, entries
+    for step in removed:
+        name = f"checkpoint-{step}"
+        actions = [e["action"] for e in entries if e.get("checkpoint") == name]
+        assert actions == ["start-delete", "delete"], f"{name}: journal actions {actions}\n{entries}"
+    touched = {e.get("checkpoint") for e in entries}
+    assert touched == {f"checkpoint-{s}" for s in removed}, f"journal names {touched}, removed {removed}"
+    deleted_while_training = [e for e in entries if e["action"] == "delete" and journal_time(e) < saves[-1]["t"]]
+    assert deleted_while_training, (
+        f"no checkpoint was removed while the Trainer was still saving (last save at {saves[-1]['t']}): "
+        f"the daemon did not act live\n{entries}"
+    )
+    daemon_messages = [str(e.get("message")) for e in daemon_entries]
+    for step in removed:
+        assert any(m.startswith(f"checkpoint-{step} deleted: freed ") for m in daemon_messages), daemon_messages
+
+    # ---- no kept checkpoint was touched since the Trainer wrote it -------------------------------------
+    by_step = {record["global_step"]: record for record in saves}
+    for step in sorted(survivors):
+        checkpoint = out / f"checkpoint-{step}"
+        assert file_listing(checkpoint) == by_step[step]["files"], f"{checkpoint.name} changed after it was saved"
+        assert checkpoint.stat().st_mtime_ns == by_step[step]["dir_mtime_ns"], f"{checkpoint.name}: mtime changed"
