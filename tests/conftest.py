@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,42 @@ def sim_run(tmp_path: Path) -> Callable[..., Path]:
         return target
 
     return make
+
+
+def _tmpfs_mounts() -> list[Path]:
+    mounts = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, where, kind, options, *_ = line.split()
+            where = where.replace("\\040", " ")
+            if kind == "tmpfs" and "rw" in options.split(",") and not where.startswith(("/sys", "/proc")):
+                mounts.append(Path(where))
+    return sorted(mounts, key=lambda p: p != Path("/dev/shm"))
+
+
+@pytest.fixture(scope="session")
+def tmpfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A writable tmpfs on another filesystem than tmp_path: an existing one, or one mounted here (root)."""
+    here = tmp_path_factory.getbasetemp().stat().st_dev
+    for mount in _tmpfs_mounts():
+        try:
+            if mount.stat().st_dev != here and os.access(mount, os.W_OK):
+                yield mount
+                return
+        except OSError:
+            continue
+    if os.geteuid() != 0:
+        pytest.skip("no writable tmpfs on another filesystem than the temp dir, and not root to mount one")
+    mount = tmp_path_factory.mktemp("tmpfs")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=768m", "ckptkeeper-test", str(mount)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"no tmpfs on another filesystem, and `mount -t tmpfs` failed: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -133,48 +133,14 @@ def trash_entries(layout: Layout) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- other filesystem
-def _tmpfs_mounts() -> list[Path]:
-    mounts = []
-    with open("/proc/mounts") as f:
-        for line in f:
-            _, where, kind, options, *_ = line.split()
-            where = where.replace("\\040", " ")
-            if kind == "tmpfs" and "rw" in options.split(",") and not where.startswith(("/sys", "/proc")):
-                mounts.append(Path(where))
-    return sorted(mounts, key=lambda p: p != Path("/dev/shm"))
-
-
 @pytest.fixture(scope="module")
-def other_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A writable directory on a different filesystem (a tmpfs) from tmp_path; mounted here if need be."""
-    here = tmp_path_factory.getbasetemp().stat().st_dev
-    for mount in _tmpfs_mounts():
-        try:
-            if mount.stat().st_dev == here or not os.access(mount, os.W_OK):
-                continue
-            directory = Path(tempfile.mkdtemp(prefix="ckptkeeper-crash-", dir=mount))
-        except OSError:
-            continue
-        try:
-            yield directory
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        return
-    if os.geteuid() != 0:
-        pytest.skip("no writable tmpfs on another filesystem than the temp dir, and not root to mount one")
-    mount = tmp_path_factory.mktemp("tmpfs")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512m", "ckptkeeper-test", str(mount)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"no tmpfs on another filesystem, and `mount -t tmpfs` failed: {done.stderr.strip()}")
+def other_fs(tmpfs: Path) -> Iterator[Path]:
+    """A writable directory on a different filesystem (a tmpfs, see conftest) from tmp_path."""
+    directory = Path(tempfile.mkdtemp(prefix="ckptkeeper-crash-", dir=tmpfs))
     try:
-        yield mount
+        yield directory
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- the fork server
