@@ -78,18 +78,56 @@ def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings
     return sorted(found)
 
 
-def _walk_files(directory: Path) -> Iterator[os.stat_result]:
-    """lstat of the directory and of everything below it, links not followed."""
-    yield directory.lstat()
+def _walk_files(directory: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(path relative to `directory`, lstat) of the directory and of everything below it, links not followed."""
+    yield ".", directory.lstat()
     pending = [directory]
     while pending:
         current = pending.pop()
         with os.scandir(current) as it:
             for e in it:
                 st = e.stat(follow_symlinks=False)
-                yield st
+                yield os.path.relpath(e.path, directory), st
                 if stat.S_ISDIR(st.st_mode):
                     pending.append(Path(e.path))
+
+
+Signature = tuple[tuple[str, int, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class _Contents:
+    """What reading a checkpoint's files found: everything but the settle check, which depends on the clock."""
+
+    problems: tuple[str, ...]
+    epoch: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None
+    stopped: bool = False
+
+
+class ContentCache:
+    """Remembers what a checkpoint's files said, keyed by the lstat of every entry (inode, size, mtime and
+    ctime in ns). Any write, rename or chmod changes ctime, so an unchanged signature means unchanged
+    files: a rescan of a quiet tree then opens nothing (and makes no inotify events)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Signature, _Contents]] = {}
+
+    def get(self, directory: Path, signature: Signature) -> _Contents | None:
+        held = self._entries.get(os.fspath(directory))
+        return held[1] if held and held[0] == signature else None
+
+    def put(self, directory: Path, signature: Signature, contents: _Contents) -> None:
+        self._entries[os.fspath(directory)] = (signature, contents)
+
+    def forget_missing(self, run_dir: Path, present: set[str]) -> None:
+        prefix = os.fspath(run_dir) + os.sep
+        for key in [k for k in self._entries if k.startswith(prefix) and k[len(prefix) :] not in present]:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _safetensors_problem(directory: Path, names: list[str]) -> str | None:
@@ -109,19 +147,7 @@ def _safetensors_problem(directory: Path, names: list[str]) -> str | None:
     return None
 
 
-def read_checkpoint(directory: Path, step: int, now: float | None = None, settle: float = 0.0) -> Checkpoint:
-    """Judge one checkpoint directory. `now` and `settle` apply the watch's "unchanged for" check."""
-    name = directory.name
-    try:
-        stats = list(_walk_files(directory))
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return Checkpoint(name, step, complete=False, incomplete_reason="vanished while reading")
-    except OSError as e:
-        return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
-    size = sum(st.st_size for st in stats if not stat.S_ISDIR(st.st_mode))
-    newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
-
+def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
     problems: list[str] = []
     if INCOMPLETE_MARKER in names:
         problems.append(f"{INCOMPLETE_MARKER} present (save in progress)")
@@ -151,11 +177,44 @@ def read_checkpoint(directory: Path, step: int, now: float | None = None, settle
             epoch, best_step, stopped = state.epoch, state.best_step, state.training_stopped
             metrics = state.metrics_at(step)
             if state.global_step is not None and state.global_step != step:
-                problems.append(f"global_step {state.global_step} in {TRAINER_STATE} does not match {name}")
+                problems.append(f"global_step {state.global_step} in {TRAINER_STATE} does not match {directory.name}")
     if not problems:
         problem = _safetensors_problem(directory, names)
         if problem:
             problems.append(problem)
+    return _Contents(tuple(problems), epoch, metrics, best_step, stopped)
+
+
+def read_checkpoint(
+    directory: Path,
+    step: int,
+    now: float | None = None,
+    settle: float = 0.0,
+    cache: ContentCache | None = None,
+) -> Checkpoint:
+    """Judge one checkpoint directory. `now` and `settle` apply the watch's "unchanged for" check; with a
+    `cache`, files whose lstat has not changed since the last look are not read again."""
+    name = directory.name
+    try:
+        walked = list(_walk_files(directory))
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return Checkpoint(name, step, complete=False, incomplete_reason="vanished while reading")
+    except OSError as e:
+        return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
+    stats = [st for _, st in walked]
+    size = sum(st.st_size for st in stats if not stat.S_ISDIR(st.st_mode))
+    newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
+
+    signature: Signature = tuple(
+        sorted((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in walked)
+    )
+    contents = cache.get(directory, signature) if cache is not None else None
+    if contents is None:
+        contents = _read_contents(directory, step, names)
+        if cache is not None:
+            cache.put(directory, signature, contents)
+    problems = list(contents.problems)
     if now is not None and settle > 0 and now - newest_change < settle:
         problems.append(f"changed {max(now - newest_change, 0):.1f} s ago (settle {settle:g} s)")
 
@@ -164,26 +223,30 @@ def read_checkpoint(directory: Path, step: int, now: float | None = None, settle
         step=step,
         complete=not problems,
         incomplete_reason="; ".join(problems) or None,
-        epoch=epoch,
-        metrics=metrics,
+        epoch=contents.epoch,
+        metrics=dict(contents.metrics),
         size_bytes=size,
-        trainer_best_step=best_step,
-        training_stopped=stopped,
+        trainer_best_step=contents.best_step,
+        training_stopped=contents.stopped,
         last_change=newest_change,
     )
 
 
-def read_run(root: Path, directory: Path, now: float | None = None, settle: float = 0.0) -> Run:
+def read_run(
+    root: Path, directory: Path, now: float | None = None, settle: float = 0.0, cache: ContentCache | None = None
+) -> Run:
     checkpoints = []
     try:
         with os.scandir(directory) as it:
             entries = [e for e in it if is_checkpoint_entry(e)]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         entries = []
+    if cache is not None:
+        cache.forget_missing(directory, {e.name for e in entries})
     for e in entries:
         step = checkpoint_step(e.name)
         assert step is not None
-        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle))
+        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache))
     checkpoints.sort(key=lambda c: c.step)
     return Run(run_path(root, directory), tuple(checkpoints))
 

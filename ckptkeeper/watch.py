@@ -22,7 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -33,13 +44,25 @@ from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
 from ckptkeeper.model import Decision, RunPlan
 from ckptkeeper.policy import plan_run
 from ckptkeeper.render import human_bytes
-from ckptkeeper.scan import checkpoint_step, find_run_dirs, read_run, run_path
+from ckptkeeper.scan import ContentCache, checkpoint_step, find_run_dirs, read_run, run_path
 from ckptkeeper.state import StateDir
 
 log = logging.getLogger("ckptkeeper")
 
 DEBOUNCE_SECONDS = 0.05  # how long a burst of events may go on before the touched runs are rescanned
 HEALTH_CHECK_SECONDS = 1.0
+# What can change a decision: entries appearing, moving or going, and files finished (close after write).
+# Not opens, reads or each write() of a large file: ckptkeeper's own reads would otherwise wake it, and
+# a 10 GB optimizer.pt being written would send an event per chunk.
+WATCHED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileClosedEvent,
+]
 
 
 @dataclass(frozen=True)
@@ -145,6 +168,7 @@ class Daemon:
         self._overflow = _OverflowAlarm(self.request_full_rescan)
         self.root_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the root being watched
         self.metrics = Metrics()
+        self.cache = ContentCache()
         self.announced: set[tuple[str, str]] = set()
         self.metrics_server: MetricsServer | None = None
         self.last_reconcile: float | None = None
@@ -192,7 +216,7 @@ class Daemon:
             observer: BaseObserver | None = None
             try:
                 observer = Observer()  # watchdog opens the inotify instance here: it can fail (EMFILE) already
-                observer.schedule(_Hints(self), os.fspath(self.root), recursive=True)
+                observer.schedule(_Hints(self), os.fspath(self.root), recursive=True, event_filter=WATCHED_EVENTS)
                 observer.start()
                 self.observer, self.mode = observer, "inotify"
                 self.metrics.set_mode(self.mode)
@@ -203,7 +227,9 @@ class Daemon:
                 self._stop_observer(observer)
         interval = self.options.poll or 1.0
         polling = PollingObserver(timeout=interval)
-        polling.schedule(_Hints(self), os.fspath(self.root), recursive=True)
+        polling.schedule(
+            _Hints(self), os.fspath(self.root), recursive=True, event_filter=[*WATCHED_EVENTS, FileModifiedEvent]
+        )
         polling.start()
         self.observer, self.mode = polling, "polling"
         self.metrics.set_mode(self.mode)
@@ -323,7 +349,7 @@ class Daemon:
             log.info("%s %s: %s", where, outcome.action, outcome.detail)
 
     def reconcile_run(self, run_dir: Path, now: float) -> None:
-        run = read_run(self.root, run_dir, now, self.options.settle)
+        run = read_run(self.root, run_dir, now, self.options.settle, self.cache)
         self.recheck_at.pop(run_dir, None)
         if not run.checkpoints:
             self.known_runs.discard(run_dir)
@@ -345,7 +371,7 @@ class Daemon:
             if not self.options.dry_run:
                 # What was removed is gone now; read the run again so the decisions logged next are true.
                 plan = plan_run(
-                    read_run(self.root, run_dir, now, self.options.settle),
+                    read_run(self.root, run_dir, now, self.options.settle, self.cache),
                     self.policy.rules,
                     self.policy.protections,
                     self.policy.removal,

@@ -562,3 +562,38 @@ def test_a_safetensors_symlink_out_of_the_root_is_not_opened(tmp_path: Path) -> 
     (directory / "extra.safetensors").symlink_to(outside)
     [c] = scan_root(tmp_path / "root").runs[0].checkpoints
     assert (c.complete, c.incomplete_reason) == (True, None)
+
+
+def test_a_content_cache_skips_reading_unchanged_checkpoints_and_notices_any_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptkeeper import scan as scan_module
+    from ckptkeeper.scan import ContentCache, read_run
+    from ckptkeeper.simtrainer import SimConfig, simulate_run
+
+    run_dir = tmp_path / "run"
+    simulate_run(run_dir, SimConfig(steps_per_epoch=10, epochs=1, save_steps=5, eval_steps=5))
+    parsed: list[int] = []
+    real_parse = scan_module.parse_trainer_state
+
+    def counting_parse(data: bytes) -> object:
+        parsed.append(len(data))
+        return real_parse(data)
+
+    monkeypatch.setattr(scan_module, "parse_trainer_state", counting_parse)
+    cache = ContentCache()
+    first = read_run(tmp_path, run_dir, cache=cache)
+    assert len(parsed) == 2 and len(cache) == 2
+    again = read_run(tmp_path, run_dir, cache=cache)
+    assert again == first and len(parsed) == 2  # nothing read again
+
+    # Any change to a file (here: trainer_state.json cut short) is seen on the next look.
+    state = run_dir / "checkpoint-10" / "trainer_state.json"
+    state.write_bytes(state.read_bytes()[:100])
+    changed = read_run(tmp_path, run_dir, cache=cache)
+    assert len(parsed) == 3
+    assert [c.complete for c in changed.checkpoints] == [True, False]
+    # A checkpoint that is gone is forgotten.
+    shutil.rmtree(run_dir / "checkpoint-5")
+    read_run(tmp_path, run_dir, cache=cache)
+    assert len(cache) == 1
