@@ -143,16 +143,6 @@ def empty_trash(trash: Path, only: str | None = None, stuck: list[str] | None = 
     return finished
 
 
-def tree_size(path: Path) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for n in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, n))
-            if not stat.S_ISDIR(st.st_mode):
-                total += st.st_size
-    return total
-
-
 Dispose = Callable[[Path], None]
 
 

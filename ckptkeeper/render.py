@@ -36,15 +36,11 @@ def metrics_used(policy: Policy) -> list[str]:
     return list(dict.fromkeys(r.metric for r in policy.rules if isinstance(r, Best)))
 
 
-def _decision_word(d: Decision) -> str:
-    return str(d.action)
-
-
 def _row(d: Decision, metrics: Sequence[str]) -> list[str]:
     c = d.checkpoint
     epoch = "-" if c.epoch is None else f"{c.epoch:.2f}"
     values = [format_metric(c.metrics[m]) if m in c.metrics else "-" for m in metrics]
-    return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), _decision_word(d), ", ".join(d.reasons)]
+    return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), str(d.action), ", ".join(d.reasons)]
 
 
 def _table(rows: list[list[str]], right_aligned: set[int]) -> list[str]:

@@ -119,7 +119,6 @@ class Reaper:
     def __init__(self) -> None:
         self.queue: queue.Queue[Path | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="ckptkeeper-reaper", daemon=True)
-        self.busy = threading.Event()
 
     def start(self) -> None:
         self.thread.start()
@@ -129,14 +128,12 @@ class Reaper:
 
     def _run(self) -> None:
         while (entry := self.queue.get()) is not None:
-            self.busy.set()
             try:
                 stuck: list[str] = []
                 empty_trash(entry.parent, only=entry.name, stuck=stuck)
                 for problem in stuck:
                     log.error("could not finish deleting %s (it stays in the trash until the next start)", problem)
             finally:
-                self.busy.clear()
                 self.queue.task_done()
 
     def stop(self, timeout: float) -> None:
@@ -164,7 +161,6 @@ class Daemon:
         self.recheck_at: dict[Path, float] = {}
         self.known_runs: set[Path] = set()
         self.finished_runs: set[str] = set()
-        self.outcomes: list[Outcome] = []
         self._overflow = _OverflowAlarm(self.request_full_rescan)
         self.root_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the root being watched
         self.metrics = Metrics()
@@ -324,7 +320,6 @@ class Daemon:
                     log.log(level, "%s %s: %s", _where(run, d.checkpoint.name), word, ", ".join(d.reasons))
 
     def _on_outcome(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
         if outcome.action == "delete":
             self.metrics.removed.labels(run=outcome.run).inc()
             self.metrics.bytes_freed.inc(outcome.bytes)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,6 @@ from ckptkeeper.actions import (
     empty_trash,
     removal_guard,
     rename_to_trash,
-    tree_size,
 )
 from ckptkeeper.engine import Policy, apply_plan, default_state_dir, finish_leftovers, make_plan
 from ckptkeeper.integrity import encode_safetensors
@@ -44,6 +44,16 @@ from ckptkeeper.state import StateDir
 # ---------------------------------------------------------------------------------------------- observation
 _recording: list[list[tuple[str, ...]]] = []
 _WATCHED = {"os.rename", "shutil.rmtree", "shutil.copytree"}
+
+
+def tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, n))
+            if not stat.S_ISDIR(st.st_mode):
+                total += st.st_size
+    return total
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
