@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,21 +78,31 @@ def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings
     return sorted(found)
 
 
-def _walk_files(directory: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(path relative to `directory`, lstat) of the directory and of everything below it, links not followed."""
-    yield ".", directory.lstat()
-    pending = [directory]
+def _walk_files(directory: Path) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
+    """(path relative to `directory`, lstat) of the directory and of everything below it, links not followed;
+    and the names directly inside it."""
+    walked = [(".", directory.lstat())]
+    names: list[str] = []
+    pending = [(os.fspath(directory), "")]
     while pending:
-        current = pending.pop()
+        current, prefix = pending.pop()
         with os.scandir(current) as it:
             for e in it:
                 st = e.stat(follow_symlinks=False)
-                yield os.path.relpath(e.path, directory), st
+                walked.append((prefix + e.name, st))
+                if not prefix:
+                    names.append(e.name)
                 if stat.S_ISDIR(st.st_mode):
-                    pending.append(Path(e.path))
+                    pending.append((e.path, prefix + e.name + "/"))
+    return walked, names
 
 
 Signature = tuple[tuple[str, int, int, int, int], ...]
+DirKey = tuple[int, int, int, int]  # the checkpoint directory's own inode, mtime, ctime (ns) and link count
+
+
+def _dir_key(st: os.stat_result) -> DirKey:
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
 
 
 @dataclass(frozen=True)
@@ -106,28 +116,43 @@ class _Contents:
     stopped: bool = False
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """One look at a checkpoint: its directory's key, every entry's lstat, and what its files said."""
+
+    dir_key: DirKey
+    signature: Signature
+    contents: _Contents
+    # Complete and settled when seen: its Checkpoint, reused as it is while the directory is unchanged.
+    trusted: Checkpoint | None
+
+
 class ContentCache:
     """Remembers what a checkpoint's files said, keyed by the lstat of every entry (inode, size, mtime and
     ctime in ns). Any write, rename or chmod changes ctime, so an unchanged signature means unchanged
-    files: a rescan of a quiet tree then opens nothing (and makes no inotify events)."""
+    files: a rescan of a quiet tree then opens nothing (and makes no inotify events).
+
+    A `trusting` read goes further for a checkpoint that was complete and settled at its last look: if the
+    directory itself is unchanged (no entry added, removed or renamed), it is not walked at all. A file
+    rewritten in place inside it is then missed, which is why only the watch daemon's periodic rescans
+    trust, and every read caused by a file event, and every tenth rescan, is a full one."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[Signature, _Contents]] = {}
+        self._runs: dict[str, dict[str, _Seen]] = {}  # run directory -> checkpoint name -> last look
 
-    def get(self, directory: Path, signature: Signature) -> _Contents | None:
-        held = self._entries.get(os.fspath(directory))
-        return held[1] if held and held[0] == signature else None
+    def get(self, run_dir: str, name: str) -> _Seen | None:
+        return self._runs.get(run_dir, {}).get(name)
 
-    def put(self, directory: Path, signature: Signature, contents: _Contents) -> None:
-        self._entries[os.fspath(directory)] = (signature, contents)
+    def put(self, run_dir: str, name: str, seen: _Seen) -> None:
+        self._runs.setdefault(run_dir, {})[name] = seen
 
     def forget_missing(self, run_dir: Path, present: set[str]) -> None:
-        prefix = os.fspath(run_dir) + os.sep
-        for key in [k for k in self._entries if k.startswith(prefix) and k[len(prefix) :] not in present]:
-            del self._entries[key]
+        held = self._runs.get(os.fspath(run_dir), {})
+        for name in held.keys() - present:
+            del held[name]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(held) for held in self._runs.values())
 
 
 def _safetensors_problem(directory: Path, names: list[str]) -> str | None:
@@ -191,62 +216,81 @@ def read_checkpoint(
     now: float | None = None,
     settle: float = 0.0,
     cache: ContentCache | None = None,
+    trusting: bool = False,
 ) -> Checkpoint:
     """Judge one checkpoint directory. `now` and `settle` apply the watch's "unchanged for" check; with a
-    `cache`, files whose lstat has not changed since the last look are not read again."""
+    `cache`, files whose lstat has not changed since the last look are not read again (see ContentCache
+    for what `trusting` skips)."""
     name = directory.name
+    run_dir = os.fspath(directory.parent)
+    held = cache.get(run_dir, name) if cache is not None else None
     try:
-        walked = list(_walk_files(directory))
-        names = os.listdir(directory)
+        if trusting and held is not None and held.trusted is not None and _dir_key(directory.lstat()) == held.dir_key:
+            return held.trusted
+        walked, names = _walk_files(directory)
     except FileNotFoundError:
         return Checkpoint(name, step, complete=False, incomplete_reason="vanished while reading")
     except OSError as e:
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
-    stats = [st for _, st in walked]
-    size = sum(st.st_size for st in stats if not stat.S_ISDIR(st.st_mode))
-    newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
-
     signature: Signature = tuple(
         sorted((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in walked)
     )
-    contents = cache.get(directory, signature) if cache is not None else None
-    if contents is None:
+    if held is not None and held.signature == signature:
+        contents = held.contents
+    else:
         contents = _read_contents(directory, step, names)
-        if cache is not None:
-            cache.put(directory, signature, contents)
-    problems = list(contents.problems)
+    stats = [st for _, st in walked]
+    newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
+    problems = []
     if now is not None and settle > 0 and now - newest_change < settle:
         problems.append(f"changed {max(now - newest_change, 0):.1f} s ago (settle {settle:g} s)")
-
-    return Checkpoint(
+    problems = [*contents.problems, *problems]
+    checkpoint = Checkpoint(
         name=name,
         step=step,
         complete=not problems,
         incomplete_reason="; ".join(problems) or None,
         epoch=contents.epoch,
         metrics=dict(contents.metrics),
-        size_bytes=size,
+        size_bytes=sum(st.st_size for st in stats if not stat.S_ISDIR(st.st_mode)),
         trainer_best_step=contents.best_step,
         training_stopped=contents.stopped,
         last_change=newest_change,
     )
+    if cache is not None:
+        trusted = checkpoint if checkpoint.complete else None
+        cache.put(run_dir, name, _Seen(_dir_key(walked[0][1]), signature, contents, trusted))
+    return checkpoint
 
 
 def read_run(
-    root: Path, directory: Path, now: float | None = None, settle: float = 0.0, cache: ContentCache | None = None
+    root: Path,
+    directory: Path,
+    now: float | None = None,
+    settle: float = 0.0,
+    cache: ContentCache | None = None,
+    trusting: bool = False,
 ) -> Run:
     checkpoints = []
     try:
         with os.scandir(directory) as it:
-            entries = [e for e in it if is_checkpoint_entry(e)]
+            entries = [(e, step) for e in it if (step := checkpoint_step(e.name)) is not None]
     except (FileNotFoundError, NotADirectoryError):
         entries = []
+    entries = [(e, step) for e, step in entries if e.is_dir(follow_symlinks=False)]
+    run_dir = os.fspath(directory)
     if cache is not None:
-        cache.forget_missing(directory, {e.name for e in entries})
-    for e in entries:
-        step = checkpoint_step(e.name)
-        assert step is not None
-        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache))
+        cache.forget_missing(directory, {e.name for e, _ in entries})
+    for e, step in entries:
+        held = cache.get(run_dir, e.name) if cache is not None and trusting else None
+        if held is not None and held.trusted is not None:
+            try:
+                if _dir_key(e.stat(follow_symlinks=False)) == held.dir_key:
+                    checkpoints.append(held.trusted)  # the fast path of a daemon's periodic rescan
+                    continue
+            except OSError:
+                pass  # gone or unreadable: read_checkpoint says which
+        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache, trusting))
     checkpoints.sort(key=lambda c: c.step)
     return Run(run_path(root, directory), tuple(checkpoints))
 

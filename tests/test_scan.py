@@ -217,7 +217,7 @@ def test_a_checkpoint_removed_while_it_is_read_is_incomplete_not_a_crash(tmp_pat
     directory = real_checkpoint(tmp_path)
 
     def remove_after_listing(frame: FrameType, event: str, arg: object) -> None:
-        if event == "c_return" and arg is os.listdir:
+        if event == "return" and frame.f_code.co_name == "_walk_files":
             sys.setprofile(None)
             shutil.rmtree(directory)
 
@@ -597,3 +597,83 @@ def test_a_content_cache_skips_reading_unchanged_checkpoints_and_notices_any_cha
     shutil.rmtree(run_dir / "checkpoint-5")
     read_run(tmp_path, run_dir, cache=cache)
     assert len(cache) == 1
+
+
+def _counting_parser(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from ckptkeeper import scan as scan_module
+
+    parsed: list[int] = []
+    real_parse = scan_module.parse_trainer_state
+
+    def counting_parse(data: bytes) -> object:
+        parsed.append(len(data))
+        return real_parse(data)
+
+    monkeypatch.setattr(scan_module, "parse_trainer_state", counting_parse)
+    return parsed
+
+
+def _walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from ckptkeeper import scan as scan_module
+
+    walked: list[str] = []
+    real_walk = scan_module._walk_files
+
+    def counting_walk(directory: Path) -> object:
+        walked.append(directory.name)
+        return real_walk(directory)
+
+    monkeypatch.setattr(scan_module, "_walk_files", counting_walk)
+    return walked
+
+
+def test_a_trusting_read_skips_walking_an_unchanged_settled_complete_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptkeeper.scan import ContentCache, read_run
+
+    run_dir = tmp_path / "run"
+    small_checkpoint(run_dir, 5)
+    small_checkpoint(run_dir, 10)
+    now = newest_ctime(run_dir / "checkpoint-10") + 10
+    cache = ContentCache()
+    first = read_run(tmp_path, run_dir, now, settle=2.0, cache=cache)
+    walked = _walks(monkeypatch)
+    assert read_run(tmp_path, run_dir, now, settle=2.0, cache=cache, trusting=True) == first
+    assert walked == []
+
+    # A file rewritten in place leaves the directory unchanged: a trusting read misses it (by design), a
+    # normal read sees it.
+    state = run_dir / "checkpoint-10" / "trainer_state.json"
+    state.write_bytes(state.read_bytes()[:10])
+    assert read_run(tmp_path, run_dir, now, settle=2.0, cache=cache, trusting=True) == first
+    later = newest_ctime(run_dir / "checkpoint-10") + 10
+    seen = read_run(tmp_path, run_dir, later, settle=2.0, cache=cache)
+    assert [c.complete for c in seen.checkpoints] == [True, False]
+    assert sorted(walked) == ["checkpoint-10", "checkpoint-5"]
+
+    # A file added, removed or renamed changes the directory: walked even when trusting.
+    walked.clear()
+    (run_dir / "checkpoint-5" / "extra.bin").write_bytes(b"x")
+    read_run(tmp_path, run_dir, later + 10, settle=2.0, cache=cache, trusting=True)
+    assert sorted(walked) == ["checkpoint-10", "checkpoint-5"]
+
+
+def test_a_trusting_read_never_trusts_an_incomplete_or_unsettled_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckptkeeper.scan import ContentCache, read_run
+
+    run_dir = tmp_path / "run"
+    small_checkpoint(run_dir, 5)
+    broken = small_checkpoint(run_dir, 10)
+    (broken / "model.safetensors").write_bytes(b"cut")
+    fresh = newest_ctime(run_dir / "checkpoint-5")
+    cache = ContentCache()
+    read_run(tmp_path, run_dir, fresh + 0.5, settle=2.0, cache=cache)  # both incomplete: one settling
+    walked = _walks(monkeypatch)
+    parsed = _counting_parser(monkeypatch)
+    again = read_run(tmp_path, run_dir, fresh + 5, settle=2.0, cache=cache, trusting=True)
+    assert sorted(walked) == ["checkpoint-10", "checkpoint-5"]  # both looked at again
+    assert parsed == []  # but their unchanged files are not parsed again
+    assert [c.complete for c in again.checkpoints] == [True, False]

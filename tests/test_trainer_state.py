@@ -226,7 +226,7 @@ def test_an_integer_epoch_reads_as_a_float() -> None:
 
 def test_nulls_and_missing_keys_mean_unknown() -> None:
     state = parse({"global_step": None, "epoch": None, "best_global_step": None, "best_model_checkpoint": None})
-    assert state == TrainerState(global_step=None, epoch=None, best_step=None, training_stopped=False, evals=())
+    assert state == TrainerState(global_step=None, epoch=None, best_step=None, training_stopped=False)
     assert parse({}) == state
 
 

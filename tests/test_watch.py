@@ -555,3 +555,27 @@ def test_quiet_hides_info_lines_and_keeps_warnings(tmp_path: Path, watch: StartW
     records = json_records(w)
     assert [r["level"] for r in records] == ["warning"], records
     assert "does not exist yet; waiting for it to appear" in str(records[0]["message"])
+
+
+def test_a_file_rewritten_in_place_is_seen_by_a_later_full_rescan_when_polling(
+    tmp_path: Path, watch: StartWatch
+) -> None:
+    """The poller does not look inside checkpoints and most periodic rescans trust an unchanged checkpoint
+    directory; a file rewritten in place (same inode, no entry added or removed) must still be seen, by
+    the thorough rescan that comes every few periodic ones."""
+    root = tmp_path / "outputs"
+    simulate_run(root / "run", SMALL)
+    w = watch(root, "--keep", "last:4", *SETTLE, "--poll", "0.2", "--rescan-interval", "0.1", "-v")
+    w.wait_log("run/checkpoint-8 kept: ")
+    state = root / "run" / "checkpoint-8" / "trainer_state.json"
+    inode = state.stat().st_ino
+    with open(state, "r+b") as f:  # in place: the directory's own mtime and ctime do not change
+        data = f.read()
+        f.seek(0)
+        f.write(data.replace(b'"global_step": 8', b'"global_step": 9'))
+        f.truncate()
+    assert state.stat().st_ino == inode
+    w.wait_log("global_step 9 in trainer_state.json does not match checkpoint-8", timeout=20)
+    assert steps(root / "run") == [2, 4, 6, 8]
+    assert_no_failure_logged(w)
+    assert w.terminate()[0] == 0
