@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ class StateDir:
         self.path = path
         self.trash = path / TRASH_NAME
         self.journal_path = path / JOURNAL_NAME
+        self._journal_lock = threading.Lock()  # the daemon's reaper thread records too
         self._lock_fd: int | None = None
 
     def create(self) -> None:
@@ -59,6 +61,10 @@ class StateDir:
     def record(self, entry: dict[str, Any]) -> None:
         """Append one action to the journal (JSON lines), with the time it happened."""
         line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), **entry}
+        with self._journal_lock:
+            self._append(line)
+
+    def _append(self, line: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:

@@ -120,12 +120,17 @@ class _OverflowAlarm(logging.Handler):
 
 
 class Reaper:
-    """Deletes trash entries on its own thread. What it has not finished at shutdown stays in the trash,
-    out of every run directory, and is finished on the next start."""
+    """Deletes trash entries on its own thread. An entry it cannot delete (a file made immutable, a
+    permission taken away) is journaled and logged once, kept aside, and tried again at every full rescan
+    (`retry_stuck`). What it has not finished at shutdown stays in the trash, out of every run directory,
+    and is finished on the next start."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: StateDir | None = None) -> None:
+        self.state = state
         self.queue: queue.Queue[Path | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="ckptkeeper-reaper", daemon=True)
+        self._stuck_lock = threading.Lock()
+        self.stuck: dict[Path, str] = {}  # trash entry -> why it could not be deleted
 
     def start(self) -> None:
         self.thread.start()
@@ -133,15 +138,39 @@ class Reaper:
     def dispose(self, trash_entry: Path) -> None:
         self.queue.put(trash_entry)
 
+    def retry_stuck(self) -> None:
+        with self._stuck_lock:
+            entries = list(self.stuck)
+        for entry in entries:
+            self.dispose(entry)
+
     def _run(self) -> None:
         while (entry := self.queue.get()) is not None:
             try:
-                stuck: list[str] = []
-                empty_trash(entry.parent, only=entry.name, stuck=stuck)
-                for problem in stuck:
-                    log.error("could not finish deleting %s (it stays in the trash until the next start)", problem)
+                self._delete(entry)
             finally:
                 self.queue.task_done()
+
+    def _delete(self, entry: Path) -> None:
+        problems: list[str] = []
+        finished = empty_trash(entry.parent, only=entry.name, stuck=problems)
+        with self._stuck_lock:
+            before = self.stuck.pop(entry, None)
+            if problems:
+                self.stuck[entry] = problems[0]
+        if problems and before != problems[0]:
+            log.error("could not finish deleting %s (retried at every full rescan)", problems[0])
+            self._record({"action": "error", "entry": problems[0], "why": "could not finish a removal in the trash"})
+        elif finished and before is not None:
+            log.info("finished deleting %s on a retry", entry)
+            self._record({"action": "finish-trash", "entry": entry.name, "why": "deleted on a retry"})
+
+    def _record(self, line: dict[str, str]) -> None:
+        if self.state is not None:
+            try:
+                self.state.record(line)
+            except OSError as e:
+                log.error("cannot write the journal: %s", e.strerror or e)
 
     def stop(self, timeout: float) -> None:
         self.queue.put(None)
@@ -162,7 +191,7 @@ class Daemon:
         self.pending = _Pending()
         self.observer: BaseObserver | None = None
         self.mode = "none"
-        self.reaper = Reaper()
+        self.reaper = Reaper(self.state)
         self.decisions: dict[str, dict[str, str]] = {}  # run -> checkpoint -> the decision last logged
         self.refusals: dict[str, str] = {}
         self.recheck_at: dict[Path, float] = {}
@@ -444,6 +473,7 @@ class Daemon:
 
     def _reconcile_pending(self, pending: _Pending) -> None:
         if pending.full:
+            self.reaper.retry_stuck()
             self.reconcile_all(pending.trusting, pending.runs)
             return
         now = time.time()
