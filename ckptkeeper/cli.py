@@ -53,6 +53,13 @@ class ConfigProblem(click.ClickException):
     exit_code = EXIT_USAGE
 
 
+def _echo(message: str, err: bool = False) -> None:
+    """click.echo for text that may hold a path that is not UTF-8: Python holds its bytes as lone surrogates,
+    which a UTF-8 stdout refuses (UnicodeEncodeError halfway through a prune); they are shown as `\\udcff`,
+    as in --json."""
+    click.echo(message.encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
+
+
 def _check_keep(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     from ckptkeeper.rules import RuleError, parse_rules
 
@@ -193,9 +200,9 @@ def plan(as_json: bool, **flags: Any) -> None:
     root, state_dir, policy = _resolve(_settings(flags))
     result = make_plan(root, policy, state_dir, now=time.time())  # `now` makes --settle apply
     if as_json:
-        click.echo(json.dumps(plan_json(str(root), policy, result.runs, result.warnings), indent=2))
+        _echo(json.dumps(plan_json(str(root), policy, result.runs, result.warnings), indent=2))
     else:
-        click.echo(plan_text(str(root), policy, result.runs, result.warnings))
+        _echo(plan_text(str(root), policy, result.runs, result.warnings))
     if result.refusals:
         raise Refused("; ".join(r.refusal or "" for r in result.refusals) + ". Nothing would be removed.")
 
@@ -219,8 +226,8 @@ def prune(**flags: Any) -> None:
     settings = _settings(flags)
     dry_run = settings.dry_run
     root, state_dir, policy = _resolve(settings)
-    click.echo(describe_policy(policy))
-    click.echo(f"Root: {root}")
+    _echo(describe_policy(policy))
+    _echo(f"Root: {root}")
     state = StateDir(state_dir)
     if not dry_run:
         try:
@@ -228,27 +235,26 @@ def prune(**flags: Any) -> None:
         except LockHeld as e:
             raise Locked(str(e)) from None
         except OSError as e:
-            raise Failed(f"cannot create the state directory {state_dir}: {e.strerror or e}") from None
+            # e.g. a read-only root: the lock (and later the journal and trash) cannot be written there
+            raise Failed(f"cannot use the state directory {state_dir}: {e.strerror or e}") from None
     try:
         result = make_plan(root, policy, state_dir, now=time.time())  # `now` makes --settle apply
         for warning in result.warnings:
-            click.echo(f"warning: {warning}", err=True)
+            _echo(f"warning: {warning}", err=True)
         if not dry_run:
             run_dirs = [root / p.run.path for p in result.runs]
             stuck: list[str] = []
             for name in finish_leftovers(root, state, run_dirs, stuck):
-                click.echo(f"finished removing {name}, left in the trash by an interrupted run")
+                _echo(f"finished removing {name}, left in the trash by an interrupted run")
             for problem in stuck:
-                click.echo(f"warning: could not finish removing {problem}; it stays in the trash", err=True)
+                _echo(f"warning: could not finish removing {problem}; it stays in the trash", err=True)
         if result.refusals:
             raise Refused("; ".join(r.refusal or "" for r in result.refusals) + ". Nothing was removed.")
         if not result.runs:
-            click.echo(f"No checkpoint-N directories found below {root} (searched {policy.max_depth} levels deep).")
-        totals = apply_plan(
-            root, result.runs, policy, None if dry_run else state, lambda o: click.echo(outcome_line(o))
-        )
+            _echo(f"No checkpoint-N directories found below {root} (searched {policy.max_depth} levels deep).")
+        totals = apply_plan(root, result.runs, policy, None if dry_run else state, lambda o: _echo(outcome_line(o)))
         kept = sum(len(p.kept) for p in result.runs)
-        click.echo(totals_line(totals, dry_run) + f" Kept {kept}.")
+        _echo(totals_line(totals, dry_run) + f" Kept {kept}.")
         if totals.errors:
             raise Failed(f"{len(totals.errors)} checkpoint(s) could not be removed (see the FAILED lines above)")
     finally:
@@ -312,6 +318,10 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
         daemon.run()
     except LockHeld as e:
         raise Locked(str(e)) from None
+    except OSError as e:
+        # e.g. a read-only root: the state directory cannot be created there. A message, not a traceback.
+        where = f" ({e.filename})" if e.filename else ""
+        raise Failed(f"cannot watch {root}: {e.strerror or e}{where}") from None
     except KeyboardInterrupt:
         if not daemon.stop_event.is_set():
             raise

@@ -115,22 +115,43 @@ def _messages(error: ValidationError, source: str) -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
+# A config file is a few hundred bytes; reading stops here (`--config /dev/zero` would never end).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_text(path: Path) -> str:
+    with open(path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES >> 20} MiB, which is not a config file")
+    # As Path.read_text: universal newlines.
+    return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     name = path.name
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"{name}: no such config file: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, too large, a NUL in the path
         raise ConfigError(f"{name}: cannot read the config file: {e}") from None
     if path.suffix == ".toml":
         try:
             data: Any = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{name}: invalid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{name}: invalid TOML: nested too deeply") from None
+        except ValueError as e:  # an integer of more digits than int() converts
+            raise ConfigError(f"{name}: invalid TOML: {_one_line(e)}") from None
     else:
         try:
             data = yaml.safe_load(text)
+        except RecursionError:
+            raise ConfigError(f"{name}: invalid YAML: nested too deeply") from None
+        except ValueError as e:  # a value PyYAML cannot construct: the date 2001-13-01, an int of 5000 digits
+            raise ConfigError(f"{name}: invalid YAML: {_one_line(e)}") from None
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -145,6 +166,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: a config file holds a mapping of settings, not a {type(data).__name__}")
     return data
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 ENV_PREFIX = "CKPTKEEPER_"
@@ -175,7 +200,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         try:
             values[name] = yaml.safe_load(raw)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # then the text itself is validated
             values[name] = raw
     if problems:
         raise ConfigError("\n".join(problems))

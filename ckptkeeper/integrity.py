@@ -6,11 +6,15 @@ and cover the file exactly) without reading tensor data.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from pathlib import Path
 
 INDEX_SUFFIX = ".safetensors.index.json"
+# A real index is at most a few MB, even for the largest models; reading stops here (a sparse or endless file).
+MAX_INDEX_BYTES = 64 << 20
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -28,11 +32,51 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+class _NotRegular(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _read_index(index: Path) -> bytes:
+    """The bytes of a regular file. A symlink is not followed (it may lead out of the root, or to /dev/zero),
+    a FIFO is not waited on, a device is not opened, and no more than MAX_INDEX_BYTES are read (a sparse file
+    of any size)."""
+    if not stat.S_ISREG(mode := os.lstat(index).st_mode) and not stat.S_ISDIR(mode):
+        raise _NotRegular
+    try:  # O_NOFOLLOW and O_NONBLOCK again, in case the entry was replaced since the lstat
+        fd = os.open(index, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise _NotRegular from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(index))
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotRegular
+        data = f.read(MAX_INDEX_BYTES + 1) if st.st_size <= MAX_INDEX_BYTES else b""
+    if st.st_size > MAX_INDEX_BYTES or len(data) > MAX_INDEX_BYTES:
+        raise _TooLarge
+    return data
+
+
 def index_problem(directory: Path, index: Path, valid_shards: set[str]) -> str | None:
     """Check that a `*.safetensors.index.json` names only shards present in `valid_shards`."""
     try:
-        raw = json.loads(index.read_bytes())
-    except (OSError, ValueError, RecursionError):
+        data = _read_index(index)
+    except _NotRegular:
+        return f"{index.name} is not a regular file"
+    except _TooLarge:
+        return f"{index.name} is larger than {MAX_INDEX_BYTES >> 20} MiB, too large for an index"
+    except OSError:
+        return f"{index.name} is not valid JSON"
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError):
         return f"{index.name} is not valid JSON"
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

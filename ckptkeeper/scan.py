@@ -6,6 +6,7 @@ not descended into, and sizes count a link as the link itself.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -23,6 +24,8 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
 TEMP_PREFIX = ".tmp"  # the safetensors writer's in-flight file
 DEFAULT_MAX_DEPTH = 4
+# A Trainer's file grows ~150 bytes per logged step: a million steps logged one by one is 150 MB.
+MAX_TRAINER_STATE_BYTES = 512 << 20
 
 
 def checkpoint_step(name: str) -> int | None:
@@ -172,6 +175,29 @@ def _safetensors_problem(directory: Path, names: list[str]) -> str | None:
     return None
 
 
+def _read_trainer_state(path: Path) -> bytes:
+    """The file's bytes: a regular file (a link, FIFO or device is never opened through), at most
+    MAX_TRAINER_STATE_BYTES (a bigger one, even sparse, would be read into memory whole)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
+            raise TrainerStateError(f"{TRAINER_STATE} is not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TrainerStateError(f"{TRAINER_STATE} is not a regular file")
+        if st.st_size > MAX_TRAINER_STATE_BYTES:
+            raise TrainerStateError(
+                f"{TRAINER_STATE} is larger than {MAX_TRAINER_STATE_BYTES >> 20} MiB ({st.st_size} bytes)"
+            )
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(MAX_TRAINER_STATE_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
 def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
     problems: list[str] = []
     if INCOMPLETE_MARKER in names:
@@ -189,9 +215,7 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
         problems.append(f"no {TRAINER_STATE}")
     else:
         try:
-            if not stat.S_ISREG(state_path.lstat().st_mode):
-                raise TrainerStateError(f"{TRAINER_STATE} is not a regular file")
-            state = parse_trainer_state(state_path.read_bytes())
+            state = parse_trainer_state(_read_trainer_state(state_path))
         except TrainerStateError as e:
             problems.append(str(e))
         except FileNotFoundError:  # removed since the listing, e.g. by the Trainer's own rotation

@@ -7,6 +7,7 @@ as broken (the checkpoint then counts as incomplete, with the reason). The Train
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 from dataclasses import dataclass, field
@@ -116,25 +117,32 @@ def _history_problem(history: list[Any]) -> str | None:
 
 def _load_json(data: bytes) -> object:
     """Parse with pydantic-core's JSON parser (about 3x faster than the json module on a Trainer's file);
-    anything it refuses (a BOM, a lone surrogate, nesting deeper than its limit, bad bytes) goes through
-    the json module, whose behaviour and messages are the reference."""
+    anything it refuses (a lone surrogate, nesting deeper than its limit, bad bytes) goes through the json
+    module, whose behaviour and messages are the reference. Only what the Trainer itself can load counts:
+    it reads the file as UTF-8 text with json.loads, so a byte order mark or UTF-16 is not resumable."""
     try:
         return from_json(data)
     except ValueError:
-        return json.loads(data)
+        pass
+    if data.startswith(codecs.BOM_UTF8):
+        raise TrainerStateError("trainer_state.json starts with a byte order mark, which the Trainer cannot read")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TrainerStateError("trainer_state.json is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at_byte = len(text[: e.pos].encode("utf-8", "surrogatepass"))
+        raise TrainerStateError(f"trainer_state.json is not valid JSON ({e.msg} at byte {at_byte})") from None
+    except RecursionError:
+        raise TrainerStateError("trainer_state.json is nested too deeply") from None
 
 
 def parse_trainer_state(data: bytes) -> TrainerState:
     if not data.strip():
         raise TrainerStateError("trainer_state.json is empty")
-    try:
-        raw = _load_json(data)
-    except UnicodeDecodeError:
-        raise TrainerStateError("trainer_state.json is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise TrainerStateError(f"trainer_state.json is not valid JSON ({e.msg} at byte {e.pos})") from None
-    except RecursionError:
-        raise TrainerStateError("trainer_state.json is nested too deeply") from None
+    raw = _load_json(data)
     if not isinstance(raw, dict):
         raise TrainerStateError(f"trainer_state.json holds a JSON {_json_type(raw)}, not an object")
     try:

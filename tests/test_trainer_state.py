@@ -189,8 +189,25 @@ def test_a_non_finite_epoch_reads_as_no_epoch(token: bytes) -> None:
     assert state.global_step == 5
 
 
-def test_a_byte_order_mark_is_accepted() -> None:
-    assert parse_trainer_state(b'\xef\xbb\xbf{"global_step": 3}').global_step == 3
+def test_a_byte_order_mark_is_refused_as_the_trainer_cannot_resume_from_it() -> None:
+    # TrainerState.load_from_json reads the file as UTF-8 text and json.loads refuses a leading U+FEFF.
+    assert reason(b'\xef\xbb\xbf{"global_step": 3}') == (
+        "trainer_state.json starts with a byte order mark, which the Trainer cannot read"
+    )
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32"])
+def test_utf16_and_utf32_are_not_utf8_text(codec: str) -> None:
+    # json.loads(bytes) would detect and accept these; the Trainer's open(encoding="utf-8") cannot.
+    assert reason('{"global_step": 3}'.encode(codec)) == "trainer_state.json is not UTF-8 text"
+    # Without a BOM, UTF-16 of ASCII text is valid UTF-8 full of NUL characters: not JSON.
+    assert reason('{"global_step": 3}'.encode(codec + "-le")).startswith("trainer_state.json is not valid JSON (")
+
+
+def test_a_json_error_after_non_ascii_text_gives_the_byte_offset() -> None:
+    assert reason('{"n": "é", x}'.encode()) == (
+        "trainer_state.json is not valid JSON (Expecting property name enclosed in double quotes at byte 12)"
+    )
 
 
 # --- types of the keys ckptkeeper uses ---------------------------------------------------------------
