@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -32,6 +33,12 @@ class StateDir:
 
     def create(self) -> None:
         self.trash.mkdir(parents=True, exist_ok=True)
+        # Everything in the trash gets deleted: through a link it could be anybody's directory.
+        for path in (self.path, self.trash):
+            if path.is_symlink() or not path.is_dir():
+                raise OSError(
+                    errno.ENOTDIR, "not a directory of its own (a symbolic link?); refusing to use it", str(path)
+                )
 
     def acquire_lock(self, root: Path) -> None:
         """Take the per-root lock. flock is released by the kernel when a process dies, so a lock left

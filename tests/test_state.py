@@ -187,3 +187,22 @@ def test_journal_can_be_written_before_anything_else_created_the_state_dir(tmp_p
     state = StateDir(tmp_path / "fresh" / ".ckptkeeper")
     state.record({"action": "error", "checkpoint": "checkpoint-1"})
     assert [e["action"] for e in state.read_journal()] == ["error"]
+
+
+@pytest.mark.parametrize("linked", ["state dir", "trash"])
+def test_a_state_directory_or_trash_that_is_a_symlink_is_refused(tmp_path: Path, linked: str) -> None:
+    """The trash is emptied without asking: through a link it would be somebody else's directory."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "trash").mkdir(parents=True)
+    precious = elsewhere / "trash" / "precious.txt"
+    precious.write_text("not ckptkeeper's")
+    state_path = tmp_path / "root" / ".ckptkeeper"
+    state_path.parent.mkdir()
+    if linked == "state dir":
+        state_path.symlink_to(elsewhere)
+    else:
+        state_path.mkdir()
+        (state_path / "trash").symlink_to(elsewhere / "trash")
+    with pytest.raises(OSError, match="not a directory of its own"):
+        StateDir(state_path).acquire_lock(tmp_path / "root")
+    assert precious.read_text() == "not ckptkeeper's"
