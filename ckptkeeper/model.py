@@ -18,12 +18,17 @@ class Checkpoint:
     epoch: float | None = None
     metrics: Mapping[str, float] = field(default_factory=dict, hash=False)
     size_bytes: int = 0
-    # What the Trainer itself calls best, as this checkpoint's trainer_state.json says (a step), if anything.
-    trainer_best_step: int | None = None
+    # What the Trainer itself calls best, as this checkpoint's trainer_state.json says: the steps of
+    # best_global_step and of best_model_checkpoint (they differ when the best eval fell between two saves).
+    trainer_best_steps: tuple[int, ...] = ()
     # `should_training_stop` of the TrainerControl saved with this checkpoint: true only in the final one.
     training_stopped: bool = False
     # The newest mtime/ctime of anything in the directory (seconds since the epoch), as scanned.
     last_change: float = field(default=0.0, compare=False)
+
+    @property
+    def trainer_best_step(self) -> int | None:
+        return self.trainer_best_steps[0] if self.trainer_best_steps else None
 
 
 @dataclass(frozen=True)

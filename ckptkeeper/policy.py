@@ -48,9 +48,10 @@ def _protections(run: Run, protect: Protections) -> dict[int, list[str]]:
     if complete:
         newest = max(complete, key=lambda c: c.step)
         reasons.setdefault(newest.step, []).append("protected: newest")
-        best_step = newest.trainer_best_step
-        if protect.trainer_best and best_step is not None and any(c.step == best_step for c in run.checkpoints):
-            reasons.setdefault(best_step, []).append("protected: trainer best")
+        present = {c.step for c in run.checkpoints}
+        for best_step in newest.trainer_best_steps if protect.trainer_best else ():
+            if best_step in present:
+                reasons.setdefault(best_step, []).append("protected: trainer best")
     return reasons
 
 

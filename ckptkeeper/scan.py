@@ -115,7 +115,7 @@ class _Contents:
     problems: tuple[str, ...]
     epoch: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    best_step: int | None = None
+    best_steps: tuple[int, ...] = ()
     stopped: bool = False
 
 
@@ -208,7 +208,7 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
 
     epoch = None
     metrics: dict[str, float] = {}
-    best_step = None
+    best_steps: tuple[int, ...] = ()
     stopped = False
     state_path = directory / TRAINER_STATE
     if TRAINER_STATE not in names:
@@ -223,7 +223,7 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
         except OSError as e:
             problems.append(f"cannot read {TRAINER_STATE}: {e.strerror or e}")
         else:
-            epoch, best_step, stopped = state.epoch, state.best_step, state.training_stopped
+            epoch, best_steps, stopped = state.epoch, state.best_steps, state.training_stopped
             metrics = state.metrics_at(step)
             if state.global_step is not None and state.global_step != step:
                 problems.append(f"global_step {state.global_step} in {TRAINER_STATE} does not match {directory.name}")
@@ -231,7 +231,7 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
         problem = _safetensors_problem(directory, names)
         if problem:
             problems.append(problem)
-    return _Contents(tuple(problems), epoch, metrics, best_step, stopped)
+    return _Contents(tuple(problems), epoch, metrics, best_steps, stopped)
 
 
 def read_checkpoint(
@@ -277,7 +277,7 @@ def read_checkpoint(
         epoch=contents.epoch,
         metrics=dict(contents.metrics),
         size_bytes=sum(st.st_size for st in stats if not stat.S_ISDIR(st.st_mode)),
-        trainer_best_step=contents.best_step,
+        trainer_best_steps=contents.best_steps,
         training_stopped=contents.stopped,
         last_change=newest_change,
     )

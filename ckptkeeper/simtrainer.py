@@ -5,6 +5,12 @@ checkpoint-N`, `config.json`, `model.safetensors` (written to a hidden `.tmpXXXX
 `training_args.bin`, `optimizer.pt`, `scheduler.pt`, `rng_state.pth`, and `trainer_state.json` last,
 written in place and non-atomically. Metrics are deterministic for a seed. Used by the demo, the tests and
 the benchmarks; it trains nothing.
+
+`save_total_limit` rotates as transformers 5.24.0 does (`rotate_checkpoints` below mirrors
+`transformers.trainer_utils.rotate_checkpoints(..., use_mtime=True)`, which `Trainer._save_checkpoint` calls
+right after writing trainer_state.json): checkpoints are ordered by directory mtime, not by step, unless the
+mtimes of all of them span less than 1 s, when it falls back to step order; the newest by that order and the
+Trainer's `best_model_checkpoint` are spared. tests/test_simtrainer.py checks it against the real function.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ckptkeeper.integrity import encode_safetensors
-from ckptkeeper.scan import checkpoint_step
 
 Strategy = Literal["steps", "epoch", "no"]
 
@@ -69,7 +75,8 @@ class SimulatedTrainer:
         self.rng = random.Random(config.seed)
         self.log_history: list[dict[str, Any]] = []
         self.best_metric: float | None = None
-        self.best_step: int | None = None
+        self.best_step: int | None = None  # the Trainer's state.best_global_step
+        self.best_model_checkpoint: str | None = None  # its state.best_model_checkpoint (see save())
 
     def _epoch(self, step: int) -> float:
         # As the Trainer: completed epochs + the fraction of the current one, so the floats match its own
@@ -121,13 +128,16 @@ class SimulatedTrainer:
             return
         key = name if name.startswith("eval_") else f"eval_{name}"
         value = metrics.get(key)
-        if value is None or math.isnan(value):
+        if value is None:
             return
         greater = self.config.greater_is_better
         if greater is None:
             greater = not key.endswith("loss")
-        better = self.best_metric is None or (value > self.best_metric if greater else value < self.best_metric)
-        if better:
+        if self.best_metric is None:
+            # As Trainer._determine_best_metric: the first eval sets the best to -inf/inf, so a run whose evals
+            # so far were all NaN writes `"best_metric": Infinity` with `"best_global_step": null`.
+            self.best_metric = -math.inf if greater else math.inf
+        if value > self.best_metric if greater else value < self.best_metric:  # a NaN is never better
             self.best_metric, self.best_step = value, step
 
     def _log_train(self, step: int) -> None:
@@ -143,11 +153,10 @@ class SimulatedTrainer:
 
     def trainer_state(self, step: int, final: bool) -> dict[str, Any]:
         c = self.config
-        best_dir = None if self.best_step is None else str(self.output_dir / f"checkpoint-{self.best_step}")
         return {
             "best_global_step": self.best_step,
             "best_metric": self.best_metric,
-            "best_model_checkpoint": best_dir,
+            "best_model_checkpoint": self.best_model_checkpoint,
             "epoch": self._epoch(step),
             "eval_steps": c.eval_steps if c.eval_strategy == "steps" else 500,
             "global_step": step,
@@ -209,6 +218,12 @@ class SimulatedTrainer:
             json.dumps({"architectures": ["BertForSequenceClassification"], "hidden_size": 16}, indent=2) + "\n"
         )
         self._write_model(directory, step)
+        if self.best_step:
+            # As Trainer._save_checkpoint: best_model_checkpoint follows best_global_step only when that step's
+            # directory exists (an eval between two saves, or a best removed by someone else, leaves it behind).
+            best_dir = os.path.join(self.output_dir, f"checkpoint-{self.best_step}")
+            if os.path.exists(best_dir):
+                self.best_model_checkpoint = best_dir
         (directory / "training_args.bin").write_bytes(self.rng.randbytes(512))
         if not c.save_only_model:
             with open(directory / "optimizer.pt", "wb") as f:
@@ -231,18 +246,18 @@ class SimulatedTrainer:
         return directory
 
     def _rotate(self) -> None:
-        """The Trainer's save_total_limit: delete the oldest checkpoints, sparing the best."""
-        limit = self.config.save_total_limit
-        if limit is None:
+        """The Trainer's save_total_limit, right after trainer_state.json (Trainer._save_checkpoint)."""
+        rotate_checkpoints(self.output_dir, self.config.save_total_limit, self.best_model_checkpoint)
+
+    def _finish(self) -> None:
+        """Trainer._finalize_training: with save_total_limit=1, every checkpoint but the best goes at the end
+        (the newest too). Like the Trainer, this raises FileNotFoundError if someone removed the best."""
+        best = self.best_model_checkpoint
+        if self.config.save_total_limit != 1 or best is None:
             return
-        # Only checkpoint directories: a foreign `checkpoint-abc` or a file must not crash the rotation.
-        found = (checkpoint_step(p.name) for p in self.output_dir.iterdir() if p.is_dir() and not p.is_symlink())
-        steps = sorted(s for s in found if s is not None)
-        if self.best_step in steps and limit == 1 and steps[-1] != self.best_step:
-            limit = 2
-        doomed = [s for s in steps if s != self.best_step][: max(0, len(steps) - limit)]
-        for s in doomed:
-            shutil.rmtree(self.output_dir / f"checkpoint-{s}", ignore_errors=True)
+        for checkpoint in sort_checkpoints(self.output_dir, use_mtime=False, best_model_checkpoint=best):
+            if not os.path.samefile(checkpoint, best):
+                shutil.rmtree(checkpoint, ignore_errors=True)
 
     def train(
         self,
@@ -267,7 +282,63 @@ class SimulatedTrainer:
                 saved.append(step)
                 if on_save:
                     on_save(SaveEvent(step, path, tuple(sorted(os.listdir(self.output_dir)))))
+        self._finish()
         return saved
+
+
+# ---- transformers 5.24.0 trainer_utils, line for line (same calls, so the same quirks) ---------------------
+# - Candidates are `checkpoint-*` entries for which os.path.isdir holds, symlinks to directories included (rmtree
+#   then refuses to delete a link, silently: it still counts as removed). By mtime, every such name takes part
+#   (`checkpoint-abc` too); by step, the regex `.*checkpoint-([0-9]+)` is matched from the start of the whole
+#   path, so `checkpoint-7.bak` counts as step 7 and `checkpoint-abc` is left out.
+# - Equal mtimes fall back to comparing the path strings: `checkpoint-10` sorts before `checkpoint-9`.
+# - The newest by that order is spared, not the highest step; so is `best_model_checkpoint`, and when it is set
+#   (even to a directory that no longer exists) at least 2 are kept.
+# - The mtime span check makes step order what a fast run (every save within 1 s) gets.
+
+
+def sort_checkpoints(output_dir: Path, use_mtime: bool = False, best_model_checkpoint: str | None = None) -> list[str]:
+    """`transformers.trainer_utils.sort_checkpoints`: checkpoint paths, oldest first."""
+    found = [str(x) for x in Path(output_dir).glob("checkpoint-*") if os.path.isdir(x)]
+    ordering: list[tuple[float, str]] = []
+    for path in found:
+        if use_mtime:
+            ordering.append((os.path.getmtime(path), path))
+        else:
+            match = re.match(".*checkpoint-([0-9]+)", path)
+            if match is not None:
+                ordering.append((int(match.group(1)), path))
+    ordering.sort()
+    # "mtime may not be reliable on this filesystem, falling back to numerical ordering"
+    if use_mtime and len(ordering) > 1 and ordering[-1][0] - ordering[0][0] < 1.0:
+        return sort_checkpoints(output_dir, use_mtime=False, best_model_checkpoint=best_model_checkpoint)
+    paths = [path for _, path in ordering]
+    if best_model_checkpoint is not None:
+        best = str(Path(best_model_checkpoint))
+        if best in paths and paths[-1] != best:
+            newest = paths[-1]
+            paths = [p for p in paths if p not in {best, newest}] + [best, newest]
+    return paths
+
+
+def rotate_checkpoints(output_dir: Path, save_total_limit: int | None, best_model_checkpoint: str | None) -> None:
+    """`transformers.trainer_utils.rotate_checkpoints(..., use_mtime=True)`, as Trainer._save_checkpoint calls it."""
+    if save_total_limit is None or save_total_limit <= 0:
+        return
+    checkpoints = sort_checkpoints(output_dir, use_mtime=True)
+    if len(checkpoints) <= save_total_limit:
+        return
+    protected = {checkpoints[-1]}
+    if best_model_checkpoint is not None:
+        protected.add(str(Path(best_model_checkpoint)))
+    keep = max(save_total_limit, len(protected))
+    remaining = len(checkpoints)
+    for checkpoint in checkpoints:
+        if remaining <= keep:
+            break
+        if checkpoint not in protected:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            remaining -= 1
 
 
 def simulate_run(output_dir: Path, config: SimConfig = SimConfig(), pace: float = 0.0) -> list[int]:

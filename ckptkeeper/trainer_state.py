@@ -38,11 +38,15 @@ class _TrainerStateFile(BaseModel):
 class TrainerState:
     global_step: int | None
     epoch: float | None
-    best_step: int | None
+    best_steps: tuple[int, ...]
     training_stopped: bool
     # The raw log_history entries (each a dict). Only the entries at a checkpoint's own step are ever
     # needed, so they are picked out on demand, not converted up front (that was most of the parse time).
     log_history: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+
+    @property
+    def best_step(self) -> int | None:
+        return self.best_steps[0] if self.best_steps else None
 
     def metrics_at(self, step: int) -> dict[str, float]:
         """The union of the eval entries logged at exactly `step` (several eval sets give several)."""
@@ -64,13 +68,21 @@ class TrainerState:
         return tuple(found)
 
 
-def _best_step(state: _TrainerStateFile) -> int | None:
-    if state.best_global_step is not None:
-        return state.best_global_step
-    if state.best_model_checkpoint:
+def _best_steps(state: _TrainerStateFile) -> tuple[int, ...]:
+    """best_global_step, and the step best_model_checkpoint names if another: with evals between saves
+    the first may have no checkpoint while the second is what load_best_model_at_end loads."""
+    steps = [] if state.best_global_step is None else [state.best_global_step]
+    named = _named_step(state.best_model_checkpoint)
+    if named is not None and named not in steps:
+        steps.append(named)
+    return tuple(steps)
+
+
+def _named_step(best_model_checkpoint: str | None) -> int | None:
+    if best_model_checkpoint:
         # The sidecar rarely sees the trainer's absolute path: match by the last component only
         # (a trainer on Windows writes backslashes).
-        last = state.best_model_checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+        last = best_model_checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
         prefix, _, digits = last.partition("-")
         # The Trainer's own name: ASCII digits, no leading zero (as scan.CHECKPOINT_NAME).
         if prefix == "checkpoint" and digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0"):
@@ -160,7 +172,7 @@ def parse_trainer_state(data: bytes) -> TrainerState:
     return TrainerState(
         global_step=state.global_step,
         epoch=epoch,
-        best_step=_best_step(state),
+        best_steps=_best_steps(state),
         training_stopped=_training_stopped(state.stateful_callbacks),
         log_history=tuple(state.log_history),
     )

@@ -41,7 +41,7 @@ def ckpt(
         epoch=epoch,
         metrics=dict(metrics or {}),
         size_bytes=step * 1000,
-        trainer_best_step=trainer_best,
+        trainer_best_steps=() if trainer_best is None else (trainer_best,),
     )
 
 
@@ -151,8 +151,9 @@ def check_invariants(run: Run, plan: RunPlan, protections: Protections, removal:
         newest = max(complete, key=lambda c: c.step)
         assert newest.step in kept
         assert "protected: newest" in next(d for d in plan.decisions if d.checkpoint.step == newest.step).reasons
-        if protections.trainer_best and newest.trainer_best_step in {c.step for c in run.checkpoints}:
-            assert newest.trainer_best_step in kept
+        for best in newest.trainer_best_steps if protections.trainer_best else ():
+            if best in {c.step for c in run.checkpoints}:
+                assert best in kept
     if plan.refusal:
         assert plan.removed == ()
 

@@ -38,7 +38,7 @@ reasons = st.sampled_from(["no trainer_state.json", "checkpoint-is-incomplete.tx
 
 
 # One checkpoint: step, complete, why not, epoch, metrics, size, which checkpoint the Trainer calls best
-# (an index into the run's steps; past the end means a step that is not there).
+# (indexes into the run's steps; past the end means a step that is not there).
 rows = st.tuples(
     st.integers(min_value=0, max_value=400),
     st.booleans() | st.just(True),  # mostly complete
@@ -50,7 +50,8 @@ rows = st.tuples(
         optional={"eval_accuracy": values, "eval_a_loss": values, "eval_b_f1": values, "loss": values},
     ),
     st.integers(min_value=0, max_value=10**9),
-    st.none() | st.integers(min_value=0, max_value=12),
+    # best_global_step and best_model_checkpoint: none, one, or two that differ
+    st.none() | st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=2, unique=True),
 )
 
 
@@ -68,7 +69,7 @@ def runs(draw: st.DrawFn) -> Run:
             epoch=epoch,
             metrics=metrics,
             size_bytes=size,
-            trainer_best_step=None if best is None else (steps[best] if best < len(steps) else 999),
+            trainer_best_steps=() if best is None else tuple(steps[b] if b < len(steps) else 999 for b in best),
         )
         for step, complete, why, epoch, metrics, size, best in drawn
     )
@@ -147,10 +148,10 @@ def test_incomplete_newest_complete_and_trainer_best_are_never_removed(
     if newest is None:
         return
     assert "protected: newest" in by_step[newest.step].reasons
-    best = newest.trainer_best_step
-    if protect.trainer_best and best in by_step:
-        assert best in kept
-        assert "protected: trainer best" in by_step[best].reasons
+    for best in newest.trainer_best_steps if protect.trainer_best else ():
+        if best in by_step:
+            assert best in kept
+            assert "protected: trainer best" in by_step[best].reasons
     if not protect.trainer_best:
         assert not any("protected: trainer best" in d.reasons for d in plan.decisions)
 

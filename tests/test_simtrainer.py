@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import shutil
 import sys
 import threading
 import time
@@ -17,8 +19,17 @@ import pytest
 from safetensors.numpy import load_file
 
 from ckptkeeper.integrity import safetensors_problem
+from ckptkeeper.policy import plan_run
+from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import checkpoint_step, read_checkpoint, scan_root
-from ckptkeeper.simtrainer import SaveEvent, SimConfig, SimulatedTrainer, simulate_run
+from ckptkeeper.simtrainer import (
+    SaveEvent,
+    SimConfig,
+    SimulatedTrainer,
+    rotate_checkpoints,
+    simulate_run,
+    sort_checkpoints,
+)
 
 HF = Path(__file__).parent / "fixtures" / "hf"
 
@@ -379,19 +390,208 @@ def test_rotation_spares_the_trainers_best(tmp_path: Path) -> None:
     assert on_disk_steps(tmp_path / "run") == [final_best, 78]
 
 
-def test_rotation_leaves_foreign_names_alone(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    (run / "checkpoint-abc").mkdir(parents=True)
-    (run / "checkpoint-1.bak").mkdir()
-    (run / "checkpoint-0").write_text("a file")
-    simulate_run(run, RUN_D2)
-    assert sorted(os.listdir(run)) == [
-        "checkpoint-0",
-        "checkpoint-1.bak",
-        "checkpoint-50",
-        "checkpoint-52",
-        "checkpoint-abc",
-    ]
+def test_rotation_orders_by_mtime_as_the_real_trainer(tmp_path: Path) -> None:
+    """transformers 5.24 rotates by directory mtime (Trainer._save_checkpoint calls rotate_checkpoints with
+    use_mtime=True), so a checkpoint whose directory changed since it was saved counts as newer than its step
+    says. Here checkpoint-10 changed after checkpoint-20 was saved: at save 30 the rotation removes
+    checkpoint-20, not checkpoint-10. (Why a retention tool must never write inside a checkpoint directory.)"""
+    config = SimConfig(
+        steps_per_epoch=30, epochs=1, save_steps=10, eval_strategy="no", metric_for_best_model=None, save_total_limit=2
+    )
+
+    def on_save(event: SaveEvent) -> None:
+        if event.step == 20:  # as in a slow run: saved 10 s ago, then checkpoint-10 changed 5 s ago
+            now = time.time()
+            os.utime(tmp_path / "run" / "checkpoint-20", (now - 10, now - 10))
+            os.utime(tmp_path / "run" / "checkpoint-10", (now - 5, now - 5))
+
+    SimulatedTrainer(tmp_path / "run", config).train(on_save=on_save)
+    assert on_disk_steps(tmp_path / "run") == [10, 30]
+
+
+def test_rotation_falls_back_to_step_order_when_mtimes_span_under_a_second(tmp_path: Path) -> None:
+    """The same disorder within less than 1 s: the real Trainer distrusts the mtimes ("mtime may not be
+    reliable on this filesystem, falling back to numerical ordering") and removes by step."""
+    config = SimConfig(
+        steps_per_epoch=30, epochs=1, save_steps=10, eval_strategy="no", metric_for_best_model=None, save_total_limit=2
+    )
+
+    def on_save(event: SaveEvent) -> None:
+        if event.step == 20:
+            now = time.time()
+            os.utime(tmp_path / "run" / "checkpoint-20", (now - 0.3, now - 0.3))
+            os.utime(tmp_path / "run" / "checkpoint-10", (now - 0.15, now - 0.15))
+
+    SimulatedTrainer(tmp_path / "run", config).train(on_save=on_save)
+    assert on_disk_steps(tmp_path / "run") == [20, 30]
+
+
+def test_save_total_limit_1_leaves_only_the_best_at_the_end(tmp_path: Path) -> None:
+    """Fact 10 (Trainer._finalize_training): with save_total_limit=1 the rotation keeps the best and the newest
+    during training, and the end of training deletes every checkpoint except the best, the newest too; if
+    someone removed the best, that step crashes with FileNotFoundError (os.path.samefile)."""
+    config = SimConfig(
+        steps_per_epoch=26, epochs=3, save_steps=10, eval_steps=10, overfit_after=0.3, save_total_limit=1
+    )
+    during: list[list[int]] = []
+
+    def on_save(event: SaveEvent) -> None:
+        steps = (checkpoint_step(n) for n in event.on_disk)
+        during.append(sorted(s for s in steps if s is not None))
+
+    SimulatedTrainer(tmp_path / "run", config).train(on_save=on_save)
+    [best] = on_disk_steps(tmp_path / "run")
+    assert best < 78 and during[-1] == [best, 78], during
+
+    def remove_the_best(event: SaveEvent) -> None:
+        if event.step == 78:
+            shutil.rmtree(tmp_path / "crash" / f"checkpoint-{best}")
+
+    with pytest.raises(FileNotFoundError):
+        SimulatedTrainer(tmp_path / "crash", config).train(on_save=remove_the_best)
+
+
+def _layout(run: Path, mtimes: dict[str, float]) -> None:
+    run.mkdir(parents=True)
+    for name, when in mtimes.items():
+        (run / name).mkdir()
+        (run / name / "trainer_state.json").write_text("{}")
+        os.utime(run / name, (when, when))
+
+
+def test_rotation_treats_foreign_names_as_the_real_trainer_does(tmp_path: Path) -> None:
+    """The real rotation matches `checkpoint-*`: by step, `checkpoint-1.bak` counts as step 1 (its regex matches
+    a prefix) and is removed first, while `checkpoint-abc` is left; by mtime both are candidates. Files never
+    are. ckptkeeper never touches such names, but the Trainer's own rotation does (checked against
+    transformers in test_rotation_matches_transformers)."""
+    now = time.time()
+    names = ["checkpoint-abc", "checkpoint-1.bak", "checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    fast = tmp_path / "fast"  # every mtime within 1 s: step order
+    _layout(fast, {n: now - 0.5 + 0.1 * i for i, n in enumerate(names)})
+    (fast / "checkpoint-0").write_text("a file")
+    rotate_checkpoints(fast, 2, None)
+    assert sorted(os.listdir(fast)) == ["checkpoint-0", "checkpoint-20", "checkpoint-30", "checkpoint-abc"]
+    slow = tmp_path / "slow"  # 10 s apart: mtime order, the foreign names are the oldest
+    _layout(slow, {n: now - 50 + 10 * i for i, n in enumerate(names)})
+    rotate_checkpoints(slow, 2, None)
+    assert sorted(os.listdir(slow)) == ["checkpoint-20", "checkpoint-30"]
+
+
+def test_rotation_spares_the_newest_by_mtime_and_a_best_even_if_it_is_gone(tmp_path: Path) -> None:
+    now = time.time()
+    touched = tmp_path / "touched"  # checkpoint-10 changed last: the Trainer takes it for its newest
+    _layout(touched, {"checkpoint-10": now - 1, "checkpoint-20": now - 20, "checkpoint-30": now - 10})
+    rotate_checkpoints(touched, 1, None)
+    assert os.listdir(touched) == ["checkpoint-10"]
+    gone = tmp_path / "gone"  # best_model_checkpoint names a removed directory: still 2 are kept
+    _layout(gone, {"checkpoint-10": now - 30, "checkpoint-20": now - 20, "checkpoint-30": now - 10})
+    rotate_checkpoints(gone, 1, str(gone / "checkpoint-5"))
+    assert sorted(os.listdir(gone)) == ["checkpoint-20", "checkpoint-30"]
+    tie = tmp_path / "tie"  # equal mtimes: path order, so checkpoint-10 sorts before checkpoint-9
+    _layout(tie, {"checkpoint-9": now - 5, "checkpoint-10": now - 5, "checkpoint-30": now})
+    rotate_checkpoints(tie, 2, None)
+    assert sorted(os.listdir(tie)) == ["checkpoint-30", "checkpoint-9"]
+
+
+def _random_layout(rng: random.Random) -> tuple[dict[str, float | None], int, str | None]:
+    """A run directory to rotate: checkpoint names (some foreign, a file, a link to a directory outside), their
+    mtimes (within 1 s, spread, or tied), a limit and a best_model_checkpoint (none, present or gone)."""
+    now = time.time()
+    steps = rng.sample(range(1, 60), rng.randint(1, 6))
+    names = [f"checkpoint-{s}" for s in steps]
+    names += rng.sample(["checkpoint-abc", "checkpoint-7.bak", "checkpoint-007", "checkpoint-", "tmp-checkpoint-3"], 2)
+    spread = rng.choice([0.9, 30.0])
+    entries: dict[str, float | None] = {n: now - rng.uniform(0, spread) for n in names}
+    if rng.random() < 0.3 and len(names) > 1:  # a tie
+        entries[names[1]] = entries[names[0]]
+    if rng.random() < 0.3:
+        entries["checkpoint-2"] = None  # a file
+    if rng.random() < 0.3:
+        entries["checkpoint-99"] = -1.0  # a symlink to a directory outside the run
+    best = rng.choice([None, None, *names[:3], "checkpoint-77"])
+    return entries, rng.randint(1, 4), best
+
+
+def _build(run: Path, outside: Path, entries: dict[str, float | None]) -> None:
+    run.mkdir(parents=True)
+    for name, when in entries.items():
+        if when is None:
+            (run / name).write_text("not a directory")
+        elif when < 0:
+            outside.mkdir(parents=True)
+            os.utime(outside, (time.time() - 3, time.time() - 3))
+            os.symlink(outside, run / name)
+        else:
+            (run / name).mkdir()
+            (run / name / "trainer_state.json").write_text("{}")
+            os.utime(run / name, (when, when))
+
+
+@pytest.mark.e2e
+def test_rotation_matches_transformers(tmp_path: Path) -> None:
+    """Differential: the same layouts rotated by the real transformers function (as Trainer._save_checkpoint
+    calls it) and by the simulator's leave the same entries, and both order them the same way."""
+    from transformers import __version__
+    from transformers.trainer_utils import rotate_checkpoints as real_rotate
+    from transformers.trainer_utils import sort_checkpoints as real_sort
+
+    assert __version__ == "5.24.0", f"the simulator mirrors transformers 5.24.0, this is {__version__}"
+    rng = random.Random(20240524)
+    for case in range(150):
+        entries, limit, best = _random_layout(rng)
+        runs = {}
+        for who in ("real", "sim"):
+            runs[who] = tmp_path / f"{case}-{who}" / "out"
+            _build(runs[who], tmp_path / f"{case}-{who}" / "outside", entries)
+        described = f"case {case}: {entries}, limit {limit}, best {best}"
+        for use_mtime in (True, False):
+            real_order = [os.path.basename(p) for p in real_sort(str(runs["real"]), use_mtime=use_mtime)]
+            sim_order = [os.path.basename(p) for p in sort_checkpoints(runs["sim"], use_mtime=use_mtime)]
+            assert sim_order == real_order, described
+        real_best = None if best is None else str(runs["real"] / best)
+        sim_best = None if best is None else str(runs["sim"] / best)
+        real_rotate(str(runs["real"]), save_total_limit=limit, best_model_checkpoint=real_best, use_mtime=True)
+        rotate_checkpoints(runs["sim"], limit, sim_best)
+        assert sorted(os.listdir(runs["sim"])) == sorted(os.listdir(runs["real"])), described
+
+
+def test_best_model_checkpoint_follows_the_best_only_to_a_saved_checkpoint(tmp_path: Path) -> None:
+    """Trainer._save_checkpoint sets best_model_checkpoint to checkpoint-<best_global_step> only when that
+    directory exists. Evaluating every 5 steps and saving every 10 (allowed with load_best_model_at_end), a best
+    found at step 15 has no checkpoint: best_global_step says 15 while best_model_checkpoint, which the
+    rotation spares and load_best_model_at_end loads, still names the older checkpoint."""
+    config = SimConfig(steps_per_epoch=26, epochs=3, save_steps=10, eval_steps=5, seed=3)
+    simulate_run(tmp_path / "run", config)
+    previous = None
+    lagging = []
+    for step in on_disk_steps(tmp_path / "run"):
+        state = state_of(tmp_path / "run" / f"checkpoint-{step}")
+        best = state["best_global_step"]
+        assert isinstance(best, int)
+        if (tmp_path / "run" / f"checkpoint-{best}").is_dir():
+            assert state["best_model_checkpoint"] == str(tmp_path / "run" / f"checkpoint-{best}"), step
+        else:
+            assert state["best_model_checkpoint"] == previous, step
+            lagging.append((step, best, previous))
+        previous = state["best_model_checkpoint"]
+    assert lagging, "this seed no longer has a best between two saves; pick another"
+
+
+def test_trainer_best_protection_keeps_what_load_best_model_at_end_loads(tmp_path: Path) -> None:
+    """SPEC, protection 3: keep the checkpoint the Trainer calls best "so that load_best_model_at_end still
+    finds it". transformers 5.24 loads state.best_model_checkpoint, which (see the test above) stays on an older
+    saved checkpoint when the best eval falls between two saves. Seed 1: the final trainer_state.json says
+    best_global_step 75 (never saved) and best_model_checkpoint .../checkpoint-70; with `--keep last:1`
+    ckptkeeper removes checkpoint-70, and the Trainer's final load of its best model then fails with a warning
+    ("Could not locate the best model"). The same layout from a real run: eval every 5, save every 10."""
+    simulate_run(tmp_path / "run", SimConfig(steps_per_epoch=26, epochs=3, save_steps=10, eval_steps=5, seed=1))
+    final = state_of(tmp_path / "run" / "checkpoint-78")
+    assert (final["best_global_step"], final["best_model_checkpoint"]) == (75, str(tmp_path / "run" / "checkpoint-70"))
+    [run] = scan_root(tmp_path / "run").runs
+    plan = plan_run(run, parse_rules("last:1"))
+    kept = {d.checkpoint.step: d.reasons for d in plan.kept}
+    assert 70 in kept, f"checkpoint-70 (best_model_checkpoint) is removed; kept: {kept}"
+    assert "protected: trainer best" in kept[70]
 
 
 # --- every checkpoint it writes is complete ----------------------------------------------------------
@@ -456,6 +656,27 @@ def test_a_nan_metric_is_written_as_bare_nan_and_read(tmp_path: Path) -> None:
     assert c.metrics["eval_loss"] != c.metrics["eval_loss"]  # NaN
     # A NaN never becomes the Trainer's best.
     assert read_checkpoint(tmp_path / "run" / "checkpoint-4", 4).trainer_best_step == 4
+
+
+@pytest.mark.parametrize(("greater", "written"), [(None, "Infinity"), (True, "-Infinity")])
+def test_a_best_never_set_is_written_as_infinity(tmp_path: Path, greater: bool | None, written: str) -> None:
+    """Trainer._determine_best_metric starts the best at inf (-inf when greater is better) at the first eval; a
+    NaN never beats it, so after only NaN evals trainer_state.json says `"best_metric": Infinity` (fact 8)."""
+    config = SimConfig(
+        steps_per_epoch=4,
+        epochs=1,
+        save_steps=2,
+        eval_steps=2,
+        nan_eval_steps=frozenset({2}),
+        greater_is_better=greater,
+    )
+    simulate_run(tmp_path / "run", config)
+    text = (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text()
+    assert f'"best_metric": {written},' in text
+    assert '"best_global_step": null,' in text
+    assert '"best_model_checkpoint": null,' in text
+    c = read_checkpoint(tmp_path / "run" / "checkpoint-2", 2)
+    assert (c.complete, c.trainer_best_step) == (True, None)
 
 
 def test_metrics_are_deterministic_per_seed(tmp_path: Path) -> None:

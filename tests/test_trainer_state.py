@@ -243,7 +243,7 @@ def test_an_integer_epoch_reads_as_a_float() -> None:
 
 def test_nulls_and_missing_keys_mean_unknown() -> None:
     state = parse({"global_step": None, "epoch": None, "best_global_step": None, "best_model_checkpoint": None})
-    assert state == TrainerState(global_step=None, epoch=None, best_step=None, training_stopped=False)
+    assert state == TrainerState(global_step=None, epoch=None, best_steps=(), training_stopped=False)
     assert parse({}) == state
 
 
@@ -415,3 +415,13 @@ def test_training_stopped_in_real_files(path: str, stopped: bool) -> None:
 def test_a_best_model_checkpoint_written_on_windows_is_matched_by_its_last_component() -> None:
     state = parse_trainer_state(json.dumps({"best_model_checkpoint": "C:\\job\\out\\checkpoint-10"}).encode())
     assert state.best_step == 10
+
+
+def test_both_best_global_step_and_best_model_checkpoint_are_the_trainers_best() -> None:
+    """Eval every 5 steps, save every 10: best_global_step may name an eval step with no checkpoint, while
+    best_model_checkpoint (what load_best_model_at_end loads) stays on the last saved best."""
+    state = parse({"global_step": 80, "best_global_step": 75, "best_model_checkpoint": "out/checkpoint-70"})
+    assert state.best_steps == (75, 70)
+    assert state.best_step == 75
+    same = parse({"global_step": 80, "best_global_step": 70, "best_model_checkpoint": "out/checkpoint-70"})
+    assert same.best_steps == (70,)

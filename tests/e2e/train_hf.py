@@ -1,7 +1,8 @@
 """A small, real Hugging Face Trainer run for the end-to-end test (CPU only, fully offline).
 
     python tests/e2e/train_hf.py OUTPUT_DIR --summary SUMMARY.json [--epochs 3] [--save-steps 10]
-        [--step-sleep 0.05] [--learning-rate 0.01] [--train-noise 0.1] [--seed 42]
+        [--step-sleep 0.05] [--step-sleep-max 0.3] [--max-steps 40] [--save-total-limit 3]
+        [--learning-rate 0.01] [--train-noise 0.1] [--seed 42]
 
 A tiny BertForSequenceClassification is built from a config (nothing is downloaded) and trained on
 synthetic token ids with `load_best_model_at_end=True` (best by eval_loss), evaluating and saving every
@@ -10,6 +11,11 @@ simple rule (token 7 present; 10% of the train labels flipped). With the default
 learning rate makes eval_loss fall to its best mid-run (step 40 of 78 on the reference machine) and then
 wander above it, so the Trainer's best checkpoint is neither one of the newest nor the last of its epoch:
 only the `best` rule and the trainer-best protection keep it until `load_best_model_at_end` loads it.
+
+`--save-total-limit N` turns on the Trainer's own rotation (off by default), `--max-steps` ends training
+early, and with `--step-sleep-max` each step sleeps a random time between `--step-sleep` and it, drawn from
+its own seeded RNG (the training is unchanged): that sweeps the moment of each save, and of the Trainer's
+rotation right after it, across whatever runs beside it.
 
 SUMMARY.json is written whether training succeeds or not. It holds:
 - `ok`, `error` (exception type and message, with the traceback) and the versions used;
@@ -133,13 +139,19 @@ class RecordSaves(TrainerCallback):
 
 
 class SleepPerStep(TrainerCallback):
-    """Stretch the run over real wall time, so the watcher sees saves arrive one by one."""
+    """Stretch the run over real wall time, so the watcher sees saves arrive one by one. With `longest`,
+    each step sleeps a random time in [seconds, longest] drawn from its own RNG (the training's RNGs are
+    left alone)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, longest: float | None = None, seed: int = 0) -> None:
         self.seconds = seconds
+        self.longest = longest
+        self.rng = random.Random(seed)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        time.sleep(self.seconds)
+        pause = self.seconds if self.longest is None else self.rng.uniform(self.seconds, self.longest)
+        if pause > 0:
+            time.sleep(pause)
 
 
 class WarningCatcher(logging.Handler):
@@ -188,6 +200,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--save-steps", type=int, default=10, help="evaluate and save every this many steps")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep after each optimizer step")
+    p.add_argument("--step-sleep-max", type=float, default=None, help="sleep a random time up to this instead")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (default: all epochs)")
+    p.add_argument("--save-total-limit", type=int, default=None, help="the Trainer's own rotation (default off)")
     p.add_argument("--learning-rate", type=float, default=0.01)
     p.add_argument("--train-noise", type=float, default=0.1, help="share of train labels flipped")
     p.add_argument("--seed", type=int, default=42)
@@ -214,6 +229,8 @@ def train(opts: argparse.Namespace, summary: dict[str, Any]) -> None:
     args = TrainingArguments(
         output_dir=os.fspath(out),
         num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        save_total_limit=opts.save_total_limit,
         eval_strategy="steps",
         save_strategy="steps",
         eval_steps=opts.save_steps,
@@ -234,8 +251,8 @@ def train(opts: argparse.Namespace, summary: dict[str, Any]) -> None:
     )
     recorder = RecordSaves(out)
     callbacks: list[TrainerCallback] = [recorder]
-    if opts.step_sleep > 0:
-        callbacks.append(SleepPerStep(opts.step_sleep))
+    if opts.step_sleep > 0 or opts.step_sleep_max:
+        callbacks.append(SleepPerStep(opts.step_sleep, opts.step_sleep_max, seed=opts.seed))
     trainer = ObservedTrainer(
         model=model,
         args=args,
