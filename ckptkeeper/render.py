@@ -11,6 +11,12 @@ from ckptkeeper.model import Decision, RunPlan
 from ckptkeeper.rules import Best, format_metric, format_rules
 
 
+def shown(path: str) -> str:
+    """A run path for a line of text: control characters (a newline in a directory name could fake a row
+    of the table or a log line) are escaped as in Python's repr."""
+    return path if path.isprintable() else path.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
 def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -61,7 +67,7 @@ def plan_text(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Seq
     for plan in plans:
         count = len(plan.decisions)
         lines.append("")
-        lines.append(f"run {plan.run.path}  ({count} checkpoint{'s' if count != 1 else ''})")
+        lines.append(f"run {shown(plan.run.path)}  ({count} checkpoint{'s' if count != 1 else ''})")
         header = ["CHECKPOINT", "STEP", "EPOCH", *metrics, "SIZE", "DECISION", "REASONS"]
         rows = [header] + [_row(d, metrics) for d in plan.decisions]
         right = {1, 2, *range(3, 4 + len(metrics))}
@@ -146,7 +152,7 @@ _PAST = {
 
 
 def outcome_line(o: Outcome) -> str:
-    where = o.checkpoint if o.run == "." else f"{o.run}/{o.checkpoint}"
+    where = o.checkpoint if o.run == "." else f"{shown(o.run)}/{o.checkpoint}"
     size = f"  {human_bytes(o.bytes)}" if o.bytes else ""
     detail = f"  ({o.detail})" if o.detail else ""
     return f"{_PAST[o.action]:<13} {where}{size}{detail}"

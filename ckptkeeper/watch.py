@@ -44,7 +44,7 @@ from ckptkeeper.engine import Outcome, Policy, apply_plan, excluded_from_scan, f
 from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
 from ckptkeeper.model import Decision, RunPlan
 from ckptkeeper.policy import plan_run
-from ckptkeeper.render import human_bytes
+from ckptkeeper.render import human_bytes, shown
 from ckptkeeper.scan import ContentCache, checkpoint_step, find_run_dirs, read_run, run_path
 from ckptkeeper.state import StateDir
 
@@ -342,7 +342,7 @@ class Daemon:
         run = plan.run.path
         if plan.refusal:
             if self.refusals.get(run) != plan.refusal:
-                log.error("run %s: refused, nothing is removed there: %s", run, plan.refusal)
+                log.error("run %s: refused, nothing is removed there: %s", shown(run), plan.refusal)
             self.refusals[run] = plan.refusal
         else:
             self.refusals.pop(run, None)
@@ -433,7 +433,7 @@ class Daemon:
         pruned = self.options.dry_run or not plan.removed
         if newest is not None and newest.training_stopped and pruned and not settling:
             if plan.run.path not in self.finished_runs:
-                log.info("run %s: training finished and its retention is applied", plan.run.path)
+                log.info("run %s: training finished and its retention is applied", shown(plan.run.path))
             self.finished_runs.add(plan.run.path)
         else:
             self.finished_runs.discard(plan.run.path)
@@ -618,7 +618,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _where(run: str, checkpoint: str) -> str:
-    return checkpoint if run == "." else f"{run}/{checkpoint}"
+    return checkpoint if run == "." else f"{shown(run)}/{checkpoint}"
 
 
 def _decision_word(d: Decision) -> str:

@@ -954,6 +954,7 @@ NAME_CASES = [
         _newline_run,
         "last:1",
         {f"{NEWLINE_RUN}/checkpoint-10": DELETE, f"{NEWLINE_RUN}/checkpoint-20": KEEP},
+        phrases={"output": "run exp\\n  checkpoint-99  keep  (2 checkpoints)"},  # escaped: no fake row
     ),
 ]
 
