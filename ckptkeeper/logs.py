@@ -24,16 +24,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class _WatchdogStopNoise(logging.Filter):
-    """watchdog (7.x) logs "InotifyEmitter.queue_events() called when the thread is inactive" at ERROR when an
-    emitter is stopped between two reads of its own loop: a race inside watchdog on every stop (shutdown,
-    watcher restart), after which the thread simply ends. Nothing is lost; it must not look like a failure."""
+class _WatchdogNoise(logging.Filter):
+    """Two harmless races inside watchdog (7.x) that must not look like failures:
+    - "InotifyEmitter.queue_events() called when the thread is inactive", logged at ERROR when an emitter
+      is stopped between two reads of its own loop (every shutdown or watcher restart);
+    - a RuntimeWarning "Callback with id ... already exists for watch" when a directory moved in (a
+      checkpoint renamed into a run-local trash) is walked for watches it already has."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.name.startswith("watchdog")
-            and record.getMessage().startswith("InotifyEmitter.queue_events() called when the thread is inactive")
-        )
+        message = record.getMessage()
+        if record.name.startswith("watchdog"):
+            return not message.startswith("InotifyEmitter.queue_events() called when the thread is inactive")
+        if record.name == "py.warnings":
+            return not ("watchdog" in message and "already exists for watch" in message)
+        return True
 
 
 def configure_logging(fmt: LogFormat = "text", verbosity: int = 0, stream: TextIO | None = None) -> None:
@@ -44,7 +48,7 @@ def configure_logging(fmt: LogFormat = "text", verbosity: int = 0, stream: TextI
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    handler.addFilter(_WatchdogStopNoise())
+    handler.addFilter(_WatchdogNoise())
     logger = logging.getLogger("ckptkeeper")
     logger.handlers[:] = [handler]
     logger.setLevel(level)
@@ -54,3 +58,8 @@ def configure_logging(fmt: LogFormat = "text", verbosity: int = 0, stream: TextI
     watchdog_logger.handlers[:] = [handler]
     watchdog_logger.setLevel(logging.WARNING if verbosity < 1 else logging.INFO)
     watchdog_logger.propagate = False
+    # Python warnings (raised by libraries on their threads) too, so --log-format json stays JSON lines.
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.handlers[:] = [handler]
+    warnings_logger.propagate = False

@@ -125,8 +125,9 @@ class Reaper:
     (`retry_stuck`). What it has not finished at shutdown stays in the trash, out of every run directory,
     and is finished on the next start."""
 
-    def __init__(self, state: StateDir | None = None) -> None:
+    def __init__(self, state: StateDir | None = None, on_drained: Callable[[], None] | None = None) -> None:
         self.state = state
+        self.on_drained = on_drained  # called when the queue runs empty (--exit-when-done waits for that)
         self.queue: queue.Queue[Path | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="ckptkeeper-reaper", daemon=True)
         self._stuck_lock = threading.Lock()
@@ -150,6 +151,8 @@ class Reaper:
                 self._delete(entry)
             finally:
                 self.queue.task_done()
+            if self.on_drained is not None and self.queue.unfinished_tasks == 0:
+                self.on_drained()
 
     def _delete(self, entry: Path) -> None:
         problems: list[str] = []
@@ -191,7 +194,7 @@ class Daemon:
         self.pending = _Pending()
         self.observer: BaseObserver | None = None
         self.mode = "none"
-        self.reaper = Reaper(self.state)
+        self.reaper = Reaper(self.state, on_drained=self.wake.set)
         self.decisions: dict[str, dict[str, str]] = {}  # run -> checkpoint -> the decision last logged
         self.refusals: dict[str, str] = {}
         self.recheck_at: dict[Path, float] = {}

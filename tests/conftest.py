@@ -17,6 +17,17 @@ FIXTURES = Path(__file__).parent / "fixtures"
 HF_FIXTURES = FIXTURES / "hf"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--crash-rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="SIGKILL rounds per mode of the crash-safety campaign (tests/test_crash_safety.py); "
+        "overrides $CKPTKEEPER_CRASH_ROUNDS (default 200)",
+    )
+
+
 @pytest.fixture
 def hf_run(tmp_path: Path) -> Callable[[str], Path]:
     """Copy one real Trainer run (A, B, C, D2, E, G) into a fresh directory and return its path."""
