@@ -7,6 +7,7 @@ not descended into, and sizes count a link as the link itself.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
@@ -28,6 +29,7 @@ DEFAULT_MAX_DEPTH = 4
 MAX_TRAINER_STATE_BYTES = 512 << 20
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same names recur in every run and at every rescan
 def checkpoint_step(name: str) -> int | None:
     m = CHECKPOINT_NAME.fullmatch(name)
     return int(m.group(1)) if m else None

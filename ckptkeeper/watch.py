@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import operator
 import os
 import queue
 import signal
@@ -42,7 +43,7 @@ from watchdog.observers.polling import PollingObserverVFS
 from ckptkeeper.actions import empty_trash
 from ckptkeeper.engine import Outcome, Policy, apply_plan, excluded_from_scan, finish_leftovers
 from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
-from ckptkeeper.model import Decision, RunPlan
+from ckptkeeper.model import Checkpoint, Decision, RunPlan
 from ckptkeeper.policy import plan_run
 from ckptkeeper.render import human_bytes, shown
 from ckptkeeper.scan import ContentCache, checkpoint_step, find_run_dirs, read_run, run_path
@@ -199,6 +200,7 @@ class Daemon:
         self.refusals: dict[str, str] = {}
         self.recheck_at: dict[Path, float] = {}
         self.known_runs: set[Path] = set()
+        self.quiet_runs: dict[Path, tuple[Checkpoint, ...]] = {}  # runs whose last pass had nothing to do
         self.finished_runs: set[str] = set()
         self._overflow = _OverflowAlarm(self.request_full_rescan)
         self.root_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the root being watched
@@ -330,6 +332,7 @@ class Daemon:
         self.metrics.set_mode(self.mode)
         self.decisions.clear()
         self.known_runs.clear()
+        self.quiet_runs.clear()
         self.cache = ContentCache()
 
     def _watch_new_root(self) -> None:
@@ -395,10 +398,17 @@ class Daemon:
         self.recheck_at.pop(run_dir, None)
         if not run.checkpoints:
             self.known_runs.discard(run_dir)
+            self.quiet_runs.pop(run_dir, None)
             self.metrics.checkpoints_seen.labels(run=run.path).set(0)
             self.metrics.checkpoints_kept.labels(run=run.path).set(0)
             return
         self.known_runs.add(run_dir)
+        quiet = self.quiet_runs.pop(run_dir, None)
+        if quiet is not None and len(quiet) == len(run.checkpoints) and all(map(operator.is_, quiet, run.checkpoints)):
+            # The very same (trusted, unchanged) checkpoints as at the last pass, which had nothing to do:
+            # the pure plan would be the same, so there is nothing to plan, log or remove.
+            self.quiet_runs[run_dir] = quiet
+            return
         plan = plan_run(run, self.policy.rules, self.policy.protections, self.policy.removal)
         self._log_decisions(plan)
         if not plan.refusal and plan.removed:
@@ -434,6 +444,8 @@ class Daemon:
             del self.failing[key]
         newest = max((c for c in run.checkpoints if c.complete), key=lambda c: c.step, default=None)
         pruned = self.options.dry_run or not plan.removed
+        if (plan.refusal or not plan.removed) and not settling:
+            self.quiet_runs[run_dir] = plan.run.checkpoints
         if newest is not None and newest.training_stopped and pruned and not settling:
             if plan.run.path not in self.finished_runs:
                 log.info("run %s: training finished and its retention is applied", shown(plan.run.path))

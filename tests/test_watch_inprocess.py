@@ -12,6 +12,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from watchdog.observers.api import BaseObserver
@@ -181,3 +182,37 @@ def test_stopping_while_waiting_for_a_missing_root(
     wait_until(lambda: daemon_log.has("does not exist yet; waiting for it to appear"), 5)
     assert handle.stop() == 0
     assert not root.exists()  # never created by the daemon
+
+
+def test_a_periodic_rescan_of_an_unchanged_run_plans_nothing_again_and_a_change_is_planned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What makes a warm full rescan of 10,000 checkpoints cheap: a run whose trusted checkpoints are the very
+    same as at its last pass, which had nothing to remove, is not planned again; any change to it is."""
+    from ckptkeeper import watch as watch_module
+
+    root = tmp_path / "outputs"
+    simulate_run(root / "a", SMALL)
+    simulate_run(root / "b", SMALL)
+    daemon = Daemon(root, Policy(parse_rules("last:4")), root / ".ckptkeeper", WatchOptions(settle=0.0))
+    planned: list[str] = []
+    real_plan_run = watch_module.plan_run
+
+    def counting_plan_run(run: Any, *args: Any) -> Any:
+        planned.append(run.path)
+        return real_plan_run(run, *args)
+
+    monkeypatch.setattr(watch_module, "plan_run", counting_plan_run)
+    daemon.reconcile_all()
+    assert sorted(planned) == ["a", "b"]
+    planned.clear()
+    daemon.reconcile_all(trusting=True)
+    assert planned == []  # nothing changed: nothing planned
+
+    shutil.rmtree(root / "b" / "checkpoint-2")  # someone else removed one
+    daemon.reconcile_all(trusting=True)
+    assert planned == ["b"]
+    planned.clear()
+    daemon.reconcile_all()  # a thorough pass reads everything again and plans every run
+    assert sorted(planned) == ["a", "b"]
+    assert steps(root / "a") == [2, 4, 6, 8] and steps(root / "b") == [4, 6, 8]
