@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--json", str(out / f"{name}.json")]
         if opts.quick:
             args.append("--quick")
-        if opts.workdir:
+        if opts.workdir and name != "startup":  # start-up builds no tree
             args += ["--workdir", str(opts.workdir)]
         print(f"\n<!-- python -m {BENCHMARKS[name]} {' '.join(args)} -->\n", flush=True)
         started = time.monotonic()
