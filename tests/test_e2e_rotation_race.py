@@ -45,7 +45,6 @@ save), never from ckptkeeper's planner:
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import math
 import os
@@ -55,13 +54,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from e2eutil import TRAIN_SCRIPT, require_training_stack, stop, tail, wait_for
 
 from ckptkeeper.actions import RUN_TRASH_NAME, empty_trash
 from ckptkeeper.cli import EXIT_LOCKED, main
@@ -71,8 +70,6 @@ from ckptkeeper.state import STATE_DIR_NAME, StateDir
 
 pytestmark = pytest.mark.e2e
 
-TRAIN_SCRIPT = Path(__file__).parent / "e2e" / "train_hf.py"
-TRAINING_STACK = ("torch", "transformers", "accelerate")
 KEEP = "best:1,last:2"
 SETTLE = 0.2
 STEPS = 30  # one save and one eval per step
@@ -98,40 +95,6 @@ OUTCOME = re.compile(r"(?:\./)?checkpoint-(\d+) (deleted|vanished|skipped)\b(.*)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def require_training_stack() -> None:
-    missing = [name for name in TRAINING_STACK if importlib.util.find_spec(name) is None]
-    if missing:
-        pytest.fail(
-            f"this end-to-end test needs {', '.join(missing)} in {sys.executable} (pip install '.[test,e2e]'); "
-            "it is never skipped.",
-            pytrace=False,
-        )
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, what: str, context: Callable[[], str]) -> None:
-    """Poll `condition` until it holds; fail with `what` and the context after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {seconds:g} s\n{context()}", pytrace=False)
-        time.sleep(0.02)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """End a process this test started, if it is still running."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    if not path.exists():
-        return f"({path.name} was not written)"
-    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,6 @@ when it is missing this test fails, it is never skipped.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import math
 import os
@@ -28,16 +27,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2eutil import TRAIN_SCRIPT, require_training_stack, stop, tail, wait_for
 
 pytestmark = pytest.mark.e2e
 
-TRAIN_SCRIPT = Path(__file__).parent / "e2e" / "train_hf.py"
-TRAINING_STACK = ("torch", "transformers", "accelerate")
 KEEP = "best:1,last:2,epoch:all"
 SETTLE = 0.5
 STEP_SLEEP = 0.05  # 78 optimizer steps -> the run spans ~4 s more, so saves arrive one by one
@@ -48,42 +45,6 @@ CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def require_training_stack() -> None:
-    missing = [name for name in TRAINING_STACK if importlib.util.find_spec(name) is None]
-    if missing:
-        pytest.fail(
-            f"the end-to-end test needs {', '.join(missing)} in {sys.executable}: `.ci/run` must install the "
-            "e2e extra (pip install '.[test,e2e]': torch==2.13.0, transformers==5.24.0, accelerate). "
-            "This test is never skipped.",
-            pytrace=False,
-        )
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, what: str, context: Callable[[], str]) -> None:
-    """Poll `condition` until it holds; fail with `what` and the context after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {seconds:g} s\n{context()}", pytrace=False)
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """End a process this test started, if it is still running."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    if not path.exists():
-        return f"({path.name} was not written)"
-    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return "\n".join(text[-lines:])
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:

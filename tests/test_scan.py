@@ -567,20 +567,12 @@ def test_a_safetensors_symlink_out_of_the_root_is_not_opened(tmp_path: Path) -> 
 def test_a_content_cache_skips_reading_unchanged_checkpoints_and_notices_any_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ckptkeeper import scan as scan_module
     from ckptkeeper.scan import ContentCache, read_run
     from ckptkeeper.simtrainer import SimConfig, simulate_run
 
     run_dir = tmp_path / "run"
     simulate_run(run_dir, SimConfig(steps_per_epoch=10, epochs=1, save_steps=5, eval_steps=5))
-    parsed: list[int] = []
-    real_parse = scan_module.parse_trainer_state
-
-    def counting_parse(data: bytes) -> object:
-        parsed.append(len(data))
-        return real_parse(data)
-
-    monkeypatch.setattr(scan_module, "parse_trainer_state", counting_parse)
+    parsed = _counting_parser(monkeypatch)
     cache = ContentCache()
     first = read_run(tmp_path, run_dir, cache=cache)
     assert len(parsed) == 2 and len(cache) == 2
