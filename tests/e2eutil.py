@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 TRAIN_SCRIPT = Path(__file__).parent / "e2e" / "train_hf.py"
 TRAINING_STACK = ("torch", "transformers", "accelerate")
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def require_training_stack() -> None:
@@ -50,3 +55,32 @@ def tail(path: Path, lines: int = 40) -> str:
     if not path.exists():
         return f"({path.name} was not written)"
     return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """A JSON-lines file (a daemon log, a journal); a line that is not JSON is kept as {"unparsed": line}."""
+    if not path.exists():
+        return []
+    entries: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                entries.append({"unparsed": line})
+    return entries
+
+
+def checkpoints_on_disk(run_dir: Path) -> set[int]:
+    return {int(m.group(1)) for e in os.listdir(run_dir) if (m := CHECKPOINT.fullmatch(e)) and (run_dir / e).is_dir()}
+
+
+def file_listing(checkpoint: Path) -> dict[str, list[int]]:
+    """Every file below `checkpoint` -> [size, mtime_ns], as the training script records it after a save."""
+    listing: dict[str, list[int]] = {}
+    for dirpath, _dirs, files in os.walk(checkpoint):
+        for name in files:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            listing[str(path.relative_to(checkpoint))] = [st.st_size, st.st_mtime_ns]
+    return listing

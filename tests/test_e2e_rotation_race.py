@@ -60,7 +60,16 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from e2eutil import TRAIN_SCRIPT, require_training_stack, stop, tail, wait_for
+from e2eutil import (
+    TRAIN_SCRIPT,
+    checkpoints_on_disk,
+    file_listing,
+    json_lines,
+    require_training_stack,
+    stop,
+    tail,
+    wait_for,
+)
 
 from ckptkeeper.actions import RUN_TRASH_NAME, empty_trash
 from ckptkeeper.cli import EXIT_LOCKED, main
@@ -89,39 +98,11 @@ FULL_CHECKPOINT = {
     "rng_state.pth",
     "trainer_state.json",
 }
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 DECISION = re.compile(r"(?:\./)?checkpoint-(\d+) (kept|waiting|delete|archive): (.*)")
 OUTCOME = re.compile(r"(?:\./)?checkpoint-(\d+) (deleted|vanished|skipped)\b(.*)")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def json_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    entries: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                entries.append({"unparsed": line})
-    return entries
-
-
-def checkpoints_on_disk(run_dir: Path) -> set[int]:
-    return {int(m.group(1)) for e in os.listdir(run_dir) if (m := CHECKPOINT.fullmatch(e)) and (run_dir / e).is_dir()}
-
-
-def file_listing(checkpoint: Path) -> dict[str, list[int]]:
-    """Every file below `checkpoint` -> [size, mtime_ns], as the training script records it after a save."""
-    listing: dict[str, list[int]] = {}
-    for dirpath, _dirs, files in os.walk(checkpoint):
-        for name in files:
-            st = (Path(dirpath) / name).lstat()
-            listing[str((Path(dirpath) / name).relative_to(checkpoint))] = [st.st_size, st.st_mtime_ns]
-    return listing
 
 
 def journal_time(entry: dict[str, Any]) -> float:

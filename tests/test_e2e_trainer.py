@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -31,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2eutil import TRAIN_SCRIPT, require_training_stack, stop, tail, wait_for
+from e2eutil import (
+    TRAIN_SCRIPT,
+    checkpoints_on_disk,
+    file_listing,
+    json_lines,
+    require_training_stack,
+    stop,
+    tail,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -41,38 +49,9 @@ STEP_SLEEP = 0.05  # 78 optimizer steps -> the run spans ~4 s more, so saves arr
 DAEMON_READY_SECONDS = 30.0
 TRAIN_SECONDS = 240.0  # ~15 s here (most of it importing torch and transformers)
 DAEMON_DONE_SECONDS = 30.0  # after training: settle, prune, exit
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def json_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                entries.append({"unparsed": line})
-    return entries
-
-
-def checkpoints_on_disk(run_dir: Path) -> set[int]:
-    return {int(m.group(1)) for e in os.listdir(run_dir) if (m := CHECKPOINT.fullmatch(e)) and (run_dir / e).is_dir()}
-
-
-def file_listing(checkpoint: Path) -> dict[str, list[int]]:
-    """Every file below `checkpoint` -> [size, mtime_ns], as the training script records it after a save."""
-    listing: dict[str, list[int]] = {}
-    for dirpath, _dirs, files in os.walk(checkpoint):
-        for name in files:
-            path = Path(dirpath) / name
-            st = path.lstat()
-            listing[str(path.relative_to(checkpoint))] = [st.st_size, st.st_mtime_ns]
-    return listing
 
 
 def journal_time(entry: dict[str, Any]) -> float:
