@@ -151,8 +151,13 @@ _PAST = {
 }
 
 
+def location(run: str, checkpoint: str) -> str:
+    """`run/checkpoint-N` for lines of text (just the checkpoint in the root's own run)."""
+    return checkpoint if run == "." else f"{shown(run)}/{checkpoint}"
+
+
 def outcome_line(o: Outcome) -> str:
-    where = o.checkpoint if o.run == "." else f"{shown(o.run)}/{o.checkpoint}"
+    where = location(o.run, o.checkpoint)
     size = f"  {human_bytes(o.bytes)}" if o.bytes else ""
     detail = f"  ({o.detail})" if o.detail else ""
     return f"{_PAST[o.action]:<13} {where}{size}{detail}"

@@ -242,17 +242,13 @@ def read_checkpoint(
     now: float | None = None,
     settle: float = 0.0,
     cache: ContentCache | None = None,
-    trusting: bool = False,
 ) -> Checkpoint:
     """Judge one checkpoint directory. `now` and `settle` apply the watch's "unchanged for" check; with a
-    `cache`, files whose lstat has not changed since the last look are not read again (see ContentCache
-    for what `trusting` skips)."""
+    `cache`, files whose lstat has not changed since the last look are not read again."""
     name = directory.name
     run_dir = os.fspath(directory.parent)
     held = cache.get(run_dir, name) if cache is not None else None
     try:
-        if trusting and held is not None and held.trusted is not None and _dir_key(directory.lstat()) == held.dir_key:
-            return held.trusted
         walked, names = _walk_files(directory)
     except FileNotFoundError:
         return Checkpoint(name, step, complete=False, incomplete_reason="vanished while reading")
@@ -316,7 +312,8 @@ def read_run(
                     continue
             except OSError:
                 pass  # gone or unreadable: read_checkpoint says which
-        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache, trusting))
+        # Not trusted (or changed): every entry's lstat, and the files read again only if one differs.
+        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache))
     checkpoints.sort(key=lambda c: c.step)
     return Run(run_path(root, directory), tuple(checkpoints))
 

@@ -45,7 +45,7 @@ from ckptkeeper.engine import Outcome, Policy, apply_plan, excluded_from_scan, f
 from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
 from ckptkeeper.model import Checkpoint, Decision, RunPlan
 from ckptkeeper.policy import plan_run
-from ckptkeeper.render import human_bytes, shown
+from ckptkeeper.render import human_bytes, location, shown
 from ckptkeeper.scan import ContentCache, checkpoint_step, find_run_dirs, read_run, run_path
 from ckptkeeper.state import StateDir
 
@@ -359,7 +359,7 @@ class Daemon:
                 logged[d.checkpoint.name] = word
                 if d.kept:
                     level = logging.INFO if d.checkpoint.complete else logging.DEBUG
-                    log.log(level, "%s %s: %s", _where(run, d.checkpoint.name), word, ", ".join(d.reasons))
+                    log.log(level, "%s %s: %s", location(run, d.checkpoint.name), word, ", ".join(d.reasons))
 
     def _on_outcome(self, outcome: Outcome) -> None:
         if outcome.action == "delete":
@@ -370,7 +370,7 @@ class Daemon:
             self.metrics.bytes_freed.inc(outcome.bytes)
         elif outcome.action == "error":
             self.metrics.errors.inc()
-        where = _where(outcome.run, outcome.checkpoint)
+        where = location(outcome.run, outcome.checkpoint)
         key = (outcome.run, outcome.checkpoint)
         if outcome.action != "error" and self.failing.pop(key, None) is not None:
             log.info("%s: the removal that failed before went through", where)
@@ -630,10 +630,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def _where(run: str, checkpoint: str) -> str:
-    return checkpoint if run == "." else f"{shown(run)}/{checkpoint}"
 
 
 def _decision_word(d: Decision) -> str:
