@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import IO
 
 # In the order of the table.
 BENCHMARKS = {
@@ -29,7 +30,7 @@ BENCHMARKS = {
 
 
 class _Tee(io.TextIOBase):
-    def __init__(self, *streams: io.TextIOBase) -> None:
+    def __init__(self, *streams: IO[str]) -> None:
         self.streams = streams
 
     def write(self, text: str) -> int:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         report = io.StringIO()
         try:
-            with contextlib.redirect_stdout(_Tee(sys.stdout, report)):  # type: ignore[type-var]
+            with contextlib.redirect_stdout(_Tee(sys.stdout, report)):
                 code = importlib.import_module(BENCHMARKS[name]).main(args)
         except Exception:
             traceback.print_exc()

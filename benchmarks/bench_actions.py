@@ -37,7 +37,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Summary, filesystem_of, fmt, fmt_summary, machine_lines, markdown_table, summarize
+from benchmarks.common import (
+    Summary,
+    filesystem_of,
+    fmt,
+    fmt_summary,
+    load_average,
+    machine_lines,
+    markdown_table,
+    summarize,
+)
 from ckptkeeper import actions
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import StateDir
@@ -515,18 +524,6 @@ def rename_table(r: RenameResult) -> str:
     return markdown_table(["checkpoint", "archive (one rename), ms", "big / small (paired)"], rows)
 
 
-def _load() -> str:
-    """Load average, and the share of the last minute some task waited for I/O (Linux PSI), if available."""
-    text = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        with open("/proc/pressure/io", encoding="utf-8") as f:
-            some = f.readline().split()
-        text += f"; I/O pressure (some, avg60): {some[2].partition('=')[2]} %"
-    except (OSError, IndexError):
-        pass
-    return text
-
-
 # ---- main ---------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_actions", description=__doc__.split("\n")[0])
@@ -541,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = opts.reps or (3 if opts.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-actions-", dir=opts.workdir))
     started = time.monotonic()
-    load_start = _load()
+    load_start = load_average()
     free = shutil.disk_usage(work).free
     # The large shape needs ~5 copies on the disk at once (template, 3 sources, the ext4 image's copy).
     scale = 1.0 if opts.quick or free >= 20 * GiB else max(0.05, free / (20 * GiB))
@@ -630,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             raw["rename"] = {**asdict(renamed), "ratios": renamed.ratios()}
         print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
-        print(f"Load average (1, 5, 15 min) at the start: {load_start}; at the end: {_load()}")
+        print(f"Load average (1, 5, 15 min) at the start: {load_start}; at the end: {load_average()}")
         if opts.json:
             opts.json.write_text(json.dumps(raw, indent=2) + "\n")
     finally:

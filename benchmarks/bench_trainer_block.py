@@ -62,6 +62,7 @@ from benchmarks.common import (
     WatchProcess,
     fmt,
     fmt_summary,
+    load_average,
     machine_lines,
     markdown_table,
     package_version,
@@ -456,8 +457,6 @@ def loop_table(reps: list[LoopRep]) -> str:
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-block-", dir=opts.workdir))
     started = time.monotonic()
-    load_start = _load()
+    load_start = load_average()
     notes = []
     free = shutil.disk_usage(workdir).free
     # The most on disk at once: the "no deletion" loop keeps every checkpoint.
@@ -587,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             raw["loop"] = [asdict(r) for r in loop]
         print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
-        print(f"Load average (1, 5, 15 min) at the start: {load_start}, at the end: {_load()}")
+        print(f"Load average (1, 5, 15 min) at the start: {load_start}, at the end: {load_average()}")
         if opts.json:
             opts.json.write_text(json.dumps(raw, indent=2) + "\n")
     finally:

@@ -36,6 +36,7 @@ from benchmarks.common import (
     cpu_seconds,
     fmt,
     fmt_summary,
+    load_average,
     machine_lines,
     markdown_table,
     memory_kib,
@@ -320,10 +321,6 @@ def idle_table(results: list[IdleResult]) -> str:
     )
 
 
-def _load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def _from_watching(line: str) -> str:
     """The log line from its "watching" on (drops the timestamp and level)."""
     return line[line.find("watching") :]
@@ -343,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     window = 5.0 if opts.quick else 60.0
     reps = 3 if opts.quick else 5
     workdir = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-", dir=opts.workdir))
-    load_start = _load()
+    load_start = load_average()
     started = time.monotonic()
     print("# ckptkeeper watch benchmark" + (" (--quick)" if opts.quick else ""))
     print()
@@ -404,14 +401,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt_summary(cold)}; warm (read_run with a ContentCache, as the daemon's periodic rescan) "
                 f"{fmt_summary(warm)} -> {100 * warm.median / 60:.2f} % of a core at one rescan per 60 s"
             )
-            for r in idle:
-                print(f"- {r.mode}: log said `{_from_watching(r.watching_line)}`")
+            for result in idle:
+                print(f"- {result.mode}: log said `{_from_watching(result.watching_line)}`")
             print(f"- part took {time.monotonic() - part_started:.0f} s")
             print()
             raw["idle"] = [{**asdict(r), "cpu_percent": [s.cpu_percent for s in r.samples]} for r in idle]
             raw["full_scan_cpu_seconds"] = {"cold": asdict(cold), "warm": asdict(warm)}
         print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
-        print(f"Load average (1, 5, 15 min) at the start: {load_start}, at the end: {_load()}")
+        print(f"Load average (1, 5, 15 min) at the start: {load_start}, at the end: {load_average()}")
         if opts.json:
             opts.json.write_text(json.dumps(raw, indent=2) + "\n")
     finally:

@@ -101,6 +101,18 @@ def machine_lines(workdir: Path) -> list[str]:
     ]
 
 
+def load_average() -> str:
+    """Load average (1, 5, 15 min), and the share of the last minute some task waited for I/O (Linux PSI)."""
+    text = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    try:
+        with open("/proc/pressure/io", encoding="utf-8") as f:
+            some = f.readline().split()
+        text += f"; I/O pressure (some, avg60): {some[2].partition('=')[2]} %"
+    except (OSError, IndexError):
+        pass
+    return text
+
+
 # ---- statistics ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Summary:

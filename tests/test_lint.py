@@ -1,4 +1,4 @@
-"""The code base stays clean: ruff over the package and the tests, mypy --strict over the package."""
+"""The code base stays clean: ruff over the package and the tests, mypy --strict over the package and the benchmarks."""
 
 from __future__ import annotations
 
