@@ -136,7 +136,7 @@ class Case:
 
     @property
     def state(self) -> StateDir:
-        return StateDir(self.root / ".ckptkeeper")
+        return StateDir(self.root / "_ckptkeeper")
 
 
 Act = Callable[[Case], None]
@@ -418,7 +418,7 @@ def measure_rename(work: Path, reps: int, quick: bool) -> RenameResult:
     allocated = os.stat(big_optimizer).st_blocks * 512
     checkpoints = {"small": root / "run-1mb" / "checkpoint-1", "big": root / "run-big" / "checkpoint-1"}
     archive = work / "rename-archive"
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     seconds: dict[str, list[float]] = {"small": [], "big": []}
     try:
         for rep in range(reps):
@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             print(delete_table(deletes))
             print()
             print(
-                "- ckptkeeper: delete_checkpoint (guard, one rename into ROOT/.ckptkeeper/trash) + the daemon's "
+                "- ckptkeeper: delete_checkpoint (guard, one rename into ROOT/_ckptkeeper/trash) + the daemon's "
                 "Reaper thread emptying the entry (shutil.rmtree), until it is done; rm -rf: a subprocess"
             )
             print(f"- trees on {filesystem_of(trees)}; part took {time.monotonic() - part:.0f} s")

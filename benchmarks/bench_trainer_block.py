@@ -397,7 +397,7 @@ def run_loop(
         )
         if watch is not None:
             wanted = left[-2:]
-            trash = run_dir / ".ckptkeeper" / "trash"
+            trash = run_dir / "_ckptkeeper" / "trash"
             deadline = time.monotonic() + 60 + 4 * settle
             while checkpoint_steps(run_dir) != wanted or (trash.exists() and any(trash.iterdir())):
                 if time.monotonic() > deadline:

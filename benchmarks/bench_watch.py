@@ -255,7 +255,7 @@ def full_scan_cpu(root: Path, reps: int) -> tuple[Summary, Summary]:
     """CPU seconds of one in-process scan of the tree, cold (scan_root: every trainer_state.json and
     safetensors header read) and warm (read_run with a ContentCache that has seen the tree, as the daemon's
     periodic full rescan does): what each full rescan costs the daemon at least."""
-    excluded = [root / ".ckptkeeper"]
+    excluded = [root / "_ckptkeeper"]
     cold, warm = [], []
     cache = ContentCache()
     for _ in range(reps):

@@ -23,7 +23,7 @@ from ckptkeeper.integrity import safetensors_problem
 from ckptkeeper.scan import checkpoint_step
 from ckptkeeper.state import StateDir
 
-RUN_TRASH_NAME = ".ckptkeeper-trash"  # used only when the state directory is on another filesystem
+RUN_TRASH_NAME = "_ckptkeeper-trash"  # used only when the state directory is on another filesystem
 ARCHIVE_TEMP_PREFIX = ".ckptkeeper-tmp-"
 FSYNC_THREADS = 32  # concurrent fsyncs when an archive copy is made durable (see _fsync_tree)
 

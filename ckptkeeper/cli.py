@@ -98,7 +98,7 @@ def policy_options(command: F) -> F:
         click.option(
             "--state-dir",
             type=click.Path(path_type=Path, file_okay=False),
-            help="Where the lock, journal and trash live. Default: ROOT/.ckptkeeper",
+            help="Where the lock, journal and trash live. Default: ROOT/_ckptkeeper",
         ),
         click.option("--max-depth", type=int, help="How deep below ROOT to look for run directories. Default: 4"),
         click.option(

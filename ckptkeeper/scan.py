@@ -25,6 +25,10 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
 TEMP_PREFIX = ".tmp"  # the safetensors writer's in-flight file
 DEFAULT_MAX_DEPTH = 4
+# Names ckptkeeper gives what it creates among a user's runs (the state directory, a run-local trash, the
+# root's lock). Underscore, not a dot: the Trainer's push_to_hub uploads output_dir ignoring only `_*` and
+# `checkpoint-*`, so nothing of ckptkeeper's goes to the Hub (a `.ckptkeeper` did).
+OWN_PREFIX = "_ckptkeeper"
 # A Trainer's file grows ~150 bytes per logged step: a million steps logged one by one is 150 MB.
 MAX_TRAINER_STATE_BYTES = 512 << 20
 
@@ -33,6 +37,11 @@ MAX_TRAINER_STATE_BYTES = 512 << 20
 def checkpoint_step(name: str) -> int | None:
     m = CHECKPOINT_NAME.fullmatch(name)
     return int(m.group(1)) if m else None
+
+
+def never_descended(name: str) -> bool:
+    """Hidden entries and ckptkeeper's own are never scanned, watched or polled as runs."""
+    return name.startswith((".", OWN_PREFIX))
 
 
 def is_checkpoint_entry(entry: os.DirEntry[str]) -> bool:
@@ -75,7 +84,7 @@ def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings
         pending.extend(
             (Path(entry.path), depth + 1)
             for entry in entries
-            if not entry.name.startswith(".")
+            if not never_descended(entry.name)
             and checkpoint_step(entry.name) is None
             and entry.is_dir(follow_symlinks=False)
             and os.path.realpath(entry.path) not in skip

@@ -1,4 +1,4 @@
-"""ckptkeeper's state directory (default `<root>/.ckptkeeper/`): the lock, the journal and the trash."""
+"""ckptkeeper's state directory (default `<root>/_ckptkeeper/`): the lock, the journal and the trash."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-STATE_DIR_NAME = ".ckptkeeper"
+STATE_DIR_NAME = "_ckptkeeper"
 LOCK_NAME = "lock"
 JOURNAL_NAME = "journal.jsonl"
 TRASH_NAME = "trash"

@@ -46,7 +46,7 @@ from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
 from ckptkeeper.model import Checkpoint, Decision, RunPlan
 from ckptkeeper.policy import plan_run
 from ckptkeeper.render import human_bytes, location, shown
-from ckptkeeper.scan import ContentCache, checkpoint_step, find_run_dirs, read_run, run_path
+from ckptkeeper.scan import ContentCache, checkpoint_step, find_run_dirs, never_descended, read_run, run_path
 from ckptkeeper.state import StateDir
 
 log = logging.getLogger("ckptkeeper")
@@ -224,12 +224,12 @@ class Daemon:
         for index, part in enumerate(parts):
             if checkpoint_step(part) is not None:
                 run_dir = self.root.joinpath(*parts[:index])
-                if index <= self.policy.max_depth and not any(p.startswith(".") for p in parts[:index]):
+                if index <= self.policy.max_depth and not any(never_descended(p) for p in parts[:index]):
                     with self.lock:
                         self.pending.runs.add(run_dir)
                     self.wake.set()
                 return
-            if part.startswith("."):
+            if never_descended(part):
                 return
         with self.lock:
             self.pending.subtrees.add(path)
@@ -619,7 +619,7 @@ def _polling_listdir(root: Path) -> Callable[[str | None], Iterator[os.DirEntry[
         if path is None or (path != top and checkpoint_step(os.path.basename(path)) is not None):
             return iter(())
         with os.scandir(path) as it:
-            return iter([e for e in it if not e.name.startswith(".")])
+            return iter([e for e in it if not never_descended(e.name)])
 
     return listdir
 

@@ -143,7 +143,7 @@ def test_delete_renames_into_the_state_trash_then_removes_it_there(
     root = tmp_path / "root"
     doomed, neighbour = make_checkpoint(root / "run", 10), make_checkpoint(root / "run", 20)
     neighbour_before = manifest(neighbour)
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
 
     delete_checkpoint(root, doomed, state)
 
@@ -161,7 +161,7 @@ def test_rename_to_trash_keeps_the_whole_checkpoint_under_a_non_checkpoint_name(
     root = tmp_path / "root"
     checkpoint = make_checkpoint(root / "run", 3)
     before, inode = manifest(checkpoint), checkpoint.stat().st_ino
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
 
     trashed = rename_to_trash(checkpoint, state)
 
@@ -211,7 +211,7 @@ def test_prune_journals_each_removal_before_and_after(tmp_path: Path) -> None:
 def test_delete_of_a_checkpoint_that_vanished_raises_vanished(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "run").mkdir(parents=True)
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     gone = root / "run" / "checkpoint-3"
 
     with pytest.raises(Vanished):
@@ -307,7 +307,7 @@ def test_removal_guard_refuses_and_nothing_is_touched(tmp_path: Path, case: str)
     root, outside = tmp_path / "root", tmp_path / "outside"
     outside.mkdir()
     path, reason = GUARD_CASES[case](root, outside)
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     before = manifest(tmp_path)
 
     problem = removal_guard(root, path)
@@ -356,7 +356,7 @@ def test_removing_a_checkpoint_with_links_to_outside_the_root_removes_only_the_l
     (checkpoint / "linked-dir").symlink_to(data_dir, target_is_directory=True)
     (checkpoint / "global_step" / "relative-link").symlink_to(os.path.relpath(secret, checkpoint / "global_step"))
     outside_before = manifest(outside)
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
 
     if how == "delete":
         delete_checkpoint(root, checkpoint, state)
@@ -414,7 +414,7 @@ def test_archive_to_another_filesystem_copies_under_a_temporary_name_then_rename
     source = make_checkpoint(root / "run", 5, payload=3 << 20)
     before = manifest(source)
     target = other_fs / "archive" / "run" / "checkpoint-5"
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
 
     assert archive_checkpoint(root, source, target, state) == "copied"
 
@@ -447,7 +447,7 @@ def test_archive_whose_identical_copy_is_already_in_place_removes_the_source(
     target = base / "archive" / "run" / "checkpoint-12"
     shutil.copytree(source, target, symlinks=True)
     before = manifest(target)
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
 
     assert archive_checkpoint(root, source, target, state) == "already archived"
 
@@ -491,7 +491,7 @@ def test_archive_whose_target_exists_and_differs_fails_and_keeps_the_source(tmp_
     shutil.copytree(source, target, symlinks=True)
     DIFFERENCES[difference](target)
     source_before, target_before = manifest(source), manifest(target)
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
 
     with pytest.raises(ActionError, match="already exists and differs"):
         archive_checkpoint(root, source, target, state)
@@ -512,7 +512,7 @@ def test_leftover_archive_temporaries_are_cleared_on_the_next_archive_of_that_ch
     (stale / "optimizer.pt").write_bytes(b"half")
     unrelated = parent / f"{ARCHIVE_TEMP_PREFIX}checkpoint-50.0123456789ab"  # another checkpoint's
     unrelated.mkdir()
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     before = manifest(source)
 
     assert archive_checkpoint(root, source, parent / "checkpoint-5", state) == "copied"
@@ -589,7 +589,7 @@ def test_finish_leftovers_completes_every_interrupted_removal_and_journals_it(tm
     runs = [root / "exp1", root / "exp2"]
     kept = [make_checkpoint(r, 10) for r in runs]
     kept_before = [manifest(k) for k in kept]
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     state.create()
     partial = state.trash / "aaaaaaaaaaaa.checkpoint-5"
     os.rename(make_checkpoint(runs[0], 5), partial)
@@ -694,7 +694,7 @@ def test_a_checkpoint_whose_run_directory_cannot_change_is_an_action_error_and_s
 
 def test_one_trash_entry_that_cannot_be_removed_does_not_block_finishing_the_others(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     state.create()
     stuck = state.trash / "aaaaaaaaaaaa.checkpoint-5"
     os.rename(make_checkpoint(root / "run", 5), stuck)

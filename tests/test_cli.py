@@ -308,7 +308,7 @@ def test_plan_changes_nothing_on_disk(outputs_a: Path, sim_run: Callable[..., Pa
         result = cli("plan", outputs_a, "--keep", "last:1", *extra)
         assert result.exit_code == 0, result.output
     assert snapshot(outputs_a) == before
-    assert not (outputs_a / ".ckptkeeper").exists()
+    assert not (outputs_a / "_ckptkeeper").exists()
     assert not (outputs_a.parent / "arch").exists()
 
 
@@ -371,8 +371,8 @@ def test_prune_prints_each_action_and_the_totals(outputs_a: Path) -> None:
     ]
     assert checkpoints(outputs_a / "A") == KEPT_A
     assert {s: snapshot(outputs_a / "A" / f"checkpoint-{s}") for s in KEPT_A} == kept_before  # mtimes untouched
-    assert os.listdir(outputs_a / ".ckptkeeper" / "trash") == []
-    journal = [json.loads(line) for line in (outputs_a / ".ckptkeeper" / "journal.jsonl").read_text().splitlines()]
+    assert os.listdir(outputs_a / "_ckptkeeper" / "trash") == []
+    journal = [json.loads(line) for line in (outputs_a / "_ckptkeeper" / "journal.jsonl").read_text().splitlines()]
     # Each removal is journaled twice: its intent before acting, then its outcome.
     assert [(e["action"], e["run"], e["checkpoint"], e["bytes"] > 0) for e in journal] == [
         (action, "A", f"checkpoint-{s}", True) for s in REMOVED_A for action in ("start-delete", "delete")
@@ -401,7 +401,7 @@ def test_prune_dry_run_prints_would_delete_and_changes_nothing(outputs_a: Path) 
         "Dry run: would remove 4 checkpoints and free 146.5 kB; nothing was changed. Kept 4.",
     ]
     assert snapshot(outputs_a) == before
-    assert not (outputs_a / ".ckptkeeper").exists()
+    assert not (outputs_a / "_ckptkeeper").exists()
 
 
 def test_prune_archive_keeps_the_run_path_below_the_archive(outputs_a: Path, tmp_path: Path) -> None:
@@ -609,7 +609,7 @@ def _wait_for_line(proc: subprocess.Popen[str], deadline: float) -> str:
 
 
 def test_a_second_instance_on_the_same_root_exits_4(outputs_a: Path) -> None:
-    state_dir = outputs_a / ".ckptkeeper"
+    state_dir = outputs_a / "_ckptkeeper"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(state_dir), str(outputs_a)],
         stdin=subprocess.PIPE,
@@ -618,14 +618,14 @@ def test_a_second_instance_on_the_same_root_exits_4(outputs_a: Path) -> None:
     )
     try:
         assert _wait_for_line(holder, time.monotonic() + 30) == "locked"
-        before = snapshot(outputs_a, skip=[".ckptkeeper"])
+        before = snapshot(outputs_a, skip=["_ckptkeeper"])
         result = cli("prune", outputs_a, "--keep", KEEP_A)
         assert result.exit_code == 4
         assert result.stderr == (
             f"Error: another ckptkeeper (pid {holder.pid} on {socket.gethostname()}) is already working on "
             f"{outputs_a}; only one instance may run per root (lock: {state_dir / 'lock'})\n"
         )
-        assert snapshot(outputs_a, skip=[".ckptkeeper"]) == before
+        assert snapshot(outputs_a, skip=["_ckptkeeper"]) == before
         assert cli("prune", outputs_a, "--keep", KEEP_A, "--dry-run").exit_code == 0  # a dry run takes no lock
         assert cli("plan", outputs_a, "--keep", KEEP_A).exit_code == 0
     finally:
@@ -681,7 +681,7 @@ def _chattr(flag: str, path: Path) -> bool:
 
 
 def test_a_trash_entry_that_cannot_be_finished_is_a_warning_and_the_prune_goes_on(outputs_a: Path) -> None:
-    trash = outputs_a / ".ckptkeeper" / "trash"
+    trash = outputs_a / "_ckptkeeper" / "trash"
     trash.mkdir(parents=True)
     left = trash / "aaaaaaaaaaaa.checkpoint-1"  # left by an interrupted removal
     left.mkdir()
@@ -700,7 +700,7 @@ def test_a_trash_entry_that_cannot_be_finished_is_a_warning_and_the_prune_goes_o
         ]
         assert checkpoints(outputs_a / "A") == KEPT_A
         assert os.listdir(trash) == [left.name]
-        journal = [json.loads(line) for line in (outputs_a / ".ckptkeeper" / "journal.jsonl").read_text().splitlines()]
+        journal = [json.loads(line) for line in (outputs_a / "_ckptkeeper" / "journal.jsonl").read_text().splitlines()]
         assert {k: journal[0][k] for k in ("action", "entry", "why")} == {
             "action": "error",
             "entry": f"{left}: Operation not permitted",
@@ -720,7 +720,7 @@ def test_state_dir_option_moves_lock_and_journal(outputs_a: Path, tmp_path: Path
     state = tmp_path / "state"
     result = cli("prune", outputs_a, "--keep", KEEP_A, "--state-dir", state)
     assert result.exit_code == 0, result.output
-    assert not (outputs_a / ".ckptkeeper").exists()
+    assert not (outputs_a / "_ckptkeeper").exists()
     # An intent line before each of the 4 removals, then its outcome line.
     journal = [json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()]
     assert [(e["action"], e["checkpoint"]) for e in journal] == [
@@ -764,7 +764,7 @@ def test_demo_dir_keeps_what_is_left(tmp_path: Path) -> None:
     assert listed == on_disk == {"checkpoint-30", "checkpoint-110", "checkpoint-120"}
     deleted = [m.group(1) for x in out if (m := re.fullmatch(r".* (checkpoint-\d+) deleted: freed .*", x))]
     assert sorted(deleted) == sorted(f"checkpoint-{s}" for s in range(10, 101, 10) if s != 30)
-    assert (root / ".ckptkeeper" / "journal.jsonl").exists()
+    assert (root / "_ckptkeeper" / "journal.jsonl").exists()
     # A second demo in the same directory starts from a fresh run.
     assert cli("demo", "--dir", directory, "--keep", "last:2", "--pace", "0.005").exit_code == 0
 

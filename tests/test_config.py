@@ -200,7 +200,7 @@ def test_every_setting_in_a_file_takes_effect(hf_run: Callable[[str], Path], tmp
     assert [(e["action"], e["checkpoint"]) for e in journal] == [
         (action, f"checkpoint-{s}") for s in (26, 52, 78) for action in ("start-archive", "archive")
     ]
-    assert not (root / ".ckptkeeper").exists()
+    assert not (root / "_ckptkeeper").exists()
 
 
 def test_max_depth_and_settle_from_a_file(hf_run: Callable[[str], Path], tmp_path: Path) -> None:

@@ -191,9 +191,9 @@ def test_sidecar_prunes_serves_metrics_and_stops_on_sigterm(image: str, containe
     assert saved == ALL_STEPS
     run = outputs / "run"
     wait_until(lambda: steps(run) == KEPT, 30, lambda: f"only {KEPT} in {steps(run)}; log:\n{logs()}")
-    trash = outputs / ".ckptkeeper" / "trash"
+    trash = outputs / "_ckptkeeper" / "trash"
     wait_until(lambda: not trash.exists() or not os.listdir(trash), 10, "the trash to be emptied")
-    deleted = [e for e in journal(outputs / ".ckptkeeper") if e["action"] == "delete"]
+    deleted = [e for e in journal(outputs / "_ckptkeeper") if e["action"] == "delete"]
     assert sorted(e["step"] for e in deleted) == [2, 4], deleted
     removed = len(ALL_STEPS) - len(KEPT)
 

@@ -377,7 +377,7 @@ def new_layout(mode: Mode, work: Path, template: Path, other: Path | None) -> La
     # and setting a round up costs no data copy. Removal renames and unlinks them like any other file.
     shutil.copytree(template, root, copy_function=os.link)
     scratch = [base]
-    state_path = root / ".ckptkeeper"
+    state_path = root / "_ckptkeeper"
     if mode.state_on_other_fs:
         assert other is not None
         state_path = other / f"state-{tag}"
@@ -418,7 +418,7 @@ def template(work_fs: Path) -> Iterator[tuple[Path, Expected]]:
     manifests = {key: tree_manifest(path) for key, path in checkpoint_dirs(root).items()}
     digests = Digests()
     digests.learn(root)
-    plan = make_plan(root, crash_worker.policy_for({"keep": KEEP}), root / ".ckptkeeper")
+    plan = make_plan(root, crash_worker.policy_for({"keep": KEEP}), root / "_ckptkeeper")
     assert not plan.refusals and not plan.warnings
     assert all(d.checkpoint.complete for p in plan.runs for d in p.decisions)
     kept = {(p.run.path, d.checkpoint.name) for p in plan.runs for d in p.kept}
@@ -821,7 +821,7 @@ def test_kill_while_holding_the_lock_then_next_run_succeeds(
 
 def test_daemon_log_stays_json_lines_when_the_trash_is_beside_the_run(tmp_path: Path, tmpfs: Path) -> None:
     """Found by the daemon mode with the state directory on another filesystem. rename_to_trash creates
-    `<run>/.ckptkeeper-trash` and renames the checkpoint into it at once; watchdog's inotify emitter handles
+    `<run>/_ckptkeeper-trash` and renames the checkpoint into it at once; watchdog's inotify emitter handles
     the new directory's IN_CREATE by walking it and adding a watch to every directory found, the moved
     checkpoint included, which is watched already (an inotify watch follows the inode): watchdog then calls
     warnings.warn, which Python prints to stderr as two plain-text lines in the middle of the JSON log.

@@ -104,7 +104,7 @@ def test_watch_prunes_a_real_trainer_run_that_loads_its_best_model(tmp_path: Pat
     summary_path = tmp_path / "summary.json"
     daemon_log, daemon_stdout = tmp_path / "daemon.log", tmp_path / "daemon.stdout"
     train_stdout, train_stderr = tmp_path / "train.stdout", tmp_path / "train.stderr"
-    journal = out / ".ckptkeeper" / "journal.jsonl"
+    journal = out / "_ckptkeeper" / "journal.jsonl"
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -208,7 +208,7 @@ def test_watch_prunes_a_real_trainer_run_that_loads_its_best_model(tmp_path: Pat
         f"on disk {sorted(on_disk)}, expected {sorted(survivors)} "
         f"({ {s: survivors[s] for s in sorted(survivors)} }); saved {saved_steps}\n{context()}"
     )
-    trash = out / ".ckptkeeper" / "trash"
+    trash = out / "_ckptkeeper" / "trash"
     assert not trash.exists() or not os.listdir(trash), f"the trash still holds {os.listdir(trash)}"
 
     # ---- the journal records each removal, and nothing else --------------------------------------------

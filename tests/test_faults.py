@@ -334,8 +334,8 @@ def test_prune_archive_to_a_full_disk_rolls_back_each_copy_and_keeps_the_source(
     assert manifest(archive / "run" / "checkpoint-1") == before[1]
     assert checkpoint_manifests(run) == {s: before[s] for s in (2, 3, 4)}
     assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
-    assert os.listdir(root / ".ckptkeeper" / "trash") == []
-    entries = [(e["action"], e["checkpoint"]) for e in journal(root / ".ckptkeeper")]
+    assert os.listdir(root / "_ckptkeeper" / "trash") == []
+    entries = [(e["action"], e["checkpoint"]) for e in journal(root / "_ckptkeeper")]
     assert entries == [
         ("start-archive", "checkpoint-1"),
         ("archive", "checkpoint-1"),
@@ -344,7 +344,7 @@ def test_prune_archive_to_a_full_disk_rolls_back_each_copy_and_keeps_the_source(
         ("start-archive", "checkpoint-3"),
         ("error", "checkpoint-3"),
     ]
-    assert all(ENOSPC in e["detail"] for e in journal(root / ".ckptkeeper") if e["action"] == "error")
+    assert all(ENOSPC in e["detail"] for e in journal(root / "_ckptkeeper") if e["action"] == "error")
 
     # Space again: the next prune archives the rest.
     filler.unlink()
@@ -365,7 +365,7 @@ def test_watch_archive_to_a_full_disk_keeps_running_retries_and_recovers(
     run = root / "run"
     simulate_run(run, THREE)  # 1, 2, 3: last:1 archives 1 and 2
     before = checkpoint_manifests(run)
-    state_dir = root / ".ckptkeeper"
+    state_dir = root / "_ckptkeeper"
 
     w = watch(root, "--keep", "last:1", "--archive-to", str(archive), *SETTLE_0, *RESCAN_1S, "--metrics-port", "0")
     # The start-up pass and at least two full rescans have each tried (and failed) both archives.
@@ -423,7 +423,7 @@ def test_prune_a_checkpoint_that_cannot_be_removed_is_reported_the_others_go_and
         ["deleted", "run/checkpoint-6"],
     ]
     assert done.stderr == "Error: 1 checkpoint(s) could not be removed (see the FAILED lines above)\n"
-    trash = root / ".ckptkeeper" / "trash"
+    trash = root / "_ckptkeeper" / "trash"
     if what == "the checkpoint directory":
         # It cannot leave its name: it stays whole there.
         assert out[3] == f"FAILED        run/checkpoint-4  (cannot move {run}/checkpoint-4 to the trash: {EPERM})"
@@ -451,7 +451,7 @@ def test_prune_a_checkpoint_that_cannot_be_removed_is_reported_the_others_go_and
     else:
         assert again.stdout.splitlines()[2] == f"finished removing {left}, left in the trash by an interrupted run"
         tail = ["finish-trash"]
-    assert [e["action"] for e in journal(root / ".ckptkeeper")] == [
+    assert [e["action"] for e in journal(root / "_ckptkeeper")] == [
         *["start-delete", "delete", "start-delete", "error", "start-delete", "delete"],
         *tail,
     ]
@@ -465,7 +465,7 @@ def test_watch_a_checkpoint_that_cannot_be_renamed_is_retried_each_pass_and_remo
     simulate_run(run, SMALL)
     before = manifest(run / "checkpoint-4")
     immutable.set(run / "checkpoint-4")
-    state_dir = root / ".ckptkeeper"
+    state_dir = root / "_ckptkeeper"
 
     w = watch(root, "--keep", "last:1", *SETTLE_0, *RESCAN_1S, "--metrics-port", "0")
     wait_until(lambda: steps(run) == [4, 8], 15, w.describe)  # the others went
@@ -499,7 +499,7 @@ def test_watch_a_checkpoint_that_fails_inside_the_trash_leaves_its_name_and_is_f
     tmp_path: Path, immutable: Immutable, watch: StartWatch
 ) -> None:
     root = tmp_path / "outputs"
-    trash = root / ".ckptkeeper" / "trash"
+    trash = root / "_ckptkeeper" / "trash"
     w = _watch_with_a_stuck_trash_entry(root, immutable, watch)
     [left] = wait_until(lambda: len(names := os.listdir(trash)) == 1 and names, 10, w.describe)  # 2 and 6 went
     assert left.endswith(".checkpoint-4") and checkpoint_step(left) is None
@@ -524,14 +524,14 @@ def test_watch_retries_a_stuck_trash_entry_on_a_later_rescan(
     tmp_path: Path, immutable: Immutable, watch: StartWatch
 ) -> None:
     root = tmp_path / "outputs"
-    trash = root / ".ckptkeeper" / "trash"
+    trash = root / "_ckptkeeper" / "trash"
     w = _watch_with_a_stuck_trash_entry(root, immutable, watch)
     immutable.clear_all()
     seen = full_rescans(w)
     wait_full_rescans(w, seen + 1)  # two full rescans after the entry became removable
     defect_unless(os.listdir(trash) == [], f"still in the trash after two full rescans: {os.listdir(trash)}")
     w.wait_log("on a retry")
-    finished = [e for e in journal(root / ".ckptkeeper") if e["action"] == "finish-trash"]
+    finished = [e for e in journal(root / "_ckptkeeper") if e["action"] == "finish-trash"]
     assert [e["why"] for e in finished] == ["deleted on a retry"]
     assert w.terminate()[0] == 0
 
@@ -543,12 +543,12 @@ def test_watch_journals_a_removal_that_failed_inside_the_trash(
     _watch_with_a_stuck_trash_entry(root, immutable, watch)
 
     def journaled() -> bool:
-        return any(e["action"] == "error" and "checkpoint-4" in json.dumps(e) for e in journal(root / ".ckptkeeper"))
+        return any(e["action"] == "error" and "checkpoint-4" in json.dumps(e) for e in journal(root / "_ckptkeeper"))
 
     try:
         wait_until(journaled, 5, "an error entry for checkpoint-4 in the journal")
     except AssertionError as e:
-        raise Defect(f"{e}: {journal(root / '.ckptkeeper')}") from None
+        raise Defect(f"{e}: {journal(root / '_ckptkeeper')}") from None
 
 
 # ============================================================================================== 3. readers
@@ -613,7 +613,7 @@ def test_removal_while_other_processes_hold_files_open_and_read_the_checkpoint(
         else:
             w = watch(root, "--keep", "last:1", *SETTLE_0, *NO_RESCAN)
             w.wait_log("run/checkpoint-1 deleted: freed ")
-        wait_until(lambda: os.listdir(root / ".ckptkeeper" / "trash") == [], 10, "the trash to be emptied")
+        wait_until(lambda: os.listdir(root / "_ckptkeeper" / "trash") == [], 10, "the trash to be emptied")
         assert steps(run) == [2] and not doomed.exists()
         # Unlinked but open: its blocks are still in use, and an open descriptor reads the whole file.
         assert os.fstat(mine).st_nlink == 0
@@ -646,7 +646,7 @@ def test_a_watch_holding_the_root_refuses_prune_and_a_second_watch_until_it_is_k
     root = tmp_path / "outputs"
     run = root / "run"
     simulate_run(run, SMALL)
-    lock = root / ".ckptkeeper" / "lock"
+    lock = root / "_ckptkeeper" / "lock"
     first = watch(root, "--keep", "last:4", *SETTLE_0, *NO_RESCAN)  # keeps everything: only the lock matters
     first.wait_log("watching ")
 
@@ -701,9 +701,9 @@ def test_the_root_moved_away_and_replaced_the_old_tree_is_left_alone(
     wait_until(lambda: steps(root / "new") == [8], 15, w.describe)
     w.wait_log("new/checkpoint-6 deleted: ")
     assert steps(moved / "after") == [2, 4, 6, 8]
-    assert "after/" not in w.log() and not [e for e in journal(moved / ".ckptkeeper") if e.get("run") == "after"]
-    assert (root / ".ckptkeeper" / "lock").read_text().startswith(f"pid {w.pid} ")  # it locked the new root
-    assert (moved / ".ckptkeeper" / "lock").read_text() == ""  # and released the old one's
+    assert "after/" not in w.log() and not [e for e in journal(moved / "_ckptkeeper") if e.get("run") == "after"]
+    assert (root / "_ckptkeeper" / "lock").read_text().startswith(f"pid {w.pid} ")  # it locked the new root
+    assert (moved / "_ckptkeeper" / "lock").read_text() == ""  # and released the old one's
     assert w.alive(), w.describe()
     assert w.terminate()[0] == 0
     assert_no_traceback(w)
@@ -725,7 +725,7 @@ def test_plan_works_and_prune_explains_on_a_read_only_root(tmp_path: Path, ro_mo
 
     prune = ckpt("prune", ro, "--keep", "last:1")
     assert prune.returncode == 1, prune.stdout + prune.stderr
-    assert prune.stderr == f"Error: cannot use the state directory {ro / '.ckptkeeper'}: {EROFS}\n"
+    assert prune.stderr == f"Error: cannot use the state directory {ro / '_ckptkeeper'}: {EROFS}\n"
     assert tree_stamps(source) == before
 
     # With the state directory elsewhere the lock is taken, and each removal says why it cannot be done.
@@ -745,13 +745,13 @@ def test_watch_on_a_read_only_root_exits_with_a_message_or_runs_with_the_state_e
 ) -> None:
     source = tmp_path / "outputs"
     simulate_run(source / "run", SMALL)
-    (source / ".ckptkeeper").mkdir()  # left by an earlier run: nothing can be created in it now
+    (source / "_ckptkeeper").mkdir()  # left by an earlier run: nothing can be created in it now
     ro = bind_read_only(ro_mounts, source, tmp_path / "ro")
     before = tree_stamps(source)
 
     w = watch(ro, "--keep", "last:1", *SETTLE_0)
     assert w.wait_exit() == 1, w.describe()
-    assert re.fullmatch(rf"Error: cannot watch {ro}: {EROFS} \({ro}/\.ckptkeeper/\w+\)\n", w.log()), w.describe()
+    assert re.fullmatch(rf"Error: cannot watch {ro}: {EROFS} \({ro}/_ckptkeeper/\w+\)\n", w.log()), w.describe()
 
     elsewhere = watch(ro, "--keep", "last:1", *SETTLE_0, *RESCAN_1S, "--state-dir", str(tmp_path / "state"))
     wait_until(lambda: len(error_lines(elsewhere, EROFS)) >= 3, 15, elsewhere.describe)  # 2, 4, 6 at least once
@@ -810,7 +810,7 @@ def test_sigkill_mid_delete_with_the_run_on_another_filesystem_than_the_state(
     if layout == "run directory is a tmpfs mount point":
         root = tmp_path / "outputs"
         mounts("run-fs", "96m", at=root / "exp")
-        state_dir = root / ".ckptkeeper"
+        state_dir = root / "_ckptkeeper"
     else:
         root = mounts("root-fs", "96m") / "outputs"
         state_dir = tmp_path / "state"

@@ -376,7 +376,7 @@ def test_all_six_runs_under_one_root_are_judged_each_on_its_own(
     for run in RUNS:
         real_run(run)
     root = tmp_path / "outputs"
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     policy = Policy(parse_rules("best:1,last:2,epoch:all"))
     result = make_plan(root, policy, state.path)
     assert [p.run.path for p in result.runs] == list(RUNS)

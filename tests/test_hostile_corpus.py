@@ -1327,7 +1327,7 @@ def check_case(case: Case, base: Path) -> None:
     root = base / "root"
     case.build(root)
     arg = str(case.arg(root) if case.arg else root)
-    state_dir = root / ".ckptkeeper"
+    state_dir = root / "_ckptkeeper"
     before = snapshot(base, skip=state_dir)
     for path in case.intact:
         assert path in before, f"{path} is not part of the case"

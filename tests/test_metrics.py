@@ -58,7 +58,7 @@ def samples(text: str) -> Samples:
 
 def metrics_daemon(root: Path, keep: str, **options: float | str) -> Daemon:
     settings: dict[str, float | str] = {"settle": 0.3, "rescan_interval": 3600.0, "metrics_port": 0, **options}
-    return Daemon(root, Policy(parse_rules(keep)), root / ".ckptkeeper", WatchOptions(**settings))  # type: ignore[arg-type]
+    return Daemon(root, Policy(parse_rules(keep)), root / "_ckptkeeper", WatchOptions(**settings))  # type: ignore[arg-type]
 
 
 def url(daemon: Daemon, path: str) -> str:
@@ -110,7 +110,7 @@ def test_metrics_match_what_the_daemon_did(
         return found if done and found.get(("ckptkeeper_checkpoints_seen", run_label)) == len(expected_kept) else None
 
     found = wait_until(settled, 10, lambda: f"removed_total {removed}: {scrape(daemon)}")
-    deleted = [e for e in journal(root / ".ckptkeeper") if e["action"] == "delete"]
+    deleted = [e for e in journal(root / "_ckptkeeper") if e["action"] == "delete"]
     assert sorted(e["step"] for e in deleted) == sorted(expected_removed)
     assert found[("ckptkeeper_checkpoints_seen", run_label)] == len(expected_kept)
     assert found[("ckptkeeper_checkpoints_kept", run_label)] == len(expected_kept)
@@ -168,7 +168,7 @@ def test_server_binds_localhost_by_default_and_404s_unknown_paths(
     root = tmp_path / "outputs"
     root.mkdir()
     assert WatchOptions().metrics_host == "127.0.0.1"
-    daemon = Daemon(root, Policy(parse_rules("last:1")), root / ".ckptkeeper", WatchOptions(metrics_port=0))
+    daemon = Daemon(root, Policy(parse_rules("last:1")), root / "_ckptkeeper", WatchOptions(metrics_port=0))
     handle = run_daemon(daemon)
     base = url(daemon, "")
     assert daemon.metrics_server is not None
@@ -186,7 +186,7 @@ def test_server_binds_localhost_by_default_and_404s_unknown_paths(
 def test_no_metrics_server_without_a_port(tmp_path: Path, run_daemon: Callable[[Daemon], DaemonThread]) -> None:
     root = tmp_path / "outputs"
     root.mkdir()
-    daemon = Daemon(root, Policy(parse_rules("last:1")), root / ".ckptkeeper", WatchOptions(settle=0.3))
+    daemon = Daemon(root, Policy(parse_rules("last:1")), root / "_ckptkeeper", WatchOptions(settle=0.3))
     handle = run_daemon(daemon)
     wait_until(lambda: daemon.last_reconcile is not None, 10, "the first reconcile")
     assert daemon.metrics_server is None

@@ -463,11 +463,11 @@ def test_hidden_directories_are_not_descended(tmp_path: Path) -> None:
 
 def test_the_state_directory_is_not_descended(tmp_path: Path) -> None:
     small_checkpoint(tmp_path / "run", 1)
-    small_checkpoint(tmp_path / ".ckptkeeper", 1)
-    small_checkpoint(tmp_path / ".ckptkeeper" / "trash", 2)
-    small_checkpoint(tmp_path / ".ckptkeeper" / "trash" / "abc.checkpoint-3" / "x", 3)
+    small_checkpoint(tmp_path / "_ckptkeeper", 1)
+    small_checkpoint(tmp_path / "_ckptkeeper" / "trash", 2)
+    small_checkpoint(tmp_path / "_ckptkeeper" / "trash" / "abc.checkpoint-3" / "x", 3)
     assert runs_of(tmp_path) == ["run"]
-    assert runs_of(tmp_path, excluded=[tmp_path / ".ckptkeeper"]) == ["run"]
+    assert runs_of(tmp_path, excluded=[tmp_path / "_ckptkeeper"]) == ["run"]
 
 
 def test_excluded_directories_are_not_descended(tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def contend(state_dir: Path, root: Path) -> subprocess.CompletedProcess[str]:
 def holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     """Another process holding the lock of tmp_path/root, started and ended by this fixture."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path / "root" / ".ckptkeeper"), str(tmp_path / "root")],
+        [sys.executable, "-c", HOLDER, str(tmp_path / "root" / "_ckptkeeper"), str(tmp_path / "root")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -87,14 +87,14 @@ def root(tmp_path: Path) -> Path:
 def test_a_second_instance_in_another_process_is_refused_naming_the_holder(
     root: Path, holder: subprocess.Popen[str]
 ) -> None:
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     with pytest.raises(LockHeld) as refused:
         state.acquire_lock(root)
     message = str(refused.value)
     assert f"pid {holder.pid} " in message
     assert str(root) in message and "only one instance" in message
 
-    other = contend(root / ".ckptkeeper", root)
+    other = contend(root / "_ckptkeeper", root)
     assert other.returncode == 4
     assert f"pid {holder.pid} " in other.stdout
 
@@ -102,31 +102,31 @@ def test_a_second_instance_in_another_process_is_refused_naming_the_holder(
 def test_the_lock_of_a_killed_holder_is_free_again(root: Path, holder: subprocess.Popen[str]) -> None:
     holder.send_signal(signal.SIGKILL)
     assert holder.wait(timeout=60) == -signal.SIGKILL
-    lock_file = root / ".ckptkeeper" / "lock"
+    lock_file = root / "_ckptkeeper" / "lock"
     assert f"pid {holder.pid} " in lock_file.read_text()  # stale: the dead holder is still written there
 
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     state.acquire_lock(root)
     try:
         assert lock_file.read_text().startswith(f"pid {os.getpid()} ")
-        assert contend(root / ".ckptkeeper", root).returncode == 4
+        assert contend(root / "_ckptkeeper", root).returncode == 4
     finally:
         state.release_lock()
-    assert contend(root / ".ckptkeeper", root).returncode == 0
+    assert contend(root / "_ckptkeeper", root).returncode == 0
 
 
 def test_a_released_lock_can_be_taken_by_the_next_process(root: Path, holder: subprocess.Popen[str]) -> None:
     assert holder.stdin is not None and holder.stdout is not None
-    assert contend(root / ".ckptkeeper", root).returncode == 4
+    assert contend(root / "_ckptkeeper", root).returncode == 4
     holder.stdin.close()
     assert holder.stdout.readline().strip() == "RELEASED"
     assert holder.wait(timeout=60) == 0
-    taken = contend(root / ".ckptkeeper", root)
+    taken = contend(root / "_ckptkeeper", root)
     assert taken.returncode == 0, taken.stdout + taken.stderr
 
 
 def test_two_state_dirs_in_one_process_exclude_each_other_and_release_is_idempotent(root: Path) -> None:
-    first, second = StateDir(root / ".ckptkeeper"), StateDir(root / ".ckptkeeper")
+    first, second = StateDir(root / "_ckptkeeper"), StateDir(root / "_ckptkeeper")
     first.acquire_lock(root)
     with pytest.raises(LockHeld, match=rf"pid {os.getpid()} "):
         second.acquire_lock(root)
@@ -134,7 +134,7 @@ def test_two_state_dirs_in_one_process_exclude_each_other_and_release_is_idempot
     first.release_lock()
     second.acquire_lock(root)
     second.release_lock()
-    assert (root / ".ckptkeeper" / "trash").is_dir()  # taking the lock creates the state directory
+    assert (root / "_ckptkeeper" / "trash").is_dir()  # taking the lock creates the state directory
 
 
 def test_journal_appends_and_reads_back_in_order_with_a_utc_time(tmp_path: Path) -> None:
@@ -184,7 +184,7 @@ def test_an_entry_recorded_after_a_cut_short_line_is_not_lost_with_it(tmp_path: 
 
 
 def test_journal_can_be_written_before_anything_else_created_the_state_dir(tmp_path: Path) -> None:
-    state = StateDir(tmp_path / "fresh" / ".ckptkeeper")
+    state = StateDir(tmp_path / "fresh" / "_ckptkeeper")
     state.record({"action": "error", "checkpoint": "checkpoint-1"})
     assert [e["action"] for e in state.read_journal()] == ["error"]
 
@@ -196,7 +196,7 @@ def test_a_state_directory_or_trash_that_is_a_symlink_is_refused(tmp_path: Path,
     (elsewhere / "trash").mkdir(parents=True)
     precious = elsewhere / "trash" / "precious.txt"
     precious.write_text("not ckptkeeper's")
-    state_path = tmp_path / "root" / ".ckptkeeper"
+    state_path = tmp_path / "root" / "_ckptkeeper"
     state_path.parent.mkdir()
     if linked == "state dir":
         state_path.symlink_to(elsewhere)

@@ -131,7 +131,7 @@ def test_a_live_trainer_run_is_pruned_to_exactly_the_expected_checkpoints(tmp_pa
             if rel != "trainer_state.json" and (reference / rel).is_file():
                 assert (live / rel).read_bytes() == (reference / rel).read_bytes(), rel
 
-    entries = journal(root / ".ckptkeeper")
+    entries = journal(root / "_ckptkeeper")
     assert {e["action"] for e in entries} == {"start-delete", "delete"}, entries
     starts = {e["step"]: journal_time(e) for e in entries if e["action"] == "start-delete"}
     assert sorted(starts) == sorted(removable_after)
@@ -227,7 +227,7 @@ def test_checkpoints_removed_by_someone_else_during_the_daemons_pass(tmp_path: P
     run = root / "run"
     many = SimConfig(steps_per_epoch=60, epochs=1, save_steps=1, eval_strategy="no", metric_for_best_model=None)
     simulate_run(run, many)  # checkpoint-1..60: `last:1` removes 59 of them in one pass
-    journal_path = root / ".ckptkeeper" / "journal.jsonl"
+    journal_path = root / "_ckptkeeper" / "journal.jsonl"
     taken: list[int] = []
 
     def rival() -> None:
@@ -248,7 +248,7 @@ def test_checkpoints_removed_by_someone_else_during_the_daemons_pass(tmp_path: P
     w.wait_log(" vanished: ")  # logged as such, not as an error
     # A checkpoint gone before the daemon touched it is not an action of ckptkeeper's: only what it did is
     # journaled (one that vanishes between its start-delete line and the rename is journaled as vanished).
-    outcomes = {e["action"] for e in journal(root / ".ckptkeeper")}
+    outcomes = {e["action"] for e in journal(root / "_ckptkeeper")}
     assert outcomes <= {"start-delete", "delete", "vanished", "skipped"}, outcomes
     assert taken, "the rival found nothing to remove"
     assert w.alive(), w.describe()
@@ -394,7 +394,7 @@ def stop_while_deleting(root: Path, files: int, blob: bytes, watch: StartWatch) 
     before = {step: manifest(run / f"checkpoint-{step}") for step in (30, 40)}
 
     w = watch(root, "--keep", "last:2", "--settle", "0", "--grace", "10", *NO_RESCAN)
-    trash = root / ".ckptkeeper" / "trash"
+    trash = root / "_ckptkeeper" / "trash"
 
     def in_trash() -> int:
         return count_files(trash) if trash.is_dir() else 0
@@ -434,8 +434,8 @@ def test_sigterm_while_deleting_a_large_checkpoint(tmp_path: Path, watch: StartW
     for entry in leftovers:
         again.wait_log(f"finished removing {entry.name}, left in the trash by an interrupted run", timeout=60)
     again.wait_log("watching ")
-    assert list((root / ".ckptkeeper" / "trash").iterdir()) == []
-    finished = [e["entry"] for e in journal(root / ".ckptkeeper") if e["action"] == "finish-trash"]
+    assert list((root / "_ckptkeeper" / "trash").iterdir()) == []
+    finished = [e["entry"] for e in journal(root / "_ckptkeeper") if e["action"] == "finish-trash"]
     assert sorted(finished) == sorted(e.name for e in leftovers)
     assert steps(root / "run") == [30, 40]
     assert_no_failure_logged(again)
@@ -453,7 +453,7 @@ def test_a_second_instance_exits_4_and_a_killed_ones_lock_is_stale(tmp_path: Pat
     assert second.wait_exit() == 4
     message = second.log()
     assert f"pid {first.pid} on " in message, message
-    assert f"(lock: {root / '.ckptkeeper' / 'lock'})" in message, message
+    assert f"(lock: {root / '_ckptkeeper' / 'lock'})" in message, message
     assert first.alive(), first.describe()
 
     first.proc.send_signal(signal.SIGKILL)
@@ -511,7 +511,7 @@ def test_dry_run_logs_would_delete_and_changes_nothing(tmp_path: Path, watch: St
     assert w.terminate()[0] == 0
     assert manifest(root) == before
     assert steps(root / "run") == steps(root / "late") == [2, 4, 6, 8]
-    assert not (root / ".ckptkeeper").exists()
+    assert not (root / "_ckptkeeper").exists()
     assert " deleted: " not in w.log()
     assert_no_failure_logged(w)
 

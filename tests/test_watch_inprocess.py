@@ -119,7 +119,7 @@ def run_daemon(no_thread_leaks: None, daemon_log: Collect) -> Iterator[Callable[
 
 def make_daemon(root: Path, keep: str = "last:1", **options: float) -> Daemon:
     settings = {"settle": 0.3, "rescan_interval": 3600.0, **options}
-    return Daemon(root, Policy(parse_rules(keep)), root / ".ckptkeeper", WatchOptions(**settings))
+    return Daemon(root, Policy(parse_rules(keep)), root / "_ckptkeeper", WatchOptions(**settings))
 
 
 def test_a_dead_observer_is_detected_and_replaced_by_polling(
@@ -169,7 +169,7 @@ def test_stopping_ends_every_thread_and_frees_the_lock(
     assert handle.stop() == 0
     assert not observer.is_alive()
     assert not daemon.reaper.thread.is_alive()
-    state = StateDir(root / ".ckptkeeper")
+    state = StateDir(root / "_ckptkeeper")
     state.acquire_lock(root)  # free again (raises LockHeld otherwise)
     state.release_lock()
 
@@ -194,7 +194,7 @@ def test_a_periodic_rescan_of_an_unchanged_run_plans_nothing_again_and_a_change_
     root = tmp_path / "outputs"
     simulate_run(root / "a", SMALL)
     simulate_run(root / "b", SMALL)
-    daemon = Daemon(root, Policy(parse_rules("last:4")), root / ".ckptkeeper", WatchOptions(settle=0.0))
+    daemon = Daemon(root, Policy(parse_rules("last:4")), root / "_ckptkeeper", WatchOptions(settle=0.0))
     planned: list[str] = []
     real_plan_run = watch_module.plan_run
 
