@@ -25,6 +25,15 @@ class Checkpoint:
     training_stopped: bool = False
     # The newest mtime/ctime of anything in the directory (seconds since the epoch), as scanned.
     last_change: float = field(default=0.0, compare=False)
+    # The newest modification time of the files inside (seconds since the epoch): when it was last written.
+    # None where unknown (values built in tests). Compared only to find the newest written checkpoint.
+    written_at: float | None = field(default=None, compare=False)
+    # The file times lie in the future (a writer's clock ahead of this machine's): they order nothing.
+    times_in_future: bool = field(default=False, compare=False)
+    # When it counts as settled if nothing changes (watch re-checks then); None if not waiting to settle.
+    settles_at: float | None = field(default=None, compare=False)
+    # (st_dev, st_ino) of the directory when scanned: a removal acts only on the very directory judged.
+    identity: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def trainer_best_step(self) -> int | None:

@@ -139,6 +139,9 @@ class _Seen:
     contents: _Contents
     # Complete and settled when seen: its Checkpoint, reused as it is while the directory is unchanged.
     trusted: Checkpoint | None
+    # When this signature was first seen (the caller's clock): settling by observation when file times
+    # cannot be trusted (they lie in the future).
+    first_seen: float = 0.0
 
 
 class ContentCache:
@@ -245,6 +248,57 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
     return _Contents(tuple(problems), epoch, metrics, best_steps, stopped)
 
 
+# File times up to this far ahead of the clock are a writer's clock a little ahead (or this clock's step):
+# settled by file times still. Further ahead, they say nothing, and settling goes by what is observed.
+FUTURE_TOLERANCE = 1.0
+
+
+def timestamp_granularity(stats: Iterable[os.stat_result]) -> float:
+    """The coarsest step the filesystem's file times may have, judged from the times themselves: 0 where
+    any has a fraction of a second (nanosecond timestamps), 1 s where all are whole seconds (ext4 with
+    128-byte inodes, ext3, some NFS and Lustre setups), 2 s where all are even too (FAT). A time that is
+    whole by chance costs a second of waiting, never an early settle."""
+    times = [t for st in stats for t in (st.st_mtime_ns, st.st_ctime_ns)]
+    if any(t % 1_000_000_000 for t in times):
+        return 0.0
+    return 2.0 if all(t % 2_000_000_000 == 0 for t in times) else 1.0
+
+
+def _settle_check(
+    stats: list[os.stat_result],
+    newest_change: float,
+    now: float | None,
+    settle: float,
+    first_seen: float | None,
+    in_future: bool,
+) -> tuple[str | None, float | None]:
+    """Why the checkpoint has not settled yet and when it would, or (None, None).
+
+    A file time says a change happened at or after it, within the filesystem's granularity: a time
+    rounded down to the second may be up to a second older than the change. A time in the future says
+    nothing (a writer whose clock is ahead): then what this process itself saw unchanged counts, from
+    the first look at these exact entries (`first_seen`); a one-shot command has only its one look."""
+    if now is None or settle <= 0:
+        return None, None
+    granularity = timestamp_granularity(stats)
+    if in_future:
+        since = now if first_seen is None else first_seen
+        settles_at = since + settle + granularity
+        if now >= settles_at:
+            return None, None
+        ahead = newest_change - now
+        return (
+            f"file times {ahead:.0f} s in the future (a clock ahead?): waiting until seen unchanged for "
+            f"{settle + granularity:g} s",
+            settles_at,
+        )
+    settles_at = newest_change + settle + granularity
+    if now >= settles_at:
+        return None, None
+    coarse = f" + {granularity:g} s timestamp granularity" if granularity else ""
+    return f"changed {max(now - newest_change, 0):.1f} s ago (settle {settle:g} s{coarse})", settles_at
+
+
 def read_checkpoint(
     directory: Path,
     step: int,
@@ -272,10 +326,15 @@ def read_checkpoint(
         contents = _read_contents(directory, step, names)
     stats = [st for _, st in walked]
     newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
-    problems = []
-    if now is not None and settle > 0 and now - newest_change < settle:
-        problems.append(f"changed {max(now - newest_change, 0):.1f} s ago (settle {settle:g} s)")
-    problems = [*contents.problems, *problems]
+    first_seen = held.first_seen if held is not None and held.signature == signature else now
+    in_future = now is not None and newest_change > now + FUTURE_TOLERANCE
+    settle_problem, settles_at = _settle_check(stats, newest_change, now, settle, first_seen, in_future)
+    files = [st for st in stats[1:] if not stat.S_ISDIR(st.st_mode)]
+    empty = sorted(rel for rel, st in walked[1:] if stat.S_ISREG(st.st_mode) and st.st_size == 0)
+    # With several ranks, each writes its own rng_state_<rank>.pth with no barrier before rank 0 writes
+    # trainer_state.json: an empty file is a save still in progress, whatever the rest says.
+    content_problems = list(contents.problems) or ([f"{empty[0]} is empty (a save in progress?)"] if empty else [])
+    problems = [*content_problems, *([settle_problem] if settle_problem else [])]
     checkpoint = Checkpoint(
         name=name,
         step=step,
@@ -283,14 +342,19 @@ def read_checkpoint(
         incomplete_reason="; ".join(problems) or None,
         epoch=contents.epoch,
         metrics=dict(contents.metrics),
-        size_bytes=sum(st.st_size for st in stats if not stat.S_ISDIR(st.st_mode)),
+        size_bytes=sum(st.st_size for st in files),
         trainer_best_steps=contents.best_steps,
         training_stopped=contents.stopped,
         last_change=newest_change,
+        written_at=max((st.st_mtime for st in files), default=stats[0].st_mtime),
+        times_in_future=in_future,
+        settles_at=settles_at if settle_problem and not content_problems else None,
+        identity=(stats[0].st_dev, stats[0].st_ino),
     )
     if cache is not None:
         trusted = checkpoint if checkpoint.complete else None
-        cache.put(run_dir, name, _Seen(_dir_key(walked[0][1]), signature, contents, trusted))
+        seen_at = first_seen if first_seen is not None else 0.0
+        cache.put(run_dir, name, _Seen(_dir_key(walked[0][1]), signature, contents, trusted, seen_at))
     return checkpoint
 
 

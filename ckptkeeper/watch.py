@@ -428,8 +428,7 @@ class Daemon:
                     self.policy.protections,
                     self.policy.removal,
                 )
-        settle_ends = [c.last_change + self.options.settle for c in run.checkpoints if not c.complete]
-        settling = [t for t in settle_ends if t > now]
+        settling = [c.settles_at for c in run.checkpoints if c.settles_at is not None and c.settles_at > now]
         if settling:
             # Incomplete only because it changed recently: look again when its settle time is up, since
             # no further event may come. Other incomplete checkpoints wait for events (and full rescans).
