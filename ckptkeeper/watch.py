@@ -207,6 +207,7 @@ class Daemon:
         self.metrics = Metrics()
         self.cache = ContentCache()
         self.announced: set[tuple[str, str]] = set()
+        self.skew_announced: set[tuple[str, str]] = set()  # checkpoints whose future file times were logged
         self.failing: dict[tuple[str, str], str] = {}  # removals that failed, and the error last logged
         self.metrics_server: MetricsServer | None = None
         self.last_reconcile: float | None = None
@@ -352,6 +353,7 @@ class Daemon:
             self.refusals[run] = plan.refusal
         else:
             self.refusals.pop(run, None)
+        self._warn_times_in_future(plan)
         logged = self.decisions.setdefault(run, {})
         for d in plan.decisions:
             word = _decision_word(d)
@@ -360,6 +362,21 @@ class Daemon:
                 if d.kept:
                     level = logging.INFO if d.checkpoint.complete else logging.DEBUG
                     log.log(level, "%s %s: %s", location(run, d.checkpoint.name), word, ", ".join(d.reasons))
+
+    def _warn_times_in_future(self, plan: RunPlan) -> None:
+        """Say once per checkpoint that its file times lie in the future: it settles by what the daemon
+        itself sees unchanged instead, and the clocks of the writer and this machine disagree."""
+        for c in plan.run.checkpoints:
+            key = (plan.run.path, c.name)
+            if c.times_in_future and key not in self.skew_announced:
+                self.skew_announced.add(key)
+                log.warning(
+                    "%s: its file times lie %.0f s in the future (the writer's clock is ahead of this machine's?); "
+                    "it counts as settled once seen unchanged for %g s",
+                    location(plan.run.path, c.name),
+                    c.last_change - time.time(),
+                    self.options.settle,
+                )
 
     def _on_outcome(self, outcome: Outcome) -> None:
         if outcome.action == "delete":
