@@ -3,29 +3,41 @@
 Every removal starts with one atomic rename of the whole checkpoint out of its run directory, so a crash
 at any moment leaves the checkpoint either whole under its name or gone from it; what reached the trash is
 finished on the next start.
+
+Nothing is done by path name after it was checked: the run directory is reached from the root one
+component at a time without following links (`O_DIRECTORY | O_NOFOLLOW`), the checkpoint is checked and
+renamed relative to that descriptor (`dir_fd`), and the directory that arrives in the trash is compared
+by identity (device, inode) with the one that was checked. A run directory swapped for a symlink, or a
+checkpoint swapped for another directory, between the check and the act is never what gets removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import filecmp
 import os
-import re
 import shutil
 import stat
 import sys
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from ckptkeeper.integrity import safetensors_problem
+from ckptkeeper.paths import Relation, checkpoint_component, fd_path, place_of, place_of_fd, read_mounts, relation
 from ckptkeeper.scan import checkpoint_step
-from ckptkeeper.state import StateDir
+from ckptkeeper.state import TRASH_ENTRY, StateDir
 
 RUN_TRASH_NAME = "_ckptkeeper-trash"  # used only when the state directory is on another filesystem
 ARCHIVE_TEMP_PREFIX = ".ckptkeeper-tmp-"
 FSYNC_THREADS = 32  # concurrent fsyncs when an archive copy is made durable (see _fsync_tree)
+COPY_CHUNK = 64 << 20  # a stop is honoured between chunks of this size while a large file is copied
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+Identity = tuple[int, int]
+StopCheck = Callable[[], bool]
 
 
 class ActionError(RuntimeError):
@@ -37,99 +49,215 @@ class Vanished(ActionError):
     """The checkpoint disappeared before ckptkeeper touched it (e.g. the Trainer's own rotation)."""
 
 
-def _within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+class Changed(ActionError):
+    """Another directory has the checkpoint's name now than the one judged; it is left for the next pass."""
+
+
+class Stopped(ActionError):
+    """A stop was asked for during the action; the checkpoint is whole under its name (a partial copy is gone)."""
+
+
+@dataclass
+class TrashEntry:
+    """A checkpoint renamed into a trash, to be deleted there. Owns `dir_fd` (the trash, open): whoever
+    finishes the entry closes it."""
+
+    dir_fd: int
+    name: str
+    shown: Path  # for messages and the journal
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.dir_fd)
+
+
+Dispose = Callable[[TrashEntry], None]
+
+
+# ---------------------------------------------------------------------------------------------- reaching it
+def _split_below(root: Path, checkpoint: Path, verb: str) -> list[str]:
+    below = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root))
+    parts = below.split(os.sep)
+    if below == os.curdir or parts[0] == os.pardir:
+        raise ActionError(f"refusing to {verb} {checkpoint}: it is outside the root {root}")
+    return parts
+
+
+def _link_problem(root: Path, checkpoint: Path) -> str:
+    try:  # only for the message: the link may already be gone again (realpath itself races with it)
+        real_root, real = os.path.realpath(root), os.path.realpath(checkpoint)
+    except OSError:
+        return "its path goes through a symlink"
+    if os.path.commonpath([real_root, real]) != real_root:
+        return f"its path goes through a symlink: it resolves to {real}, outside the root {real_root}"
+    return "its path goes through a symlink"
+
+
+def open_run_dir(root: Path, checkpoint: Path, verb: str = "remove", root_identity: Identity | None = None) -> int:
+    """The directory that holds `checkpoint`, opened from the root one component at a time without following
+    a link. Raises Vanished when a component is gone, ActionError when one is a link or not a directory."""
+    parts = _split_below(root, checkpoint, verb)
+    past = "removed" if verb == "remove" else "archived"
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Vanished(f"{checkpoint} vanished before it was {past} (its root is gone)") from None
+    except OSError as e:
+        raise ActionError(f"cannot open the root {root}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if root_identity is not None and (st.st_dev, st.st_ino) != root_identity:
+        os.close(fd)
+        raise ActionError(
+            f"refusing to {verb} {checkpoint}: the root {root} is no longer the directory it was "
+            "(a link or a mount on its path changed?)"
+        )
+    for part in parts[:-1]:
+        try:
+            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            os.close(fd)
+            raise Vanished(f"{checkpoint} vanished before it was {past}") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise ActionError(f"refusing to {verb} {checkpoint}: {_link_problem(root, checkpoint)}") from None
+            raise ActionError(f"cannot open {part} on the way to {checkpoint}: {e.strerror or e}") from None
+        os.close(fd)
+        fd = next_fd
+    return fd
+
+
+def _guard_at(run_fd: int, checkpoint: Path, expected: Identity | None, verb: str = "remove") -> os.stat_result:
+    """The checkpoint's lstat, when it may be removed; else ActionError (Vanished, Changed). The last check
+    before any removal. It refuses when:
+    - the name is not `checkpoint-<digits>` (not a checkpoint: never counted, moved or deleted);
+    - the entry is a symlink, or not a directory (links are never followed, files never removed);
+    - it is not the directory that was judged (`expected`, its device and inode when scanned);
+    - a filesystem is mounted somewhere inside it (deleting would empty that filesystem too).
+    What a rule, a protection or an unfinished write needs is settled by the planner and re-checked by the
+    caller just before this; this guard is about what the entry is, not about what it holds."""
+    name = checkpoint.name
+    if checkpoint_step(name) is None:
+        raise ActionError(f"refusing to {verb} {checkpoint}: {name} is not named checkpoint-<step>")
+    try:
+        st = os.stat(name, dir_fd=run_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise Vanished(f"{checkpoint} vanished before it was {'removed' if verb == 'remove' else 'archived'}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ActionError(f"refusing to {verb} {checkpoint}: it is a symlink")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ActionError(f"refusing to {verb} {checkpoint}: it is not a directory")
+    if expected is not None and (st.st_dev, st.st_ino) != expected:
+        raise Changed(f"{checkpoint} is another directory than the one judged; left for the next pass")
+    mounts = mount_points_below(Path(fd_path(run_fd, checkpoint.parent)) / name)
+    if mounts:
+        raise ActionError(f"refusing to {verb} {checkpoint}: a filesystem is mounted inside it, at {mounts[0]}")
+    return st
 
 
 def removal_guard(root: Path, checkpoint: Path) -> str | None:
-    """Why `checkpoint` must not be removed, or None. This is the last check before any removal.
-
-    It refuses when:
-    - the name is not `checkpoint-<digits>` (not a checkpoint: never counted, moved or deleted);
-    - the path is a symlink, or not a directory (links are never followed, files never removed);
-    - the resolved path leaves the root (nothing outside the root is ever touched);
-    - its parent, resolved, is not where the path says (a symlinked run directory or root component);
-    - a filesystem is mounted somewhere inside it (deleting would empty that filesystem too).
-    What a rule, a protection or an unfinished write needs is settled by the planner and re-checked by
-    the caller just before this; this guard is about what a path is, not about what it holds.
-    """
-    if checkpoint_step(checkpoint.name) is None:
-        return f"{checkpoint.name} is not named checkpoint-<step>"
+    """Why `checkpoint` must not be removed, or None (see _guard_at; also: its path must not go through a
+    link below the root)."""
     try:
-        st = checkpoint.lstat()
-    except FileNotFoundError:
+        run_fd = open_run_dir(root, checkpoint)
+    except Vanished:
         return "it no longer exists"
-    if stat.S_ISLNK(st.st_mode):
-        return "it is a symlink"
-    if not stat.S_ISDIR(st.st_mode):
-        return "it is not a directory"
-    real_root = root.resolve()
-    real = checkpoint.resolve()
-    if not _within(real, real_root) or real == real_root:
-        return f"it resolves to {real}, outside the root {real_root}"
-    # Resolving the parent would follow a symlinked run directory too; compare with the path as written.
-    below_root = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root))
-    if below_root == os.pardir or below_root.startswith(os.pardir + os.sep) or real != real_root / below_root:
-        return "its path goes through a symlink"
-    mounts = mount_points_below(real)
-    if mounts:
-        return f"a filesystem is mounted inside it, at {mounts[0]}"
+    except ActionError as e:
+        return str(e).removeprefix(f"refusing to remove {checkpoint}: ")
+    try:
+        _guard_at(run_fd, checkpoint, None)
+    except Vanished:
+        return "it no longer exists"
+    except ActionError as e:
+        return str(e).removeprefix(f"refusing to remove {checkpoint}: ")
+    finally:
+        os.close(run_fd)
     return None
-
-
-def _unescape_mount_path(field: str) -> str:
-    # /proc/self/mountinfo writes space, tab, newline and backslash in paths as octal escapes (\040).
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def mount_points_below(directory: Path) -> list[str]:
     """Mount points strictly inside `directory`, bind mounts of the same filesystem included (their st_dev
-    is the parent's, so only the kernel's mount table tells). Empty where there is no /proc."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            table = f.read()
-    except OSError:
-        return []
-    top = os.path.realpath(directory) + os.sep
-    found = []
-    for line in table.splitlines():
-        fields = line.split(" ")
-        if len(fields) > 4 and (point := _unescape_mount_path(fields[4])).startswith(top):
-            found.append(point)
-    return sorted(found)
+    is the parent's, so only the kernel's mount table tells). Empty where there is no mount table."""
+    top = os.path.realpath(directory).rstrip("/") + "/"
+    found = ["/" + "/".join(m.point) for m in read_mounts()]
+    return sorted(p for p in found if p.startswith(top))
 
 
-def _trash_name(checkpoint: Path) -> str:
+# ---------------------------------------------------------------------------------------------- the trash
+def _trash_name(name: str) -> str:
     # The leading token keeps a trash entry from ever matching checkpoint-<digits>.
-    return f"{uuid.uuid4().hex[:12]}.{checkpoint.name}"
+    return f"{uuid.uuid4().hex[:12]}.{name}"
 
 
-def rename_to_trash(checkpoint: Path, state: StateDir) -> Path:
-    """Move the whole checkpoint out of its run directory in one atomic rename; return where it went."""
-    state.create()
-    target = state.trash / _trash_name(checkpoint)
+def _into_trash(run_fd: int, checkpoint: Path, checked: os.stat_result, state: StateDir) -> TrashEntry:
+    """Rename the checked checkpoint into the state's trash (or, across filesystems, a trash beside it)."""
+    name, tname = checkpoint.name, _trash_name(checkpoint.name)
     try:
-        os.rename(checkpoint, target)
-        return target
+        trash_fd = os.dup(state.trash_fd)
+    except OSError as e:
+        raise ActionError(f"cannot use the state directory {state.path}: {e.strerror or e}") from None
+    entry = TrashEntry(trash_fd, tname, state.trash / tname)
+    try:
+        os.rename(name, tname, src_dir_fd=run_fd, dst_dir_fd=trash_fd)
     except FileNotFoundError:
+        entry.close()
         raise Vanished(f"{checkpoint} vanished before it was removed") from None
     except OSError as e:
+        entry.close()
         if e.errno != errno.EXDEV:
             raise ActionError(f"cannot move {checkpoint} to the trash: {e.strerror}") from None
+        entry = _into_local_trash(run_fd, checkpoint, tname)
+    _check_arrived(entry, run_fd, checkpoint, checked)
+    return entry
+
+
+def _into_local_trash(run_fd: int, checkpoint: Path, tname: str) -> TrashEntry:
     # The state directory is on another filesystem: a trash beside the checkpoint keeps the rename atomic.
-    local = checkpoint.parent / RUN_TRASH_NAME
-    target = local / _trash_name(checkpoint)
     try:
-        local.mkdir(exist_ok=True)
-        os.rename(checkpoint, target)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(RUN_TRASH_NAME, 0o755, dir_fd=run_fd)
+        local_fd = os.open(RUN_TRASH_NAME, _DIR_FLAGS, dir_fd=run_fd)
+    except OSError as e:
+        raise ActionError(f"cannot move {checkpoint} to the trash: {e.strerror or e}") from None
+    entry = TrashEntry(local_fd, tname, checkpoint.parent / RUN_TRASH_NAME / tname)
+    try:
+        os.rename(checkpoint.name, tname, src_dir_fd=run_fd, dst_dir_fd=local_fd)
     except FileNotFoundError:
+        entry.close()
         raise Vanished(f"{checkpoint} vanished before it was removed") from None
     except OSError as e:
+        entry.close()
         raise ActionError(f"cannot move {checkpoint} to the trash: {e.strerror}") from None
-    return target
+    return entry
 
 
-def _rmtree(path: Path) -> None:
+def _check_arrived(entry: TrashEntry, run_fd: int, checkpoint: Path, checked: os.stat_result) -> None:
+    """What reached the trash is the directory that was checked; else it goes back (under a name that is not
+    a checkpoint's if its own is taken again) and nothing is deleted."""
+    st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
+    if (st.st_dev, st.st_ino) == (checked.st_dev, checked.st_ino):
+        return
+    back = checkpoint.name
+    if os.path.lexists(os.path.join(fd_path(run_fd, checkpoint.parent), back)):
+        back = f"{checkpoint.name}.swapped-{uuid.uuid4().hex[:8]}"
+    os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
+    entry.close()
+    raise Changed(f"{checkpoint} was replaced by another directory while it was being removed; put back as {back}")
+
+
+def rename_to_trash(checkpoint: Path, state: StateDir, root: Path | None = None) -> Path:
+    """Move the whole checkpoint out of its run directory in one atomic rename; return where it went."""
+    root = checkpoint.parent if root is None else root
+    run_fd = open_run_dir(root, checkpoint)
+    try:
+        entry = _into_trash(run_fd, checkpoint, _guard_at(run_fd, checkpoint, None), state)
+    finally:
+        os.close(run_fd)
+    entry.close()
+    return entry.shown
+
+
+def _rmtree(path: str) -> None:
     def make_writable_and_retry(func: object, failed: str, exc: BaseException) -> None:
         if isinstance(exc, FileNotFoundError):
             return  # someone else removed it first: the goal is reached
@@ -149,59 +277,121 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onerror=lambda func, failed, info: make_writable_and_retry(func, failed, info[1]))
 
 
-def empty_trash(trash: Path, only: str | None = None, stuck: list[str] | None = None) -> list[str]:
-    """Finish removing entries of a trash directory (all, or the one named `only`); return the names
-    finished. An entry that cannot be removed is skipped, described in `stuck`, and tried again later."""
-    finished = []
+def finish_entry(entry: TrashEntry, stuck: list[str] | None = None) -> bool:
+    """Delete one trash entry; True when it is gone. One that cannot be deleted is described in `stuck`."""
     try:
-        entries = [only] if only is not None else sorted(os.listdir(trash))
+        delete_entry(entry)
+    except OSError as e:
+        if stuck is not None:
+            stuck.append(f"{entry.shown}: {e.strerror or e}")
+        return False
+    except _MountedInside as e:
+        if stuck is not None:
+            stuck.append(f"{entry.shown}: {e}")
+        return False
+    return True
+
+
+class _MountedInside(Exception):
+    pass
+
+
+def delete_entry(entry: TrashEntry) -> None:
+    """Delete one trash entry, through the trash's descriptor; an OSError names the real paths."""
+    where = os.path.join(fd_path(entry.dir_fd, entry.shown.parent), entry.name)
+    try:
+        st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return []
-    for name in entries:
-        entry = trash / name
-        mounts = mount_points_below(entry) if entry.is_dir() and not entry.is_symlink() else []
-        if mounts:  # mounted after the guard looked: never empty another filesystem
-            if stuck is not None:
-                stuck.append(f"{entry}: a filesystem is mounted inside it, at {mounts[0]}")
-            continue
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.name, dir_fd=entry.dir_fd)
+        return
+    mounts = mount_points_below(Path(where))
+    if mounts:  # mounted after the guard looked: never empty another filesystem
+        raise _MountedInside(f"a filesystem is mounted inside it, at {mounts[0]}")
+    try:
+        _rmtree(where)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        # Say where as the user knows it, not as /proc/self/fd/N/...
+        shown = os.fsdecode(e.filename) if e.filename is not None else ""
+        if shown.startswith(where):
+            shown = str(entry.shown) + shown[len(where) :]
+        raise OSError(e.errno, e.strerror, shown or None) from None
+
+
+def empty_trash(
+    trash: Path | int, only: str | None = None, stuck: list[str] | None = None, shown: Path | None = None
+) -> list[str]:
+    """Finish removing entries of a trash directory (a path, opened without following a link, or a
+    descriptor); all, or the one named `only`. Return the names finished. Only entries named as ckptkeeper
+    names them are deleted; anything else is left alone and described in `stuck`, as is an entry that cannot
+    be removed (tried again later)."""
+    if isinstance(trash, int):
+        fd, shown = os.dup(trash), shown or Path(os.readlink(f"/proc/self/fd/{trash}"))
+    else:
         try:
-            if entry.is_dir() and not entry.is_symlink():
-                _rmtree(entry)
-            else:
-                entry.unlink(missing_ok=True)
+            fd, shown = os.open(trash, _DIR_FLAGS), shown or trash
+        except FileNotFoundError:
+            return []
         except OSError as e:
             if stuck is not None:
-                stuck.append(f"{entry}: {e.strerror or e}")
-            continue
-        finished.append(name)
+                stuck.append(f"{trash}: not a directory of its own (a symbolic link?): {e.strerror or e}")
+            return []
+    finished = []
+    try:
+        entries = [only] if only is not None else sorted(os.listdir(fd))
+        for name in entries:
+            if not TRASH_ENTRY.fullmatch(name):
+                if stuck is not None:
+                    stuck.append(f"{shown / name}: not a trash entry of ckptkeeper's; left alone")
+                continue
+            if finish_entry(TrashEntry(fd, name, shown / name), stuck):
+                finished.append(name)
+    finally:
+        os.close(fd)
     return finished
 
 
-Dispose = Callable[[Path], None]
-
-
-def delete_checkpoint(root: Path, checkpoint: Path, state: StateDir, dispose: Dispose | None = None) -> None:
-    """Rename the checkpoint into the trash, then delete it there, or hand the trash entry to `dispose`
-    (the daemon's reaper thread) so that deleting many gigabytes does not hold up the caller."""
-    problem = removal_guard(root, checkpoint)
-    if problem == "it no longer exists":
-        raise Vanished(f"{checkpoint} vanished before it was removed")
-    if problem:
-        raise ActionError(f"refusing to remove {checkpoint}: {problem}")
-    trashed = rename_to_trash(checkpoint, state)
+# ---------------------------------------------------------------------------------------------- delete
+def _dispose_or_finish(entry: TrashEntry, checkpoint: Path, dispose: Dispose | None) -> None:
     if dispose is not None:
-        dispose(trashed)
+        dispose(entry)
         return
     try:
-        _rmtree(trashed)
-    except OSError as e:
+        delete_entry(entry)
+    except (OSError, _MountedInside) as e:
         raise ActionError(
-            f"{checkpoint} was moved to the trash ({trashed}) but could not be removed there: {e}; "
+            f"{checkpoint} was moved to the trash ({entry.shown}) but could not be removed there: {e}; "
             "it is finished on the next start"
         ) from None
+    finally:
+        entry.close()
 
 
-def _listing(top: Path) -> dict[str, tuple[str, int]]:
+def delete_checkpoint(
+    root: Path,
+    checkpoint: Path,
+    state: StateDir,
+    dispose: Dispose | None = None,
+    expected: Identity | None = None,
+    root_identity: Identity | None = None,
+) -> None:
+    """Rename the checkpoint into the trash, then delete it there, or hand the trash entry to `dispose`
+    (the daemon's reaper thread) so that deleting many gigabytes does not hold up the caller. `expected`:
+    the checkpoint directory's (device, inode) when it was judged; `root_identity`: the root's."""
+    run_fd = open_run_dir(root, checkpoint, "remove", root_identity)
+    try:
+        entry = _into_trash(run_fd, checkpoint, _guard_at(run_fd, checkpoint, expected), state)
+    finally:
+        os.close(run_fd)
+    _dispose_or_finish(entry, checkpoint, dispose)
+
+
+# ---------------------------------------------------------------------------------------------- archive
+def _listing(top: Path | str) -> dict[str, tuple[str, int]]:
     """Relative path -> (kind, size) for everything below `top`, links not followed. A directory that cannot
     be listed is skipped, as os.walk does (its entries are then missing and the lists differ)."""
     found: dict[str, tuple[str, int]] = {}
@@ -223,7 +413,7 @@ def _listing(top: Path) -> dict[str, tuple[str, int]]:
     return found
 
 
-def verify_copy(source: Path, copy: Path) -> str | None:
+def verify_copy(source: Path | str, copy: Path | str) -> str | None:
     """None when `copy` has the same files, kinds and sizes as `source` and valid safetensors headers."""
     want, have = _listing(source), _listing(copy)
     if want.keys() != have.keys():
@@ -234,16 +424,17 @@ def verify_copy(source: Path, copy: Path) -> str | None:
         if have[rel] != (kind, size):
             return f"{rel}: {have[rel][0]} of {have[rel][1]} bytes, expected {kind} of {size} bytes"
         if kind == "file" and rel.endswith(".safetensors"):
-            problem = safetensors_problem(copy / rel)
+            problem = safetensors_problem(Path(copy) / rel)
             if problem:
                 return problem
     return None
 
 
-def _content_mismatch(source: Path, copy: Path) -> str | None:
+def _content_mismatch(source: Path | str, copy: Path | str) -> str | None:
     """None when every file of `copy` has the bytes of its twin in `source` and every link the same target.
     Same names and sizes are not enough to remove the source: an earlier run into the same output_dir
     leaves an archived checkpoint-N of exactly the same layout and other weights."""
+    source, copy = Path(source), Path(copy)
     for rel, (kind, _) in _listing(source).items():
         if kind == "file" and not filecmp.cmp(source / rel, copy / rel, shallow=False):
             return f"{rel}: same size, different content"
@@ -253,14 +444,14 @@ def _content_mismatch(source: Path, copy: Path) -> str | None:
 
 
 def _fsync_path(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _fsync_tree(top: Path) -> None:
+def _fsync_tree(top: Path | str) -> None:
     """fsync every file (links excepted) and directory of the tree, `top` included; the first error raises.
 
     The fsyncs run concurrently: on a journaling filesystem each one waits for a journal commit, and issued
@@ -286,70 +477,227 @@ def _fsync_all(paths: list[str]) -> None:
         _fsync_path(path)
 
 
-def _clear_archive_temps(parent: Path, name: str) -> None:
-    for leftover in parent.glob(f"{ARCHIVE_TEMP_PREFIX}{name}.*"):
-        if leftover.is_dir() and not leftover.is_symlink():
-            _rmtree(leftover)
+def _clear_archive_temps(parent_fd: int, name: str, shown: Path) -> None:
+    prefix = f"{ARCHIVE_TEMP_PREFIX}{name}."
+    for leftover in os.listdir(parent_fd):
+        if leftover.startswith(prefix):
+            st = os.stat(leftover, dir_fd=parent_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _rmtree(os.path.join(fd_path(parent_fd, shown), leftover))
+
+
+def _open_target_parent(archive_root: Path | None, target: Path) -> int:
+    """ARCHIVE/<run> (the target's parent), made where missing and opened one component at a time below the
+    archive's root without following a link: a link below the archive could lead back into the runs."""
+    if archive_root is None:
+        top, parts = target.parent, []
+    else:
+        top = archive_root
+        parts = os.path.relpath(os.path.abspath(target.parent), os.path.abspath(archive_root)).split(os.sep)
+        parts = [p for p in parts if p != os.curdir]
+        if parts and parts[0] == os.pardir:
+            raise ActionError(f"the archive target {target} is not below the archive {archive_root}")
+    try:
+        top.mkdir(parents=True, exist_ok=True)
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ActionError(f"cannot create the archive directory {top}: {e.strerror or e}") from None
+    for part in parts:
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except OSError as e:
+            linked = e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(fd, part)
+            os.close(fd)
+            if linked:
+                raise ActionError(f"the archive path {target.parent} goes through a symlink") from None
+            raise ActionError(f"cannot create the archive directory {target.parent}: {e.strerror or e}") from None
+        os.close(fd)
+        fd = next_fd
+    return fd
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _target_problem(parent_fd: int, root: Path) -> str | None:
+    """Why the archive directory open as `parent_fd` must not receive a checkpoint: it is the root or inside
+    it (by identity: a link, a second mount of the same volume, a bind mount below the archive)."""
+    mounts = read_mounts()
+    place = place_of_fd(parent_fd, mounts)
+    if place is None:
+        return "where the archive directory is cannot be told (was it removed?)"
+    found = relation(place, place_of(root, mounts))
+    if found in (Relation.SAME, Relation.INSIDE):
+        return f"{'/'.join(('', *place.real))} {found.value} the root {root}"
+    inside = checkpoint_component(place)
+    if inside is not None:
+        return f"{'/'.join(('', *place.real))} is inside a checkpoint ({inside})"
+    return None
 
 
 def archive_checkpoint(
-    root: Path, checkpoint: Path, target: Path, state: StateDir, dispose: Dispose | None = None
+    root: Path,
+    checkpoint: Path,
+    target: Path,
+    state: StateDir,
+    dispose: Dispose | None = None,
+    expected: Identity | None = None,
+    stop: StopCheck | None = None,
+    archive_root: Path | None = None,
+    root_identity: Identity | None = None,
 ) -> str:
-    """Move `checkpoint` to `target`; returns "renamed" (same filesystem) or "copied".
+    """Move `checkpoint` to `target`; returns "renamed" (same filesystem), "copied" or "already archived".
 
     Another filesystem: copy under a temporary name beside the target, fsync, verify, rename into place,
     and only then remove the source like a delete. A crash leaves the source whole; the temporary copy
-    is cleared the next time this checkpoint is archived.
-    """
-    problem = removal_guard(root, checkpoint)
-    if problem == "it no longer exists":
-        raise Vanished(f"{checkpoint} vanished before it was archived")
-    if problem:
-        raise ActionError(f"refusing to archive {checkpoint}: {problem}")
+    is cleared the next time this checkpoint is archived. `stop` is asked between files and between chunks
+    of a large file; when it says so the copy is removed and Stopped raised."""
+    run_fd = open_run_dir(root, checkpoint, "archive", root_identity)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        checked = _guard_at(run_fd, checkpoint, expected, "archive")
+        parent_fd = _open_target_parent(archive_root, target)
+        try:
+            problem = _target_problem(parent_fd, root) or _same_directory_problem(parent_fd, run_fd)
+            if problem:
+                raise ActionError(f"refusing to archive {checkpoint} to {target}: {problem}")
+            how = _archive_at(run_fd, checkpoint, checked, parent_fd, target, stop)
+            if how == "renamed":
+                return how
+            # The copy is in place and durable; the source goes like a delete, if it is still the one copied,
+            # and only if the copy is still there once the source has left its name.
+            again = _guard_at(run_fd, checkpoint, (checked.st_dev, checked.st_ino))
+            entry = _into_trash(run_fd, checkpoint, again, state)
+            _check_copy_stayed(entry, run_fd, parent_fd, checkpoint, target)
+        finally:
+            os.close(parent_fd)
+    finally:
+        os.close(run_fd)
+    _dispose_or_finish(entry, checkpoint, dispose)
+    return how
+
+
+def _same_directory_problem(parent_fd: int, run_fd: int) -> str | None:
+    """Whether ARCHIVE/<run> is the run directory itself, whatever the identities say: two mounts of one
+    volume by FUSE or NFS (separate superblocks) give one directory two devices and inodes. A probe file
+    made in one, looked up by a name never used before in the other, tells."""
+    probe = f"{ARCHIVE_TEMP_PREFIX}probe.{uuid.uuid4().hex}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=parent_fd))
     except OSError as e:
-        raise ActionError(f"cannot create the archive directory {target.parent}: {e.strerror or e}") from None
-    if os.path.lexists(target):
-        # An earlier archive finished its copy but was stopped before removing the source.
-        mismatch = verify_copy(checkpoint, target) or _content_mismatch(checkpoint, target)
-        if mismatch:
-            raise ActionError(f"{target} already exists and differs from {checkpoint}: {mismatch}")
-        try:  # the copy, and its name, are durable before the source goes (it may come from a crashed run)
-            _fsync_tree(target)
-            _fsync_path(target.parent)
-        except OSError as e:
-            raise ActionError(f"cannot make the archived copy {target} durable: {e}") from None
-        delete_checkpoint(root, checkpoint, state, dispose)
+        return f"cannot write in the archive directory: {e.strerror or e}"
+    try:
+        os.stat(probe, dir_fd=run_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe, dir_fd=parent_fd)
+    return "the archive directory is the run directory itself (the same volume mounted twice)"
+
+
+def _check_copy_stayed(entry: TrashEntry, run_fd: int, parent_fd: int, checkpoint: Path, target: Path) -> None:
+    """After the source left its name: the archived copy must still be there, whole. If it went with the
+    source (it was the source, seen through an alias no identity revealed), the source goes back."""
+    trashed = os.path.join(fd_path(entry.dir_fd, entry.shown.parent), entry.name)
+    try:
+        copy_fd = os.open(target.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except OSError:
+        stayed = False
+    else:
+        try:
+            stayed = _listing(fd_path(copy_fd, target)) == _listing(trashed)
+        finally:
+            os.close(copy_fd)
+    if stayed:
+        return
+    os.rename(entry.name, checkpoint.name, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
+    entry.close()
+    raise ActionError(
+        f"refusing to archive {checkpoint}: the archived copy {target} went away when the checkpoint left its "
+        "name (the archive is the checkpoint itself, reached another way); it is back under its name"
+    )
+
+
+def _archive_at(
+    run_fd: int, checkpoint: Path, checked: os.stat_result, parent_fd: int, target: Path, stop: StopCheck | None
+) -> str:
+    source = os.path.join(fd_path(run_fd, checkpoint.parent), checkpoint.name)
+    parent = fd_path(parent_fd, target.parent)
+    try:
+        existing = os.stat(target.name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        _check_existing_copy(source, os.path.join(parent, target.name), existing, checked, checkpoint, target)
         return "already archived"
     try:
-        os.rename(checkpoint, target)
-        return "renamed"
+        os.rename(checkpoint.name, target.name, src_dir_fd=run_fd, dst_dir_fd=parent_fd)
     except FileNotFoundError:
         raise Vanished(f"{checkpoint} vanished before it was archived") from None
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise ActionError(f"cannot archive {checkpoint} to {target}: {e.strerror}") from None
+    else:
+        moved = os.stat(target.name, dir_fd=parent_fd, follow_symlinks=False)
+        if (moved.st_dev, moved.st_ino) != (checked.st_dev, checked.st_ino):  # swapped in between: undo
+            os.rename(target.name, checkpoint.name, src_dir_fd=parent_fd, dst_dir_fd=run_fd)
+            raise Changed(f"{checkpoint} was replaced by another directory while it was being archived")
+        return "renamed"
+    _clear_archive_temps(parent_fd, target.name, target.parent)
+    temp = f"{ARCHIVE_TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
+    _copy_verified(source, os.path.join(parent, temp), checkpoint, target, stop)
+    if os.path.lexists(os.path.join(parent, target.name)):
+        _rmtree_quietly(os.path.join(parent, temp))
+        raise ActionError(f"{target} appeared while {checkpoint} was copied there; left for the next pass")
+    os.rename(temp, target.name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    os.fsync(parent_fd)  # the copy's name is durable before the source goes
+    return "copied"
 
-    _clear_archive_temps(target.parent, target.name)
-    temp = target.parent / f"{ARCHIVE_TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
+
+def _check_existing_copy(
+    source: str, copy: str, existing: os.stat_result, checked: os.stat_result, checkpoint: Path, target: Path
+) -> None:
+    """An earlier archive finished its copy but was stopped before removing the source: the copy must be
+    another directory with the same bytes, made durable, before the source goes."""
+    if (existing.st_dev, existing.st_ino) == (checked.st_dev, checked.st_ino):
+        raise ActionError(
+            f"refusing to archive {checkpoint}: the archive target {target} is the checkpoint itself "
+            "(the archive reaches back into the root)"
+        )
+    if not stat.S_ISDIR(existing.st_mode):
+        raise ActionError(f"{target} already exists and is not a directory")
+    mismatch = verify_copy(source, copy) or _content_mismatch(source, copy)
+    if mismatch:
+        raise ActionError(f"{target} already exists and differs from {checkpoint}: {mismatch}")
+    try:  # the copy, and its name, are durable before the source goes (it may come from a crashed run)
+        _fsync_tree(copy)
+        _fsync_path(os.path.dirname(copy))
+    except OSError as e:
+        raise ActionError(f"cannot make the archived copy {target} durable: {e}") from None
+
+
+def _copy_verified(source: str, temp: str, checkpoint: Path, target: Path, stop: StopCheck | None) -> None:
     try:
-        shutil.copytree(checkpoint, temp, symlinks=True, copy_function=_copy_file)
+        shutil.copytree(source, temp, symlinks=True, copy_function=_copier(stop))
         _fsync_tree(temp)
-        mismatch = verify_copy(checkpoint, temp)
+        mismatch = verify_copy(source, temp)
         if mismatch:
-            raise ActionError(f"the copy of {checkpoint} in {temp} does not match: {mismatch}")
-        os.rename(temp, target)
-        _fsync_path(target.parent)  # the copy's name is durable before the source goes
+            raise ActionError(f"the copy of {checkpoint} in {target.parent} does not match: {mismatch}")
     except _CopyFailed as e:
         _rmtree_quietly(temp)
-        if not checkpoint.exists():
+        if not os.path.lexists(source):
             raise Vanished(f"{checkpoint} vanished while it was archived") from None
-        name = os.path.relpath(e.source, checkpoint)
+        name = os.path.relpath(e.source, source)
         raise ActionError(f"cannot archive {checkpoint} to {target}: {name}: {e.error.strerror or e.error}") from None
     except FileNotFoundError as e:
         _rmtree_quietly(temp)
-        if not checkpoint.exists():
+        if not os.path.lexists(source):
             raise Vanished(f"{checkpoint} vanished while it was archived") from None
         raise ActionError(f"cannot archive {checkpoint}: {e}") from None
     except shutil.Error as e:
@@ -361,11 +709,9 @@ def archive_checkpoint(
     except OSError as e:
         _rmtree_quietly(temp)
         raise ActionError(f"cannot archive {checkpoint} to {target}: {e}") from None
-    except ActionError:
+    except BaseException:  # ActionError (Stopped, a mismatch), or an interrupt: never leave a partial copy
         _rmtree_quietly(temp)
         raise
-    delete_checkpoint(root, checkpoint, state, dispose)
-    return "copied"
 
 
 class _CopyFailed(Exception):
@@ -378,13 +724,54 @@ class _CopyFailed(Exception):
         self.error = error
 
 
-def _copy_file(source: str, copy: str) -> object:
+def _copier(stop: StopCheck | None) -> Callable[[str, str], object]:
+    def copy_file(source: str, copy: str) -> object:
+        if stop is not None and stop():
+            raise Stopped("stopped before the copy was complete; the checkpoint stays whole")
+        try:
+            _copy_chunks(source, copy, stop)
+            shutil.copystat(source, copy, follow_symlinks=False)
+        except OSError as e:
+            raise _CopyFailed(source, e) from e
+        return copy
+
+    return copy_file
+
+
+def _copy_chunks(source: str, copy: str, stop: StopCheck | None) -> None:
+    """Copy a regular file's bytes in chunks, asking `stop` between them. A FIFO or device is refused."""
+    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        return shutil.copy2(source, copy)
+        if not stat.S_ISREG(os.fstat(src).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", source)
+        dst = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            offset = 0
+            while sent := _send(dst, src, offset):
+                offset += sent
+                if stop is not None and stop():
+                    raise Stopped("stopped before the copy was complete; the checkpoint stays whole")
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _send(dst: int, src: int, offset: int) -> int:
+    """Copy up to COPY_CHUNK bytes from `offset`; 0 at the end. sendfile between files where the kernel
+    allows it (Linux), else a read and a write."""
+    try:
+        return os.sendfile(dst, src, offset, COPY_CHUNK)
     except OSError as e:
-        raise _CopyFailed(source, e) from e
+        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(src, COPY_CHUNK, offset)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(dst, view) :]
+    return len(data)
 
 
-def _rmtree_quietly(path: Path) -> None:
-    if path.exists():
+def _rmtree_quietly(path: str | Path) -> None:
+    if os.path.lexists(path):
         shutil.rmtree(path, ignore_errors=True)

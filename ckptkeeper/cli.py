@@ -5,7 +5,9 @@ Heavy modules (pydantic, safetensors) are imported inside the commands so `--hel
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -60,16 +62,20 @@ def _echo(message: str, err: bool = False) -> None:
     click.echo(message.encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
 
 
-def _check_keep(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def _check_keep(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str | None:
+    """Every `--keep` given, merged as if joined by commas (a repeated flag adds rules, never replaces them);
+    None when there is none, so the environment's or config file's `keep` applies."""
     from ckptkeeper.rules import RuleError, parse_rules
 
-    if value is None:
+    if not value:
         return None
-    try:
-        parse_rules(value)
-    except RuleError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
+    for text in value:
+        try:
+            parse_rules(text)
+        except RuleError as e:
+            raise click.BadParameter(str(e)) from None
+    # An empty value adds no rule (`--keep "$EXTRA"` with EXTRA unset); only empty ones still mean no rule.
+    return ",".join(text for text in value if text.strip())
 
 
 def policy_options(command: F) -> F:
@@ -79,9 +85,12 @@ def policy_options(command: F) -> F:
         click.option(
             "--keep",
             "-k",
+            multiple=True,
             callback=_check_keep,
             metavar="RULES",
-            help="Keep rules, comma-separated: last:N, best:N[:METRIC[:min|max]], epoch:all|N, every:K.",
+            help="Keep rules, comma-separated: last:N, best:N[:METRIC[:min|max]], epoch:all|N, every:K. "
+            "Repeat --keep to add rules (merged as if joined by commas). Given, they replace the `keep` of "
+            "CKPTKEEPER_KEEP and of --config as a whole (flags over environment over config file).",
         ),
         click.option(
             "--config",
@@ -128,8 +137,9 @@ def _settings(flags: dict[str, Any]) -> Settings:
         raise ConfigProblem(str(e)) from None
 
 
-def _within(path: Path, other: Path) -> bool:
-    return path == other or other in path.parents
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def _resolve(
@@ -145,28 +155,22 @@ def _resolve(
         raise ConfigProblem(f"root {root} does not exist")
     if root.exists() and not root.is_dir():
         raise ConfigProblem(f"root {root} is not a directory")
-    root = root.resolve()
     policy = settings.policy(default_settle)
     if not policy.rules:
         from ckptkeeper.policy import NO_RULE
 
         raise Refused(NO_RULE)
-    if policy.archive_to is not None:
-        archive = policy.archive_to.resolve()
-        if _within(root, archive):
-            raise ConfigProblem(f"--archive-to {policy.archive_to} must not be the root or contain it")
-        if _within(archive, root):
-            # A later pass without --archive-to would see the archive as runs and prune it.
-            raise ConfigProblem(
-                f"--archive-to {policy.archive_to} is inside the root {root}: choose a directory outside it, "
-                "or ckptkeeper would later see the archive as runs and prune it"
-            )
-        existing = next(p for p in (archive, *archive.parents) if p.exists())
-        if not existing.is_dir():
-            raise ConfigProblem(f"--archive-to {policy.archive_to}: {existing} is not a directory")
-        policy = type(policy)(policy.rules, policy.protections, archive, policy.max_depth, policy.settle)
-    state_dir = (settings.state_dir or default_state_dir(root)).resolve()
-    return root, state_dir, policy
+    if not root.exists():  # watch waits for it; the daemon checks the paths once it is there
+        root = Path(os.path.abspath(root))
+        return root, (settings.state_dir or default_state_dir(root)).absolute(), policy
+    from ckptkeeper.layout import Layout, LayoutError
+
+    try:
+        layout = Layout.checked(root, settings.state_dir, policy.archive_to)
+    except LayoutError as e:
+        raise ConfigProblem(str(e)) from None
+    policy = dataclasses.replace(policy, archive_to=layout.archive_to)
+    return layout.root, layout.state_dir, policy
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -220,12 +224,13 @@ def prune(**flags: Any) -> None:
         ckptkeeper prune ./outputs --config configs/hf-best-last-epoch.yaml --dry-run
     """
     from ckptkeeper.engine import apply_plan, finish_leftovers, make_plan
-    from ckptkeeper.render import describe_policy, outcome_line, totals_line
+    from ckptkeeper.render import describe_policy, mixed_runs_text, outcome_line, shown, totals_line
     from ckptkeeper.state import LockHeld, StateDir
 
     settings = _settings(flags)
     dry_run = settings.dry_run
     root, state_dir, policy = _resolve(settings)
+    root_identity = _identity(root)  # acted in only while it is still this directory
     _echo(describe_policy(policy))
     _echo(f"Root: {root}")
     state = StateDir(state_dir)
@@ -241,6 +246,9 @@ def prune(**flags: Any) -> None:
         result = make_plan(root, policy, state_dir, now=time.time())  # `now` makes --settle apply
         for warning in result.warnings:
             _echo(f"warning: {warning}", err=True)
+        for run_plan in result.runs:
+            if run_plan.mixed_runs is not None:
+                _echo(f"warning: run {shown(run_plan.run.path)}: {mixed_runs_text(run_plan.mixed_runs)}", err=True)
         if not dry_run:
             run_dirs = [root / p.run.path for p in result.runs]
             stuck: list[str] = []
@@ -252,7 +260,14 @@ def prune(**flags: Any) -> None:
             raise Refused("; ".join(r.refusal or "" for r in result.refusals) + ". Nothing was removed.")
         if not result.runs:
             _echo(f"No checkpoint-N directories found below {root} (searched {policy.max_depth} levels deep).")
-        totals = apply_plan(root, result.runs, policy, None if dry_run else state, lambda o: _echo(outcome_line(o)))
+        totals = apply_plan(
+            root,
+            result.runs,
+            policy,
+            None if dry_run else state,
+            lambda o: _echo(outcome_line(o)),
+            root_identity=root_identity,
+        )
         kept = sum(len(p.kept) for p in result.runs)
         _echo(totals_line(totals, dry_run) + f" Kept {kept}.")
         if totals.errors:
@@ -274,7 +289,15 @@ def prune(**flags: Any) -> None:
     "--exit-when-done",
     is_flag=True,
     default=None,
-    help="Exit 0 once every run's newest checkpoint says training stopped and it is pruned.",
+    help="Exit once every run's newest checkpoint says training stopped and it is pruned: 0, or 3 when a run's "
+    "retention was refused.",
+)
+@click.option(
+    "--standby",
+    is_flag=True,
+    default=None,
+    help="When another instance holds the root's lock (one sidecar per node on a shared volume), wait and take "
+    "over when it stops, instead of exiting 4.",
 )
 @click.option("--dry-run", "-n", is_flag=True, default=None, help="Log what would be removed; remove nothing.")
 @click.option("--grace", type=float, metavar="SECONDS", help="How long a stop (SIGTERM) may take. Default: 10")
@@ -295,6 +318,7 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
         ckptkeeper watch /mnt/nfs/outputs --keep last:3 --poll 5
         ckptkeeper watch /outputs --config /etc/ckptkeeper.yaml --exit-when-done --log-format json
     """
+    from ckptkeeper.layout import LayoutError
     from ckptkeeper.logs import configure_logging
     from ckptkeeper.state import LockHeld
     from ckptkeeper.watch import Daemon, WatchOptions
@@ -311,13 +335,16 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
         grace=settings.grace,
         metrics_port=settings.metrics_port,
         metrics_host=settings.metrics_host,
+        standby=settings.standby,
     )
     daemon = Daemon(root, policy, state_dir, options)
     daemon.install_signal_handlers()
     try:
-        daemon.run()
+        code = daemon.run()
     except LockHeld as e:
         raise Locked(str(e)) from None
+    except LayoutError as e:  # the root appeared after the start: its paths are checked then
+        raise ConfigProblem(str(e)) from None
     except OSError as e:
         # e.g. a read-only root: the state directory cannot be created there. A message, not a traceback.
         where = f" ({e.filename})" if e.filename else ""
@@ -325,11 +352,29 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     except KeyboardInterrupt:
         if not daemon.stop_event.is_set():
             raise
+        return
+    if code:
+        sys.exit(code)
 
 
 @main.command()
-@click.option("--keep", "-k", default="best:1,last:5,epoch:all", show_default=True, callback=_check_keep)
-@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False), help="Keep the demo run here.")
+@click.option(
+    "--keep",
+    "-k",
+    multiple=True,
+    default=["best:1,last:5,epoch:all"],
+    show_default=True,
+    callback=_check_keep,
+    metavar="RULES",
+    help="Keep rules, as for watch; repeat --keep to add rules (merged as if joined by commas).",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Keep the demo run in DIR/outputs, which must be absent or empty (the demo removes nothing of yours).",
+)
 @click.option(
     "--pace",
     type=click.FloatRange(min=0),
@@ -345,9 +390,12 @@ def demo(keep: str, directory: Path | None, pace: float) -> None:
     Example:
         ckptkeeper demo
     """
-    from ckptkeeper.demo import run_demo
+    from ckptkeeper.demo import DemoDirError, run_demo
 
-    run_demo(keep, directory, click.echo, pace)
+    try:
+        run_demo(keep, directory, click.echo, pace)
+    except DemoDirError as e:
+        raise click.BadParameter(str(e), param_hint="'--dir'") from None
 
 
 def entry() -> None:

@@ -69,6 +69,7 @@ class Settings(BaseModel):
     rescan_interval: float = Field(60.0, gt=0, le=86400)
     poll: float | None = Field(None, gt=0, le=3600)
     exit_when_done: StrictBool = False
+    standby: StrictBool = False
     grace: float = Field(10.0, gt=0, le=3600)
     log_format: Literal["text", "json"] = "text"
     metrics_port: StrictInt | None = Field(None, ge=0, le=65535)  # None: no metrics server; 0: any free port
@@ -128,6 +129,41 @@ def _read_text(path: Path) -> str:
     return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
 
 
+_TOML_TWICE = ": that key (or a table of that name) is already set above; give each key once"
+
+
+def _given_twice(key: object, first: yaml.Node, again: yaml.Node) -> yaml.YAMLError:
+    shown = repr(key) if len(repr(key)) <= 80 else repr(key)[:76] + "..."  # a key may be 1 MiB long
+    problem = f"the key {shown} is given twice (first at line {first.start_mark.line + 1}); merge them into one"
+    return yaml.constructor.ConstructorError(None, None, problem, again.start_mark)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a mapping (at any depth) that gives one key twice is an error: PyYAML
+    would keep the last silently, and a second `keep:` would drop the rules of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        merges: list[yaml.Node] = []
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a sequence or mapping key is unhashable: the base class refuses it
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<` may override what it merges, once
+                merges.append(key_node)
+                if len(merges) > 1:
+                    raise _given_twice("<<", merges[0], key_node)
+                continue
+            key = self.construct_object(key_node)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: the base class says so
+                continue
+            if first is not None:  # compared by key, not node: an alias repeats the node of its anchor
+                raise _given_twice(key, first, key_node)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     name = path.name
     try:
@@ -140,14 +176,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
         try:
             data: Any = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{name}: invalid TOML: {e}") from None
+            # tomllib refuses a key given twice, but says only where: say what it means
+            hint = _TOML_TWICE if str(e).startswith("Cannot overwrite a value") else ""
+            raise ConfigError(f"{name}: invalid TOML: {e}{hint}") from None
         except RecursionError:
             raise ConfigError(f"{name}: invalid TOML: nested too deeply") from None
         except ValueError as e:  # an integer of more digits than int() converts
             raise ConfigError(f"{name}: invalid TOML: {_one_line(e)}") from None
     else:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: yaml.safe_load but for repeated keys
         except RecursionError:
             raise ConfigError(f"{name}: invalid YAML: nested too deeply") from None
         except ValueError as e:  # a value PyYAML cannot construct: the date 2001-13-01, an int of 5000 digits

@@ -8,7 +8,9 @@ printed with its reasons.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -27,15 +29,46 @@ DEMO_RUN = SimConfig(
     steps_per_epoch=20, epochs=6, save_steps=10, eval_steps=10, optimizer_bytes=200_000, seed=7, overfit_after=0.35
 )
 DEMO_SETTLE = 1.0
+_CHOOSE = ", and the demo never removes what it did not create: choose a --dir whose outputs is absent or empty"
+
+
+class DemoDirError(ValueError):
+    """`--dir DIR` where DIR/outputs already holds something: the demo removes nothing it did not create."""
+
+
+def check_demo_dir(directory: Path) -> Path:
+    """DIR/outputs, where the demo writes its run: absent or an empty directory, else DemoDirError."""
+    root = directory / "outputs"
+    try:
+        mode = root.lstat().st_mode
+    except FileNotFoundError:
+        return root
+    except OSError as e:
+        raise DemoDirError(f"cannot use {root}: {e.strerror or e}") from None
+    if stat.S_ISLNK(mode):
+        raise DemoDirError(f"{root} is a symbolic link{_CHOOSE}")
+    if not stat.S_ISDIR(mode):
+        raise DemoDirError(f"{root} exists and is not a directory{_CHOOSE}")
+    try:
+        with os.scandir(root) as entries:
+            empty = next(entries, None) is None
+    except OSError as e:
+        raise DemoDirError(f"cannot use {root}: {e.strerror or e}") from None
+    if not empty:
+        raise DemoDirError(f"{root} is not empty{_CHOOSE}")
+    return root
 
 
 def run_demo(keep: str, directory: Path | None, say: Callable[[str], None], pace: float = 0.13) -> None:
-    workdir = directory or Path(tempfile.mkdtemp(prefix="ckptkeeper-demo-"))
-    root = workdir / "outputs"
+    """Raises DemoDirError, before anything is written, when `directory`/outputs is not absent or empty."""
+    if directory is not None:
+        root = check_demo_dir(directory)
+        workdir = directory
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="ckptkeeper-demo-"))
+        root = workdir / "outputs"
     try:
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
         c = DEMO_RUN
         policy = Policy(parse_rules(keep), settle=DEMO_SETTLE)
         say(f"$ ckptkeeper watch {root} --keep {keep} --settle {DEMO_SETTLE:g}")

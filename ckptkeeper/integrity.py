@@ -10,11 +10,16 @@ import errno
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 INDEX_SUFFIX = ".safetensors.index.json"
 # A real index is at most a few MB, even for the largest models; reading stops here (a sparse or endless file).
 MAX_INDEX_BYTES = 64 << 20
+# Python's default limit on the digits of an integer read from text (what transformers' json.load reads).
+MAX_INT_DIGITS = 4300
+# A shard name longer than a file name can be is shown cut (the index may hold megabytes of one).
+SHOWN_NAME_CHARS = 255
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -38,6 +43,31 @@ class _NotRegular(Exception):
 
 class _TooLarge(Exception):
     pass
+
+
+class _NumberTooLong(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def _parse_int(digits: str) -> int:
+    """json's integer conversion, with an integer of over MAX_INT_DIGITS digits (or over a lower limit set
+    for the interpreter) as _NumberTooLong, not int()'s bare ValueError: even with the interpreter's limit
+    off, since a long integer converts in quadratic time."""
+    if len(digits) - digits.startswith("-") > MAX_INT_DIGITS:
+        raise _NumberTooLong(MAX_INT_DIGITS)
+    try:
+        return int(digits)
+    except ValueError:
+        raise _NumberTooLong(sys.get_int_max_str_digits()) from None
+
+
+def _shown(name: str) -> str:
+    """A name read from a file, for a reason: as it is when printable, else as its repr (a newline in it
+    would fake a row of the plan), cut after SHOWN_NAME_CHARS characters."""
+    text = name if name.isprintable() else repr(name)
+    return text if len(text) <= SHOWN_NAME_CHARS else text[:SHOWN_NAME_CHARS] + "..."
 
 
 def _read_index(index: Path) -> bytes:
@@ -65,7 +95,13 @@ def _read_index(index: Path) -> bytes:
 
 
 def index_problem(directory: Path, index: Path, valid_shards: set[str]) -> str | None:
-    """Check that a `*.safetensors.index.json` names only shards present in `valid_shards`."""
+    """Check that a `*.safetensors.index.json` names only shards present in `valid_shards`.
+
+    Any content gives a reason or None, never an exception: JSON that does not parse (bad bytes, too deep)
+    is "not valid JSON"; an integer of over 4300 digits (Python's default limit), which transformers'
+    json.load cannot read either, is "a number too long to read". Numbers are otherwise
+    ignored (only weight_map's strings count), so `1e999`, NaN or a 401-digit integer in `metadata` is fine.
+    Shard names are shown escaped when not printable and cut when longer than a file name can be."""
     try:
         data = _read_index(index)
     except _NotRegular:
@@ -75,7 +111,9 @@ def index_problem(directory: Path, index: Path, valid_shards: set[str]) -> str |
     except OSError:
         return f"{index.name} is not valid JSON"
     try:
-        raw = json.loads(data)
+        raw = json.loads(data, parse_int=_parse_int)
+    except _NumberTooLong as e:
+        return f"{index.name} holds a number too long to read (over {e.limit} digits)"
     except (ValueError, RecursionError):
         return f"{index.name} is not valid JSON"
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
@@ -83,10 +121,13 @@ def index_problem(directory: Path, index: Path, valid_shards: set[str]) -> str |
         return f"{index.name} has no weight_map of tensor names to shard files"
     for shard in sorted(set(weight_map.values())):
         if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            return f"{index.name} names a shard outside the checkpoint: {shard!r}"
+            return f"{index.name} names a shard outside the checkpoint: {_shown(repr(shard))}"
         if shard not in valid_shards:
-            present = (directory / shard).is_file()
-            return f"{index.name} names {shard}, which is {'not valid' if present else 'missing'}"
+            try:
+                present = (directory / shard).is_file()
+            except OSError:  # a name longer than the filesystem allows (ENAMETOOLONG): no such file
+                present = False
+            return f"{index.name} names {_shown(shard)}, which is {'not valid' if present else 'missing'}"
     return None
 
 

@@ -1,8 +1,9 @@
 """Prometheus metrics and a health endpoint for the daemon (`watch --metrics-port`).
 
 `/metrics` serves the Prometheus text format; `/healthz` answers 200 while the file watcher is alive and
-the last successful reconcile is recent, and 503 with the reason otherwise. Each daemon has its own
-registry, so several can live in one process (tests, the demo).
+the last successful reconcile is recent (its body says when the daemon polls because the inotify limit was
+reached), and 503 with the reason otherwise. Each daemon has its own registry, so several can live in one
+process (tests, the demo).
 """
 
 from __future__ import annotations
@@ -46,11 +47,22 @@ class Metrics:
         self.observer_mode = Gauge(
             "ckptkeeper_observer_mode", "1 for the way the daemon watches the root now", ["mode"], registry=r
         )
+        self.mode_note: str | None = None
+        self.standby = Gauge(
+            "ckptkeeper_standby", "1 while this instance waits for another's lock of the root (--standby)", registry=r
+        )
+        self.standby_note: str | None = None  # /healthz says it (200) while standing by
         self.set_mode("none")
 
-    def set_mode(self, mode: str) -> None:
+    def set_standby(self, note: str | None) -> None:
+        self.standby.set(0 if note is None else 1)
+        self.standby_note = note
+
+    def set_mode(self, mode: str, note: str | None = None) -> None:
+        """`note`: why the daemon watches this way, when it is a fallback it must tell (/healthz says it)."""
         for m in OBSERVER_MODES:
             self.observer_mode.labels(mode=m).set(1 if m == mode else 0)
+        self.mode_note = note
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
@@ -72,7 +84,9 @@ class MetricsServer:
                     self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     problem = outer.health()
-                    body = (problem or "ok").encode() + b"\n"
+                    note = outer.metrics.mode_note
+                    ok = outer.metrics.standby_note or ("ok" if note is None else f"ok ({note})")
+                    body = (problem or ok).encode() + b"\n"
                     self._send(503 if problem else 200, body, "text/plain; charset=utf-8")
                 else:
                     self._send(404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")

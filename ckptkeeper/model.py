@@ -28,6 +28,12 @@ class Checkpoint:
     # The newest modification time of the files inside (seconds since the epoch): when it was last written.
     # None where unknown (values built in tests). Compared only to find the newest written checkpoint.
     written_at: float | None = field(default=None, compare=False)
+    # The modification time of its trainer_state.json (written last by the Trainer, rewritten by nothing
+    # else); None where it has none or unknown.
+    state_written_at: float | None = field(default=None, compare=False)
+    # An lstat signature of the directory and everything in it, as scanned: a removal acts only if it is
+    # unchanged (a run resumed into an existing checkpoint rewrites its files in place, sizes and all).
+    fingerprint: int | None = field(default=None, compare=False)
     # The file times lie in the future (a writer's clock ahead of this machine's): they order nothing.
     times_in_future: bool = field(default=False, compare=False)
     # When it counts as settled if nothing changes (watch re-checks then); None if not waiting to settle.
@@ -66,12 +72,25 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class MixedRuns:
+    """A run directory holding checkpoints of more than one training run (an `output_dir` reused, or a run
+    resumed from an earlier checkpoint that rewrote lower steps): `newest_written` was written after
+    `highest_step`, so the Trainer's `get_last_checkpoint` (by step) would resume from a stale checkpoint.
+    `stale`: every checkpoint (complete or not) with a higher step than `newest_written`, written before it."""
+
+    newest_written: Checkpoint
+    highest_step: Checkpoint
+    stale: tuple[Checkpoint, ...]
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """The planner's answer for one run. A refused run keeps everything and says why."""
 
     run: Run
     decisions: tuple[Decision, ...]
     refusal: str | None = None
+    mixed_runs: MixedRuns | None = None  # a warning only: nothing is removed because of it
 
     @property
     def kept(self) -> tuple[Decision, ...]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckptkeeper.engine import Outcome, Policy, Totals
-from ckptkeeper.model import Decision, RunPlan
+from ckptkeeper.model import Decision, MixedRuns, RunPlan
 from ckptkeeper.rules import Best, format_metric, format_rules
 
 
@@ -38,6 +38,16 @@ def describe_policy(policy: Policy) -> str:
     )
 
 
+def mixed_runs_text(mixed: MixedRuns) -> str:
+    """The warning for a run directory that mixes runs (plan and watch say the same)."""
+    stale = ", ".join(c.name for c in mixed.stale)
+    return (
+        f"this directory mixes runs: {mixed.newest_written.name} was written after {mixed.highest_step.name} "
+        f"(stale: {stale}); the Trainer resumes from the highest step (get_last_checkpoint), "
+        "so move or remove the stale checkpoints"
+    )
+
+
 def metrics_used(policy: Policy) -> list[str]:
     return list(dict.fromkeys(r.metric for r in policy.rules if isinstance(r, Best)))
 
@@ -46,7 +56,7 @@ def _row(d: Decision, metrics: Sequence[str]) -> list[str]:
     c = d.checkpoint
     epoch = "-" if c.epoch is None else f"{c.epoch:.2f}"
     values = [format_metric(c.metrics[m]) if m in c.metrics else "-" for m in metrics]
-    return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), str(d.action), ", ".join(d.reasons)]
+    return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), str(d.action), shown(", ".join(d.reasons))]
 
 
 def _table(rows: list[list[str]], right_aligned: set[int]) -> list[str]:
@@ -74,6 +84,8 @@ def plan_text(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Seq
         lines += _table(rows, right)
         if plan.refusal:
             lines.append(f"  REFUSED: {plan.refusal}")
+        if plan.mixed_runs:
+            lines.append(f"  warning: {mixed_runs_text(plan.mixed_runs)}")
     lines.append("")
     lines.append(summary_line(plans))
     return "\n".join(lines)
@@ -103,6 +115,13 @@ def plan_json(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Seq
         {
             "run": plan.run.path,
             "refusal": plan.refusal,
+            "mixed_runs": None
+            if plan.mixed_runs is None
+            else {
+                "newest_written": plan.mixed_runs.newest_written.name,
+                "highest_step": plan.mixed_runs.highest_step.name,
+                "stale": [c.name for c in plan.mixed_runs.stale],
+            },
             "checkpoints": [
                 {
                     "name": d.checkpoint.name,
@@ -147,6 +166,7 @@ _PAST = {
     "would-archive": "would archive",
     "vanished": "vanished",
     "skipped": "skipped",
+    "stopped": "stopped",
     "error": "FAILED",
 }
 
@@ -159,7 +179,7 @@ def location(run: str, checkpoint: str) -> str:
 def outcome_line(o: Outcome) -> str:
     where = location(o.run, o.checkpoint)
     size = f"  {human_bytes(o.bytes)}" if o.bytes else ""
-    detail = f"  ({o.detail})" if o.detail else ""
+    detail = f"  ({shown(o.detail)})" if o.detail else ""
     return f"{_PAST[o.action]:<13} {where}{size}{detail}"
 
 

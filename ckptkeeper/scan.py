@@ -142,6 +142,9 @@ class _Seen:
     # When this signature was first seen (the caller's clock): settling by observation when file times
     # cannot be trusted (they lie in the future).
     first_seen: float = 0.0
+    # These entries replaced different ones seen at an earlier look: the checkpoint was seen changing, so it
+    # settles no sooner than `settle` after `first_seen`, whatever its file times say (a writer's clock behind).
+    seen_changing: bool = False
 
 
 class ContentCache:
@@ -240,7 +243,9 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
             epoch, best_steps, stopped = state.epoch, state.best_steps, state.training_stopped
             metrics = state.metrics_at(step)
             if state.global_step is not None and state.global_step != step:
-                problems.append(f"global_step {state.global_step} in {TRAINER_STATE} does not match {directory.name}")
+                # Read exactly however long (up to 4300 digits): a reason line does not show thousands of them.
+                said = state.global_step if abs(state.global_step) < 10**64 else "of over 64 digits"
+                problems.append(f"global_step {said} in {TRAINER_STATE} does not match {directory.name}")
     if not problems:
         problem = _safetensors_problem(directory, names)
         if problem:
@@ -271,13 +276,16 @@ def _settle_check(
     settle: float,
     first_seen: float | None,
     in_future: bool,
+    seen_changing: bool = False,
 ) -> tuple[str | None, float | None]:
     """Why the checkpoint has not settled yet and when it would, or (None, None).
 
     A file time says a change happened at or after it, within the filesystem's granularity: a time
     rounded down to the second may be up to a second older than the change. A time in the future says
     nothing (a writer whose clock is ahead): then what this process itself saw unchanged counts, from
-    the first look at these exact entries (`first_seen`); a one-shot command has only its one look."""
+    the first look at these exact entries (`first_seen`); a one-shot command has only its one look. And a
+    checkpoint this process saw change (`seen_changing`) has changed at `first_seen` at the latest, whatever
+    its file times say (a writer whose clock is behind)."""
     if now is None or settle <= 0:
         return None, None
     granularity = timestamp_granularity(stats)
@@ -293,9 +301,13 @@ def _settle_check(
             settles_at,
         )
     settles_at = newest_change + settle + granularity
+    coarse = f" + {granularity:g} s timestamp granularity" if granularity else ""
+    if seen_changing and first_seen is not None and first_seen + settle + granularity > settles_at:
+        settles_at = first_seen + settle + granularity
+        if now < settles_at:
+            return f"seen changing {max(now - first_seen, 0):.1f} s ago (settle {settle:g} s{coarse})", settles_at
     if now >= settles_at:
         return None, None
-    coarse = f" + {granularity:g} s timestamp granularity" if granularity else ""
     return f"changed {max(now - newest_change, 0):.1f} s ago (settle {settle:g} s{coarse})", settles_at
 
 
@@ -326,9 +338,13 @@ def read_checkpoint(
         contents = _read_contents(directory, step, names)
     stats = [st for _, st in walked]
     newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
-    first_seen = held.first_seen if held is not None and held.signature == signature else now
+    unchanged = held is not None and held.signature == signature
+    first_seen = held.first_seen if held is not None and unchanged else now
+    seen_changing = held.seen_changing if held is not None and unchanged else held is not None
     in_future = now is not None and newest_change > now + FUTURE_TOLERANCE
-    settle_problem, settles_at = _settle_check(stats, newest_change, now, settle, first_seen, in_future)
+    settle_problem, settles_at = _settle_check(
+        stats, newest_change, now, settle, first_seen, in_future, seen_changing
+    )
     files = [st for st in stats[1:] if not stat.S_ISDIR(st.st_mode)]
     empty = sorted(rel for rel, st in walked[1:] if stat.S_ISREG(st.st_mode) and st.st_size == 0)
     # With several ranks, each writes its own rng_state_<rank>.pth with no barrier before rank 0 writes
@@ -347,6 +363,8 @@ def read_checkpoint(
         training_stopped=contents.stopped,
         last_change=newest_change,
         written_at=max((st.st_mtime for st in files), default=stats[0].st_mtime),
+        state_written_at=next((st.st_mtime for rel, st in walked if rel == TRAINER_STATE), None),
+        fingerprint=hash(signature),
         times_in_future=in_future,
         settles_at=settles_at if settle_problem and not content_problems else None,
         identity=(stats[0].st_dev, stats[0].st_ino),
@@ -354,7 +372,9 @@ def read_checkpoint(
     if cache is not None:
         trusted = checkpoint if checkpoint.complete else None
         seen_at = first_seen if first_seen is not None else 0.0
-        cache.put(run_dir, name, _Seen(_dir_key(walked[0][1]), signature, contents, trusted, seen_at))
+        cache.put(
+            run_dir, name, _Seen(_dir_key(walked[0][1]), signature, contents, trusted, seen_at, seen_changing)
+        )
     return checkpoint
 
 

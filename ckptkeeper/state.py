@@ -1,4 +1,11 @@
-"""ckptkeeper's state directory (default `<root>/_ckptkeeper/`): the lock, the journal and the trash."""
+"""ckptkeeper's state directory (default `<root>/_ckptkeeper/`): the lock, the journal and the trash; and the
+root's own lock (`<root>/_ckptkeeper.lock`), which holds one instance per root whatever its state directory.
+
+The state directory is ckptkeeper's own: it deletes whatever lands in its trash, so it uses only a
+directory it made (marked by OWNER_MARK), a new or empty one (which it marks), or one of an earlier
+version's (nothing but its lock, journal and trash in it). Once made, it is used through a descriptor
+opened without following links, so a directory swapped in under its name is never emptied.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,9 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,53 +26,244 @@ STATE_DIR_NAME = "_ckptkeeper"
 LOCK_NAME = "lock"
 JOURNAL_NAME = "journal.jsonl"
 TRASH_NAME = "trash"
+OWNER_MARK = "CKPTKEEPER_STATE_DIR"
+ROOT_LOCK_NAME = "_ckptkeeper.lock"
+_LEGACY_NAMES = {LOCK_NAME, JOURNAL_NAME, TRASH_NAME}
+# What ckptkeeper names a trash entry (a random token, then the checkpoint's name); nothing else in a trash
+# is ever deleted.
+TRASH_ENTRY = re.compile(r"[0-9a-f]{12}\.checkpoint-(0|[1-9][0-9]*)")
+_OWNER_TEXT = (
+    b"This directory is ckptkeeper's state directory: its lock, its journal of actions, and the trash where\n"
+    b"removed checkpoints are deleted. ckptkeeper deletes whatever is in trash/. Do not keep anything here.\n"
+)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def ownership_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as a state directory, or None (absent, empty, or made by ckptkeeper).
+    Reads only."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link, not a directory of its own (ckptkeeper empties the trash it holds)"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    try:
+        names = set(os.listdir(path))
+    except OSError as e:
+        return f"cannot be listed: {e.strerror or e}"
+    if TRASH_NAME in names and not stat.S_ISDIR(os.lstat(path / TRASH_NAME).st_mode):
+        return f"holds a {TRASH_NAME} that is not a directory of its own (a symbolic link?): it would be emptied"
+    if not names or OWNER_MARK in names:
+        return None
+    if names <= _LEGACY_NAMES and (names & {LOCK_NAME, JOURNAL_NAME} or _only_trash_entries(path / TRASH_NAME)):
+        return None  # made by ckptkeeper 0.1, before the mark
+    shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
+    return (
+        f"exists and was not made by ckptkeeper (it holds {shown}): ckptkeeper deletes what is in a state "
+        "directory's trash/, so it uses only a new or empty directory, or one it made"
+    )
 
 
 class LockHeld(RuntimeError):
     """Another ckptkeeper holds the root's lock."""
 
 
+def _only_trash_entries(trash: Path) -> bool:
+    """True when `trash` holds something, and only what ckptkeeper names its trash entries."""
+    try:
+        names = os.listdir(trash)
+    except OSError:
+        return False
+    return bool(names) and all(TRASH_ENTRY.fullmatch(n) for n in names)
+
+
+def _holder(root: Path) -> str:
+    try:
+        with open(root / ROOT_LOCK_NAME, "rb") as f:
+            return f.read(200).decode(errors="replace").strip() or "unknown process"
+    except OSError:
+        return "unknown process"
+
+
+def _held_message(root: Path, holder: str, where: Path | None = None) -> str:
+    return (
+        f"another ckptkeeper ({holder}) is already working on {root}; "
+        f"only one instance may run per root (lock: {where or root / ROOT_LOCK_NAME})"
+    )
+
+
+def _write_new(dir_fd: int, name: str, data: bytes) -> None:
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    except FileExistsError:
+        return
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 class StateDir:
+    """The state directory. Owned by the thread that runs the pipeline; `record` may be called from any
+    thread (the daemon's reaper journals too)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.trash = path / TRASH_NAME
         self.journal_path = path / JOURNAL_NAME
         self._journal_lock = threading.Lock()  # the daemon's reaper thread records too
         self._lock_fd: int | None = None
+        self._root_lock_fds: list[int] = []
+        self._fd: int | None = None  # the state directory itself, opened without following links
+        self._trash_fd: int | None = None
 
     def create(self) -> None:
-        self.trash.mkdir(parents=True, exist_ok=True)
-        # Everything in the trash gets deleted: through a link it could be anybody's directory.
-        for path in (self.path, self.trash):
-            if path.is_symlink() or not path.is_dir():
+        """Make (or claim) the state directory and its trash, and hold both open. Refuses a directory that is
+        not ckptkeeper's, and a link in the place of either."""
+        if self._fd is not None and self._trash_fd is not None:
+            return
+        problem = ownership_problem(self.path)
+        if problem:
+            raise OSError(errno.EEXIST, f"{problem}; refusing to use it", str(self.path))
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = self._open_dir(self.path)
+        try:
+            self._claim(fd)
+        except OSError as e:
+            os.close(fd)
+            if e.filename is not None and not os.path.isabs(os.fsdecode(e.filename)):
+                raise OSError(e.errno, e.strerror, str(self.path / os.fsdecode(e.filename))) from None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _claim(self, fd: int) -> None:
+        """Mark the directory open as `fd` as ckptkeeper's, make its trash, and hold both open."""
+        names = set(os.listdir(fd))
+        if names and OWNER_MARK not in names and not (names <= _LEGACY_NAMES):
+            # Filled between the check and the open: not a directory this process may take.
+            raise OSError(errno.EEXIST, "not a directory of ckptkeeper's; refusing to use it", str(self.path))
+        if OWNER_MARK not in names:
+            _write_new(fd, OWNER_MARK, _OWNER_TEXT)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(TRASH_NAME, 0o755, dir_fd=fd)
+        self._trash_fd = self._open_dir(self.trash, dir_fd=fd, name=TRASH_NAME)
+        self._fd = fd
+
+    @staticmethod
+    def _open_dir(path: Path, dir_fd: int | None = None, name: str | None = None) -> int:
+        try:
+            return os.open(name if name is not None else path, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise OSError(
                     errno.ENOTDIR, "not a directory of its own (a symbolic link?); refusing to use it", str(path)
-                )
+                ) from None
+            raise
+
+    @property
+    def trash_fd(self) -> int:
+        """The trash, open; `create` first."""
+        self.create()
+        assert self._trash_fd is not None
+        return self._trash_fd
+
+    @property
+    def dir_fd(self) -> int:
+        self.create()
+        assert self._fd is not None
+        return self._fd
 
     def acquire_lock(self, root: Path) -> None:
-        """Take the per-root lock. flock is released by the kernel when a process dies, so a lock left
-        by a killed instance never blocks the next one."""
+        """Take the root's own lock, so that one instance runs per root however the root is reached and
+        wherever its state lives; then the state directory's, so that two roots never share one trash at
+        once. The root's lock is a flock on the root directory itself (local filesystems) and on
+        `ROOT/_ckptkeeper.lock` (which NFS clients share across nodes; skipped on a root this process cannot
+        write, where the directory's lock holds). flock is released by the kernel when a process dies, so a
+        lock left by a killed instance never blocks the next one."""
         self.create()
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        held: list[int] = []
+        try:
+            held += self._lock_root(root)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            held.append(self._take(os.open(LOCK_NAME, flags, 0o644, dir_fd=self._fd), root, self.path / LOCK_NAME))
+        except BaseException:
+            for fd in held:
+                os.close(fd)
+            raise
+        holder = f"pid {os.getpid()} on {socket.gethostname()}\n".encode()
+        for fd in held[1:]:  # the files; not the root directory
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder, 0)
+        self._root_lock_fds, self._lock_fd = held[:-1], held[-1]
+
+    def _lock_root(self, root: Path) -> list[int]:
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(dir_fd)
+            raise LockHeld(_held_message(root, _holder(root))) from None
+        except OSError:  # a filesystem that cannot lock a directory (NFS): the file below stands alone
+            pass
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            file_fd = os.open(ROOT_LOCK_NAME, flags, 0o644, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return [dir_fd]  # nothing can be written in this root, by this instance or another
+            os.close(dir_fd)
+            raise
+        try:
+            return [dir_fd, self._take(file_fd, root, root / ROOT_LOCK_NAME)]
+        except BaseException:
+            os.close(dir_fd)
+            raise
+
+    @staticmethod
+    def _take(fd: int, root: Path, where: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
             os.close(fd)
-            raise LockHeld(
-                f"another ckptkeeper ({holder}) is already working on {root}; "
-                f"only one instance may run per root (lock: {self.path / LOCK_NAME})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._lock_fd = fd
+            raise LockHeld(_held_message(root, holder, where)) from None
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def lock_deleted(self) -> bool:
+        """True when the root's lock file was deleted with its root (or the state lock with its directory):
+        a held lock's inode cannot be reused, unlike a directory's inode number."""
+        for fd in (*self._root_lock_fds, self._lock_fd):
+            with contextlib.suppress(OSError):
+                if fd is not None and os.fstat(fd).st_nlink == 0:
+                    return True
+        return False
 
     def release_lock(self) -> None:
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+        for fd in (*self._root_lock_fds, self._lock_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        os.ftruncate(fd, 0)
+                os.close(fd)  # closing the descriptor releases the flock
+        self._lock_fd, self._root_lock_fds = None, []
+
+    def close(self) -> None:
+        """Release the locks and the directory descriptors."""
+        self.release_lock()
+        for fd in (self._trash_fd, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._trash_fd = None
 
     def record(self, entry: dict[str, Any]) -> None:
         """Append one action to the journal (JSON lines), with the time it happened."""
@@ -72,8 +272,8 @@ class StateDir:
             self._append(line)
 
     def _append(self, line: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(JOURNAL_NAME, flags, 0o644, dir_fd=self.dir_fd)
         try:
             # A crash may have cut the last line short: start on a fresh line, or this entry is lost with it.
             size = os.fstat(fd).st_size

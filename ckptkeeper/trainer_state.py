@@ -3,6 +3,18 @@
 Unknown keys are ignored; the keys ckptkeeper uses must have the Trainer's types, or the file is treated
 as broken (the checkpoint then counts as incomplete, with the reason). The Trainer writes bare `NaN` and
 `-Infinity`, which Python's json accepts.
+
+Numbers are read as the Trainer's own json.loads reads them, and no number in the file raises anything but
+TrainerStateError:
+- an integer of over 4300 digits (Python's default limit for converting text to an integer), anywhere in
+  the file, makes the file unusable: the Trainer's json.loads cannot load it either;
+- a float literal beyond the float range (`1e999`) is Infinity, in every JSON reader;
+- a metric value that no float can hold (an integer beyond about 1.8e308, as a 401-digit one) is not a
+  metric: the key is ignored, as a string is, and the checkpoint lacks that metric (the file is not broken);
+- an epoch that no float can hold reads as no epoch, as NaN and Infinity do;
+- global_step, best_global_step and log_history steps are exact integers, however long: a global_step that
+  is not the directory's step makes the checkpoint incomplete, and a best step that is no checkpoint's
+  protects nothing.
 """
 
 from __future__ import annotations
@@ -10,13 +22,18 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError, field_validator
 from pydantic_core import from_json
 
 TRAINER_STATE = "trainer_state.json"
+NAME_MAX = 255  # the longest file name of Linux filesystems, in bytes
+# The most digits of an integer read: pydantic-core's parser's limit whatever the interpreter's, and the
+# interpreter's default (sys.get_int_max_str_digits()), so the Trainer's json.loads reads no longer one.
+MAX_INT_DIGITS = 4300
 
 
 class TrainerStateError(ValueError):
@@ -32,6 +49,12 @@ class _TrainerStateFile(BaseModel):
     best_global_step: StrictInt | None = None
     best_model_checkpoint: str | None = None
     stateful_callbacks: dict[str, Any] = {}
+
+    @field_validator("epoch", mode="before")
+    @classmethod
+    def _epoch_beyond_floats(cls, value: object) -> object:
+        """An integer epoch too large for a float (StrictFloat refuses it) is no epoch, as Infinity is."""
+        return None if type(value) is int and _as_float(value) is None else value
 
 
 @dataclass(frozen=True)
@@ -84,8 +107,15 @@ def _named_step(best_model_checkpoint: str | None) -> int | None:
         # (a trainer on Windows writes backslashes).
         last = best_model_checkpoint.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
         prefix, _, digits = last.partition("-")
-        # The Trainer's own name: ASCII digits, no leading zero (as scan.CHECKPOINT_NAME).
-        if prefix == "checkpoint" and digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0"):
+        # The Trainer's own name: ASCII digits, no leading zero (as scan.CHECKPOINT_NAME). No file name is
+        # longer than NAME_MAX, so a longer one names no checkpoint (and int() of 4301 digits raises).
+        if (
+            prefix == "checkpoint"
+            and len(last) <= NAME_MAX
+            and digits.isascii()
+            and digits.isdigit()
+            and (digits == "0" or digits[0] != "0")
+        ):
             return int(digits)
     return None
 
@@ -97,10 +127,22 @@ def _training_stopped(callbacks: dict[str, Any]) -> bool:
     return isinstance(args, dict) and args.get("should_training_stop") is True
 
 
+def _as_float(value: int | float) -> float | None:
+    """The number as a float; None for an integer beyond the float range (float() raises OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
 def _numeric(value: object) -> float | None:
+    """A metric's value, or None when it is not one: not a number (a string, a boolean, null, a container), or
+    an integer no float can hold (beyond about 1.8e308). The key is then ignored: the checkpoint lacks that
+    metric, the file is not broken. NaN, Infinity and `1e999` (which every JSON reader makes Infinity) are
+    values: NaN ranks worst, the infinities as the numbers they are."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    return _as_float(value)
 
 
 def _eval_values(entry: dict[str, Any]) -> dict[str, float]:
@@ -127,11 +169,36 @@ def _history_problem(history: list[Any]) -> str | None:
     return None
 
 
+def _too_long(limit: int) -> TrainerStateError:
+    return TrainerStateError(f"{TRAINER_STATE} holds a number too long to read (over {limit} digits)")
+
+
+def _parse_int(digits: str) -> int:
+    """The json module's integer conversion with pydantic-core's limit, so both parsers read the same files:
+    an integer of over MAX_INT_DIGITS digits is refused even with the interpreter's limit off (it would
+    convert in quadratic time: a 512 MiB file of digits would hold the daemon for hours). A lower limit set
+    for the interpreter (PYTHONINTMAXSTRDIGITS) refuses shorter ones, also as TrainerStateError, never as
+    int()'s bare ValueError."""
+    if len(digits) - digits.startswith("-") > MAX_INT_DIGITS:
+        raise _too_long(MAX_INT_DIGITS)
+    try:
+        return int(digits)
+    except ValueError:
+        raise _too_long(sys.get_int_max_str_digits()) from None
+
+
 def _load_json(data: bytes) -> object:
     """Parse with pydantic-core's JSON parser (about 3x faster than the json module on a Trainer's file);
-    anything it refuses (a lone surrogate, nesting deeper than its limit, bad bytes) goes through the json
-    module, whose behaviour and messages are the reference. Only what the Trainer itself can load counts:
-    it reads the file as UTF-8 text with json.loads, so a byte order mark or UTF-16 is not resumable."""
+    anything it refuses (a lone surrogate, nesting deeper than its limit, bad bytes, an integer of over 4300
+    digits, a float literal of over 4300 digits before its point) goes through the json module, whose
+    behaviour and messages are the reference. Only what the Trainer itself can load counts: it reads the file
+    as UTF-8 text with json.loads, so a byte order mark or UTF-16 is not resumable, nor is an integer of over
+    4300 digits (json.loads raises a ValueError for it).
+
+    What both parsers agree on: `1e999` and `-1e999` are infinities, `1e-999` is 0.0, `-0` is the integer 0
+    and `-0.0` the float -0.0, and NaN/Infinity/-Infinity are floats. Only the json module accepts a lone
+    surrogate escape (the string keeps it) and nesting deeper than pydantic-core's limit (up to the
+    interpreter's recursion limit: deeper is "nested too deeply")."""
     try:
         return from_json(data)
     except ValueError:
@@ -143,7 +210,7 @@ def _load_json(data: bytes) -> object:
     except UnicodeDecodeError:
         raise TrainerStateError("trainer_state.json is not UTF-8 text") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as e:
         at_byte = len(text[: e.pos].encode("utf-8", "surrogatepass"))
         raise TrainerStateError(f"trainer_state.json is not valid JSON ({e.msg} at byte {at_byte})") from None

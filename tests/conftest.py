@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from watchutil import StartWatch, Watch
 
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
@@ -35,6 +37,11 @@ def hf_run(tmp_path: Path) -> Callable[[str], Path]:
     def copy(name: str) -> Path:
         target = tmp_path / "outputs" / name
         shutil.copytree(HF_FIXTURES / name, target, ignore=shutil.ignore_patterns("MANIFEST.json"))
+        # The Trainer's own file times (git keeps none: a checkout writes checkpoint-104 before checkpoint-26,
+        # which would look like a directory mixing two runs, SPEC "Protections" 1).
+        manifest = json.loads((HF_FIXTURES / name / "MANIFEST.json").read_text(encoding="utf-8"))
+        for entry in [*manifest["files"], *manifest["dirs"]]:
+            os.utime(target / entry["path"], ns=(entry["mtime_ns"], entry["mtime_ns"]))
         return target
 
     return copy
@@ -89,3 +96,20 @@ def tmpfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Iterator[StartWatch]:
+    """Start `ckptkeeper watch ROOT ARGS...`; every process still running at the end is killed."""
+    started: list[Watch] = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(root: Path, *args: str, prefix: Sequence[str] = ()) -> Watch:
+        w = Watch(root, args, logs / f"watch-{len(started)}.log", prefix)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -56,9 +57,26 @@ def tree_size(path: Path) -> int:
     return total
 
 
+def _real(path: str, dir_fd: object) -> str:
+    """The path an audited call acts on: ckptkeeper acts through directory descriptors (`dir_fd`, and
+    /proc/self/fd/N/... paths), which are shown here as the directories they are open on."""
+    if isinstance(dir_fd, int) and not os.path.isabs(path):
+        path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+    magic = re.match(r"/proc/self/fd/(\d+)(/.*)?$", path)
+    if magic:
+        path = os.readlink(f"/proc/self/fd/{magic.group(1)}") + (magic.group(2) or "")
+    return path
+
+
 def _audit(event: str, args: tuple[Any, ...]) -> None:
     if _recording and event in _WATCHED:
-        _recording[-1].append((event, *(os.fspath(a) for a in args[:2] if isinstance(a, str | os.PathLike))))
+        if event == "os.rename":  # (src, dst, src_dir_fd, dst_dir_fd)
+            paths = (_real(os.fspath(args[0]), args[2]), _real(os.fspath(args[1]), args[3]))
+        elif event == "shutil.rmtree":  # (path, dir_fd)
+            paths = (_real(os.fspath(args[0]), args[1]),)
+        else:
+            paths = tuple(_real(os.fspath(a), None) for a in args[:2] if isinstance(a, str | os.PathLike))
+        _recording[-1].append((event, *paths))
 
 
 sys.addaudithook(_audit)
@@ -729,7 +747,7 @@ def test_empty_trash_skips_an_entry_it_cannot_remove_describes_it_and_finishes_t
     stuck = trash / "bbbbbbbbbbbb.checkpoint-2"
     stuck.mkdir()
     (stuck / "optimizer.pt").write_bytes(b"y" * 100)
-    last = trash / "cccccccccccc.partial"
+    last = trash / "cccccccccccc.checkpoint-3"  # a file under an entry name: still ckptkeeper's to delete
     last.write_bytes(b"z")
     if os.geteuid() != 0 or not _chattr("+i", stuck / "optimizer.pt"):
         pytest.skip("needs root and a filesystem with the immutable attribute (chattr +i)")

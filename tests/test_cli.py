@@ -253,8 +253,8 @@ def test_plan_json_is_strict_json_with_the_documented_keys(sim_run: Callable[...
         [],
     )
     [entry] = data["runs"]
-    assert set(entry) == {"run", "refusal", "checkpoints"}
-    assert (entry["run"], entry["refusal"]) == ("run", None)
+    assert set(entry) == {"run", "refusal", "mixed_runs", "checkpoints"}
+    assert (entry["run"], entry["refusal"], entry["mixed_runs"]) == ("run", None, None)
     names = {"name", "step", "epoch", "complete", "incomplete_reason", "metrics", "size_bytes", "decision", "reasons"}
     for c in entry["checkpoints"]:
         assert set(c) == names
@@ -461,7 +461,14 @@ def test_an_archive_that_is_or_contains_the_root_is_a_usage_error(outputs_a: Pat
     for command in ("plan", "prune"):
         result = cli(command, outputs_a, "--keep", "last:1", "--archive-to", archive)
         assert result.exit_code == 2, result.output
-        assert result.output == f"Error: --archive-to {archive} must not be the root or contain it\n"
+        if where == "parent":
+            message = f"--archive-to {archive} contains the root {outputs_a}: choose a directory apart from it"
+        else:  # the root itself, or the root reached through a link: named both ways
+            message = (
+                f"--archive-to {archive} is the root {outputs_a} (the same directory, reached another way: a link "
+                "or a second mount): archiving there would delete each checkpoint it claims to keep"
+            )
+        assert result.output == f"Error: {message}\n"
     assert snapshot(outputs_a) == before
 
 
@@ -485,7 +492,7 @@ def test_an_archive_run_directory_that_cannot_be_made_is_a_failure_not_a_crash(o
     assert result.exit_code == 1, result.output
     assert result.stdout.splitlines()[2:] == [
         *(
-            f"FAILED        A/checkpoint-{s}  (cannot create the archive directory {archive}/A: File exists)"
+            f"FAILED        A/checkpoint-{s}  (cannot create the archive directory {archive}/A: Not a directory)"
             for s in REMOVED_A
         ),
         "Done: removed 0 checkpoints, freed 0 B; 4 failed (see above). Kept 4.",
@@ -623,7 +630,7 @@ def test_a_second_instance_on_the_same_root_exits_4(outputs_a: Path) -> None:
         assert result.exit_code == 4
         assert result.stderr == (
             f"Error: another ckptkeeper (pid {holder.pid} on {socket.gethostname()}) is already working on "
-            f"{outputs_a}; only one instance may run per root (lock: {state_dir / 'lock'})\n"
+            f"{outputs_a}; only one instance may run per root (lock: {outputs_a / '_ckptkeeper.lock'})\n"
         )
         assert snapshot(outputs_a, skip=["_ckptkeeper"]) == before
         assert cli("prune", outputs_a, "--keep", KEEP_A, "--dry-run").exit_code == 0  # a dry run takes no lock
@@ -765,8 +772,10 @@ def test_demo_dir_keeps_what_is_left(tmp_path: Path) -> None:
     deleted = [m.group(1) for x in out if (m := re.fullmatch(r".* (checkpoint-\d+) deleted: freed .*", x))]
     assert sorted(deleted) == sorted(f"checkpoint-{s}" for s in range(10, 101, 10) if s != 30)
     assert (root / "_ckptkeeper" / "journal.jsonl").exists()
-    # A second demo in the same directory starts from a fresh run.
-    assert cli("demo", "--dir", directory, "--keep", "last:2", "--pace", "0.005").exit_code == 0
+    # A second demo in the same directory is refused: it would have to remove the first one's run
+    # (tests/test_cli_hardening.py checks the message and that nothing changes).
+    assert cli("demo", "--dir", directory, "--keep", "last:2", "--pace", "0.005").exit_code == 2
+    assert {p.name for p in root.iterdir() if p.name.startswith("checkpoint-")} == on_disk
 
 
 def test_demo_with_a_bad_rule_is_a_usage_error(tmp_path: Path) -> None:

@@ -71,11 +71,11 @@ from e2eutil import (
     wait_for,
 )
 
-from ckptkeeper.actions import RUN_TRASH_NAME, empty_trash
+from ckptkeeper.actions import RUN_TRASH_NAME, TrashEntry, finish_entry
 from ckptkeeper.cli import EXIT_LOCKED, main
 from ckptkeeper.engine import Outcome, PlanResult, Policy, apply_plan, make_plan
 from ckptkeeper.rules import parse_rules
-from ckptkeeper.state import STATE_DIR_NAME, StateDir
+from ckptkeeper.state import ROOT_LOCK_NAME, STATE_DIR_NAME, StateDir
 
 pytestmark = pytest.mark.e2e
 
@@ -204,12 +204,13 @@ def test_ckptkeeper_races_the_real_trainers_own_rotation(tmp_path: Path) -> None
             )
         counts[f"{on_pruned.prefix}: {what}"] += 1
 
-    def dispose(trash_entry: Path) -> None:
+    def dispose(trash_entry: TrashEntry) -> None:
         # What the daemon's reaper does, plus a look at what the rename took: fewer files than a saved
         # checkpoint means the Trainer's rmtree was emptying it at that moment (it goes on through its fd).
-        if set(os.listdir(trash_entry)) != FULL_CHECKPOINT:
+        if set(os.listdir(trash_entry.shown)) != FULL_CHECKPOINT:
             counts[f"{on_pruned.prefix}: renamed while the Trainer's rmtree was emptying it"] += 1
-        empty_trash(trash_entry.parent, only=trash_entry.name, stuck=stuck)
+        finish_entry(trash_entry, stuck)
+        trash_entry.close()
 
     def prune_pass() -> None:
         result = make_plan(pruned, policy, state.path, now=time.time())
@@ -402,9 +403,8 @@ def check_root(name: str, root: Path, summary: dict[str, Any], expected: set[int
     # The final set: exactly the best and the last 2, complete, untouched since saved; nothing else around.
     on_disk = checkpoints_on_disk(root)
     assert on_disk == expected, f"{name}: on disk {sorted(on_disk)}, expected {sorted(expected)}"
-    assert sorted(os.listdir(root)) == sorted([STATE_DIR_NAME, *(f"checkpoint-{s}" for s in expected)]), os.listdir(
-        root
-    )
+    listed = set(os.listdir(root)) - {ROOT_LOCK_NAME}  # the root's lock, where a prune or the daemon took it
+    assert listed == {STATE_DIR_NAME, *(f"checkpoint-{s}" for s in expected)}, sorted(listed)
     for step in expected & set(by_step):  # a save the crash cut short before its record is not compared
         checkpoint = root / f"checkpoint-{step}"
         assert file_listing(checkpoint) == by_step[step]["files"], (
@@ -415,7 +415,8 @@ def check_root(name: str, root: Path, summary: dict[str, Any], expected: set[int
         )
     state_dir = root / STATE_DIR_NAME
     assert not os.listdir(state_dir / "trash"), f"{name}: the trash still holds {os.listdir(state_dir / 'trash')}"
-    assert set(os.listdir(state_dir)) <= {"journal.jsonl", "lock", "trash"}, os.listdir(state_dir)
+    own = {"journal.jsonl", "lock", "trash", "CKPTKEEPER_STATE_DIR"}
+    assert set(os.listdir(state_dir)) <= own, os.listdir(state_dir)
     assert not (root / RUN_TRASH_NAME).exists()
 
     # The journal: a start line and one outcome per attempt, nothing else.

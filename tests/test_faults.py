@@ -646,7 +646,7 @@ def test_a_watch_holding_the_root_refuses_prune_and_a_second_watch_until_it_is_k
     root = tmp_path / "outputs"
     run = root / "run"
     simulate_run(run, SMALL)
-    lock = root / "_ckptkeeper" / "lock"
+    lock = root / "_ckptkeeper.lock"
     first = watch(root, "--keep", "last:4", *SETTLE_0, *NO_RESCAN)  # keeps everything: only the lock matters
     first.wait_log("watching ")
 

@@ -154,6 +154,7 @@ plausible: dict[str, st.SearchStrategy[Any]] = {
     "protect_trainer_best": st.one_of(st.booleans(), st.sampled_from(["yes", "true", 1, 0, None])),
     "dry_run": st.one_of(st.booleans(), st.sampled_from(["no", 1])),
     "exit_when_done": st.booleans(),
+    "standby": st.booleans(),
     "settle": st.one_of(st.none(), floats),
     "rescan_interval": floats,
     "poll": st.one_of(st.none(), floats),

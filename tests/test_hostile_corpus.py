@@ -37,6 +37,7 @@ from click.testing import CliRunner
 
 from ckptkeeper.cli import main
 from ckptkeeper.integrity import encode_safetensors
+from ckptkeeper.state import ROOT_LOCK_NAME
 
 Build = Callable[[Path], None]  # gets the root; the root's parent holds `outside/`
 Tree = dict[str, tuple[object, ...]]
@@ -63,6 +64,7 @@ class Case:
     ignored: tuple[str, ...] = ()  # paths below the root that look like checkpoints or runs but are not
     defect: str | None = None  # a known defect: the case is xfail(strict=True)
     needs_root: bool = False
+    flags: Callable[[Path], list[str]] | None = None  # more arguments of plan and prune, from the root
 
 
 # --- building blocks -----------------------------------------------------------------------------------------
@@ -246,14 +248,27 @@ def _string_metric(root: Path) -> None:
 
 
 def _duplicate_metric_key(root: Path) -> None:
-    for step, loss in ((10, 0.5), (30, 0.3), (40, 0.4)):
-        checkpoint(root / "run", step, epoch=step / 10, loss=loss)
+    checkpoint(root / "run", 10, epoch=1.0, loss=0.5)
     # At step 20 the eval entry says 0.01, then 0.9: the last value wins, as with every JSON reader.
     text = encode_state(trainer_state(20, epoch=2.0, loss=0.777)).decode()
     assert text.count('"eval_loss": 0.777') == 1
     checkpoint(
         root / "run", 20, state=text.replace('"eval_loss": 0.777', '"eval_loss": 0.01, "eval_loss": 0.9').encode()
     )
+    for step, loss in ((30, 0.3), (40, 0.4)):  # written in step order, as a Trainer does
+        checkpoint(root / "run", step, epoch=step / 10, loss=loss)
+
+
+def _integer_metric_beyond_floats(root: Path) -> None:
+    for step, loss in ((10, 0.5), (20, 10**400), (30, 0.3), (40, 0.4)):
+        checkpoint(root / "run", step, epoch=step / 10, loss=loss)
+
+
+def _float_literal_beyond_range_metric(root: Path) -> None:
+    for step, loss in ((10, 0.5), (20, 0.777), (30, 0.3), (40, 0.4)):  # written in step order: one run
+        state = encode_state(trainer_state(step, epoch=step / 10, loss=loss))
+        checkpoint(root / "run", step, state=state.replace(b'"eval_loss": 0.777', b'"eval_loss": 1e999'))
+    assert b'"eval_loss": 1e999' in (root / "run" / "checkpoint-20" / "trainer_state.json").read_bytes()
 
 
 def _no_eval_anywhere(root: Path) -> None:
@@ -412,6 +427,38 @@ TRAINER_STATE_CASES = [
         {"run/checkpoint-30": "best eval_loss=0.3000 (1/1)"},
     ),
     Case(
+        "ts-metric-401-digits",
+        "eval_loss a 401-digit integer at step 20 (no float holds it): not a metric, the key is ignored",
+        _integer_metric_beyond_floats,
+        "best:1:loss:max",
+        {
+            "run/checkpoint-10": KEEP,
+            "run/checkpoint-20": DELETE,
+            "run/checkpoint-30": DELETE,
+            "run/checkpoint-40": KEEP,
+        },
+        {"run/checkpoint-10": "best eval_loss=0.5000 (1/1)", "run/checkpoint-40": "protected: newest"},
+    ),
+    Case(
+        "ts-metric-1e999",
+        "eval_loss 1e999 at step 20: Infinity, as every JSON reader (the Trainer's too) reads it",
+        _float_literal_beyond_range_metric,
+        "best:1:loss:max",
+        {
+            "run/checkpoint-10": DELETE,
+            "run/checkpoint-20": KEEP,
+            "run/checkpoint-30": DELETE,
+            "run/checkpoint-40": KEEP,
+        },
+        {"run/checkpoint-20": "best eval_loss=inf (1/1)", "run/checkpoint-40": "protected: newest"},
+    ),
+    broken40(
+        "ts-integer-5000-digits",
+        "a 5000-digit integer (grad_norm) in log_history: longer than Python reads (4300 digits)",
+        set_state(FULL_STATE.replace(b'"grad_norm": 1.5', b'"grad_norm": 1' + b"0" * 4999)),
+        "trainer_state.json holds a number too long to read (over 4300 digits)",
+    ),
+    Case(
         "ts-nan-epoch",
         "epoch NaN in the newest checkpoint: it has no epoch bucket",
         standard(lambda d: None, {10: 0.5, 20: 1.0, 30: 1.5, 40: float("nan")}),
@@ -426,6 +473,20 @@ TRAINER_STATE_CASES = [
         "epoch:all",
         {"run/checkpoint-10": KEEP, "run/checkpoint-20": DELETE, "run/checkpoint-30": KEEP, "run/checkpoint-40": KEEP},
         {"run/checkpoint-10": "epoch 1", "run/checkpoint-30": "epoch 2", "run/checkpoint-40": "protected: newest"},
+    ),
+    Case(
+        "ts-epoch-401-digits",
+        "epoch a 401-digit integer at step 20 and its negative at step 40 (no float holds them): no epoch",
+        standard(lambda d: None, {10: 0.5, 20: 10**400, 30: 1.5, 40: -(10**400)}),
+        "epoch:all",
+        {"run/checkpoint-10": KEEP, "run/checkpoint-20": DELETE, "run/checkpoint-30": KEEP, "run/checkpoint-40": KEEP},
+        {"run/checkpoint-10": "epoch 1", "run/checkpoint-30": "epoch 2", "run/checkpoint-40": "protected: newest"},
+    ),
+    broken40(
+        "ts-epoch-5000-digits",
+        "epoch a 5000-digit integer: longer than Python reads (4300 digits)",
+        set_state(FULL_STATE.replace(b'"epoch": 4.0', b'"epoch": 1' + b"0" * 4999, 1)),
+        "trainer_state.json holds a number too long to read (over 4300 digits)",
     ),
     Case(
         "ts-extreme-epochs",
@@ -812,6 +873,12 @@ SAFETENSORS_CASES = [
         "checkpoint-is-incomplete.txt present (save in progress)",
     ),
     broken40(
+        "st-empty-rng-state",
+        "an empty rng_state_7.pth (rank 7 still saving: no barrier before rank 0's files) in a complete checkpoint",
+        set_file("rng_state_7.pth", b""),
+        "rng_state_7.pth is empty (a save in progress?)",
+    ),
+    broken40(
         "st-tree-deeper-than-path-max",
         "a directory tree inside the checkpoint whose paths are longer than PATH_MAX (20 levels of 250 bytes)",
         lambda d: deep_tree(d, 20),
@@ -1172,7 +1239,97 @@ ROOT_CASES = [
     ),
 ]
 
-CASES: list[Case] = [*TRAINER_STATE_CASES, *SAFETENSORS_CASES, *NAME_CASES, *LINK_CASES, *ROOT_CASES]
+def _three_checkpoints(root: Path) -> None:
+    for step in (10, 20, 30):
+        checkpoint(root / "run", step, epoch=step / 10, loss=STD_LOSSES[step])
+
+
+def _archive_link_to_root(root: Path) -> None:
+    _three_checkpoints(root)
+    (root.parent / "outside" / "archive").symlink_to(root, target_is_directory=True)
+
+
+def _home_as_state(root: Path) -> None:
+    _three_checkpoints(root)
+    (root.parent / "outside" / "trash").mkdir()
+    (root.parent / "outside" / "trash" / "photo.jpg").write_bytes(b"precious")
+    (root.parent / "outside" / "notes.txt").write_text("mine")
+
+
+# Issue #10's classes, given as paths and flags: aliases of the root, a state directory that is not
+# ckptkeeper's or lies inside a checkpoint, a root that is a checkpoint, a repeated --keep.
+PATH_CASES = [
+    Case(
+        "path-archive-link-to-root",
+        "--archive-to a symlink to ROOT: every archived checkpoint would be deleted as 'already archived'",
+        _archive_link_to_root,
+        "last:1",
+        {},
+        {"output": "is the root"},
+        2,
+        flags=lambda r: ["--archive-to", str(r.parent / "outside" / "archive")],
+        intact=("outside/archive",),
+    ),
+    Case(
+        "path-archive-in-state-trash",
+        "--archive-to inside the state directory's trash: the next start would empty the archive",
+        _three_checkpoints,
+        "last:1",
+        {},
+        {"output": "is inside the state directory"},
+        2,
+        flags=lambda r: ["--state-dir", str(r.parent / "state"), "--archive-to", str(r.parent / "state" / "trash")],
+    ),
+    Case(
+        "path-state-dir-not-ours",
+        "--state-dir a home directory that holds trash/: its trash would be emptied as leftovers",
+        _home_as_state,
+        "last:1",
+        {},
+        {"output": "was not made by ckptkeeper"},
+        2,
+        flags=lambda r: ["--state-dir", str(r.parent / "outside")],
+        intact=("outside/trash/photo.jpg", "outside/notes.txt"),
+    ),
+    Case(
+        "path-state-dir-in-checkpoint",
+        "--state-dir inside a kept checkpoint: its files and mtime would change",
+        _three_checkpoints,
+        "last:1",
+        {},
+        {"output": "is inside a checkpoint (checkpoint-30)"},
+        2,
+        flags=lambda r: ["--state-dir", str(r / "run" / "checkpoint-30" / "state")],
+    ),
+    Case(
+        "path-root-is-checkpoint",
+        "ROOT is itself a checkpoint directory: the default state directory would be written inside it",
+        _three_checkpoints,
+        "last:1",
+        {},
+        {"output": "is a checkpoint directory or inside one (checkpoint-30)"},
+        2,
+        arg=lambda r: r / "run" / "checkpoint-30",
+    ),
+    Case(
+        "keep-repeated",
+        "--keep last:1 --keep every:20: both rules apply (a union), never only the last flag",
+        _three_checkpoints,
+        "last:1",
+        {"run/checkpoint-10": DELETE, "run/checkpoint-20": KEEP, "run/checkpoint-30": KEEP},
+        {"run/checkpoint-20": "every 20"},
+        flags=lambda r: ["--keep", "every:20"],
+    ),
+]
+
+CASES: list[Case] = [
+    *TRAINER_STATE_CASES,
+    *SAFETENSORS_CASES,
+    *NAME_CASES,
+    *LINK_CASES,
+    *ROOT_CASES,
+    *PATH_CASES,
+]
 
 
 def _code(text: str) -> str:
@@ -1222,7 +1379,8 @@ SMALL = 1 << 20
 
 
 def snapshot(base: Path, skip: Path) -> Tree:
-    """Everything below `base` (links not followed, `skip` left out): kind, mode, size, mtime and content."""
+    """Everything below `base` (links not followed, `skip` and the root's lock beside it left out): kind, mode,
+    size, mtime and content."""
     tree: Tree = {}
     pending = [base]
     while pending:
@@ -1235,7 +1393,7 @@ def snapshot(base: Path, skip: Path) -> Tree:
             continue
         for entry in entries:
             path = Path(entry.path)
-            if path == skip:
+            if path in (skip, skip.parent / ROOT_LOCK_NAME):
                 continue
             rel = os.path.relpath(path, base)
             try:
@@ -1327,6 +1485,7 @@ def check_case(case: Case, base: Path) -> None:
     root = base / "root"
     case.build(root)
     arg = str(case.arg(root) if case.arg else root)
+    flags = case.flags(root) if case.flags else []
     state_dir = root / "_ckptkeeper"
     before = snapshot(base, skip=state_dir)
     for path in case.intact:
@@ -1335,11 +1494,11 @@ def check_case(case: Case, base: Path) -> None:
         assert os.path.join("root", path) in before, f"{path} is not part of the case"
 
     # 1. plan --json: the exact decisions
-    code, out, err = invoke(["plan", arg, "--keep", case.keep, "--json"], case.process)
+    code, out, err = invoke(["plan", arg, "--keep", case.keep, "--json", *flags], case.process)
     assert code == case.exit_code, (out, err)
     if case.exit_code == 2:
         assert case.phrases["output"] in err
-        code, out, err = invoke(["prune", arg, "--keep", case.keep], case.process)
+        code, out, err = invoke(["prune", arg, "--keep", case.keep, *flags], case.process)
         assert (code, case.phrases["output"] in err) == (2, True), (out, err)
         assert snapshot(base, skip=state_dir) == before
         assert not state_dir.exists()
@@ -1351,7 +1510,7 @@ def check_case(case: Case, base: Path) -> None:
             assert phrase in found[key][1], (key, found[key])
 
     # 2. the text plan: same exit, every phrase shown, no crash on any name
-    code, text, err = invoke(["plan", arg, "--keep", case.keep], False)
+    code, text, err = invoke(["plan", arg, "--keep", case.keep, *flags], False)
     assert code == case.exit_code, (text, err)
     for key, phrase in case.phrases.items():
         assert phrase in text + err, (key, phrase)
@@ -1359,7 +1518,7 @@ def check_case(case: Case, base: Path) -> None:
     assert not state_dir.exists(), "plan created the state directory"
 
     # 3. prune: exactly the planned deletions, nothing else touched
-    code, out, err = invoke(["prune", arg, "--keep", case.keep], case.process)
+    code, out, err = invoke(["prune", arg, "--keep", case.keep, *flags], case.process)
     assert code == case.exit_code, (out, err)
     deleted = [k for k, kind in case.expect.items() if kind == DELETE] if case.exit_code == 0 else []
     assert f"removed {len(deleted)} checkpoints" in out or case.exit_code != 0, out
@@ -1380,7 +1539,7 @@ def check_case(case: Case, base: Path) -> None:
 
     # 4. a second plan removes nothing more
     if case.exit_code == 0:
-        code, out, err = invoke(["plan", arg, "--keep", case.keep, "--json"], False)
+        code, out, err = invoke(["plan", arg, "--keep", case.keep, "--json", *flags], False)
         assert code == 0, (out, err)
         again = json.loads(out)
         assert again["summary"]["removed"] == 0
@@ -1412,9 +1571,9 @@ def test_hostile_input(case: Case, base: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind-mount")
 def test_a_filesystem_mounted_inside_a_deleted_checkpoint_is_not_emptied(base: Path) -> None:
     root = base / "root"
+    (base / "outside" / "precious.txt").write_text("precious")  # before the checkpoints: 20 is the newest written
     checkpoint(root / "run", 10, epoch=1.0)
     checkpoint(root / "run", 20, epoch=2.0)
-    (base / "outside" / "precious.txt").write_text("precious")
     mount_point = root / "run" / "checkpoint-10" / "mnt"
     mount_point.mkdir()
     done = subprocess.run(

@@ -114,6 +114,12 @@ def test_native_sidecar_is_an_init_container_that_restarts() -> None:
     assert "--exit-when-done" not in spec["initContainers"][0].get("args", [])
     settings = settings_of(sidecar(NATIVE))
     assert settings.exit_when_done is False  # the kubelet stops a native sidecar after the trainer ends
+    assert settings.standby is True  # one sidecar per node over a shared volume: the others wait
+
+
+@pytest.mark.parametrize("path", KUBERNETES, ids=lambda p: p.name)
+def test_every_manifest_waits_in_standby_rather_than_exiting_4(path: Path) -> None:
+    assert settings_of(sidecar(path)).standby is True
 
 
 def test_plain_sidecar_exits_when_done() -> None:
@@ -121,7 +127,7 @@ def test_plain_sidecar_exits_when_done() -> None:
     assert "initContainers" not in spec
     container = sidecar(PLAIN)
     assert "restartPolicy" not in container
-    assert "--exit-when-done" in container["args"]
+    assert "--exit-when-done" in container["args"] and "--standby" in container["args"]
     assert settings_of(container).exit_when_done is True
 
 

@@ -19,11 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from watchutil import (
+    StartWatch,
     TrainerThread,
     Watch,
     count_files,
@@ -45,26 +45,6 @@ SETTLE = ("--settle", "0.3")
 NO_RESCAN = ("--rescan-interval", "3600")  # only events (and settle re-checks) can make the daemon look
 # 8 steps, a checkpoint every 2 (2, 4, 6, 8), no eval and no Trainer best: `last:N` alone decides.
 SMALL = SimConfig(steps_per_epoch=4, epochs=2, save_steps=2, eval_strategy="no", metric_for_best_model=None)
-
-StartWatch = Callable[..., Watch]
-
-
-@pytest.fixture
-def watch(tmp_path: Path) -> Iterator[StartWatch]:
-    """Start `ckptkeeper watch ROOT ARGS...`; every process still running at the end is killed."""
-    started: list[Watch] = []
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    def start(root: Path, *args: str, prefix: Sequence[str] = ()) -> Watch:
-        w = Watch(root, args, logs / f"watch-{len(started)}.log", prefix)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.kill()
-
 
 def rm_rf(path: Path) -> None:
     """`rm -rf`: what another process removes meanwhile (the daemon's reaper emptying its trash) is fine."""
@@ -387,8 +367,11 @@ def stop_while_deleting(root: Path, files: int, blob: bytes, watch: StartWatch) 
     for step in (10, 20):
         shards = run / f"checkpoint-{step}" / f"global_step{step}"
         shards.mkdir()
+        saved = (run / f"checkpoint-{step}" / "trainer_state.json").stat().st_mtime_ns
         for i in range(files):
             (shards / f"zero_pp_rank_{i}_mp_rank_00_optim_states.pt").write_bytes(blob)
+            # Saved with the checkpoint, before 30 and 40: else 20 is the newest written (SPEC "Protections" 1).
+            os.utime(shards / f"zero_pp_rank_{i}_mp_rank_00_optim_states.pt", ns=(saved, saved))
     os.sync()  # on disk, as checkpoints written a while ago are: freeing their blocks takes real time
     total = count_files(run / "checkpoint-10") + count_files(run / "checkpoint-20")
     before = {step: manifest(run / f"checkpoint-{step}") for step in (30, 40)}
@@ -453,7 +436,7 @@ def test_a_second_instance_exits_4_and_a_killed_ones_lock_is_stale(tmp_path: Pat
     assert second.wait_exit() == 4
     message = second.log()
     assert f"pid {first.pid} on " in message, message
-    assert f"(lock: {root / '_ckptkeeper' / 'lock'})" in message, message
+    assert f"(lock: {root / '_ckptkeeper.lock'})" in message, message
     assert first.alive(), first.describe()
 
     first.proc.send_signal(signal.SIGKILL)

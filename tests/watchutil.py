@@ -99,6 +99,9 @@ class Watch:
             self.proc.wait(10)
 
 
+StartWatch = Callable[..., Watch]  # the `watch` fixture (conftest.py): start a daemon, killed at the end
+
+
 class TrainerThread(threading.Thread):
     """SimulatedTrainer.train on a thread; `saves` records (step, time.time()) right after each save ends,
     i.e. once trainer_state.json is completely written."""

@@ -1,0 +1,145 @@
+"""Where a user's paths really are, compared by identity, never by the strings the user typed.
+
+Two paths can name one directory in ways a string never shows: a symlink, `..`, the same volume mounted
+twice (`-v /data/outputs:/outputs -v /data/outputs:/archive`), a bind mount of a subdirectory. Each path
+is placed by (device, inode) of itself and of its ancestors, and by the kernel's mount table: the
+filesystem (major:minor) and the path inside that filesystem (the mount's own root joined with the rest),
+which is the same for every mount of one directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+MOUNTINFO = "/proc/self/mountinfo"
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
+
+Identity = tuple[int, int]
+
+
+class Relation(Enum):
+    SAME = "is"
+    INSIDE = "is inside"
+    CONTAINS = "contains"
+
+
+@dataclass(frozen=True)
+class Mount:
+    device: str  # major:minor of the filesystem
+    root: tuple[str, ...]  # the directory of that filesystem mounted here
+    point: tuple[str, ...]  # where it is mounted
+
+
+@dataclass(frozen=True)
+class Place:
+    """A directory (or where one would be created) as the kernel sees it."""
+
+    real: tuple[str, ...]  # components of its real path (symlinks resolved)
+    device: str | None  # the filesystem, from the mount table; None without one
+    inside_fs: tuple[str, ...]  # its path inside that filesystem
+    identity: Identity | None  # (st_dev, st_ino); None where it does not exist (yet)
+    ancestors: tuple[Identity, ...]  # the identities of every existing ancestor of its real path
+
+
+def _unescape(field: str) -> str:
+    # The mount table writes space, tab, newline and backslash in paths as octal escapes (\040).
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _parts(path: str) -> tuple[str, ...]:
+    return tuple(p for p in path.split("/") if p)
+
+
+def read_mounts() -> list[Mount]:
+    """Every mount, in the table's order (a later one at the same point hides an earlier one)."""
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            table = f.read()
+    except OSError:
+        return []
+    mounts = []
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4:
+            mounts.append(Mount(fields[2], _parts(_unescape(fields[3])), _parts(_unescape(fields[4]))))
+    return mounts
+
+
+def _mount_of(real: tuple[str, ...], mounts: list[Mount]) -> Mount | None:
+    best: Mount | None = None
+    for mount in mounts:
+        if real[: len(mount.point)] == mount.point and (best is None or len(mount.point) >= len(best.point)):
+            best = mount
+    return best
+
+
+def _identity(path: str) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def place_of(path: Path | str, mounts: list[Mount] | None = None) -> Place:
+    """Place `path`, following what the kernel follows. A path that does not exist yet is placed where it
+    would be created: below its nearest existing ancestor."""
+    mounts = read_mounts() if mounts is None else mounts
+    real = _parts(os.path.realpath(path))
+    own = _identity("/" + "/".join(real))
+    ancestors = []
+    for depth in range(len(real) - 1, -1, -1):
+        identity = _identity("/" + "/".join(real[:depth]))
+        if identity is not None and identity != own and identity not in ancestors:
+            ancestors.append(identity)
+    mount = _mount_of(real, mounts)
+    if mount is None:
+        return Place(real, None, real, own, tuple(ancestors))
+    return Place(real, mount.device, mount.root + real[len(mount.point) :], own, tuple(ancestors))
+
+
+def relation(a: Place, b: Place) -> Relation | None:
+    """How `a` stands to `b`: the same directory, inside it, containing it, or apart."""
+    if a.identity is not None and a.identity == b.identity:
+        return Relation.SAME
+    if a.device is not None and a.device == b.device:
+        if a.inside_fs == b.inside_fs:
+            return Relation.SAME
+        if a.inside_fs[: len(b.inside_fs)] == b.inside_fs:
+            return Relation.INSIDE
+        if b.inside_fs[: len(a.inside_fs)] == a.inside_fs:
+            return Relation.CONTAINS
+    # Without a mount table (or across it): an ancestor's identity.
+    if b.identity is not None and b.identity in a.ancestors:
+        return Relation.INSIDE
+    if a.identity is not None and a.identity in b.ancestors:
+        return Relation.CONTAINS
+    return None
+
+
+def checkpoint_component(place: Place) -> str | None:
+    """The first component named like a checkpoint (`checkpoint-<step>`) of the place's real path or of its
+    path inside its filesystem (a bind mount of a checkpoint has a name of its own), if any."""
+    return next((p for p in (*place.real, *place.inside_fs) if _CHECKPOINT_NAME.fullmatch(p)), None)
+
+
+def fd_path(fd: int, fallback: Path | str) -> str:
+    """A path that reaches the directory open as `fd` without walking any name again (Linux's
+    /proc/self/fd), or `fallback` where the system has none."""
+    magic = f"/proc/self/fd/{fd}"
+    return magic if os.path.isdir(magic) else os.fspath(fallback)
+
+
+def place_of_fd(fd: int, mounts: list[Mount] | None = None) -> Place | None:
+    """Place the directory open as `fd` (where the kernel says it is now); None where it cannot tell."""
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    if not where.startswith("/") or where.endswith(" (deleted)"):
+        return None
+    return place_of(where, mounts)
