@@ -17,6 +17,7 @@ import contextlib
 import errno
 import filecmp
 import os
+import re
 import shutil
 import stat
 import sys
@@ -34,6 +35,10 @@ from ckptkeeper.state import TRASH_ENTRY, StateDir
 RUN_TRASH_NAME = "_ckptkeeper-trash"  # used only when the state directory is on another filesystem
 ARCHIVE_TEMP_PREFIX = ".ckptkeeper-tmp-"
 FSYNC_THREADS = 32  # concurrent fsyncs when an archive copy is made durable (see _fsync_tree)
+# Made and removed at once; one a kill left is cleared at the next archive there. `_ckptkeeper`: were the
+# archive an output directory after all, the Trainer's push_to_hub would leave it out.
+PROBE_PREFIX = "_ckptkeeper-probe."
+PROBE_NAME = re.compile(re.escape(PROBE_PREFIX) + "[0-9a-f]{32}")
 COPY_CHUNK = 64 << 20  # a stop is honoured between chunks of this size while a large file is copied
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Identity = tuple[int, int]
@@ -238,7 +243,7 @@ def _check_arrived(entry: TrashEntry, run_fd: int, checkpoint: Path, checked: os
     if (st.st_dev, st.st_ino) == (checked.st_dev, checked.st_ino):
         return
     back = checkpoint.name
-    if os.path.lexists(os.path.join(fd_path(run_fd, checkpoint.parent), back)):
+    if _exists_at(run_fd, back):
         back = f"{checkpoint.name}.swapped-{uuid.uuid4().hex[:8]}"
     os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
     entry.close()
@@ -586,7 +591,8 @@ def _same_directory_problem(parent_fd: int, run_fd: int) -> str | None:
     """Whether ARCHIVE/<run> is the run directory itself, whatever the identities say: two mounts of one
     volume by FUSE or NFS (separate superblocks) give one directory two devices and inodes. A probe file
     made in one, looked up by a name never used before in the other, tells."""
-    probe = f"{ARCHIVE_TEMP_PREFIX}probe.{uuid.uuid4().hex}"
+    _clear_stale_probes(parent_fd)
+    probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=parent_fd))
     except OSError as e:
@@ -599,6 +605,23 @@ def _same_directory_problem(parent_fd: int, run_fd: int) -> str | None:
         with contextlib.suppress(OSError):
             os.unlink(probe, dir_fd=parent_fd)
     return "the archive directory is the run directory itself (the same volume mounted twice)"
+
+
+def _clear_stale_probes(parent_fd: int) -> None:
+    """Remove probe files a killed instance left in ARCHIVE/<run> (one instance per root, so none is live)."""
+    for name in os.listdir(parent_fd):
+        if PROBE_NAME.fullmatch(name):
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+                    os.unlink(name, dir_fd=parent_fd)
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _check_copy_stayed(entry: TrashEntry, run_fd: int, parent_fd: int, checkpoint: Path, target: Path) -> None:
@@ -616,7 +639,10 @@ def _check_copy_stayed(entry: TrashEntry, run_fd: int, parent_fd: int, checkpoin
             os.close(copy_fd)
     if stayed:
         return
-    os.rename(entry.name, checkpoint.name, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
+    back = checkpoint.name
+    if _exists_at(run_fd, back):  # never over what took the name meanwhile
+        back = f"{checkpoint.name}.ckptkeeper-returned-{uuid.uuid4().hex[:8]}"
+    os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
     entry.close()
     raise ActionError(
         f"refusing to archive {checkpoint}: the archived copy {target} went away when the checkpoint left its "

@@ -105,10 +105,14 @@ def finish_leftovers(
     finished = empty_trash(state.trash_fd, stuck=problems, shown=state.trash)
     for run_dir in run_dirs:
         finished += _finish_local_trash(root, run_dir, problems)
-    for name in finished:
-        state.record({"action": "finish-trash", "entry": name, "why": "left by an interrupted removal"})
-    for problem in problems:
-        state.record({"action": "error", "entry": problem, "why": "could not finish a removal left in the trash"})
+    lines = [{"action": "finish-trash", "entry": name, "why": "left by an interrupted removal"} for name in finished]
+    lines += [{"action": "error", "entry": p, "why": "could not finish a removal left in the trash"} for p in problems]
+    for line in lines:
+        try:
+            state.record(line)
+        except OSError as e:
+            problems.append(f"{state.journal_path}: cannot write the journal: {e.strerror or e}")
+            break
     if stuck is not None:
         stuck.extend(problems)
     return finished
@@ -173,13 +177,22 @@ def _carry_out(
         "bytes": c.size_bytes,
         "why": f"{'; '.join(decision.reasons)} (keep {format_rules(policy.rules)})",
     }
-    # Written before acting, so a crash mid-removal still leaves a record of what was being done and why.
-    state.record({"action": f"start-{decision.action}", **entry})
+    # Written before acting, so a crash mid-removal still leaves a record of what was being done and why;
+    # where the journal cannot be written, nothing is done.
+    try:
+        state.record({"action": f"start-{decision.action}", **entry})
+    except OSError as e:
+        return Outcome(run, c.name, "error", 0, f"cannot write the journal {state.journal_path}: {e.strerror or e}")
     outcome = _act(root, run, path, decision, (policy, state, dispose, stop), now_seen.identity, root_identity)
-    state.record(
-        {"action": outcome.action, **entry, "bytes": outcome.bytes}
-        | ({"detail": outcome.detail} if outcome.detail else {})
-    )
+    try:
+        state.record(
+            {"action": outcome.action, **entry, "bytes": outcome.bytes}
+            | ({"detail": outcome.detail} if outcome.detail else {})
+        )
+    except OSError as e:
+        unrecorded = f"not journaled: cannot write {state.journal_path}: {e.strerror or e}"
+        detail = f"{outcome.detail}; {unrecorded}" if outcome.detail else unrecorded
+        return Outcome(run, c.name, outcome.action, outcome.bytes, detail)
     return outcome
 
 

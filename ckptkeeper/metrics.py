@@ -74,7 +74,14 @@ HealthCheck = Callable[[], str | None]  # None when healthy, else the reason
 class MetricsServer:
     """A small HTTP server on its own thread: GET /metrics and GET /healthz."""
 
-    def __init__(self, metrics: Metrics, health: HealthCheck, host: str, port: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        health: HealthCheck,
+        host: str,
+        port: int,
+        waiting: Callable[[], str | None] = lambda: None,
+    ) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,7 +92,8 @@ class MetricsServer:
                 elif path == "/healthz":
                     problem = outer.health()
                     note = outer.metrics.mode_note
-                    ok = outer.metrics.standby_note or ("ok" if note is None else f"ok ({note})")
+                    waiting = outer.waiting()
+                    ok = outer.metrics.standby_note or waiting or ("ok" if note is None else f"ok ({note})")
                     body = (problem or ok).encode() + b"\n"
                     self._send(503 if problem else 200, body, "text/plain; charset=utf-8")
                 else:
@@ -103,6 +111,7 @@ class MetricsServer:
 
         self.metrics = metrics
         self.health = health
+        self.waiting = waiting  # what the daemon waits for, while it healthily waits (a root to appear)
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="ckptkeeper-metrics", daemon=True)

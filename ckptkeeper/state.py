@@ -27,8 +27,10 @@ LOCK_NAME = "lock"
 JOURNAL_NAME = "journal.jsonl"
 TRASH_NAME = "trash"
 OWNER_MARK = "CKPTKEEPER_STATE_DIR"
+RESERVE_NAME = "reserve"  # room for the journal on a full disk (see StateDir.record)
+RESERVE_BYTES = 256 << 10
 ROOT_LOCK_NAME = "_ckptkeeper.lock"
-_LEGACY_NAMES = {LOCK_NAME, JOURNAL_NAME, TRASH_NAME}
+_LEGACY_NAMES = {LOCK_NAME, JOURNAL_NAME, TRASH_NAME}  # what ckptkeeper 0.1 put in a state directory
 # What ckptkeeper names a trash entry (a random token, then the checkpoint's name); nothing else in a trash
 # is ever deleted.
 TRASH_ENTRY = re.compile(r"[0-9a-f]{12}\.checkpoint-(0|[1-9][0-9]*)")
@@ -60,8 +62,9 @@ def ownership_problem(path: Path) -> str | None:
         return f"holds a {TRASH_NAME} that is not a directory of its own (a symbolic link?): it would be emptied"
     if not names or OWNER_MARK in names:
         return None
-    if names <= _LEGACY_NAMES and (names & {LOCK_NAME, JOURNAL_NAME} or _only_trash_entries(path / TRASH_NAME)):
-        return None  # made by ckptkeeper 0.1, before the mark
+    trash_ours = TRASH_NAME not in names or _only_trash_entries(path / TRASH_NAME, allow_empty=True)
+    if names <= _LEGACY_NAMES and trash_ours and (names & {LOCK_NAME, JOURNAL_NAME} or TRASH_NAME in names):
+        return None  # made by ckptkeeper 0.1, before the mark: nothing in it but its own
     shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
     return (
         f"exists and was not made by ckptkeeper (it holds {shown}): ckptkeeper deletes what is in a state "
@@ -73,13 +76,29 @@ class LockHeld(RuntimeError):
     """Another ckptkeeper holds the root's lock."""
 
 
-def _only_trash_entries(trash: Path) -> bool:
-    """True when `trash` holds something, and only what ckptkeeper names its trash entries."""
+def _only_trash_entries(trash: Path, allow_empty: bool = False) -> bool:
+    """True when `trash` holds only what ckptkeeper names its trash entries (and something, unless
+    `allow_empty`)."""
     try:
         names = os.listdir(trash)
     except OSError:
         return False
-    return bool(names) and all(TRASH_ENTRY.fullmatch(n) for n in names)
+    return (allow_empty or bool(names)) and all(TRASH_ENTRY.fullmatch(n) for n in names)
+
+
+def _still_linked(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_nlink > 0
+    except OSError:
+        return False
+
+
+def _say_holder(fd: int, holder: bytes) -> None:
+    """Write who holds a lock into its file, for the next one's message. Best effort: the flock is the lock,
+    and on a full disk (the very case ckptkeeper is for) this line must not stop it from starting."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder, 0)
 
 
 def _holder(root: Path) -> str:
@@ -126,7 +145,9 @@ class StateDir:
         """Make (or claim) the state directory and its trash, and hold both open. Refuses a directory that is
         not ckptkeeper's, and a link in the place of either."""
         if self._fd is not None and self._trash_fd is not None:
-            return
+            if _still_linked(self._fd) and _still_linked(self._trash_fd):
+                return
+            self.close()  # deleted (with its root, say) since it was opened: make it anew
         problem = ownership_problem(self.path)
         if problem:
             raise OSError(errno.EEXIST, f"{problem}; refusing to use it", str(self.path))
@@ -155,6 +176,7 @@ class StateDir:
             os.mkdir(TRASH_NAME, 0o755, dir_fd=fd)
         self._trash_fd = self._open_dir(self.trash, dir_fd=fd, name=TRASH_NAME)
         self._fd = fd
+        self._keep_reserve()
 
     @staticmethod
     def _open_dir(path: Path, dir_fd: int | None = None, name: str | None = None) -> int:
@@ -191,17 +213,36 @@ class StateDir:
         held: list[int] = []
         try:
             held += self._lock_root(root)
-            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            held.append(self._take(os.open(LOCK_NAME, flags, 0o644, dir_fd=self._fd), root, self.path / LOCK_NAME))
+            held.append(self._lock_state())
         except BaseException:
             for fd in held:
                 os.close(fd)
             raise
-        holder = f"pid {os.getpid()} on {socket.gethostname()}\n".encode()
-        for fd in held[1:]:  # the files; not the root directory
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, holder, 0)
+        me = f"pid {os.getpid()} on {socket.gethostname()}"
+        for fd in held[1:-1]:  # the root's lock file (not the root directory)
+            _say_holder(fd, f"{me}\n".encode())
+        _say_holder(held[-1], f"{me}, for {root}\n".encode())
         self._root_lock_fds, self._lock_fd = held[:-1], held[-1]
+
+    def _lock_state(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(LOCK_NAME, flags, 0o644, dir_fd=self._fd)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path / LOCK_NAME)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise LockHeld(
+                f"another ckptkeeper ({holder}) is using the state directory {self.path}; a state directory "
+                f"serves one root at a time (lock: {self.path / LOCK_NAME})"
+            ) from None
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def _lock_root(self, root: Path) -> list[int]:
         dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -266,10 +307,53 @@ class StateDir:
         self._fd = self._trash_fd = None
 
     def record(self, entry: dict[str, Any]) -> None:
-        """Append one action to the journal (JSON lines), with the time it happened."""
+        """Append one action to the journal (JSON lines), with the time it happened.
+
+        Every removal is journaled before it starts, so a full disk would forbid the very removals that free
+        it: the state directory keeps a reserve file, given up when the journal meets ENOSPC (the write is
+        tried again) and made anew once there is room."""
         line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), **entry}
         with self._journal_lock:
-            self._append(line)
+            try:
+                self._append(line)
+            except OSError as e:
+                if e.errno != errno.ENOSPC or not self._give_up_reserve():
+                    raise
+                self._append(line)
+            self._keep_reserve()
+
+    def _give_up_reserve(self) -> bool:
+        try:
+            os.unlink(RESERVE_NAME, dir_fd=self.dir_fd)
+        except OSError:
+            return False
+        return True
+
+    def _keep_reserve(self) -> None:
+        """Make the reserve where it is missing; where there is no room for it, try again at the next line."""
+        try:
+            os.stat(RESERVE_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+            return
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return
+        try:
+            fd = os.open(
+                RESERVE_NAME,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=self.dir_fd,
+            )
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(RESERVE_NAME, dir_fd=self.dir_fd)
+        finally:
+            os.close(fd)
 
     def _append(self, line: dict[str, Any]) -> None:
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -242,6 +242,7 @@ class Daemon:
         self.announced: set[tuple[str, str]] = set()
         self.skew_announced: set[tuple[str, str]] = set()  # checkpoints whose future file times were logged
         self.crashed: dict[Path, str] = {}  # runs whose last reconcile raised, and what was logged
+        self.waiting_note: str | None = None  # set while the root is awaited (read by the HTTP thread)
         self.mixed_runs_said: dict[str, tuple[str, ...]] = {}  # run -> the stale checkpoints last warned about
         self.standing_by = False
         self.failing: dict[tuple[str, str], str] = {}  # removals that failed, and the error last logged
@@ -430,11 +431,12 @@ class Daemon:
         self.cache = ContentCache()
 
     def _watch_new_root(self) -> None:
-        self.root_identity = _identity(self.root)
         if not self.options.dry_run:
             self.state.close()  # the old root's locks and (if it lived there) its state directory
             Layout.checked(self.root, self.state.path, self.policy.archive_to)
-            self.state.acquire_lock(self.root)
+            if not self._take_lock():  # another instance may have taken the new root first (--standby waits)
+                return
+        self.root_identity = _identity(self.root)
         self._start_observer()
         self.request_full_rescan()
 
@@ -659,8 +661,8 @@ class Daemon:
         """None when healthy; else why not (for /healthz)."""
         if self.stop_event.is_set():
             return "stopping"
-        if self.standing_by:
-            return None  # healthy: waiting to take over is its job (/healthz says "standby")
+        if self.standing_by or self.waiting_note is not None:
+            return None  # healthy: waiting is its job (/healthz says what for)
         if self.mode == "none" or not self.observer_healthy():
             return f"the file watcher is not running (mode {self.mode})"
         return staleness_problem(self.last_reconcile, 2 * self.options.rescan_interval + 30)
@@ -680,16 +682,16 @@ class Daemon:
     def run(self) -> int:
         """Watch until stopped; the exit code: 0, or 3 when --exit-when-done ends with a run whose retention
         was refused. Raises LayoutError for paths that cannot be used together, LockHeld without --standby."""
-        if not self._wait_for_root_to_appear():
-            return 0
-        # From here on the root is its real path: a link on that path changed later is never followed.
-        self.root = Layout.checked(self.root, self.state.path, self.policy.archive_to).root
-        self.root_identity = _identity(self.root)
         logging.getLogger("watchdog").addHandler(self._overflow)
         try:
-            self._start_metrics_server()
+            self._start_metrics_server()  # /healthz answers while the root is awaited or the lock is held
+            if not self._wait_for_root_to_appear():
+                return 0
+            # From here on the root is its real path: a link on that path changed later is never followed.
+            self.root = Layout.checked(self.root, self.state.path, self.policy.archive_to).root
             if not self._take_lock():
                 return 0
+            self.root_identity = _identity(self.root)  # the root it holds the lock of, after any wait
             self._finish_leftovers()
             self.reaper.start()
             self._start_observer()
@@ -715,17 +717,23 @@ class Daemon:
     def _wait_for_root_to_appear(self) -> bool:
         if self.root.is_dir():
             return True
-        # A sidecar may start before the trainer creates its output directory: wait, never create it.
+        # A sidecar may start before the trainer creates its output directory: wait, never create it. It is
+        # healthy meanwhile: a startup probe that failed would keep the trainer, which makes the root, from
+        # ever starting.
         log.warning("the root %s does not exist yet; waiting for it to appear", self.root)
-        while not self.stop_event.is_set() and not self.root.is_dir():
-            self.stop_event.wait(0.2)
+        self.waiting_note = f"waiting for the root {self.root} to appear"
+        try:
+            while not self.stop_event.is_set() and not self.root.is_dir():
+                self.stop_event.wait(0.2)
+        finally:
+            self.waiting_note = None
         return not self.stop_event.is_set()
 
     def _start_metrics_server(self) -> None:
         if self.options.metrics_port is None:
             return
         self.metrics_server = MetricsServer(
-            self.metrics, self.health, self.options.metrics_host, self.options.metrics_port
+            self.metrics, self.health, self.options.metrics_host, self.options.metrics_port, lambda: self.waiting_note
         )
         self.metrics_server.start()
         host, port = self.metrics_server.address
@@ -749,7 +757,8 @@ class Daemon:
             while not self.stop_event.wait(STANDBY_RETRY_SECONDS):
                 try:
                     self.state.acquire_lock(self.root)
-                except LockHeld:
+                except LockHeld as e:
+                    self.metrics.set_standby(f"standby: {e}")  # the holder may have changed
                     continue
                 log.info("the other instance has stopped; taking over %s", self.root)
                 return True

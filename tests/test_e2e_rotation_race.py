@@ -415,7 +415,7 @@ def check_root(name: str, root: Path, summary: dict[str, Any], expected: set[int
         )
     state_dir = root / STATE_DIR_NAME
     assert not os.listdir(state_dir / "trash"), f"{name}: the trash still holds {os.listdir(state_dir / 'trash')}"
-    own = {"journal.jsonl", "lock", "trash", "CKPTKEEPER_STATE_DIR"}
+    own = {"journal.jsonl", "lock", "trash", "reserve", "CKPTKEEPER_STATE_DIR"}
     assert set(os.listdir(state_dir)) <= own, os.listdir(state_dir)
     assert not (root / RUN_TRASH_NAME).exists()
 

@@ -230,3 +230,101 @@ def test_exit_when_done_waits_while_a_trash_entry_cannot_be_deleted(tmp_path: Pa
         for entry in trash.glob("*"):
             _chattr("-i", entry / "optimizer.pt")
         watch.kill()
+
+
+# ---------------------------------------------------------------------------------------------- second review
+def test_a_directory_that_only_looks_like_an_old_state_directory_is_refused(tmp_path: Path) -> None:
+    """A `journal.jsonl` and a `trash/` are not enough: a trash holding anything ckptkeeper never names
+    shows the directory is someone else's (ckptkeeper 0.1's holds only its own entries)."""
+    simulate_run(tmp_path / "out" / "run", SMALL)
+    home = tmp_path / "home"
+    (home / "trash" / "0123456789ab.checkpoint-1").mkdir(parents=True)
+    (home / "trash" / "0123456789ab.checkpoint-1" / "thesis.tex").write_text("precious")
+    (home / "trash" / "notes.txt").write_text("mine")
+    (home / "journal.jsonl").write_text("{}\n")
+    done = ckptkeeper("prune", tmp_path / "out", "--keep", "last:1", "--state-dir", home)
+    assert done.returncode == 2 and "was not made by ckptkeeper" in done.stderr, done
+    assert (home / "trash" / "0123456789ab.checkpoint-1" / "thesis.tex").read_text() == "precious"
+
+
+@needs_root
+def test_prune_starts_and_frees_space_on_a_full_filesystem(tmp_path: Path) -> None:
+    """The disk full is the case ckptkeeper is for: its start must need no free block (the lock files'
+    "held by" line is best effort)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "ckptkeeper-test", str(mount)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs")
+    try:
+        root = mount / "out"
+        simulate_run(root / "run", SMALL)
+        assert ckptkeeper("prune", root, "--keep", "last:4").returncode == 0  # state and lock files made
+        filler = mount / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        assert os.statvfs(mount).f_bavail == 0
+        done = ckptkeeper("prune", root, "--keep", "last:1")
+        assert done.returncode == 0, done
+        assert steps(root / "run") == [20] and os.statvfs(mount).f_bavail > 0
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_journal_that_cannot_be_written_stops_each_removal_with_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    simulate_run(root / "run", SMALL)
+    assert ckptkeeper("prune", root, "--keep", "last:4").returncode == 0
+    journal = root / STATE_DIR_NAME / "journal.jsonl"
+    journal.unlink(missing_ok=True)
+    journal.mkdir()  # a directory where the journal goes: nothing can be recorded, so nothing is done
+    done = ckptkeeper("prune", root, "--keep", "last:1")
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 3 and all(f"cannot write the journal {journal}" in line for line in failed), done.stdout
+    assert steps(root / "run") == [5, 10, 15, 20]
+
+
+def test_health_is_200_while_watch_waits_for_its_root(tmp_path: Path) -> None:
+    """A native sidecar's startup probe must pass while the trainer, started only after it, has not made
+    the root yet."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "not-yet"
+    watch = Watch(root, ["--keep", "last:1", "--metrics-port", str(port)], tmp_path / "w.log")
+    try:
+        watch.wait_log("does not exist yet")
+
+        def healthz() -> tuple[int, str] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    return r.status, r.read().decode()
+            except OSError:
+                return None
+
+        assert wait_until(healthz, 10, "/healthz") == (200, f"waiting for the root {root} to appear\n")
+        simulate_run(root / "run", SMALL)
+        wait_until(lambda: steps(root / "run") == [20], 20, watch.describe)
+    finally:
+        watch.terminate()
+
+
+def test_a_state_directory_in_use_for_another_root_says_so(tmp_path: Path) -> None:
+    simulate_run(tmp_path / "a" / "run", SMALL)
+    simulate_run(tmp_path / "b" / "run", SMALL)
+    state = tmp_path / "state"
+    watch = Watch(tmp_path / "a", ["--keep", "last:4", "--state-dir", str(state)], tmp_path / "w.log")
+    try:
+        watch.wait_log("watching ")
+        done = ckptkeeper("prune", tmp_path / "b", "--keep", "last:1", "--state-dir", state)
+        assert done.returncode == 4, done
+        assert f"pid {watch.pid} on " in done.stderr and f"for {tmp_path / 'a'})" in done.stderr, done.stderr
+        assert f"is using the state directory {state}; a state directory serves one root at a time" in done.stderr
+    finally:
+        watch.terminate()
