@@ -68,25 +68,24 @@ def _refused_everywhere(root: Path, args: list[str], message: str, tmp_path: Pat
     assert not (root / STATE_DIR_NAME).exists()
 
 
+def _is_the_root(archive: Path, root: Path) -> str:
+    return (
+        f"--archive-to {archive} is the root {root} (the same directory, reached another way: a link or a second "
+        "mount): archiving there would delete each checkpoint it claims to keep"
+    )
+
+
 def test_an_archive_that_is_a_symlink_to_the_root_is_refused_by_every_command(outputs: Path, tmp_path: Path) -> None:
     link = tmp_path / "archive"
     link.symlink_to(outputs, target_is_directory=True)
-    message = (
-        f"--archive-to {link} is the root {outputs} (the same directory, reached another way: a link or a second "
-        "mount): archiving there would delete each checkpoint it claims to keep"
-    )
-    _refused_everywhere(outputs, ["--archive-to", str(link)], message, tmp_path)
+    _refused_everywhere(outputs, ["--archive-to", str(link)], _is_the_root(link, outputs), tmp_path)
 
 
 @needs_root
 def test_the_same_volume_mounted_twice_as_root_and_archive_is_refused(outputs: Path, tmp_path: Path) -> None:
     """`-v /data/outputs:/outputs -v /data/outputs:/archive`: two mounts of one directory."""
     with bind_mount(outputs, tmp_path / "mnt" / "archive") as archive:
-        message = (
-            f"--archive-to {archive} is the root {outputs} (the same directory, reached another way: a link or a "
-            "second mount): archiving there would delete each checkpoint it claims to keep"
-        )
-        _refused_everywhere(outputs, ["--archive-to", str(archive)], message, tmp_path)
+        _refused_everywhere(outputs, ["--archive-to", str(archive)], _is_the_root(archive, outputs), tmp_path)
 
 
 @needs_root
