@@ -88,6 +88,10 @@ def _split_below(root: Path, checkpoint: Path, verb: str) -> list[str]:
     return parts
 
 
+def _past(verb: str) -> str:
+    return "removed" if verb == "remove" else "archived"
+
+
 def _link_problem(root: Path, checkpoint: Path) -> str:
     try:  # only for the message: the link may already be gone again (realpath itself races with it)
         real_root, real = os.path.realpath(root), os.path.realpath(checkpoint)
@@ -102,7 +106,7 @@ def open_run_dir(root: Path, checkpoint: Path, verb: str = "remove", root_identi
     """The directory that holds `checkpoint`, opened from the root one component at a time without following
     a link. Raises Vanished when a component is gone, ActionError when one is a link or not a directory."""
     parts = _split_below(root, checkpoint, verb)
-    past = "removed" if verb == "remove" else "archived"
+    past = _past(verb)
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -147,7 +151,7 @@ def _guard_at(run_fd: int, checkpoint: Path, expected: Identity | None, verb: st
     try:
         st = os.stat(name, dir_fd=run_fd, follow_symlinks=False)
     except FileNotFoundError:
-        raise Vanished(f"{checkpoint} vanished before it was {'removed' if verb == 'remove' else 'archived'}") from None
+        raise Vanished(f"{checkpoint} vanished before it was {_past(verb)}") from None
     if stat.S_ISLNK(st.st_mode):
         raise ActionError(f"refusing to {verb} {checkpoint}: it is a symlink")
     if not stat.S_ISDIR(st.st_mode):
@@ -290,15 +294,7 @@ def finish_entry(entry: TrashEntry, stuck: list[str] | None = None) -> bool:
         if stuck is not None:
             stuck.append(f"{entry.shown}: {e.strerror or e}")
         return False
-    except _MountedInside as e:
-        if stuck is not None:
-            stuck.append(f"{entry.shown}: {e}")
-        return False
     return True
-
-
-class _MountedInside(Exception):
-    pass
 
 
 def delete_entry(entry: TrashEntry) -> None:
@@ -314,7 +310,7 @@ def delete_entry(entry: TrashEntry) -> None:
         return
     mounts = mount_points_below(Path(where))
     if mounts:  # mounted after the guard looked: never empty another filesystem
-        raise _MountedInside(f"a filesystem is mounted inside it, at {mounts[0]}")
+        raise OSError(errno.EBUSY, f"a filesystem is mounted inside it, at {mounts[0]}")
     try:
         _rmtree(where)
     except FileNotFoundError:
@@ -367,7 +363,7 @@ def _dispose_or_finish(entry: TrashEntry, checkpoint: Path, dispose: Dispose | N
         return
     try:
         delete_entry(entry)
-    except (OSError, _MountedInside) as e:
+    except OSError as e:
         raise ActionError(
             f"{checkpoint} was moved to the trash ({entry.shown}) but could not be removed there: {e}; "
             "it is finished on the next start"

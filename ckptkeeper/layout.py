@@ -2,16 +2,16 @@
 
 Checked once, before anything runs, by every entry point (plan, prune, watch and library callers alike):
 a bad combination is a `LayoutError` naming both paths, and nothing runs. The archive's targets are
-checked again at each archive (`archive_target_problem`), since what lies below the archive can change.
+checked again at each archive (`actions._target_problem`), since what lies below the archive can change.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ckptkeeper.paths import Place, Relation, checkpoint_component, place_of, place_of_fd, read_mounts, relation
+from ckptkeeper.paths import Place, Relation, checkpoint_component, place_of, read_mounts, relation
 from ckptkeeper.state import STATE_DIR_NAME, ownership_problem
 
 
@@ -28,7 +28,6 @@ class Layout:
     root: Path
     state_dir: Path
     archive_to: Path | None = None
-    root_place: Place | None = field(default=None, compare=False)
 
     @classmethod
     def checked(cls, root: Path, state_dir: Path | None = None, archive_to: Path | None = None) -> Layout:
@@ -48,21 +47,7 @@ class Layout:
             root,
             Path(os.path.abspath(state)),
             Path(os.path.abspath(archive_to)) if archive_to is not None else None,
-            root_place,
         )
-
-    def archive_target_problem(self, parent_fd: int) -> str | None:
-        """Why the archive directory open as `parent_fd` (ARCHIVE/<run>) must not receive a checkpoint: it is
-        the root or inside it (a symlink or a mount below the archive that leads back into the runs)."""
-        if self.root_place is None:
-            return None
-        place = place_of_fd(parent_fd)
-        if place is None:
-            return "where it is cannot be told (it was removed?)"
-        found = relation(place, self.root_place)
-        if found in (Relation.SAME, Relation.INSIDE):
-            return f"{'/'.join(('', *place.real))} {found.value} the root {self.root}"
-        return None
 
 
 def _check_root(root: Path, root_place: Place) -> None:

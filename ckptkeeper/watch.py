@@ -46,7 +46,7 @@ from ckptkeeper.engine import Outcome, Policy, apply_plan, excluded_from_scan, f
 from ckptkeeper.layout import Layout
 from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
 from ckptkeeper.model import Checkpoint, Decision, Run, RunPlan
-from ckptkeeper.policy import plan_run, resume_points
+from ckptkeeper.policy import plan_run
 from ckptkeeper.render import human_bytes, location, mixed_runs_text, shown
 from ckptkeeper.scan import ContentCache, checkpoint_step, find_run_dirs, never_descended, read_run, run_path
 from ckptkeeper.state import LockHeld, StateDir
@@ -571,11 +571,11 @@ class Daemon:
             del logged[name]
         for key in [k for k in self.failing if k[0] == plan.run.path and k[1] not in names]:
             del self.failing[key]
-        live = _live_checkpoint(run)
+        live = _live_checkpoint(plan)
         pruned = self.options.dry_run or not plan.removed
         if (plan.refusal or not plan.removed) and not settling:
             self.quiet_runs[run_dir] = plan.run.checkpoints
-        if live is not None and live.training_stopped and pruned and not settling and not _saving_after(run, live):
+        if live is not None and live.training_stopped and pruned and not settling and not _saving_after(plan.run, live):
             if plan.run.path not in self.finished_runs:
                 self._say_finished(plan)
             self.finished_runs.add(plan.run.path)
@@ -914,13 +914,12 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _live_checkpoint(run: Run) -> Checkpoint | None:
+def _live_checkpoint(plan: RunPlan) -> Checkpoint | None:
     """The checkpoint the live run would resume from: the highest step, or in a directory that mixes runs the
     newest written one (a stale run's final checkpoint must not end the watch of the live one)."""
-    points, mixed = resume_points(run)
-    if mixed is not None:
-        return mixed.newest_written
-    return points[0][0] if points else None
+    if plan.mixed_runs is not None:
+        return plan.mixed_runs.newest_written
+    return max((c for c in plan.run.checkpoints if c.complete), key=lambda c: c.step, default=None)
 
 
 def _saving_after(run: Run, live: Checkpoint) -> bool:
