@@ -137,11 +137,6 @@ def _settings(flags: dict[str, Any]) -> Settings:
         raise ConfigProblem(str(e)) from None
 
 
-def _identity(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_dev, st.st_ino
-
-
 def _resolve(
     settings: Settings, default_settle: float = 0.0, root_may_be_missing: bool = False
 ) -> tuple[Path, Path, Policy]:
@@ -230,7 +225,9 @@ def prune(**flags: Any) -> None:
     settings = _settings(flags)
     dry_run = settings.dry_run
     root, state_dir, policy = _resolve(settings)
-    root_identity = _identity(root)  # acted in only while it is still this directory
+    from ckptkeeper.paths import identity
+
+    root_identity = identity(root)  # acted in only while it is still this directory
     _echo(describe_policy(policy))
     _echo(f"Root: {root}")
     state = StateDir(state_dir)

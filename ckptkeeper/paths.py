@@ -77,7 +77,8 @@ def _mount_of(real: tuple[str, ...], mounts: list[Mount]) -> Mount | None:
     return best
 
 
-def _identity(path: str) -> Identity | None:
+def identity(path: Path | str) -> Identity | None:
+    """(st_dev, st_ino) of what `path` leads to, following links as the kernel does; None if it cannot."""
     try:
         st = os.stat(path)
     except OSError:
@@ -90,12 +91,12 @@ def place_of(path: Path | str, mounts: list[Mount] | None = None) -> Place:
     would be created: below its nearest existing ancestor."""
     mounts = read_mounts() if mounts is None else mounts
     real = _parts(os.path.realpath(path))
-    own = _identity("/" + "/".join(real))
+    own = identity("/" + "/".join(real))
     ancestors = []
     for depth in range(len(real) - 1, -1, -1):
-        identity = _identity("/" + "/".join(real[:depth]))
-        if identity is not None and identity != own and identity not in ancestors:
-            ancestors.append(identity)
+        found = identity("/" + "/".join(real[:depth]))
+        if found is not None and found != own and found not in ancestors:
+            ancestors.append(found)
     mount = _mount_of(real, mounts)
     if mount is None:
         return Place(real, None, real, own, tuple(ancestors))

@@ -46,6 +46,7 @@ from ckptkeeper.engine import Outcome, Policy, apply_plan, excluded_from_scan, f
 from ckptkeeper.layout import Layout
 from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
 from ckptkeeper.model import Checkpoint, Decision, Run, RunPlan
+from ckptkeeper.paths import identity
 from ckptkeeper.policy import plan_run
 from ckptkeeper.render import human_bytes, location, mixed_runs_text, shown
 from ckptkeeper.scan import ContentCache, checkpoint_step, find_run_dirs, never_descended, read_run, run_path
@@ -379,7 +380,7 @@ class Daemon:
                 "waiting for it to lead back"
             )
             return
-        if _identity(self.root) != self.root_identity or self._lock_file_deleted():
+        if identity(self.root) != self.root_identity or self._lock_file_deleted():
             # Deleted and created again between two checks: the watcher still watches the deleted directory
             # and the lock is the deleted state directory's. Start over on the new one.
             log.warning("the root %s was deleted and created again; watching the new one", self.root)
@@ -436,7 +437,7 @@ class Daemon:
             Layout.checked(self.root, self.state.path, self.policy.archive_to)
             if not self._take_lock():  # another instance may have taken the new root first (--standby waits)
                 return
-        self.root_identity = _identity(self.root)
+        self.root_identity = identity(self.root)
         self._start_observer()
         self.request_full_rescan()
 
@@ -691,7 +692,7 @@ class Daemon:
             self.root = Layout.checked(self.root, self.state.path, self.policy.archive_to).root
             if not self._take_lock():
                 return 0
-            self.root_identity = _identity(self.root)  # the root it holds the lock of, after any wait
+            self.root_identity = identity(self.root)  # the root it holds the lock of, after any wait
             self._finish_leftovers()
             self.reaper.start()
             self._start_observer()
@@ -904,14 +905,6 @@ def _sysctl(name: str) -> int | None:
 
 def _shown_number(value: int | None) -> str:
     return "unknown" if value is None else str(value)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _live_checkpoint(plan: RunPlan) -> Checkpoint | None:
