@@ -50,7 +50,7 @@ from benchmarks.common import (
 from ckptkeeper import actions
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import StateDir
-from ckptkeeper.watch import Reaper
+from ckptkeeper.reaper import Reaper
 
 TARGET_RATIO = 1.1  # delete and archive to another filesystem, vs the shell (from the issue; never asserted)
 GiB = 1 << 30
@@ -525,7 +525,7 @@ def rename_table(r: RenameResult) -> str:
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_actions", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 repetitions, small trees (well under a minute)")
     parser.add_argument("--workdir", type=Path, help="where to build the trees (default: a new temp dir)")
@@ -533,17 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["delete", "archive", "rename"], help="run one part only")
     parser.add_argument("--reps", type=int, help="repetitions (default 5; --quick: 3)")
     parser.add_argument("--keep-files", action="store_true", help="leave the work directory (the templates) behind")
-    opts = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    reps = opts.reps or (3 if opts.quick else 5)
-    work = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-actions-", dir=opts.workdir))
-    started = time.monotonic()
-    load_start = load_average()
-    free = shutil.disk_usage(work).free
-    # The large shape needs ~5 copies on the disk at once (template, 3 sources, the ext4 image's copy).
-    scale = 1.0 if opts.quick or free >= 20 * GiB else max(0.05, free / (20 * GiB))
-    small, large = shapes(opts.quick, scale)
-    print("# ckptkeeper removal actions benchmark" + (" (--quick)" if opts.quick else ""))
+
+def print_header(quick: bool, work: Path, free: int, scale: float) -> None:
+    print("# ckptkeeper removal actions benchmark" + (" (--quick)" if quick else ""))
     print()
     print("Machine:")
     print("\n".join(machine_lines(work)))
@@ -552,6 +546,104 @@ def main(argv: list[str] | None = None) -> int:
     if scale < 1.0:
         print(f"NOTE: under 20 GiB free: the large-file shape is scaled down to {scale:.2f} of its size.\n")
     sys.stdout.flush()
+
+
+def delete_part(trees: Path, templates: list[Template], reps: int, ours: Daemonish) -> list[dict[str, Any]]:
+    """Part 3: measure and report; the raw figures."""
+    part = time.monotonic()
+    deletes = [measure_delete(trees, t, reps, ours) for t in templates]
+    print(f"## 3. Delete: ckptkeeper vs `rm -rf` ({reps} repetitions, seconds)")
+    print()
+    print(delete_table(deletes))
+    print()
+    print(
+        "- ckptkeeper: delete_checkpoint (guard, one rename into ROOT/_ckptkeeper/trash) + the daemon's "
+        "Reaper thread emptying the entry (shutil.rmtree), until it is done; rm -rf: a subprocess"
+    )
+    print(f"- trees on {filesystem_of(trees)}; part took {time.monotonic() - part:.0f} s")
+    print()
+    sys.stdout.flush()
+    return [asdict(r) for r in deletes]
+
+
+def measure_archives(
+    work: Path, trees: Path, templates: list[Template], reps: int, ours: Daemonish
+) -> tuple[list[Comparison], list[str]]:
+    """Part 4's figures: to a tmpfs and to a loop-mounted ext4 image; and why either was skipped."""
+    archives: list[Comparison] = []
+    skipped: list[str] = []
+    mounts = work / "mnt"
+    mounts.mkdir()
+    big = max(t.size for t in templates)
+    with tmpfs_mount(mounts / "tmpfs", 2 * big + 256 * MiB) as problem:
+        if problem:
+            skipped.append(f"tmpfs: {problem}")
+        else:
+            dest = mounts / "tmpfs"
+            archives += [measure_archive(trees, dest, "tmpfs", t, reps, ours) for t in templates]
+    image_size = max(512 * MiB, 3 * big)
+    with ext4_image_mount(work / "ext4.img", mounts / "ext4", image_size) as problem:
+        if problem:
+            skipped.append(f"ext4 on another filesystem (loop-mounted image): {problem}")
+        else:
+            dest = mounts / "ext4"
+            name = f"ext4 (loop, {image_size / GiB:.1f} GiB image)"
+            archives += [measure_archive(trees, dest, name, t, reps, ours) for t in templates]
+    return archives, skipped
+
+
+def archive_part(
+    work: Path, trees: Path, templates: list[Template], reps: int, ours: Daemonish
+) -> tuple[list[Comparison], list[str]]:
+    """Part 4: measure and report; the figures and the skipped targets."""
+    part = time.monotonic()
+    archives, skipped = measure_archives(work, trees, templates, reps, ours)
+    print(f"## 4. Archive to another filesystem: ckptkeeper vs `cp -a` ({reps} repetitions, seconds)")
+    print()
+    if archives:
+        print(archive_table(archives))
+        print()
+    for line in skipped:
+        print(f"- SKIPPED {line}")
+    print(
+        "- ckptkeeper: archive_checkpoint (copytree under a temporary name, fsync every file and "
+        "directory, verify names/kinds/sizes/safetensors headers, rename into place, then delete the "
+        "source as in 3); `sync -f DST` is syncfs(2) of the target's filesystem"
+    )
+    print(*phase_lines(archives), sep="\n")
+    print(f"- sources on {filesystem_of(trees)}; part took {time.monotonic() - part:.0f} s")
+    print()
+    sys.stdout.flush()
+    return archives, skipped
+
+
+def rename_part(work: Path, reps: int, quick: bool) -> dict[str, Any]:
+    """Part 4b: measure and report; the raw figures."""
+    part = time.monotonic()
+    rename_reps = max(reps, 5 if quick else 11)
+    renamed = measure_rename(work, rename_reps, quick)
+    print(f"## 4b. Archive on the same filesystem: one rename, small vs big ({rename_reps} repetitions)")
+    print()
+    print(rename_table(renamed))
+    print()
+    if renamed.note:
+        print(f"- {renamed.note}")
+    print(f"- on {filesystem_of(work)}; part took {time.monotonic() - part:.0f} s")
+    print()
+    return {**asdict(renamed), "ratios": renamed.ratios()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    reps = opts.reps or (3 if opts.quick else 5)
+    work = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-actions-", dir=opts.workdir))
+    started = time.monotonic()
+    load_start = load_average()
+    free = shutil.disk_usage(work).free
+    # The large shape needs ~5 copies on the disk at once (template, 3 sources, the ext4 image's copy).
+    scale = 1.0 if opts.quick or free >= 20 * GiB else max(0.05, free / (20 * GiB))
+    small, large = shapes(opts.quick, scale)
+    print_header(opts.quick, work, free, scale)
     raw: dict[str, Any] = {"quick": opts.quick, "reps": reps, "machine": machine_lines(work)}
     ours = Daemonish()
     try:
@@ -560,72 +652,13 @@ def main(argv: list[str] | None = None) -> int:
         trees = work / "trees"
         trees.mkdir()
         if opts.only in (None, "delete"):
-            part = time.monotonic()
-            deletes = [measure_delete(trees, t, reps, ours) for t in templates]
-            print(f"## 3. Delete: ckptkeeper vs `rm -rf` ({reps} repetitions, seconds)")
-            print()
-            print(delete_table(deletes))
-            print()
-            print(
-                "- ckptkeeper: delete_checkpoint (guard, one rename into ROOT/_ckptkeeper/trash) + the daemon's "
-                "Reaper thread emptying the entry (shutil.rmtree), until it is done; rm -rf: a subprocess"
-            )
-            print(f"- trees on {filesystem_of(trees)}; part took {time.monotonic() - part:.0f} s")
-            print()
-            sys.stdout.flush()
-            raw["delete"] = [asdict(r) for r in deletes]
+            raw["delete"] = delete_part(trees, templates, reps, ours)
         if opts.only in (None, "archive"):
-            part = time.monotonic()
-            archives: list[Comparison] = []
-            skipped: list[str] = []
-            mounts = work / "mnt"
-            mounts.mkdir()
-            big = max(t.size for t in templates)
-            with tmpfs_mount(mounts / "tmpfs", 2 * big + 256 * MiB) as problem:
-                if problem:
-                    skipped.append(f"tmpfs: {problem}")
-                else:
-                    dest = mounts / "tmpfs"
-                    archives += [measure_archive(trees, dest, "tmpfs", t, reps, ours) for t in templates]
-            image_size = max(512 * MiB, 3 * big)
-            with ext4_image_mount(work / "ext4.img", mounts / "ext4", image_size) as problem:
-                if problem:
-                    skipped.append(f"ext4 on another filesystem (loop-mounted image): {problem}")
-                else:
-                    dest = mounts / "ext4"
-                    name = f"ext4 (loop, {image_size / GiB:.1f} GiB image)"
-                    archives += [measure_archive(trees, dest, name, t, reps, ours) for t in templates]
-            print(f"## 4. Archive to another filesystem: ckptkeeper vs `cp -a` ({reps} repetitions, seconds)")
-            print()
-            if archives:
-                print(archive_table(archives))
-                print()
-            for line in skipped:
-                print(f"- SKIPPED {line}")
-            print(
-                "- ckptkeeper: archive_checkpoint (copytree under a temporary name, fsync every file and "
-                "directory, verify names/kinds/sizes/safetensors headers, rename into place, then delete the "
-                "source as in 3); `sync -f DST` is syncfs(2) of the target's filesystem"
-            )
-            print(*phase_lines(archives), sep="\n")
-            print(f"- sources on {filesystem_of(trees)}; part took {time.monotonic() - part:.0f} s")
-            print()
-            sys.stdout.flush()
+            archives, skipped = archive_part(work, trees, templates, reps, ours)
             raw["archive"] = [asdict(r) for r in archives]
             raw["archive_skipped"] = skipped
         if opts.only in (None, "rename"):
-            part = time.monotonic()
-            rename_reps = max(reps, 5 if opts.quick else 11)
-            renamed = measure_rename(work, rename_reps, opts.quick)
-            print(f"## 4b. Archive on the same filesystem: one rename, small vs big ({rename_reps} repetitions)")
-            print()
-            print(rename_table(renamed))
-            print()
-            if renamed.note:
-                print(f"- {renamed.note}")
-            print(f"- on {filesystem_of(work)}; part took {time.monotonic() - part:.0f} s")
-            print()
-            raw["rename"] = {**asdict(renamed), "ratios": renamed.ratios()}
+            raw["rename"] = rename_part(work, reps, opts.quick)
         print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
         print(f"Load average (1, 5, 15 min) at the start: {load_start}; at the end: {load_average()}")
         if opts.json:

@@ -14,7 +14,7 @@ just written and is read once before timing):
 - warm: `reconcile_all(trusting=True)` again on the same Daemon, as its periodic rescans do: files
   unchanged, so nothing is parsed again, and an unchanged checkpoint directory is not even walked;
 - warm, thorough: `reconcile_all()` as every 10th periodic rescan: an lstat of every file, nothing parsed;
-- plan: `engine.make_plan`, what `ckptkeeper plan` does (no cache).
+- plan: `engine.Pipeline.checked(...).survey()`, what `ckptkeeper plan` does (no cache).
 
 Targets: cold <= 1.0x the baseline; warm <= 0.2 s.
 """
@@ -22,6 +22,7 @@ Targets: cold <= 1.0x the baseline; warm <= 0.2 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -30,11 +31,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize
-from ckptkeeper.engine import Policy, make_plan
+from ckptkeeper.engine import Pipeline
+from ckptkeeper.policy import Policy
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import checkpoint_step
 from ckptkeeper.simtrainer import SimConfig, simulate_run
@@ -91,8 +95,7 @@ def baseline_pass(files: list[Path]) -> float:
 
 
 def new_daemon(root: Path, state_dir: Path) -> Daemon:
-    policy = Policy(parse_rules(KEEP), settle=0.0)
-    return Daemon(root, policy, state_dir, WatchOptions(settle=0.0))
+    return Daemon(root, Policy(parse_rules(KEEP)), state_dir, WatchOptions(settle=0.0))
 
 
 def timed(fn: Any) -> float:
@@ -102,145 +105,183 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - started
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Figures:
+    """Seconds per repetition of each pass."""
+
+    base: list[float] = field(default_factory=list)
+    cold: list[float] = field(default_factory=list)
+    warm: list[float] = field(default_factory=list)
+    thorough: list[float] = field(default_factory=list)
+    plan: list[float] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_reconcile", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 runs x 20 checkpoints, 3 repetitions")
     parser.add_argument("--workdir", type=Path, help="where to build the tree (default: a new temp dir)")
     parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
     parser.add_argument("--reps", type=int, help="repetitions (default 5, quick 3)")
-    opts = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def daemon_log_to_devnull() -> Iterator[None]:
+    """The daemon logs one "kept" line per checkpoint on its first pass, as it would to a terminal."""
+    with open(os.devnull, "w") as sink:
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log = logging.getLogger("ckptkeeper")
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+
+
+def print_header(quick: bool, workdir: Path, runs: int, per_run: int, tree: tuple[int, int], built_in: float) -> None:
+    checkpoints, state_bytes = tree
+    print("# ckptkeeper full-reconcile benchmark" + (" (--quick)" if quick else ""))
+    print()
+    print("Machine:")
+    print("\n".join(machine_lines(workdir)))
+    print(
+        f"- tree: {runs} runs x {per_run} checkpoints = {checkpoints}; trainer_state.json "
+        f"{state_bytes / checkpoints / 1024:.0f} KiB on average ({state_bytes / 2**20:.0f} MiB in all), "
+        f">= {MIN_ENTRIES} log entries each; built in {built_in:.0f} s"
+    )
+    print()
+    sys.stdout.flush()
+
+
+def plan_pass(root: Path, state_dir: Path) -> None:
+    """What `ckptkeeper plan` does: check the paths, then scan and plan the whole root (no cache)."""
+    Pipeline.checked(root, Policy(parse_rules(KEEP)), state_dir=state_dir).survey(None)
+
+
+def measure(root: Path, state_dir: Path, files: list[Path], checkpoints: int, reps: int) -> Figures:
+    """Each repetition: the baseline and a cold pass (in alternating order), then warm, thorough and plan."""
+    f = Figures()
+    for rep in range(reps):
+        daemon = new_daemon(root, state_dir)
+
+        def cold_pass(d: Daemon = daemon) -> None:
+            d.reconcile_all()
+
+        if rep % 2 == 0:
+            f.base.append(timed(lambda: baseline_pass(files)))
+            f.cold.append(timed(cold_pass))
+        else:
+            f.cold.append(timed(cold_pass))
+            f.base.append(timed(lambda: baseline_pass(files)))
+        assert len(daemon.tracker.cache) == checkpoints, len(daemon.tracker.cache)
+        assert sum(len(d) for d in daemon.decision_log.decisions.values()) == checkpoints
+        assert all(w == "kept" for d in daemon.decision_log.decisions.values() for w in d.values())
+        f.warm.append(timed(lambda d=daemon: d.reconcile_all(trusting=True)))
+        f.thorough.append(timed(cold_pass))
+        f.plan.append(timed(lambda: plan_pass(root, state_dir)))
+        print(
+            f"- rep {rep + 1}: baseline {f.base[-1]:.3f} s, cold {f.cold[-1]:.3f} s, warm {f.warm[-1]:.3f} s, "
+            f"warm thorough {f.thorough[-1]:.3f} s, plan {f.plan[-1]:.3f} s"
+        )
+        sys.stdout.flush()
+    return f
+
+
+def over(values: list[float], base: list[float]) -> list[float]:
+    return [v / b for v, b in zip(values, base, strict=True)]
+
+
+def results_table(f: Figures) -> str:
+    s_ratio, s_warm = summarize(over(f.cold, f.base)), summarize(f.warm)
+    return markdown_table(
+        ["pass", "seconds, median [min, max]", "x baseline, median [min, max]", "target", "met"],
+        [
+            ["baseline: json.load every trainer_state.json", fmt_summary(summarize(f.base)), "1", "", ""],
+            [
+                "cold: new daemon, `reconcile_all()`",
+                fmt_summary(summarize(f.cold)),
+                fmt_summary(s_ratio, 2),
+                "<= 1.0x",
+                "yes" if s_ratio.median <= 1.0 else "**no**",
+            ],
+            [
+                "warm: same daemon, files unchanged (periodic rescan)",
+                fmt_summary(s_warm),
+                fmt_summary(summarize(over(f.warm, f.base)), 3),
+                "<= 0.2 s",
+                "yes" if s_warm.median <= 0.2 else "**no**",
+            ],
+            [
+                "warm, thorough (every 10th rescan): lstat of every file",
+                fmt_summary(summarize(f.thorough)),
+                fmt_summary(summarize(over(f.thorough, f.base)), 3),
+                "",
+                "",
+            ],
+            [
+                "`ckptkeeper plan` (Pipeline.survey, no cache)",
+                fmt_summary(summarize(f.plan)),
+                fmt_summary(summarize(over(f.plan, f.base)), 2),
+                "",
+                "",
+            ],
+        ],
+    )
+
+
+def print_results(f: Figures, checkpoints: int, runs: int, reps: int) -> None:
+    print()
+    print(f"## Full reconcile, {checkpoints} checkpoints in {runs} runs, nothing to remove ({reps} repetitions)")
+    print()
+    print(results_table(f))
+    print()
+    s_base, s_cold, s_warm = summarize(f.base), summarize(f.cold), summarize(f.warm)
+    print(
+        f"- per checkpoint: baseline {fmt(s_base.median / checkpoints * 1e3)} ms, cold "
+        f"{fmt(s_cold.median / checkpoints * 1e3)} ms, warm {fmt(s_warm.median / checkpoints * 1e6, 1)} us"
+    )
+
+
+def write_json(path: Path, f: Figures, quick: bool, workdir: Path, checkpoints: int, runs: int) -> None:
+    raw = {
+        "benchmark": "reconcile",
+        "quick": quick,
+        "machine": machine_lines(workdir),
+        "checkpoints": checkpoints,
+        "runs": runs,
+        "baseline_s": f.base,
+        "cold_s": f.cold,
+        "warm_s": f.warm,
+        "warm_thorough_s": f.thorough,
+        "plan_s": f.plan,
+        "cold_ratio": over(f.cold, f.base),
+    }
+    path.write_text(json.dumps(raw, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
     runs, per_run = (10, 20) if opts.quick else (100, 100)
     reps = opts.reps or (3 if opts.quick else 5)
-
     workdir = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-reconcile-", dir=opts.workdir))
-    # The daemon logs one "kept" line per checkpoint on its first pass, as it would to a terminal.
-    sink = open(os.devnull, "w")  # noqa: SIM115 - closed in finally
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log = logging.getLogger("ckptkeeper")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
     try:
-        root = workdir / "root"
-        root.mkdir()
-        started = time.monotonic()
-        checkpoints, state_bytes = build_tree(root, runs, per_run)
-        files = state_files(root)
-        assert len(files) == checkpoints
-        print("# ckptkeeper full-reconcile benchmark" + (" (--quick)" if opts.quick else ""))
-        print()
-        print("Machine:")
-        print("\n".join(machine_lines(workdir)))
-        print(
-            f"- tree: {runs} runs x {per_run} checkpoints = {checkpoints}; trainer_state.json "
-            f"{state_bytes / checkpoints / 1024:.0f} KiB on average ({state_bytes / 2**20:.0f} MiB in all), "
-            f">= {MIN_ENTRIES} log entries each; built in {time.monotonic() - started:.0f} s"
-        )
-        print()
-        sys.stdout.flush()
-
-        baseline_pass(files)  # the page cache holds the tree for every measurement below
-        base: list[float] = []
-        cold: list[float] = []
-        warm: list[float] = []
-        thorough: list[float] = []
-        plan: list[float] = []
-        state_dir = workdir / "state"
-        for rep in range(reps):
-            daemon = new_daemon(root, state_dir)
-
-            def cold_pass(d: Daemon = daemon) -> None:
-                d.reconcile_all()
-
-            if rep % 2 == 0:
-                base.append(timed(lambda: baseline_pass(files)))
-                cold.append(timed(cold_pass))
-            else:
-                cold.append(timed(cold_pass))
-                base.append(timed(lambda: baseline_pass(files)))
-            assert len(daemon.cache) == checkpoints, len(daemon.cache)
-            assert sum(len(d) for d in daemon.decisions.values()) == checkpoints
-            assert all(w == "kept" for d in daemon.decisions.values() for w in d.values())
-            warm.append(timed(lambda d=daemon: d.reconcile_all(trusting=True)))
-            thorough.append(timed(cold_pass))
-            plan.append(timed(lambda: make_plan(root, Policy(parse_rules(KEEP)), state_dir)))
-            print(
-                f"- rep {rep + 1}: baseline {base[-1]:.3f} s, cold {cold[-1]:.3f} s, warm {warm[-1]:.3f} s, "
-                f"warm thorough {thorough[-1]:.3f} s, plan {plan[-1]:.3f} s"
-            )
-            sys.stdout.flush()
-
-        ratios = [c / b for c, b in zip(cold, base, strict=True)]
-        plan_ratios = [p / b for p, b in zip(plan, base, strict=True)]
-        s_base, s_cold, s_warm, s_plan = summarize(base), summarize(cold), summarize(warm), summarize(plan)
-        s_ratio, s_plan_ratio = summarize(ratios), summarize(plan_ratios)
-        print()
-        print(f"## Full reconcile, {checkpoints} checkpoints in {runs} runs, nothing to remove ({reps} repetitions)")
-        print()
-        print(
-            markdown_table(
-                ["pass", "seconds, median [min, max]", "x baseline, median [min, max]", "target", "met"],
-                [
-                    ["baseline: json.load every trainer_state.json", fmt_summary(s_base), "1", "", ""],
-                    [
-                        "cold: new daemon, `reconcile_all()`",
-                        fmt_summary(s_cold),
-                        fmt_summary(s_ratio, 2),
-                        "<= 1.0x",
-                        "yes" if s_ratio.median <= 1.0 else "**no**",
-                    ],
-                    [
-                        "warm: same daemon, files unchanged (periodic rescan)",
-                        fmt_summary(s_warm),
-                        fmt_summary(summarize([w / b for w, b in zip(warm, base, strict=True)]), 3),
-                        "<= 0.2 s",
-                        "yes" if s_warm.median <= 0.2 else "**no**",
-                    ],
-                    [
-                        "warm, thorough (every 10th rescan): lstat of every file",
-                        fmt_summary(summarize(thorough)),
-                        fmt_summary(summarize([t / b for t, b in zip(thorough, base, strict=True)]), 3),
-                        "",
-                        "",
-                    ],
-                    [
-                        "`ckptkeeper plan` (make_plan, no cache)",
-                        fmt_summary(s_plan),
-                        fmt_summary(s_plan_ratio, 2),
-                        "",
-                        "",
-                    ],
-                ],
-            )
-        )
-        print()
-        print(
-            f"- per checkpoint: baseline {fmt(s_base.median / checkpoints * 1e3)} ms, cold "
-            f"{fmt(s_cold.median / checkpoints * 1e3)} ms, warm {fmt(s_warm.median / checkpoints * 1e6, 1)} us"
-        )
-        if opts.json:
-            opts.json.write_text(
-                json.dumps(
-                    {
-                        "benchmark": "reconcile",
-                        "quick": opts.quick,
-                        "machine": machine_lines(workdir),
-                        "checkpoints": checkpoints,
-                        "runs": runs,
-                        "baseline_s": base,
-                        "cold_s": cold,
-                        "warm_s": warm,
-                        "warm_thorough_s": thorough,
-                        "plan_s": plan,
-                        "cold_ratio": ratios,
-                    },
-                    indent=2,
-                )
-            )
+        with daemon_log_to_devnull():
+            root = workdir / "root"
+            root.mkdir()
+            started = time.monotonic()
+            checkpoints, state_bytes = build_tree(root, runs, per_run)
+            files = state_files(root)
+            assert len(files) == checkpoints
+            print_header(opts.quick, workdir, runs, per_run, (checkpoints, state_bytes), time.monotonic() - started)
+            baseline_pass(files)  # the page cache holds the tree for every measurement below
+            figures = measure(root, workdir / "state", files, checkpoints, reps)
+            print_results(figures, checkpoints, runs, reps)
+            if opts.json:
+                write_json(opts.json, figures, opts.quick, workdir, checkpoints, runs)
     finally:
-        log.removeHandler(handler)
-        sink.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -143,18 +143,18 @@ def importtime_profile(args: list[str], runs: int) -> ImportProfile:
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_startup", description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="10 repetitions instead of 30")
     parser.add_argument("--reps", type=int, help="repetitions of each command (default 30; --quick: 10)")
     parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
-    opts = parser.parse_args(argv)
-    reps = opts.reps or (10 if opts.quick else 30)
+    return parser.parse_args(argv)
 
-    started = time.monotonic()
-    cmds = commands()
-    print("# Start-up time benchmark" + (" (--quick)" if opts.quick else ""))
+
+def print_header(quick: bool) -> Path | None:
+    """Print the report's title and machine; the console script measured, if there is one."""
+    print("# Start-up time benchmark" + (" (--quick)" if quick else ""))
     print()
     print("Machine:")
     print("\n".join(machine_lines(Path(sys.executable).parent)))
@@ -165,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         print("(no `ckptkeeper` console script beside the interpreter or on PATH: measuring `python -m` only)")
         print()
     sys.stdout.flush()
+    return script
 
-    times = measure(cmds, reps)
+
+def wall_time_rows(cmds: list[tuple[str, list[str]]], times: dict[str, list[float]]) -> list[list[str]]:
+    """One row per command: its wall time, and (but for the first, the baseline) how much more it takes."""
     baseline_label = cmds[0][0]
     baseline = summarize(times[baseline_label])
     rows = []
@@ -178,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         over = s.median - baseline.median
         verdict = "met" if over <= TARGET_OVER_BASELINE else "**missed**"
         rows.append([label, fmt_summary(s), f"+{fmt(over)}", f"<= +{TARGET_OVER_BASELINE:g} s: {verdict}"])
+    return rows
+
+
+def print_wall_times(rows: list[list[str]], reps: int, script: Path | None) -> None:
     print(f"## Wall time per process start, s ({reps} repetitions each, median [min, max])")
     print()
     print(markdown_table(["command", "wall s", "median - baseline", "target"], rows))
@@ -187,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- interpreter: {sys.executable}")
     print()
 
+
+def importtime_part() -> dict[str, Any]:
+    """Profile the imports of `ckptkeeper --help` against `python -c pass`, report; the raw figures."""
     profile = importtime_profile(["-m", "ckptkeeper", "--help"], IMPORTTIME_RUNS)
     base_profile = importtime_profile(["-c", "pass"], IMPORTTIME_RUNS)
     in_baseline = set(base_profile.self_ms)
@@ -206,6 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown_table(["single import (cumulative)", "ms"], [[n, f"{ms:.1f}"] for n, ms in modules]))
     print()
+    return {
+        "runs": IMPORTTIME_RUNS,
+        "total_self_ms": profile.total_ms,
+        "python_c_pass_self_ms": base_profile.total_ms,
+        "added_self_ms": added_ms,
+        "heaviest_packages_self_ms": packages,
+        "heaviest_imports_cumulative_ms": modules,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    reps = opts.reps or (10 if opts.quick else 30)
+
+    started = time.monotonic()
+    cmds = commands()
+    script = print_header(opts.quick)
+    times = measure(cmds, reps)
+    print_wall_times(wall_time_rows(cmds, times), reps, script)
+    importtime = importtime_part()
     print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
 
     if opts.json:
@@ -215,16 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_lines(Path(sys.executable).parent),
             "commands": dict(cmds),
             "seconds": times,
-            "baseline": baseline_label,
+            "baseline": cmds[0][0],
             "target_over_baseline_s": TARGET_OVER_BASELINE,
-            "importtime": {
-                "runs": IMPORTTIME_RUNS,
-                "total_self_ms": profile.total_ms,
-                "python_c_pass_self_ms": base_profile.total_ms,
-                "added_self_ms": added_ms,
-                "heaviest_packages_self_ms": packages,
-                "heaviest_imports_cumulative_ms": modules,
-            },
+            "importtime": importtime,
         }
         opts.json.write_text(json.dumps(raw, indent=2) + "\n")
     return 0

@@ -459,7 +459,7 @@ def loop_table(reps: list[LoopRep]) -> str:
 # ---- main -----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_trainer_block", description=doc.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small files, 3 repetitions, under a minute")
@@ -475,22 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.step_seconds is None:
         opts.step_seconds = 0.03 if opts.quick else 0.1
+    return opts
 
-    reps = 3 if opts.quick else 5
-    rotation_bytes = QUICK_ROTATION_BYTES if opts.quick else FULL_ROTATION_BYTES
-    loop_bytes = QUICK_LOOP_BYTES if opts.quick else FULL_LOOP_BYTES
-    max_steps = 30 if opts.quick else 50
-    settle = 0.5 if opts.quick else 1.0
-    saves = max_steps // SAVE_STEPS
 
-    workdir = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-block-", dir=opts.workdir))
-    started = time.monotonic()
-    load_start = load_average()
+def file_sizes(quick: bool, saves: int, workdir: Path, free: int) -> tuple[int, int, list[str]]:
+    """The optimizer.pt sizes of the rotation and of the loop, scaled down to fit the free space, and a
+    note saying so if they were."""
+    rotation_bytes = QUICK_ROTATION_BYTES if quick else FULL_ROTATION_BYTES
+    loop_bytes = QUICK_LOOP_BYTES if quick else FULL_LOOP_BYTES
     notes = []
-    free = shutil.disk_usage(workdir).free
     # The most on disk at once: the "no deletion" loop keeps every checkpoint.
     need = max(rotation_bytes, saves * loop_bytes)
-    if (free < MIN_FREE_FOR_FULL and not opts.quick) or free < 4 * need:
+    if (free < MIN_FREE_FOR_FULL and not quick) or free < 4 * need:
         scale = min(1.0, free / 4 / need)
         rotation_bytes = max(MiB, int(rotation_bytes * scale) // MiB * MiB)
         loop_bytes = max(MiB, int(loop_bytes * scale) // MiB * MiB)
@@ -498,14 +494,103 @@ def main(argv: list[str] | None = None) -> int:
             f"only {human(free)} free on {workdir}: sizes scaled down to {human(rotation_bytes)} (rotation) "
             f"and {human(loop_bytes)} per optimizer.pt (loop)"
         )
+    return rotation_bytes, loop_bytes, notes
 
-    print("# How long retention blocks the training loop" + (" (--quick)" if opts.quick else ""))
+
+def print_header(quick: bool, workdir: Path, notes: list[str]) -> None:
+    print("# How long retention blocks the training loop" + (" (--quick)" if quick else ""))
     print()
     print("Machine:")
     print("\n".join(machine_lines(workdir)))
     for note in notes:
         print(f"- NOTE: {note}")
     sys.stdout.flush()
+
+
+def rotation_part(stack: Stack, workdir: Path, rotation_bytes: int, reps: int) -> list[dict[str, Any]]:
+    """Part 1: measure and report; the raw figures."""
+    part_started = time.monotonic()
+    rotation: list[RotationRep] = []
+    for fill in ("fallocate", "written"):
+        rotation += measure_rotation(stack, workdir, SAVE_TOTAL_LIMIT, rotation_bytes, fill, reps)
+    # ckptkeeper's setup: the call the Trainer makes with save_total_limit=None (the file's content is
+    # irrelevant to it, so fallocate).
+    rotation += measure_rotation(stack, workdir, None, rotation_bytes, "fallocate", reps)
+    print(
+        f"## 1. One rotation: the Trainer deletes a checkpoint holding a {human(rotation_bytes)} optimizer.pt "
+        f"(median [min, max], {reps} reps, os.sync() before each)"
+    )
+    print()
+    print(rotation_table(rotation))
+    print()
+    for fill in ("fallocate", "written"):
+        made = summarize([r.make_seconds for r in rotation if r.fill == fill])
+        print(f"- making the file ({fill}, fsync included): {fmt_summary(made, 2)} s")
+    expected = {SAVE_TOTAL_LIMIT: [20, 30], None: [10, 20, 30]}
+    bad = [r for r in rotation if r.left != expected[r.limit]]
+    if bad:
+        print(f"- WARNING: {len(bad)} reps did not leave the expected checkpoints: {bad}")
+    print(f"- part took {time.monotonic() - part_started:.0f} s")
+    print()
+    sys.stdout.flush()
+    return [asdict(r) for r in rotation]
+
+
+def loop_part(
+    stack: Stack, workdir: Path, reps: int, max_steps: int, loop_bytes: int, settle: float, step_seconds: float
+) -> list[dict[str, Any]]:
+    """Part 2: measure and report; the raw figures."""
+    part_started = time.monotonic()
+    loop = [
+        run_loop(stack, workdir, setup, rep, max_steps, loop_bytes, settle, step_seconds)
+        for rep in range(reps)
+        for setup in SETUPS[rep % len(SETUPS) :] + SETUPS[: rep % len(SETUPS)]
+    ]
+    print(
+        f"## 2. A real training loop: {max_steps} steps, a save every {SAVE_STEPS} ({max_steps // SAVE_STEPS} "
+        f"saves), each optimizer.pt padded to {human(loop_bytes)} written + fsynced, {step_seconds:g} s of "
+        f"stand-in compute per step (median [min, max] over {reps} runs)"
+    )
+    print()
+    print(loop_table(loop))
+    print()
+    print_loop_notes(loop, settle)
+    print(f"- part took {time.monotonic() - part_started:.0f} s")
+    print()
+    return [asdict(r) for r in loop]
+
+
+def print_loop_notes(loop: list[LoopRep], settle: float) -> None:
+    """Part 2's lines under its table: each setup's saves, and how soon ckptkeeper was done."""
+    for setup in SETUPS:
+        mine = [r for r in loop if r.setup == setup]
+        save = summarize([r.save_seconds / max(1, r.saves) for r in mine])
+        print(
+            f"- {setup}: one _save_checkpoint (writing the padded optimizer.pt included) took "
+            f"{fmt_summary(save)} s; checkpoints left when train() returned: "
+            f"{sorted({tuple(r.left_after_train) for r in mine})}"
+        )
+    kk = [r for r in loop if r.setup == "ckptkeeper"]
+    done = summarize([r.retention_done_after_train_seconds or 0.0 for r in kk])
+    print(
+        f"- ckptkeeper: down to `{KEEP}` with its trash empty {fmt_summary(done)} s after train() returned "
+        f"(settle {settle:g} s); 'deleted' log lines per run: {[r.deleted_log_lines for r in kk]}; "
+        f"exit codes after SIGTERM: {[r.watch_exit_code for r in kk]}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    reps = 3 if opts.quick else 5
+    max_steps = 30 if opts.quick else 50
+    settle = 0.5 if opts.quick else 1.0
+
+    workdir = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-block-", dir=opts.workdir))
+    started = time.monotonic()
+    load_start = load_average()
+    free = shutil.disk_usage(workdir).free
+    rotation_bytes, loop_bytes, notes = file_sizes(opts.quick, max_steps // SAVE_STEPS, workdir, free)
+    print_header(opts.quick, workdir, notes)
     raw: dict[str, Any] = {
         "quick": opts.quick,
         "machine": machine_lines(workdir),
@@ -524,67 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         sys.stdout.flush()
         raw["free_bytes_at_start"] = free
-
         if opts.only in (None, "rotation"):
-            part_started = time.monotonic()
-            rotation: list[RotationRep] = []
-            for fill in ("fallocate", "written"):
-                rotation += measure_rotation(stack, workdir, SAVE_TOTAL_LIMIT, rotation_bytes, fill, reps)
-            # ckptkeeper's setup: the call the Trainer makes with save_total_limit=None (the file's content is
-            # irrelevant to it, so fallocate).
-            rotation += measure_rotation(stack, workdir, None, rotation_bytes, "fallocate", reps)
-            print(
-                f"## 1. One rotation: the Trainer deletes a checkpoint holding a {human(rotation_bytes)} optimizer.pt "
-                f"(median [min, max], {reps} reps, os.sync() before each)"
-            )
-            print()
-            print(rotation_table(rotation))
-            print()
-            for fill in ("fallocate", "written"):
-                made = summarize([r.make_seconds for r in rotation if r.fill == fill])
-                print(f"- making the file ({fill}, fsync included): {fmt_summary(made, 2)} s")
-            expected = {SAVE_TOTAL_LIMIT: [20, 30], None: [10, 20, 30]}
-            bad = [r for r in rotation if r.left != expected[r.limit]]
-            if bad:
-                print(f"- WARNING: {len(bad)} reps did not leave the expected checkpoints: {bad}")
-            print(f"- part took {time.monotonic() - part_started:.0f} s")
-            print()
-            sys.stdout.flush()
-            raw["rotation"] = [asdict(r) for r in rotation]
-
+            raw["rotation"] = rotation_part(stack, workdir, rotation_bytes, reps)
         if opts.only in (None, "loop"):
-            part_started = time.monotonic()
-            loop = [
-                run_loop(stack, workdir, setup, rep, max_steps, loop_bytes, settle, opts.step_seconds)
-                for rep in range(reps)
-                for setup in SETUPS[rep % len(SETUPS) :] + SETUPS[: rep % len(SETUPS)]
-            ]
-            print(
-                f"## 2. A real training loop: {max_steps} steps, a save every {SAVE_STEPS} ({saves} saves), each "
-                f"optimizer.pt padded to {human(loop_bytes)} written + fsynced, {opts.step_seconds:g} s of "
-                f"stand-in compute per step (median [min, max] over {reps} runs)"
-            )
-            print()
-            print(loop_table(loop))
-            print()
-            for setup in SETUPS:
-                mine = [r for r in loop if r.setup == setup]
-                save = summarize([r.save_seconds / max(1, r.saves) for r in mine])
-                print(
-                    f"- {setup}: one _save_checkpoint (writing the padded optimizer.pt included) took "
-                    f"{fmt_summary(save)} s; checkpoints left when train() returned: "
-                    f"{sorted({tuple(r.left_after_train) for r in mine})}"
-                )
-            kk = [r for r in loop if r.setup == "ckptkeeper"]
-            done = summarize([r.retention_done_after_train_seconds or 0.0 for r in kk])
-            print(
-                f"- ckptkeeper: down to `{KEEP}` with its trash empty {fmt_summary(done)} s after train() returned "
-                f"(settle {settle:g} s); 'deleted' log lines per run: {[r.deleted_log_lines for r in kk]}; "
-                f"exit codes after SIGTERM: {[r.watch_exit_code for r in kk]}"
-            )
-            print(f"- part took {time.monotonic() - part_started:.0f} s")
-            print()
-            raw["loop"] = [asdict(r) for r in loop]
+            raw["loop"] = loop_part(stack, workdir, reps, max_steps, loop_bytes, settle, opts.step_seconds)
         print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
         print(f"Load average (1, 5, 15 min) at the start: {load_start}, at the end: {load_average()}")
         if opts.json:

@@ -327,86 +327,102 @@ def _from_watching(line: str) -> str:
 
 
 # ---- main --------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_watch", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer saves, a small tree, 3 x 5 s idle windows")
     parser.add_argument("--workdir", type=Path, help="where to build the trees (default: a new temp dir)")
     parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
     parser.add_argument("--only", choices=["reaction", "idle"], help="run one part only")
     parser.add_argument("--keep-files", action="store_true", help="leave the trees behind")
-    opts = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def print_header(quick: bool, workdir: Path) -> None:
+    print("# ckptkeeper watch benchmark" + (" (--quick)" if quick else ""))
+    print()
+    print("Machine:")
+    print("\n".join(machine_lines(workdir)))
+    print()
+    sys.stdout.flush()
+
+
+def reaction_part(workdir: Path, saves: int) -> list[dict[str, Any]]:
+    """Measure and report the reaction time, inotify and polling; the raw figures."""
+    part_started = time.monotonic()
+    reactions = [
+        measure_reaction(workdir, "inotify", None, saves, SETTLE),
+        measure_reaction(workdir, f"polling {REACTION_POLL:g} s", REACTION_POLL, saves, SETTLE),
+    ]
+    print(f"## Reaction time (settle S = {SETTLE:g} s, one save every S + 1 s, `--keep last:2`)")
+    print()
+    print(reaction_table(reactions))
+    print()
+    for r in reactions:
+        print(
+            f"- {r.mode}: log said `{_from_watching(r.watching_line)}`; {r.deleted_lines} 'deleted' "
+            f"log lines; exit code after SIGTERM {r.exit_code}"
+        )
+    print(f"- part took {time.monotonic() - part_started:.0f} s")
+    print()
+    sys.stdout.flush()
+    return [asdict(r) for r in reactions]
+
+
+def idle_part(workdir: Path, quick: bool, window: float, reps: int, raw: dict[str, Any]) -> None:
+    """Measure and report the idle cost (into `raw`: "idle" and "full_scan_cpu_seconds")."""
+    part_started = time.monotonic()
+    tree = workdir / "idle-tree"
+    runs, checkpoints = IDLE_SHAPE_QUICK if quick else IDLE_SHAPE
+    build_seconds = build_idle_tree(tree, runs, checkpoints)
+    empty = workdir / "idle-empty"
+    empty.mkdir()
+    files = sum(len(f) for _, _, f in os.walk(tree))
+    shape = f"{runs} x {checkpoints}"
+    idle = [
+        measure_idle(empty, "inotify (baseline)", "empty root", None, window, reps, 0),
+        measure_idle(tree, "inotify", shape, None, window, reps, runs * checkpoints),
+        measure_idle(tree, f"polling {IDLE_POLL:g} s", shape, IDLE_POLL, window, reps, runs * checkpoints),
+    ]
+    cold, warm = full_scan_cpu(tree, reps)
+    print(
+        f"## Idle cost (`--keep last:1000`: everything kept; settle {SETTLE:g} s; full rescan every 60 s, the default)"
+    )
+    print()
+    print(idle_table(idle))
+    print()
+    print(
+        f"- tree: {runs} runs x {checkpoints} checkpoints, {files} files, "
+        f"{sum(f.stat().st_size for f in tree.rglob('*') if f.is_file()) / 2**20:.1f} MiB, "
+        f"built by the simulated trainer in {build_seconds:.1f} s"
+    )
+    print(
+        f"- one full scan of the tree in-process, CPU s over {cold.n} reps: cold (scan_root, no cache) "
+        f"{fmt_summary(cold)}; warm (read_run with a ContentCache, as the daemon's periodic rescan) "
+        f"{fmt_summary(warm)} -> {100 * warm.median / 60:.2f} % of a core at one rescan per 60 s"
+    )
+    for result in idle:
+        print(f"- {result.mode}: log said `{_from_watching(result.watching_line)}`")
+    print(f"- part took {time.monotonic() - part_started:.0f} s")
+    print()
+    raw["idle"] = [{**asdict(r), "cpu_percent": [s.cpu_percent for s in r.samples]} for r in idle]
+    raw["full_scan_cpu_seconds"] = {"cold": asdict(cold), "warm": asdict(warm)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
     saves = 6 if opts.quick else 24
     window = 5.0 if opts.quick else 60.0
     reps = 3 if opts.quick else 5
     workdir = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-", dir=opts.workdir))
     load_start = load_average()
     started = time.monotonic()
-    print("# ckptkeeper watch benchmark" + (" (--quick)" if opts.quick else ""))
-    print()
-    print("Machine:")
-    print("\n".join(machine_lines(workdir)))
-    print()
-    sys.stdout.flush()
+    print_header(opts.quick, workdir)
     raw: dict[str, Any] = {"quick": opts.quick, "machine": machine_lines(workdir)}
     try:
         if opts.only in (None, "reaction"):
-            part_started = time.monotonic()
-            reactions = [
-                measure_reaction(workdir, "inotify", None, saves, SETTLE),
-                measure_reaction(workdir, f"polling {REACTION_POLL:g} s", REACTION_POLL, saves, SETTLE),
-            ]
-            print(f"## Reaction time (settle S = {SETTLE:g} s, one save every S + 1 s, `--keep last:2`)")
-            print()
-            print(reaction_table(reactions))
-            print()
-            for r in reactions:
-                print(
-                    f"- {r.mode}: log said `{_from_watching(r.watching_line)}`; {r.deleted_lines} 'deleted' "
-                    f"log lines; exit code after SIGTERM {r.exit_code}"
-                )
-            print(f"- part took {time.monotonic() - part_started:.0f} s")
-            print()
-            sys.stdout.flush()
-            raw["reaction"] = [asdict(r) for r in reactions]
+            raw["reaction"] = reaction_part(workdir, saves)
         if opts.only in (None, "idle"):
-            part_started = time.monotonic()
-            tree = workdir / "idle-tree"
-            runs, checkpoints = IDLE_SHAPE_QUICK if opts.quick else IDLE_SHAPE
-            build_seconds = build_idle_tree(tree, runs, checkpoints)
-            empty = workdir / "idle-empty"
-            empty.mkdir()
-            files = sum(len(f) for _, _, f in os.walk(tree))
-            shape = f"{runs} x {checkpoints}"
-            idle = [
-                measure_idle(empty, "inotify (baseline)", "empty root", None, window, reps, 0),
-                measure_idle(tree, "inotify", shape, None, window, reps, runs * checkpoints),
-                measure_idle(tree, f"polling {IDLE_POLL:g} s", shape, IDLE_POLL, window, reps, runs * checkpoints),
-            ]
-            cold, warm = full_scan_cpu(tree, reps)
-            print(
-                f"## Idle cost (`--keep last:1000`: everything kept; settle {SETTLE:g} s; "
-                "full rescan every 60 s, the default)"
-            )
-            print()
-            print(idle_table(idle))
-            print()
-            print(
-                f"- tree: {runs} runs x {checkpoints} checkpoints, {files} files, "
-                f"{sum(f.stat().st_size for f in tree.rglob('*') if f.is_file()) / 2**20:.1f} MiB, "
-                f"built by the simulated trainer in {build_seconds:.1f} s"
-            )
-            print(
-                f"- one full scan of the tree in-process, CPU s over {cold.n} reps: cold (scan_root, no cache) "
-                f"{fmt_summary(cold)}; warm (read_run with a ContentCache, as the daemon's periodic rescan) "
-                f"{fmt_summary(warm)} -> {100 * warm.median / 60:.2f} % of a core at one rescan per 60 s"
-            )
-            for result in idle:
-                print(f"- {result.mode}: log said `{_from_watching(result.watching_line)}`")
-            print(f"- part took {time.monotonic() - part_started:.0f} s")
-            print()
-            raw["idle"] = [{**asdict(r), "cpu_percent": [s.cpu_percent for s in r.samples]} for r in idle]
-            raw["full_scan_cpu_seconds"] = {"cold": asdict(cold), "warm": asdict(warm)}
+            idle_part(workdir, opts.quick, window, reps, raw)
         print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
         print(f"Load average (1, 5, 15 min) at the start: {load_start}, at the end: {load_average()}")
         if opts.json:

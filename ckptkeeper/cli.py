@@ -5,12 +5,11 @@ Heavy modules (pydantic, safetensors) are imported inside the commands so `--hel
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
-import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,7 +19,7 @@ from ckptkeeper import __version__
 
 if TYPE_CHECKING:
     from ckptkeeper.config import Settings
-    from ckptkeeper.engine import Policy
+    from ckptkeeper.engine import Pipeline
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -137,35 +136,42 @@ def _settings(flags: dict[str, Any]) -> Settings:
         raise ConfigProblem(str(e)) from None
 
 
-def _resolve(
-    settings: Settings, default_settle: float = 0.0, root_may_be_missing: bool = False
-) -> tuple[Path, Path, Policy]:
-    """Root, state directory and policy, with every path problem reported as a usage error."""
-    from ckptkeeper.engine import default_state_dir
-
+def _root(settings: Settings) -> Path:
     if settings.root is None:
         raise click.UsageError("missing ROOT: the directory that holds your runs (or `root:` in --config)")
-    root = settings.root
-    if not root.exists() and not root_may_be_missing:
-        raise ConfigProblem(f"root {root} does not exist")
-    if root.exists() and not root.is_dir():
-        raise ConfigProblem(f"root {root} is not a directory")
-    policy = settings.policy(default_settle)
-    if not policy.rules:
-        from ckptkeeper.policy import NO_RULE
+    return settings.root
 
-        raise Refused(NO_RULE)
-    if not root.exists():  # watch waits for it; the daemon checks the paths once it is there
-        root = Path(os.path.abspath(root))
-        return root, (settings.state_dir or default_state_dir(root)).absolute(), policy
-    from ckptkeeper.layout import Layout, LayoutError
+
+@contextlib.contextmanager
+def _domain_errors() -> Iterator[None]:
+    """The library's domain errors, as click errors with their exit codes. Nothing else is decided here."""
+    from ckptkeeper.engine import RetentionRefused, StateDirUnusable
+    from ckptkeeper.layout import LayoutError
+    from ckptkeeper.state import LockHeld
 
     try:
-        layout = Layout.checked(root, settings.state_dir, policy.archive_to)
+        yield
+    except RetentionRefused as e:
+        raise Refused(str(e)) from None
     except LayoutError as e:
         raise ConfigProblem(str(e)) from None
-    policy = dataclasses.replace(policy, archive_to=layout.archive_to)
-    return layout.root, layout.state_dir, policy
+    except LockHeld as e:
+        raise Locked(str(e)) from None
+    except StateDirUnusable as e:
+        raise Failed(str(e)) from None
+
+
+def _pipeline(settings: Settings, dry_run: bool = False) -> Pipeline:
+    from ckptkeeper.engine import Pipeline
+
+    return Pipeline.checked(
+        _root(settings),
+        settings.policy(),
+        settings.scan_options(),
+        settings.state_dir,
+        settings.archive_to,
+        dry_run=dry_run,
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -193,17 +199,19 @@ def plan(as_json: bool, **flags: Any) -> None:
         ckptkeeper plan ./outputs --keep best:1,last:5,epoch:all
         ckptkeeper plan ./outputs --keep best:3:accuracy,last:2 --json
     """
-    from ckptkeeper.engine import make_plan
-    from ckptkeeper.render import plan_json, plan_text
+    from ckptkeeper.render import plan_json, plan_text, refusal_text
 
-    root, state_dir, policy = _resolve(_settings(flags))
-    result = make_plan(root, policy, state_dir, now=time.time())  # `now` makes --settle apply
+    settings = _settings(flags)
+    with _domain_errors():
+        pipeline = _pipeline(settings)
+    result = pipeline.survey(now=time.time())  # `now` makes --settle apply
+    root, archive_to = str(pipeline.root), pipeline.layout.archive_to
     if as_json:
-        _echo(json.dumps(plan_json(str(root), policy, result.runs, result.warnings), indent=2))
+        _echo(json.dumps(plan_json(root, pipeline.policy, result.plan, result.warnings, archive_to), indent=2))
     else:
-        _echo(plan_text(str(root), policy, result.runs, result.warnings))
-    if result.refusals:
-        raise Refused("; ".join(r.refusal or "" for r in result.refusals) + ". Nothing would be removed.")
+        _echo(plan_text(root, pipeline.policy, result.plan, result.warnings, archive_to, settings.max_depth))
+    if result.plan.refused_runs:
+        raise Refused(refusal_text(result.plan) + ". Nothing would be removed.")
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -218,59 +226,18 @@ def prune(**flags: Any) -> None:
         ckptkeeper prune ./outputs --keep best:3:accuracy,last:2 --archive-to /mnt/archive
         ckptkeeper prune ./outputs --config configs/hf-best-last-epoch.yaml --dry-run
     """
-    from ckptkeeper.engine import apply_plan, finish_leftovers, make_plan
-    from ckptkeeper.render import describe_policy, mixed_runs_text, outcome_line, shown, totals_line
-    from ckptkeeper.state import LockHeld, StateDir
+    from ckptkeeper.render import TextPruneReport, refusal_text
 
     settings = _settings(flags)
-    dry_run = settings.dry_run
-    root, state_dir, policy = _resolve(settings)
-    from ckptkeeper.paths import identity
-
-    root_identity = identity(root)  # acted in only while it is still this directory
-    _echo(describe_policy(policy))
-    _echo(f"Root: {root}")
-    state = StateDir(state_dir)
-    if not dry_run:
-        try:
-            state.acquire_lock(root)
-        except LockHeld as e:
-            raise Locked(str(e)) from None
-        except OSError as e:
-            # e.g. a read-only root: the lock (and later the journal and trash) cannot be written there
-            raise Failed(f"cannot use the state directory {state_dir}: {e.strerror or e}") from None
-    try:
-        result = make_plan(root, policy, state_dir, now=time.time())  # `now` makes --settle apply
-        for warning in result.warnings:
-            _echo(f"warning: {warning}", err=True)
-        for run_plan in result.runs:
-            if run_plan.mixed_runs is not None:
-                _echo(f"warning: run {shown(run_plan.run.path)}: {mixed_runs_text(run_plan.mixed_runs)}", err=True)
-        if not dry_run:
-            run_dirs = [root / p.run.path for p in result.runs]
-            stuck: list[str] = []
-            for name in finish_leftovers(root, state, run_dirs, stuck):
-                _echo(f"finished removing {name}, left in the trash by an interrupted run")
-            for problem in stuck:
-                _echo(f"warning: could not finish removing {problem}; it stays in the trash", err=True)
-        if result.refusals:
-            raise Refused("; ".join(r.refusal or "" for r in result.refusals) + ". Nothing was removed.")
-        if not result.runs:
-            _echo(f"No checkpoint-N directories found below {root} (searched {policy.max_depth} levels deep).")
-        totals = apply_plan(
-            root,
-            result.runs,
-            policy,
-            None if dry_run else state,
-            lambda o: _echo(outcome_line(o)),
-            root_identity=root_identity,
-        )
-        kept = sum(len(p.kept) for p in result.runs)
-        _echo(totals_line(totals, dry_run) + f" Kept {kept}.")
-        if totals.errors:
-            raise Failed(f"{len(totals.errors)} checkpoint(s) could not be removed (see the FAILED lines above)")
-    finally:
-        state.release_lock()
+    with _domain_errors():
+        pipeline = _pipeline(settings, dry_run=bool(settings.dry_run))
+        report = TextPruneReport(_echo, pipeline.policy, pipeline.root, pipeline.layout.archive_to)
+        result = pipeline.prune(now=time.time(), report=report)  # `now` makes --settle apply
+    if result.plan.refused_runs:
+        raise Refused(refusal_text(result.plan) + ". Nothing was removed.")
+    report.finished(result, bool(settings.dry_run), settings.max_depth)
+    if result.errors:
+        raise Failed(f"{len(result.errors)} checkpoint(s) could not be removed (see the FAILED lines above)")
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -315,16 +282,15 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
         ckptkeeper watch /mnt/nfs/outputs --keep last:3 --poll 5
         ckptkeeper watch /outputs --config /etc/ckptkeeper.yaml --exit-when-done --log-format json
     """
-    from ckptkeeper.layout import LayoutError
     from ckptkeeper.logs import configure_logging
-    from ckptkeeper.state import LockHeld
     from ckptkeeper.watch import Daemon, WatchOptions
 
     settings = _settings(flags)
-    root, state_dir, policy = _resolve(settings, default_settle=2.0, root_may_be_missing=True)
+    root = _root(settings)
     configure_logging(settings.log_format, -1 if quiet else verbose)
     options = WatchOptions(
-        settle=policy.settle,
+        settle=settings.scan_options(default_settle=2.0).settle,
+        max_depth=settings.max_depth,
         rescan_interval=settings.rescan_interval,
         poll=settings.poll,
         dry_run=settings.dry_run,
@@ -334,18 +300,18 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
         metrics_host=settings.metrics_host,
         standby=settings.standby,
     )
-    daemon = Daemon(root, policy, state_dir, options)
+    with _domain_errors():  # a root that exists has its paths checked now; one awaited, once it appears
+        if root.exists() and not root.is_dir():
+            raise ConfigProblem(f"root {root} is not a directory")
+        daemon = Daemon(root, settings.policy(), settings.state_dir, options, settings.archive_to)
     daemon.install_signal_handlers()
     try:
-        code = daemon.run()
-    except LockHeld as e:
-        raise Locked(str(e)) from None
-    except LayoutError as e:  # the root appeared after the start: its paths are checked then
-        raise ConfigProblem(str(e)) from None
+        with _domain_errors():
+            code = daemon.run()
     except OSError as e:
         # e.g. a read-only root: the state directory cannot be created there. A message, not a traceback.
         where = f" ({e.filename})" if e.filename else ""
-        raise Failed(f"cannot watch {root}: {e.strerror or e}{where}") from None
+        raise Failed(f"cannot watch {daemon.root}: {e.strerror or e}{where}") from None
     except KeyboardInterrupt:
         if not daemon.stop_event.is_set():
             raise

@@ -24,10 +24,10 @@ from pydantic import (
     field_validator,
 )
 
-from ckptkeeper.engine import Policy
-from ckptkeeper.policy import Protections
+from ckptkeeper.model import Action
+from ckptkeeper.policy import Policy, Protections
 from ckptkeeper.rules import RuleError, parse_rule, parse_rules
-from ckptkeeper.scan import DEFAULT_MAX_DEPTH
+from ckptkeeper.scan import DEFAULT_MAX_DEPTH, ScanOptions
 
 
 class ConfigError(ValueError):
@@ -86,14 +86,15 @@ class Settings(BaseModel):
     def rules_text(self) -> str:
         return ",".join(self.keep)
 
-    def policy(self, default_settle: float = 0.0) -> Policy:
+    def policy(self) -> Policy:
         return Policy(
             rules=parse_rules(self.rules_text()),
             protections=Protections(trainer_best=self.protect_trainer_best),
-            archive_to=self.archive_to,
-            max_depth=self.max_depth,
-            settle=default_settle if self.settle is None else self.settle,
+            removal=Action.ARCHIVE if self.archive_to else Action.DELETE,
         )
+
+    def scan_options(self, default_settle: float = 0.0) -> ScanOptions:
+        return ScanOptions(self.max_depth, default_settle if self.settle is None else self.settle)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -172,38 +173,48 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{name}: no such config file: {path}") from None
     except (OSError, ValueError) as e:  # ValueError: not UTF-8, too large, a NUL in the path
         raise ConfigError(f"{name}: cannot read the config file: {e}") from None
-    if path.suffix == ".toml":
-        try:
-            data: Any = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            # tomllib refuses a key given twice, but says only where: say what it means
-            hint = _TOML_TWICE if str(e).startswith("Cannot overwrite a value") else ""
-            raise ConfigError(f"{name}: invalid TOML: {e}{hint}") from None
-        except RecursionError:
-            raise ConfigError(f"{name}: invalid TOML: nested too deeply") from None
-        except ValueError as e:  # an integer of more digits than int() converts
-            raise ConfigError(f"{name}: invalid TOML: {_one_line(e)}") from None
-    else:
-        try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: yaml.safe_load but for repeated keys
-        except RecursionError:
-            raise ConfigError(f"{name}: invalid YAML: nested too deeply") from None
-        except ValueError as e:  # a value PyYAML cannot construct: the date 2001-13-01, an int of 5000 digits
-            raise ConfigError(f"{name}: invalid YAML: {_one_line(e)}") from None
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            problem = getattr(e, "problem", None) or str(e)
-            if isinstance(e, yaml.reader.ReaderError):  # str(e) spans two lines; say where like the others
-                line = text.count("\n", 0, e.position) + 1
-                at = f" at line {line}, column {e.position - text.rfind(chr(10), 0, e.position)}"
-                problem = str(e).splitlines()[0]
-            raise ConfigError(f"{name}: invalid YAML{at}: {' '.join(problem.split())}") from None
+    data = _parse_toml(name, text) if path.suffix == ".toml" else _parse_yaml(name, text)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: a config file holds a mapping of settings, not a {type(data).__name__}")
     return data
+
+
+def _parse_toml(name: str, text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib refuses a key given twice, but says only where: say what it means
+        hint = _TOML_TWICE if str(e).startswith("Cannot overwrite a value") else ""
+        raise ConfigError(f"{name}: invalid TOML: {e}{hint}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: invalid TOML: nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than int() converts
+        raise ConfigError(f"{name}: invalid TOML: {_one_line(e)}") from None
+
+
+def _parse_yaml(name: str, text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: yaml.safe_load but for repeated keys
+    except RecursionError:
+        raise ConfigError(f"{name}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # a value PyYAML cannot construct: the date 2001-13-01, an int of 5000 digits
+        raise ConfigError(f"{name}: invalid YAML: {_one_line(e)}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: invalid YAML{_yaml_problem(e, text)}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """Where and what a YAML error is, as `" at line L, column C: problem"` on one line."""
+    where = getattr(e, "problem_mark", None)
+    at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+    problem = getattr(e, "problem", None) or str(e)
+    if isinstance(e, yaml.reader.ReaderError):  # str(e) spans two lines; say where like the others
+        line = text.count("\n", 0, e.position) + 1
+        at = f" at line {line}, column {e.position - text.rfind(chr(10), 0, e.position)}"
+        problem = str(e).splitlines()[0]
+    return f"{at}: {' '.join(problem.split())}"
 
 
 def _one_line(error: Exception) -> str:

@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ckptkeeper.engine import Policy, default_state_dir, make_plan
+from ckptkeeper.engine import Pipeline
+from ckptkeeper.layout import default_state_dir
 from ckptkeeper.logs import configure_logging
+from ckptkeeper.policy import Policy
 from ckptkeeper.render import plan_text
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.simtrainer import SimConfig, SimulatedTrainer
@@ -70,7 +72,7 @@ def run_demo(keep: str, directory: Path | None, say: Callable[[str], None], pace
     try:
         root.mkdir(parents=True, exist_ok=True)
         c = DEMO_RUN
-        policy = Policy(parse_rules(keep), settle=DEMO_SETTLE)
+        policy = Policy(parse_rules(keep))
         say(f"$ ckptkeeper watch {root} --keep {keep} --settle {DEMO_SETTLE:g}")
         say(
             f"(a simulated Hugging Face Trainer writes {c.epochs} epochs of {c.steps_per_epoch} steps into it, "
@@ -90,10 +92,10 @@ def run_demo(keep: str, directory: Path | None, say: Callable[[str], None], pace
             watcher.join(5)
         logging.getLogger("ckptkeeper").handlers.clear()
 
-        result = make_plan(root, policy, default_state_dir(root))
+        result = Pipeline.checked(root, policy).survey(now=None)
         say(f"\nTraining finished. Left in {root}, and why:")
         say(f"$ ckptkeeper plan {root} --keep {keep}")
-        say(plan_text(str(root), policy, result.runs, result.warnings))
+        say(plan_text(str(root), policy, result.plan, result.warnings))
         say(f"\nThe journal of every action is {default_state_dir(root) / 'journal.jsonl'}.")
     finally:
         if directory is None:

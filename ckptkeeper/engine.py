@@ -1,15 +1,19 @@
-"""One pass of the pipeline: scan the disk, plan each run, carry out the removals, journal them.
+"""The pipeline: lock, leftovers, scan, plan, act, journal, release, for `prune` and each pass of `watch`.
 
-`plan` and `prune` call it once; the watch daemon calls it for each run an event touches.
+`Pipeline` is the one place where these steps are put together. `prune` runs them once over every run
+(`Pipeline.prune`); the watch daemon runs `scan`, `plan` and `act` for the runs an event touched, and
+gets back a `RunResult` per run (the plan, what became of each removal, the run as it is on disk after),
+so it never scans or plans again to find out. `plan` surveys without the lock (`Pipeline.survey`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ckptkeeper.actions import (
     RUN_TRASH_NAME,
@@ -24,76 +28,366 @@ from ckptkeeper.actions import (
     empty_trash,
     open_run_dir,
 )
-from ckptkeeper.layout import default_state_dir
-from ckptkeeper.model import Action, Checkpoint, Decision, RunPlan
-from ckptkeeper.paths import fd_path
-from ckptkeeper.policy import Protections, plan_run
-from ckptkeeper.rules import AnyRule, format_rules
-from ckptkeeper.scan import DEFAULT_MAX_DEPTH, read_checkpoint, scan_root
+from ckptkeeper.layout import Layout, LayoutError, default_state_dir
+from ckptkeeper.model import Action, Checkpoint, Decision, Outcome, OutcomeKind, Run, RunPlan, RunResult
+from ckptkeeper.paths import fd_path, identity
+from ckptkeeper.policy import NO_RULE, Policy, RootPlan, plan_root
+from ckptkeeper.render import journal_reasons
+from ckptkeeper.rules import format_rules
+from ckptkeeper.scan import ContentCache, ScanOptions, find_run_dirs, read_checkpoint, read_run
 from ckptkeeper.state import StateDir
 
-
-@dataclass(frozen=True)
-class Policy:
-    rules: tuple[AnyRule, ...]
-    protections: Protections = field(default_factory=Protections)
-    archive_to: Path | None = None
-    max_depth: int = DEFAULT_MAX_DEPTH
-    settle: float = 0.0
-
-    @property
-    def removal(self) -> Action:
-        return Action.ARCHIVE if self.archive_to else Action.DELETE
+Identity = tuple[int, int]
+OnOutcome = Callable[[Outcome], None]
 
 
+class RetentionRefused(Exception):
+    """Retention cannot start at all (no keep rule given); the message says why."""
 
 
-def excluded_from_scan(state_dir: Path, archive_to: Path | None) -> list[Path]:
-    return [state_dir] + ([archive_to] if archive_to else [])
-
-
-@dataclass
-class PlanResult:
-    runs: list[RunPlan]
-    warnings: list[str]
-
-    @property
-    def refusals(self) -> list[RunPlan]:
-        return [r for r in self.runs if r.refusal]
-
-
-def make_plan(root: Path, policy: Policy, state_dir: Path, now: float | None = None) -> PlanResult:
-    scanned = scan_root(root, policy.max_depth, excluded_from_scan(state_dir, policy.archive_to), now, policy.settle)
-    plans = [plan_run(run, policy.rules, policy.protections, policy.removal) for run in scanned.runs]
-    return PlanResult(plans, scanned.warnings)
+class StateDirUnusable(Exception):
+    """The state directory cannot be made or written (a read-only root); the message says which and why."""
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What happened to one checkpoint the plan removes."""
+class Leftovers:
+    """What an earlier, interrupted instance left in the trash: finished now, or stuck (retried next start)."""
 
-    run: str
-    checkpoint: str
-    action: str  # delete, archive, would-delete, would-archive, vanished, skipped, stopped, error
-    bytes: int = 0
-    detail: str = ""
+    finished: tuple[str, ...] = ()
+    stuck: tuple[str, ...] = ()
 
 
-@dataclass
-class Totals:
-    outcomes: list[Outcome] = field(default_factory=list)
+@dataclass(frozen=True)
+class PassResult:
+    """One whole pass over a root (`prune`, `plan`)."""
+
+    plan: RootPlan
+    results: tuple[RunResult, ...] = ()
+    warnings: tuple[str, ...] = ()
+    leftovers: Leftovers = Leftovers()
+
+    @property
+    def outcomes(self) -> list[Outcome]:
+        return [o for r in self.results for o in r.outcomes]
 
     @property
     def removed(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.action in ("delete", "archive")]
+        return [o for o in self.outcomes if o.action.removed]
 
     @property
     def errors(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.action == "error"]
+        return [o for o in self.outcomes if o.action is OutcomeKind.ERROR]
+
+
+class PruneReport(Protocol):
+    """What a `prune` tells its user as it goes (`render.TextPruneReport` prints it)."""
+
+    def leftovers(self, leftovers: Leftovers) -> None: ...
+
+    def planned(self, plan: RootPlan, warnings: Sequence[str]) -> None: ...
+
+    def outcome(self, outcome: Outcome) -> None: ...
+
+
+class Removal(Protocol):
+    """One way to remove a checkpoint from its run: crash-safe and through the trash. It raises the
+    `actions` errors (Vanished, Changed, Stopped, ActionError); the engine turns them into outcomes."""
 
     @property
-    def bytes_freed(self) -> int:
-        return sum(o.bytes for o in self.removed)
+    def done(self) -> OutcomeKind:
+        """The outcome of a removal that went through."""
+        ...
+
+    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
+        """Carry it out; returns the detail for the outcome (empty for none)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Deletion:
+    root: Path
+    state: StateDir
+    dispose: Dispose | None
+    root_identity: Identity | None
+    done: OutcomeKind = OutcomeKind.DELETED
+
+    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
+        delete_checkpoint(self.root, checkpoint, self.state, self.dispose, expected, self.root_identity)
+        return ""
+
+
+@dataclass(frozen=True)
+class Archival:
+    """Into `<archive>/<run path>/checkpoint-N` (the root's own run directly below the archive)."""
+
+    root: Path
+    archive_to: Path
+    state: StateDir
+    dispose: Dispose | None
+    stop: StopCheck | None
+    root_identity: Identity | None
+    done: OutcomeKind = OutcomeKind.ARCHIVED
+
+    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
+        target = self.archive_to / run / checkpoint.name if run != "." else self.archive_to / checkpoint.name
+        how = archive_checkpoint(
+            self.root, checkpoint, target, self.state, self.dispose, expected, self.stop, self.archive_to,
+            self.root_identity,
+        )  # fmt: skip
+        return f"{how} to {target}"
+
+
+DEFAULT_SCAN = ScanOptions()
+VANISHED_BEFORE = "removed by someone else before ckptkeeper got to it"
+CHANGED = "changed since the plan was made; left for the next pass"
+
+
+class Pipeline:
+    """Retention of one root. Owned by one thread: the CLI command's, or the watch daemon's main loop.
+
+    `dry_run`: nothing is written (no lock, no journal, no trash); removals become `would-*` outcomes.
+    `dispose` takes over deleting trash entries (the daemon's reaper thread); by default it is inline.
+    `stop` is asked before every action and during a copy: once it says so, no new action starts."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        policy: Policy,
+        scan: ScanOptions = DEFAULT_SCAN,
+        *,
+        dry_run: bool = False,
+        dispose: Dispose | None = None,
+        stop: StopCheck | None = None,
+    ) -> None:
+        if not policy.rules:
+            raise RetentionRefused(NO_RULE)
+        if (policy.removal is Action.ARCHIVE) != (layout.archive_to is not None):
+            raise ValueError("a policy that archives needs an archive in the layout, and only then")
+        self.layout = layout
+        self.policy = policy
+        self.scan_options = scan
+        self.dry_run = dry_run
+        self.dispose = dispose
+        self.stop = stop
+        self.state = StateDir(layout.state_dir)
+        # The root's (device, inode) when its lock was taken: a root that is another directory now (a link on
+        # its path changed) is never acted in. Until then, the root as found now.
+        self.root_identity: Identity | None = None
+
+    @classmethod
+    def checked(
+        cls,
+        root: Path,
+        policy: Policy,
+        scan: ScanOptions = DEFAULT_SCAN,
+        state_dir: Path | None = None,
+        archive_to: Path | None = None,
+        *,
+        dry_run: bool = False,
+        dispose: Dispose | None = None,
+        stop: StopCheck | None = None,
+    ) -> Pipeline:
+        """The pipeline for these paths, once every rule between them holds (LayoutError otherwise)."""
+        if not root.exists():
+            raise LayoutError(f"root {root} does not exist")
+        if not root.is_dir():
+            raise LayoutError(f"root {root} is not a directory")
+        if not policy.rules:
+            raise RetentionRefused(NO_RULE)
+        layout = Layout.checked(root, state_dir, archive_to)
+        return cls(layout, policy, scan, dry_run=dry_run, dispose=dispose, stop=stop)
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    @property
+    def excluded(self) -> list[Path]:
+        """ckptkeeper's own directories, never scanned as runs."""
+        return [self.layout.state_dir, *([self.layout.archive_to] if self.layout.archive_to else [])]
+
+    # ---- lock and leftovers -----------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the root's lock (LockHeld if another instance has it; OSError if the state directory cannot
+        be used). A dry run takes none: it writes nothing, not even the state directory."""
+        if not self.dry_run:
+            self.state.acquire_lock(self.root)
+        self.root_identity = identity(self.root)
+
+    def release(self) -> None:
+        self.state.release_lock()
+
+    def recheck_layout(self) -> None:
+        """The root was deleted and made again: check the paths anew, and let go of the old root's lock."""
+        self.state.close()
+        self.layout = Layout.checked(self.root, self.layout.state_dir, self.layout.archive_to)
+
+    def finish_leftovers(self, run_dirs: Sequence[Path]) -> Leftovers:
+        """Complete removals an earlier, interrupted instance left in the trash (journaled)."""
+        if self.dry_run:
+            return Leftovers()
+        stuck: list[str] = []
+        finished = finish_leftovers(self.root, self.state, run_dirs, stuck)
+        return Leftovers(tuple(finished), tuple(stuck))
+
+    # ---- scan, plan, act ---------------------------------------------------------------------------------
+    def find_runs(self, top: Path | None = None, warnings: list[str] | None = None) -> list[Path]:
+        """The run directories below `top` (default: the root), not below ckptkeeper's own directories."""
+        top = self.root if top is None else top
+        depth = len(top.relative_to(self.root).parts)
+        if depth > self.scan_options.max_depth or not top.is_dir() or top.is_symlink():
+            return []
+        found = warnings if warnings is not None else []
+        return find_run_dirs(top, self.scan_options.max_depth - depth, self.excluded, found)
+
+    def scan(
+        self, run_dirs: Sequence[Path], now: float | None, cache: ContentCache | None = None, trusting: bool = False
+    ) -> list[Run]:
+        """Read each run directory (`now` makes --settle apply; `cache`/`trusting` as in ContentCache)."""
+        settle = self.scan_options.settle
+        return [read_run(self.root, d, now, settle, cache, trusting) for d in run_dirs]
+
+    def plan(self, runs: Sequence[Run], refused_elsewhere: Collection[str] = ()) -> RootPlan:
+        return plan_root(runs, self.policy, refused_elsewhere)
+
+    def act(self, plan: RootPlan, on_outcome: OnOutcome = lambda _: None) -> tuple[RunResult, ...]:
+        """Carry out every removal of the plan (oldest first per run), journaled; one result per run."""
+        results = []
+        for run_plan in plan.runs:
+            outcomes = []
+            for decision in run_plan.removed:
+                if self.stop is not None and self.stop():
+                    break
+                outcome = self._carry_out(run_plan.run.path, decision)
+                outcomes.append(outcome)
+                on_outcome(outcome)
+            results.append(_result(run_plan, outcomes))
+        return tuple(results)
+
+    # ---- whole commands -----------------------------------------------------------------------------------
+    def survey(self, now: float | None) -> PassResult:
+        """Scan and plan the whole root, without the lock: what `plan` shows."""
+        warnings: list[str] = []
+        runs = self.scan(self.find_runs(warnings=warnings), now)
+        return PassResult(self.plan(runs), warnings=tuple(warnings))
+
+    def prune(self, now: float | None, report: PruneReport) -> PassResult:
+        """One whole pass over the root under its lock: what `prune` does."""
+        try:
+            self.acquire()
+        except OSError as e:
+            # e.g. a read-only root: the lock (and later the journal and trash) cannot be written there
+            raise StateDirUnusable(f"cannot use the state directory {self.layout.state_dir}: {_why(e)}") from None
+        try:
+            warnings: list[str] = []
+            run_dirs = self.find_runs(warnings=warnings)
+            leftovers = self.finish_leftovers(run_dirs)
+            report.leftovers(leftovers)
+            plan = self.plan(self.scan(run_dirs, now))
+            report.planned(plan, warnings)
+            results = self.act(plan, report.outcome)
+            return PassResult(plan, results, tuple(warnings), leftovers)
+        finally:
+            self.release()
+
+    # ---- one removal ---------------------------------------------------------------------------------------
+    def _removal(self, action: Action) -> Removal:
+        if action is Action.ARCHIVE:
+            assert self.layout.archive_to is not None
+            return Archival(self.root, self.layout.archive_to, self.state, self.dispose, self.stop, self.root_identity)
+        return Deletion(self.root, self.state, self.dispose, self.root_identity)
+
+    def _carry_out(self, run: str, decision: Decision) -> Outcome:
+        c = decision.checkpoint
+        if self.dry_run:
+            return Outcome(run, c.name, OutcomeKind.would(decision.action), c.size_bytes)
+        path = self.root / run / c.name if run != "." else self.root / c.name
+        now_seen = self._recheck(run, path, c)
+        if isinstance(now_seen, Outcome):
+            return now_seen
+        entry = {
+            "run": run,
+            "checkpoint": c.name,
+            "step": c.step,
+            "bytes": c.size_bytes,
+            "why": f"{journal_reasons(decision.reasons)} (keep {format_rules(self.policy.rules)})",
+        }
+        # Written before acting, so a crash mid-removal still leaves a record of what was being done and why;
+        # where the journal cannot be written, nothing is done.
+        try:
+            self.state.record({"action": f"start-{decision.action}", **entry})
+        except OSError as e:
+            return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"cannot write the journal {self._journal()}: {_why(e)}")
+        outcome = self._remove(run, path, decision, now_seen.identity)
+        return self._journaled(outcome, entry)
+
+    def _recheck(self, run: str, path: Path, planned: Checkpoint) -> Checkpoint | Outcome:
+        """The checkpoint as it is now, if it is still the very one judged; else the outcome. The plan was made
+        from an earlier look at the disk; this one goes through the run directory reached without following
+        links (the same way the removal reaches it)."""
+        try:
+            run_fd = open_run_dir(self.root, path, "remove", self.root_identity)
+        except Vanished:
+            return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
+        except ActionError as e:
+            return Outcome(run, planned.name, OutcomeKind.ERROR, 0, str(e))
+        try:
+            now_seen = read_checkpoint(Path(fd_path(run_fd, path.parent)) / planned.name, planned.step)
+        finally:
+            os.close(run_fd)
+        if now_seen.incomplete_reason == "vanished while reading":
+            return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
+        if not now_seen.complete or now_seen.size_bytes != planned.size_bytes or not _same(planned, now_seen):
+            return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
+        return now_seen
+
+    def _remove(self, run: str, path: Path, decision: Decision, expected: Identity | None) -> Outcome:
+        """Carry out one removal; every failure is an Outcome, never an exception."""
+        c = decision.checkpoint
+        removal = self._removal(decision.action)
+        try:
+            detail = removal.remove(run, path, expected)
+            return Outcome(run, c.name, removal.done, c.size_bytes, detail)
+        except Vanished:
+            return Outcome(run, c.name, OutcomeKind.VANISHED, 0, "removed by someone else while ckptkeeper worked")
+        except Changed as e:
+            return Outcome(run, c.name, OutcomeKind.SKIPPED, 0, str(e))
+        except Stopped as e:
+            return Outcome(run, c.name, OutcomeKind.STOPPED, 0, str(e))
+        except ActionError as e:
+            return Outcome(run, c.name, OutcomeKind.ERROR, 0, str(e))
+        except OSError as e:  # not foreseen by the action: still one checkpoint's failure, never the pass's
+            return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"cannot {decision.action} {path}: {e}")
+
+    def _journaled(self, outcome: Outcome, entry: dict[str, object]) -> Outcome:
+        line = {"action": str(outcome.action), **entry, "bytes": outcome.bytes}
+        try:
+            self.state.record(line | ({"detail": outcome.detail} if outcome.detail else {}))
+        except OSError as e:
+            unrecorded = f"not journaled: cannot write {self._journal()}: {_why(e)}"
+            detail = f"{outcome.detail}; {unrecorded}" if outcome.detail else unrecorded
+            return Outcome(outcome.run, outcome.checkpoint, outcome.action, outcome.bytes, detail)
+        return outcome
+
+    def _journal(self) -> Path:
+        return self.state.journal_path
+
+
+def _why(e: OSError) -> str:
+    return str(e.strerror or e)
+
+
+def _same(planned: Checkpoint, now_seen: Checkpoint) -> bool:
+    """The very directory judged, with the very files: same identity, and no entry added, removed, renamed
+    or written since (every entry's inode, size, mtime and ctime)."""
+    same_identity = planned.identity is None or planned.identity == now_seen.identity
+    return same_identity and (planned.fingerprint is None or planned.fingerprint == now_seen.fingerprint)
+
+
+def _result(plan: RunPlan, outcomes: Sequence[Outcome]) -> RunResult:
+    gone = {o.checkpoint for o in outcomes if o.action.gone}
+    after = Run(plan.run.path, tuple(c for c in plan.run.checkpoints if c.name not in gone))
+    return RunResult(plan, tuple(outcomes), after)
 
 
 def finish_leftovers(
@@ -111,7 +405,7 @@ def finish_leftovers(
         try:
             state.record(line)
         except OSError as e:
-            problems.append(f"{state.journal_path}: cannot write the journal: {e.strerror or e}")
+            problems.append(f"{state.journal_path}: cannot write the journal: {_why(e)}")
             break
     if stuck is not None:
         stuck.extend(problems)
@@ -142,141 +436,13 @@ def _finish_local_trash(root: Path, run_dir: Path, problems: list[str]) -> list[
         os.close(run_fd)
 
 
-def _carry_out(
-    root: Path,
-    run: str,
-    decision: Decision,
-    policy: Policy,
-    state: StateDir,
-    dispose: Dispose | None,
-    stop: StopCheck | None = None,
-    root_identity: tuple[int, int] | None = None,
-) -> Outcome:
-    c = decision.checkpoint
-    path = root / run / c.name if run != "." else root / c.name
-    # The plan was made from an earlier look at the disk; act only on what is still the same, looked at
-    # through the run directory reached without following links (the same way the removal reaches it).
-    try:
-        run_fd = open_run_dir(root, path, "remove", root_identity)
-    except Vanished:
-        return Outcome(run, c.name, "vanished", 0, "removed by someone else before ckptkeeper got to it")
-    except ActionError as e:
-        return Outcome(run, c.name, "error", 0, str(e))
-    try:
-        now_seen = read_checkpoint(Path(fd_path(run_fd, path.parent)) / c.name, c.step)
-    finally:
-        os.close(run_fd)
-    if now_seen.incomplete_reason == "vanished while reading":
-        return Outcome(run, c.name, "vanished", 0, "removed by someone else before ckptkeeper got to it")
-    if not now_seen.complete or now_seen.size_bytes != c.size_bytes or not _same_directory(c, now_seen):
-        return Outcome(run, c.name, "skipped", 0, "changed since the plan was made; left for the next pass")
-    entry = {
-        "run": run,
-        "checkpoint": c.name,
-        "step": c.step,
-        "bytes": c.size_bytes,
-        "why": f"{'; '.join(decision.reasons)} (keep {format_rules(policy.rules)})",
-    }
-    # Written before acting, so a crash mid-removal still leaves a record of what was being done and why;
-    # where the journal cannot be written, nothing is done.
-    try:
-        state.record({"action": f"start-{decision.action}", **entry})
-    except OSError as e:
-        return Outcome(run, c.name, "error", 0, f"cannot write the journal {state.journal_path}: {e.strerror or e}")
-    outcome = _act(root, run, path, decision, (policy, state, dispose, stop), now_seen.identity, root_identity)
-    try:
-        state.record(
-            {"action": outcome.action, **entry, "bytes": outcome.bytes}
-            | ({"detail": outcome.detail} if outcome.detail else {})
-        )
-    except OSError as e:
-        unrecorded = f"not journaled: cannot write {state.journal_path}: {e.strerror or e}"
-        detail = f"{outcome.detail}; {unrecorded}" if outcome.detail else unrecorded
-        return Outcome(run, c.name, outcome.action, outcome.bytes, detail)
-    return outcome
-
-
-def _same_directory(planned: Checkpoint, now_seen: Checkpoint) -> bool:
-    """The very directory judged, with the very files: same identity, and no entry added, removed, renamed
-    or written since (every entry's inode, size, mtime and ctime)."""
-    same_identity = planned.identity is None or planned.identity == now_seen.identity
-    return same_identity and (planned.fingerprint is None or planned.fingerprint == now_seen.fingerprint)
-
-
-def _act(
-    root: Path,
-    run: str,
-    path: Path,
-    decision: Decision,
-    means: tuple[Policy, StateDir, Dispose | None, StopCheck | None],
-    identity: tuple[int, int] | None,
-    root_identity: tuple[int, int] | None,
-) -> Outcome:
-    """Carry out one removal with `means` (policy, state, dispose, stop); every failure is an Outcome."""
-    policy, state, dispose, stop = means
-    c = decision.checkpoint
-    try:
-        if decision.action is Action.ARCHIVE:
-            assert policy.archive_to is not None
-            target = policy.archive_to / run / c.name if run != "." else policy.archive_to / c.name
-            done = archive_checkpoint(
-                root, path, target, state, dispose, identity, stop, policy.archive_to, root_identity
-            )
-            return Outcome(run, c.name, "archive", c.size_bytes, f"{done} to {target}")
-        delete_checkpoint(root, path, state, dispose, identity, root_identity)
-        return Outcome(run, c.name, "delete", c.size_bytes)
-    except Vanished:
-        return Outcome(run, c.name, "vanished", 0, "removed by someone else while ckptkeeper worked")
-    except Changed as e:
-        return Outcome(run, c.name, "skipped", 0, str(e))
-    except Stopped as e:
-        return Outcome(run, c.name, "stopped", 0, str(e))
-    except ActionError as e:
-        return Outcome(run, c.name, "error", 0, str(e))
-    except OSError as e:  # not foreseen by the action: still one checkpoint's failure, never the pass's
-        return Outcome(run, c.name, "error", 0, f"cannot {decision.action} {path}: {e}")
-
-
-def apply_plan(
-    root: Path,
-    plans: Sequence[RunPlan],
-    policy: Policy,
-    state: StateDir | None,
-    on_outcome: Callable[[Outcome], None] = lambda _: None,
-    dispose: Dispose | None = None,
-    stop: StopCheck | None = None,
-    root_identity: tuple[int, int] | None = None,
-) -> Totals:
-    """Carry out every removal in `plans` (oldest first per run). With `state=None`, a dry run.
-    `dispose` takes over deleting trash entries (the daemon's reaper thread); by default it is inline.
-    `stop` is asked before every action and during a copy: once it says so, no new action starts.
-    `root_identity`: the root's (device, inode) when the plan was made; a root that is another directory now
-    (a link on its path changed) is never acted in."""
-    totals = Totals()
-    for plan in plans:
-        if plan.refusal:
-            continue
-        for decision in plan.removed:
-            if stop is not None and stop():
-                return totals
-            c = decision.checkpoint
-            if state is None:
-                outcome = Outcome(plan.run.path, c.name, f"would-{decision.action}", c.size_bytes)
-            else:
-                outcome = _carry_out(root, plan.run.path, decision, policy, state, dispose, stop, root_identity)
-            totals.outcomes.append(outcome)
-            on_outcome(outcome)
-    return totals
-
-
 __all__ = [
-    "Outcome",
-    "PlanResult",
-    "Policy",
-    "Totals",
-    "apply_plan",
+    "Leftovers",
+    "PassResult",
+    "Pipeline",
+    "PruneReport",
+    "RetentionRefused",
+    "StateDirUnusable",
     "default_state_dir",
-    "excluded_from_scan",
     "finish_leftovers",
-    "make_plan",
 ]

@@ -51,6 +51,10 @@ class _NumberTooLong(Exception):
         self.limit = limit
 
 
+class _BadIndex(Exception):
+    """An index that cannot be read as JSON; the message is the reason, naming the index."""
+
+
 def _parse_int(digits: str) -> int:
     """json's integer conversion, with an integer of over MAX_INT_DIGITS digits (or over a lower limit set
     for the interpreter) as _NumberTooLong, not int()'s bare ValueError: even with the interpreter's limit
@@ -103,31 +107,45 @@ def index_problem(directory: Path, index: Path, valid_shards: set[str]) -> str |
     ignored (only weight_map's strings count), so `1e999`, NaN or a 401-digit integer in `metadata` is fine.
     Shard names are shown escaped when not printable and cut when longer than a file name can be."""
     try:
-        data = _read_index(index)
-    except _NotRegular:
-        return f"{index.name} is not a regular file"
-    except _TooLarge:
-        return f"{index.name} is larger than {MAX_INDEX_BYTES >> 20} MiB, too large for an index"
-    except OSError:
-        return f"{index.name} is not valid JSON"
-    try:
-        raw = json.loads(data, parse_int=_parse_int)
-    except _NumberTooLong as e:
-        return f"{index.name} holds a number too long to read (over {e.limit} digits)"
-    except (ValueError, RecursionError):
-        return f"{index.name} is not valid JSON"
+        raw = _load_index(index)
+    except _BadIndex as e:
+        return str(e)
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         return f"{index.name} has no weight_map of tensor names to shard files"
-    for shard in sorted(set(weight_map.values())):
+    return _shard_problem(directory, index.name, sorted(set(weight_map.values())), valid_shards)
+
+
+def _load_index(index: Path) -> object:
+    """The JSON value of an index file, or _BadIndex with the reason it cannot be read."""
+    try:
+        data = _read_index(index)
+    except _NotRegular:
+        raise _BadIndex(f"{index.name} is not a regular file") from None
+    except _TooLarge:
+        raise _BadIndex(f"{index.name} is larger than {MAX_INDEX_BYTES >> 20} MiB, too large for an index") from None
+    except OSError:
+        raise _BadIndex(f"{index.name} is not valid JSON") from None
+    try:
+        return json.loads(data, parse_int=_parse_int)
+    except _NumberTooLong as e:
+        raise _BadIndex(f"{index.name} holds a number too long to read (over {e.limit} digits)") from None
+    except (ValueError, RecursionError):
+        raise _BadIndex(f"{index.name} is not valid JSON") from None
+
+
+def _shard_problem(directory: Path, index_name: str, shards: list[str], valid_shards: set[str]) -> str | None:
+    """The first of `shards` (the index's shard names, sorted) that is outside the checkpoint or not among
+    `valid_shards`, as a reason; None when all are valid."""
+    for shard in shards:
         if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            return f"{index.name} names a shard outside the checkpoint: {_shown(repr(shard))}"
+            return f"{index_name} names a shard outside the checkpoint: {_shown(repr(shard))}"
         if shard not in valid_shards:
             try:
                 present = (directory / shard).is_file()
             except OSError:  # a name longer than the filesystem allows (ENAMETOOLONG): no such file
                 present = False
-            return f"{index.name} names {_shown(shard)}, which is {'not valid' if present else 'missing'}"
+            return f"{index_name} names {_shown(shard)}, which is {'not valid' if present else 'missing'}"
     return None
 
 

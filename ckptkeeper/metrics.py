@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ckptkeeper.model import Outcome, OutcomeKind
+
 OBSERVER_MODES = ("inotify", "polling", "none")
 
 
@@ -64,8 +66,23 @@ class Metrics:
             self.observer_mode.labels(mode=m).set(1 if m == mode else 0)
         self.mode_note = note
 
+    def set_run(self, run: str, seen: int, kept: int) -> None:
+        self.checkpoints_seen.labels(run=run).set(seen)
+        self.checkpoints_kept.labels(run=run).set(kept)
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+def count_outcome(metrics: Metrics, outcome: Outcome) -> None:
+    if outcome.action is OutcomeKind.DELETED:
+        metrics.removed.labels(run=outcome.run).inc()
+    elif outcome.action is OutcomeKind.ARCHIVED:
+        metrics.archived.labels(run=outcome.run).inc()
+    elif outcome.action is OutcomeKind.ERROR:
+        metrics.errors.inc()
+    if outcome.action.removed:
+        metrics.bytes_freed.inc(outcome.bytes)
 
 
 HealthCheck = Callable[[], str | None]  # None when healthy, else the reason

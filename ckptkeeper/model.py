@@ -60,11 +60,46 @@ class Action(StrEnum):
     ARCHIVE = "archive"
 
 
+class ReasonKind(StrEnum):
+    """What gave a reason: each keep rule and protection has its own kind, and `render` words each kind."""
+
+    LAST = "last"
+    BEST = "best"
+    EPOCH = "epoch"
+    EVERY = "every"
+    NEWEST = "newest"
+    NEWEST_WRITTEN = "newest-written"
+    NEWEST_WRITTEN_SKEWED = "newest-written-skewed"
+    TRAINER_BEST = "trainer-best"
+    INCOMPLETE = "incomplete"
+    REFUSED = "refused"  # kept because retention is refused in this run
+    HELD = "held"  # kept because retention is refused in another run of the root
+    NO_RULE_KEEPS = "no-rule-keeps"  # the reason for a removal
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a checkpoint is kept or removed, as data (restic's `KeepReason`); `render.reason_text` words it.
+
+    `rule` names the keep rule as written (`last:5`, `best:1:eval_accuracy`) or the protection
+    (`protected:newest`); None for a removal. `rank` is the checkpoint's place among those the rule keeps
+    (1 is the newest for `last`, the best for `best`), `of` how many it keeps; `metric`/`value` the metric a
+    `best` rule ranked by; `detail` anything else the wording needs (the epoch, why it is incomplete)."""
+
+    kind: ReasonKind
+    rule: str | None = None
+    rank: int | None = None
+    of: int | None = None
+    metric: str | None = None
+    value: float | None = None
+    detail: str | None = None
+
+
 @dataclass(frozen=True)
 class Decision:
     checkpoint: Checkpoint
     action: Action
-    reasons: tuple[str, ...]
+    reasons: tuple[Reason, ...]
 
     @property
     def kept(self) -> bool:
@@ -84,6 +119,17 @@ class MixedRuns:
 
 
 @dataclass(frozen=True)
+class RunView:
+    """What the keep rules and protections of one plan look at: the run, its complete checkpoints by step, and
+    the complete checkpoints a resume may need (each with why), computed once per plan."""
+
+    run: Run
+    complete: tuple[Checkpoint, ...]
+    resume_points: tuple[tuple[Checkpoint, Reason], ...] = ()
+    mixed_runs: MixedRuns | None = None
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """The planner's answer for one run. A refused run keeps everything and says why."""
 
@@ -99,3 +145,57 @@ class RunPlan:
     @property
     def removed(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if not d.kept)
+
+
+class OutcomeKind(StrEnum):
+    """What became of one removal the plan asked for. The values are the journal's `action` words."""
+
+    DELETED = "delete"
+    ARCHIVED = "archive"
+    WOULD_DELETE = "would-delete"  # a dry run
+    WOULD_ARCHIVE = "would-archive"
+    VANISHED = "vanished"  # removed by someone else first
+    SKIPPED = "skipped"  # changed since the plan was made: left for the next pass
+    STOPPED = "stopped"  # cut short by a stop; finished or undone at the next start
+    ERROR = "error"
+
+    @property
+    def removed(self) -> bool:
+        """The checkpoint left its run directory through ckptkeeper."""
+        return self in (OutcomeKind.DELETED, OutcomeKind.ARCHIVED)
+
+    @property
+    def gone(self) -> bool:
+        """The checkpoint is no longer in its run directory (removed, by ckptkeeper or someone else)."""
+        return self.removed or self is OutcomeKind.VANISHED
+
+    @classmethod
+    def would(cls, action: Action) -> OutcomeKind:
+        return cls.WOULD_ARCHIVE if action is Action.ARCHIVE else cls.WOULD_DELETE
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one checkpoint the plan removes."""
+
+    run: str
+    checkpoint: str
+    action: OutcomeKind
+    bytes: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One run after a pass of the pipeline: its plan, what became of each removal, and the run as it is on
+    disk afterwards (the plan's checkpoints less those gone), so nobody scans again to find out."""
+
+    plan: RunPlan
+    outcomes: tuple[Outcome, ...]
+    after: Run
+
+    @property
+    def unfinished(self) -> tuple[Decision, ...]:
+        """Removals the plan asked for whose checkpoint is still there (failed, skipped, stopped, dry run)."""
+        present = {c.name for c in self.after.checkpoints}
+        return tuple(d for d in self.plan.removed if d.checkpoint.name in present)

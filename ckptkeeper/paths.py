@@ -107,14 +107,25 @@ def relation(a: Place, b: Place) -> Relation | None:
     """How `a` stands to `b`: the same directory, inside it, containing it, or apart."""
     if a.identity is not None and a.identity == b.identity:
         return Relation.SAME
-    if a.device is not None and a.device == b.device:
-        if a.inside_fs == b.inside_fs:
-            return Relation.SAME
-        if a.inside_fs[: len(b.inside_fs)] == b.inside_fs:
-            return Relation.INSIDE
-        if b.inside_fs[: len(a.inside_fs)] == a.inside_fs:
-            return Relation.CONTAINS
-    # Without a mount table (or across it): an ancestor's identity.
+    found = _relation_in_filesystem(a, b)
+    return found if found is not None else _relation_by_ancestors(a, b)
+
+
+def _relation_in_filesystem(a: Place, b: Place) -> Relation | None:
+    """`relation` by the mount table: the paths of `a` and `b` inside one filesystem."""
+    if a.device is None or a.device != b.device:
+        return None
+    if a.inside_fs == b.inside_fs:
+        return Relation.SAME
+    if a.inside_fs[: len(b.inside_fs)] == b.inside_fs:
+        return Relation.INSIDE
+    if b.inside_fs[: len(a.inside_fs)] == a.inside_fs:
+        return Relation.CONTAINS
+    return None
+
+
+def _relation_by_ancestors(a: Place, b: Place) -> Relation | None:
+    """`relation` without a mount table (or across it): an ancestor's identity."""
     if b.identity is not None and b.identity in a.ancestors:
         return Relation.INSIDE
     if a.identity is not None and a.identity in b.ancestors:

@@ -1,25 +1,120 @@
-"""The planner: a pure function from one run's checkpoints and the rules to one decision per checkpoint.
+"""The planner: a pure function from one run's checkpoints and the policy to one decision per checkpoint.
 
-It never touches the disk or the clock, so the same directory always gives the same plan.
+It never touches the disk or the clock, so the same directory always gives the same plan. The keep rules
+(`rules.py`) and the protections here are members of one union (`AnyOf`, Orbax's `AnyPreservationPolicy`):
+a checkpoint is kept when any member keeps it, with the reasons of every member that does. A protection
+is a member that no rule can override; adding one is adding a class here and listing it in `Protections`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
-from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Run, RunPlan
-from ckptkeeper.rules import AnyRule, Best, format_rule
+from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Reason, ReasonKind, Run, RunPlan, RunView
+from ckptkeeper.rules import AnyRule, format_rule
 
 NO_RULE = "no keep rule given: refusing to remove anything (pass --keep, e.g. --keep last:5)"
-NEWEST = "protected: newest"
-NEWEST_WRITTEN = "protected: newest written"
-NEWEST_WRITTEN_SKEWED = "protected: newest written (clock skew)"
+NEWEST = Reason(ReasonKind.NEWEST, "protected:newest")
+NEWEST_WRITTEN = Reason(ReasonKind.NEWEST_WRITTEN, "protected:newest-written")
+NEWEST_WRITTEN_SKEWED = Reason(ReasonKind.NEWEST_WRITTEN_SKEWED, "protected:newest-written")
+TRAINER_BEST = Reason(ReasonKind.TRAINER_BEST, "protected:trainer-best")
+REFUSED = Reason(ReasonKind.REFUSED, "refused")
+NO_RULE_KEEPS = Reason(ReasonKind.NO_RULE_KEEPS)
+
+
+class Keeper(Protocol):
+    """A member of the union: a keep rule or a protection."""
+
+    def keeps_in(self, view: RunView) -> Mapping[int, Sequence[Reason]]: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ResumePoints:
+    """The checkpoints a resume of the run may need: the highest step, and the newest written when a
+    directory mixes runs (`resume_points`)."""
+
+    def keeps_in(self, view: RunView) -> dict[int, list[Reason]]:
+        return {c.step: [why] for c, why in view.resume_points}
+
+    def describe(self) -> str:
+        return "the newest"
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    """Every checkpoint that is not complete: it may be being written (SPEC "Complete checkpoint")."""
+
+    def keeps_in(self, view: RunView) -> dict[int, list[Reason]]:
+        return {
+            c.step: [Reason(ReasonKind.INCOMPLETE, "protected:incomplete", detail=c.incomplete_reason or "unknown")]
+            for c in view.run.checkpoints
+            if not c.complete
+        }
+
+    def describe(self) -> str:
+        return "incomplete ones"
+
+
+@dataclass(frozen=True)
+class TrainerBest:
+    """What each resume point's trainer_state.json calls best: a mixed directory's live run finds its own best
+    (load_best_model_at_end) in the newest written checkpoint's state, not the stale one's."""
+
+    def keeps_in(self, view: RunView) -> dict[int, list[Reason]]:
+        present = {c.step for c in view.run.checkpoints}
+        steps = dict.fromkeys(s for c, _ in view.resume_points for s in c.trainer_best_steps)
+        return {step: [TRAINER_BEST] for step in steps if step in present}
+
+    def describe(self) -> str:
+        return "the Trainer's best"
 
 
 @dataclass(frozen=True)
 class Protections:
+    """Which protections apply. The newest and the incomplete always do; the Trainer's best unless turned off."""
+
     trainer_best: bool = True
+
+    @property
+    def members(self) -> tuple[Keeper, ...]:
+        always: tuple[Keeper, ...] = (ResumePoints(), Incomplete())
+        return (*always, TrainerBest()) if self.trainer_best else always
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """The union of keep rules and protections (Orbax's `AnyPreservationPolicy`): a checkpoint is kept when
+    any member keeps it, with the reasons of every member that does, in the members' order."""
+
+    members: tuple[Keeper, ...]
+
+    def reasons(self, view: RunView) -> dict[int, list[Reason]]:
+        found: dict[int, list[Reason]] = {}
+        for member in self.members:
+            for step, why in member.keeps_in(view).items():
+                found.setdefault(step, []).extend(why)
+        return found
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What to keep: the keep rules, the protections, and whether the rest is deleted or archived. Plain data;
+    how runs are found (`scan.ScanOptions`) and where an archive goes (`layout.Layout`) live apart."""
+
+    rules: tuple[AnyRule, ...]
+    protections: Protections = field(default_factory=Protections)
+    removal: Action = Action.DELETE
+
+    def plan(self, run: Run) -> RunPlan:
+        return plan_run(run, self.rules, self.protections, self.removal)
+
+    def metrics(self) -> list[str]:
+        """The metrics the rules rank by, each once, in the rules' order."""
+        return list(dict.fromkeys(r.metric for r in self.rules if r.metric is not None))
 
 
 def refusal(run: Run, rules: Sequence[AnyRule]) -> str | None:
@@ -34,7 +129,7 @@ def refusal(run: Run, rules: Sequence[AnyRule]) -> str | None:
     if not present:
         return None  # no eval yet: a best rule simply keeps nothing here yet
     for rule in rules:
-        if isinstance(rule, Best) and rule.metric not in present:
+        if rule.metric is not None and rule.metric not in present:
             return (
                 f"rule {format_rule(rule)!r}: no checkpoint of run {run.path!r} has {rule.metric}; "
                 f"the metrics it has are {', '.join(present)}"
@@ -64,7 +159,7 @@ def _newest_written(checkpoints: Sequence[Checkpoint], by_state: bool) -> Checkp
     return max(timed, key=lambda c: (_time(c, by_state) or 0.0, c.step), default=None)
 
 
-def resume_points(run: Run) -> tuple[list[tuple[Checkpoint, str]], MixedRuns | None]:
+def resume_points(run: Run) -> tuple[list[tuple[Checkpoint, Reason]], MixedRuns | None]:
     """The complete checkpoints a resume of this run may need, each with its reason, and whether the
     directory mixes runs.
 
@@ -99,11 +194,11 @@ def resume_points(run: Run) -> tuple[list[tuple[Checkpoint, str]], MixedRuns | N
 
 def _written_points(
     run: Run, complete: list[Checkpoint], highest: Checkpoint, by_state: bool
-) -> tuple[list[tuple[Checkpoint, str]], MixedRuns | None]:
+) -> tuple[list[tuple[Checkpoint, Reason]], MixedRuns | None]:
     highest_time = _time(highest, by_state)
     if highest_time is None:
         return [], None
-    points: list[tuple[Checkpoint, str]] = []
+    points: list[tuple[Checkpoint, Reason]] = []
     mixed = None
     for future in (False, True):
         written = _newest_written([c for c in complete if c.times_in_future is future], by_state)
@@ -119,22 +214,10 @@ def _written_points(
     return points, mixed
 
 
-def _protections(run: Run, protect: Protections) -> tuple[dict[int, list[str]], MixedRuns | None]:
-    reasons: dict[int, list[str]] = {}
-    for c in run.checkpoints:
-        if not c.complete:
-            reasons.setdefault(c.step, []).append(f"incomplete: {c.incomplete_reason or 'unknown'}")
+def view_of(run: Run) -> RunView:
+    complete = tuple(sorted((c for c in run.checkpoints if c.complete), key=lambda c: c.step))
     points, mixed = resume_points(run)
-    for c, why in points:
-        reasons.setdefault(c.step, []).append(why)
-    if protect.trainer_best:
-        # What each resume point's trainer_state.json calls best: a mixed directory's live run finds its own
-        # best (load_best_model_at_end) in the newest written checkpoint's state, not the stale one's.
-        present = {c.step for c in run.checkpoints}
-        for best_step in dict.fromkeys(s for c, _ in points for s in c.trainer_best_steps):
-            if best_step in present:
-                reasons.setdefault(best_step, []).append("protected: trainer best")
-    return reasons, mixed
+    return RunView(run, complete, tuple(points), mixed)
 
 
 def plan_run(
@@ -145,15 +228,8 @@ def plan_run(
 ) -> RunPlan:
     if removal is Action.KEEP:
         raise ValueError("removal must be delete or archive")
-    complete = sorted((c for c in run.checkpoints if c.complete), key=lambda c: c.step)
-    reasons: dict[int, list[str]] = {}
-    for rule in rules:
-        for step, reason in rule.keeps(complete).items():
-            reasons.setdefault(step, []).append(reason)
-    protected, mixed = _protections(run, protections)
-    for step, why_protected in protected.items():
-        reasons.setdefault(step, []).extend(why_protected)
-
+    view = view_of(run)
+    reasons = AnyOf((*rules, *protections.members)).reasons(view)
     refused = refusal(run, rules)
     decisions = []
     for c in sorted(run.checkpoints, key=lambda c: c.step):
@@ -161,7 +237,40 @@ def plan_run(
         if why:
             decisions.append(Decision(c, Action.KEEP, tuple(why)))
         elif refused:
-            decisions.append(Decision(c, Action.KEEP, ("refused: nothing is removed in this run",)))
+            decisions.append(Decision(c, Action.KEEP, (REFUSED,)))
         else:
-            decisions.append(Decision(c, removal, ("no rule keeps it",)))
-    return RunPlan(run, tuple(decisions), refused, mixed)
+            decisions.append(Decision(c, removal, (NO_RULE_KEEPS,)))
+    return RunPlan(run, tuple(decisions), refused, view.mixed_runs)
+
+
+@dataclass(frozen=True)
+class RootPlan:
+    """The plans of the runs of one root, after the refusal scope is applied."""
+
+    runs: tuple[RunPlan, ...]
+    refused_runs: tuple[str, ...]  # every run whose retention is refused, among these or known elsewhere
+
+    @property
+    def refusals(self) -> tuple[RunPlan, ...]:
+        return tuple(p for p in self.runs if p.refusal)
+
+
+def plan_root(runs: Sequence[Run], policy: Policy, refused_elsewhere: Collection[str] = ()) -> RootPlan:
+    """Plan every run, then apply the refusal scope: **a refusal holds the whole root**. While any run's
+    retention is refused (here, or in `refused_elsewhere`: runs of the same root the caller knows to be
+    refused, as the watch daemon does between passes), no checkpoint of any run is removed, and each one
+    that would have been says so (`held`). A refusal is almost always a typo in a rule that every run shares
+    (`best:1:acuracy`), and a run with no eval yet cannot show it: better to remove nothing than to prune
+    those runs by the rest of a mistaken policy. `plan`, `prune` and `watch` all plan through here."""
+    plans = [policy.plan(run) for run in runs]
+    refused = tuple(dict.fromkeys([*(p.run.path for p in plans if p.refusal), *sorted(refused_elsewhere)]))
+    if refused:
+        plans = [p if p.refusal else hold(p, refused) for p in plans]
+    return RootPlan(tuple(plans), refused)
+
+
+def hold(plan: RunPlan, refused_runs: Sequence[str]) -> RunPlan:
+    """The plan with every removal turned into a keep, because retention is refused in `refused_runs`."""
+    held = Reason(ReasonKind.HELD, "refused", of=len(refused_runs), detail=refused_runs[0])
+    decisions = tuple(d if d.kept else Decision(d.checkpoint, Action.KEEP, (held,)) for d in plan.decisions)
+    return replace(plan, decisions=decisions)

@@ -1,14 +1,19 @@
-"""Text and JSON views of plans and outcomes, for people and for scripts."""
+"""Text and JSON views of plans and outcomes, for people and for scripts. The only module that words a
+`Reason` or an `Outcome`; it reads the pipeline's values and never acts."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ckptkeeper.engine import Outcome, Policy, Totals
-from ckptkeeper.model import Decision, MixedRuns, RunPlan
-from ckptkeeper.rules import Best, format_metric, format_rules
+from ckptkeeper.model import Decision, MixedRuns, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan
+from ckptkeeper.policy import Policy, RootPlan
+from ckptkeeper.rules import format_metric, format_rules
+
+if TYPE_CHECKING:
+    from ckptkeeper.engine import Leftovers, PassResult
 
 
 def shown(path: str) -> str:
@@ -26,12 +31,56 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def describe_policy(policy: Policy) -> str:
+def _held(r: Reason) -> str:
+    where = f"run {r.detail!r}" if r.of == 1 else f"{r.of} runs"
+    return f"held: retention is refused in {where}"
+
+
+# How each kind of reason reads. A new rule or protection adds its kind here.
+REASON_TEXT: dict[ReasonKind, Callable[[Reason], str]] = {
+    ReasonKind.LAST: lambda r: f"last {r.rank}/{r.of}",
+    ReasonKind.BEST: lambda r: f"best {r.metric}={format_metric(r.value or 0.0)} ({r.rank}/{r.of})",
+    ReasonKind.EPOCH: lambda r: f"epoch {r.detail}",
+    ReasonKind.EVERY: lambda r: f"every {r.detail}",
+    ReasonKind.NEWEST: lambda r: "protected: newest",
+    ReasonKind.NEWEST_WRITTEN: lambda r: "protected: newest written",
+    ReasonKind.NEWEST_WRITTEN_SKEWED: lambda r: "protected: newest written (clock skew)",
+    ReasonKind.TRAINER_BEST: lambda r: "protected: trainer best",
+    ReasonKind.INCOMPLETE: lambda r: f"incomplete: {r.detail}",
+    ReasonKind.REFUSED: lambda r: "refused: nothing is removed in this run",
+    ReasonKind.HELD: _held,
+    ReasonKind.NO_RULE_KEEPS: lambda r: "no rule keeps it",
+}
+
+
+def reason_text(reason: Reason) -> str:
+    return REASON_TEXT[reason.kind](reason)
+
+
+def reason_texts(reasons: Sequence[Reason]) -> list[str]:
+    return [reason_text(r) for r in reasons]
+
+
+def reasons_text(reasons: Sequence[Reason]) -> str:
+    """The reasons on one line of text (the plan's REASONS column, the watch log)."""
+    return shown(", ".join(reason_texts(reasons)))
+
+
+def journal_reasons(reasons: Sequence[Reason]) -> str:
+    """The reasons as the journal's `why` says them."""
+    return "; ".join(reason_texts(reasons))
+
+
+def reason_json(reason: Reason) -> dict[str, Any]:
+    """A reason for scripts (README, "plan --json"): its kind, the rule as written (or the protection), the
+    checkpoint's rank among what that rule keeps, and the text a person reads."""
+    return {"kind": str(reason.kind), "rule": reason.rule, "rank": reason.rank, "text": reason_text(reason)}
+
+
+def describe_policy(policy: Policy, archive_to: Path | None = None) -> str:
     parts = [r.describe() for r in policy.rules]
-    protected = ["the newest", "incomplete ones"]
-    if policy.protections.trainer_best:
-        protected.append("the Trainer's best")
-    removal = f"archive to {policy.archive_to}" if policy.archive_to else "delete"
+    protected = [p.describe() for p in policy.protections.members]
+    removal = f"archive to {archive_to}" if archive_to else "delete"
     return (
         f"Policy: keep {', '.join(parts)} ({format_rules(policy.rules)}); "
         f"always keep {', '.join(protected)}; {removal} the rest"
@@ -48,15 +97,11 @@ def mixed_runs_text(mixed: MixedRuns) -> str:
     )
 
 
-def metrics_used(policy: Policy) -> list[str]:
-    return list(dict.fromkeys(r.metric for r in policy.rules if isinstance(r, Best)))
-
-
 def _row(d: Decision, metrics: Sequence[str]) -> list[str]:
     c = d.checkpoint
     epoch = "-" if c.epoch is None else f"{c.epoch:.2f}"
     values = [format_metric(c.metrics[m]) if m in c.metrics else "-" for m in metrics]
-    return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), str(d.action), shown(", ".join(d.reasons))]
+    return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), str(d.action), reasons_text(d.reasons)]
 
 
 def _table(rows: list[list[str]], right_aligned: set[int]) -> list[str]:
@@ -68,32 +113,47 @@ def _table(rows: list[list[str]], right_aligned: set[int]) -> list[str]:
     return lines
 
 
-def plan_text(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Sequence[str]) -> str:
-    metrics = metrics_used(policy)
-    lines = [describe_policy(policy), f"Root: {root}"]
+def no_runs_text(root: str, max_depth: int) -> str:
+    return f"No checkpoint-N directories found below {root} (searched {max_depth} levels deep)."
+
+
+def plan_text(
+    root: str,
+    policy: Policy,
+    plan: RootPlan,
+    warnings: Sequence[str],
+    archive_to: Path | None = None,
+    max_depth: int = 4,
+) -> str:
+    metrics = policy.metrics()
+    plans = plan.runs
+    lines = [describe_policy(policy, archive_to), f"Root: {root}"]
     lines += [f"warning: {w}" for w in warnings]
     if not plans:
-        lines.append(f"No checkpoint-N directories found below {root} (searched {policy.max_depth} levels deep).")
-    for plan in plans:
-        count = len(plan.decisions)
-        lines.append("")
-        lines.append(f"run {shown(plan.run.path)}  ({count} checkpoint{'s' if count != 1 else ''})")
-        header = ["CHECKPOINT", "STEP", "EPOCH", *metrics, "SIZE", "DECISION", "REASONS"]
-        rows = [header] + [_row(d, metrics) for d in plan.decisions]
-        right = {1, 2, *range(3, 4 + len(metrics))}
-        lines += _table(rows, right)
-        if plan.refusal:
-            lines.append(f"  REFUSED: {plan.refusal}")
-        if plan.mixed_runs:
-            lines.append(f"  warning: {mixed_runs_text(plan.mixed_runs)}")
+        lines.append(no_runs_text(root, max_depth))
+    for run_plan in plans:
+        lines += _run_lines(run_plan, metrics)
     lines.append("")
     lines.append(summary_line(plans))
     return "\n".join(lines)
 
 
+def _run_lines(plan: RunPlan, metrics: Sequence[str]) -> list[str]:
+    count = len(plan.decisions)
+    lines = ["", f"run {shown(plan.run.path)}  ({count} checkpoint{'s' if count != 1 else ''})"]
+    header = ["CHECKPOINT", "STEP", "EPOCH", *metrics, "SIZE", "DECISION", "REASONS"]
+    rows = [header] + [_row(d, metrics) for d in plan.decisions]
+    lines += _table(rows, {1, 2, *range(3, 4 + len(metrics))})
+    if plan.refusal:
+        lines.append(f"  REFUSED: {plan.refusal}")
+    if plan.mixed_runs:
+        lines.append(f"  warning: {mixed_runs_text(plan.mixed_runs)}")
+    return lines
+
+
 def summary_line(plans: Sequence[RunPlan]) -> str:
     kept = [d for p in plans for d in p.kept]
-    removed = [d for p in plans for d in p.removed if not p.refusal]
+    removed = [d for p in plans for d in p.removed]
     total = len(kept) + len(removed)
     runs = len(plans)
     kept_bytes = sum(d.checkpoint.size_bytes for d in kept)
@@ -110,7 +170,10 @@ def _finite_or_text(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)  # NaN/Infinity are not valid JSON
 
 
-def plan_json(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Sequence[str]) -> dict[str, Any]:
+def plan_json(
+    root: str, policy: Policy, plan: RootPlan, warnings: Sequence[str], archive_to: Path | None = None
+) -> dict[str, Any]:
+    plans = plan.runs
     runs = [
         {
             "run": plan.run.path,
@@ -132,7 +195,7 @@ def plan_json(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Seq
                     "metrics": {k: _finite_or_text(v) for k, v in sorted(d.checkpoint.metrics.items())},
                     "size_bytes": d.checkpoint.size_bytes,
                     "decision": str(d.action),
-                    "reasons": list(d.reasons),
+                    "reasons": [reason_json(r) for r in d.reasons],
                 }
                 for d in plan.decisions
             ],
@@ -140,35 +203,40 @@ def plan_json(root: str, policy: Policy, plans: Sequence[RunPlan], warnings: Seq
         for plan in plans
     ]
     kept = [d for p in plans for d in p.kept]
-    removed = [d for p in plans for d in p.removed if not p.refusal]
-    refused = any(p.refusal for p in plans)  # a refusal anywhere means nothing is removed anywhere
+    removed = [d for p in plans for d in p.removed]
+    refused = bool(plan.refused_runs)  # a refusal anywhere means nothing is removed anywhere
     return {
         "root": root,
         "keep": format_rules(policy.rules),
-        "archive_to": str(policy.archive_to) if policy.archive_to else None,
+        "archive_to": str(archive_to) if archive_to else None,
         "warnings": list(warnings),
         "runs": runs,
         "summary": {
             "checkpoints": len(kept) + len(removed),
             "kept": len(kept),
-            "removed": 0 if refused else len(removed),
+            "removed": len(removed),
             "refused": refused,
             "bytes_kept": sum(d.checkpoint.size_bytes for d in kept),
-            "bytes_to_free": 0 if refused else sum(d.checkpoint.size_bytes for d in removed),
+            "bytes_to_free": sum(d.checkpoint.size_bytes for d in removed),
         },
     }
 
 
 _PAST = {
-    "delete": "deleted",
-    "archive": "archived",
-    "would-delete": "would delete",
-    "would-archive": "would archive",
-    "vanished": "vanished",
-    "skipped": "skipped",
-    "stopped": "stopped",
-    "error": "FAILED",
+    OutcomeKind.DELETED: "deleted",
+    OutcomeKind.ARCHIVED: "archived",
+    OutcomeKind.WOULD_DELETE: "would delete",
+    OutcomeKind.WOULD_ARCHIVE: "would archive",
+    OutcomeKind.VANISHED: "vanished",
+    OutcomeKind.SKIPPED: "skipped",
+    OutcomeKind.STOPPED: "stopped",
+    OutcomeKind.ERROR: "FAILED",
 }
+DRY_RUN = (OutcomeKind.WOULD_DELETE, OutcomeKind.WOULD_ARCHIVE)
+
+
+def past(kind: OutcomeKind) -> str:
+    return _PAST[kind]
 
 
 def location(run: str, checkpoint: str) -> str:
@@ -183,12 +251,52 @@ def outcome_line(o: Outcome) -> str:
     return f"{_PAST[o.action]:<13} {where}{size}{detail}"
 
 
-def totals_line(totals: Totals, dry_run: bool) -> str:
+def totals_line(outcomes: Sequence[Outcome], dry_run: bool) -> str:
     if dry_run:
-        would = [o for o in totals.outcomes if o.action.startswith("would-")]
+        would = [o for o in outcomes if o.action in DRY_RUN]
         freed = sum(o.bytes for o in would)
         return f"Dry run: would remove {len(would)} checkpoints and free {human_bytes(freed)}; nothing was changed."
-    line = f"Done: removed {len(totals.removed)} checkpoints, freed {human_bytes(totals.bytes_freed)}"
-    if totals.errors:
-        line += f"; {len(totals.errors)} failed (see above)"
+    removed = [o for o in outcomes if o.action.removed]
+    errors = [o for o in outcomes if o.action is OutcomeKind.ERROR]
+    line = f"Done: removed {len(removed)} checkpoints, freed {human_bytes(sum(o.bytes for o in removed))}"
+    if errors:
+        line += f"; {len(errors)} failed (see above)"
     return line + "."
+
+
+def refusal_text(plan: RootPlan) -> str:
+    return "; ".join(r.refusal or "" for r in plan.refusals)
+
+
+class TextPruneReport:
+    """What `prune` prints as it goes (engine.PruneReport): the policy first, then leftovers finished,
+    warnings, one line per removal, and the totals."""
+
+    def __init__(self, echo: Callable[[str, bool], None], policy: Policy, root: Path, archive_to: Path | None) -> None:
+        self.echo = echo
+        echo(describe_policy(policy, archive_to), False)
+        echo(f"Root: {root}", False)
+        self.root = root
+
+    def leftovers(self, leftovers: Leftovers) -> None:
+        for name in leftovers.finished:
+            self.echo(f"finished removing {name}, left in the trash by an interrupted run", False)
+        for problem in leftovers.stuck:
+            self.echo(f"warning: could not finish removing {problem}; it stays in the trash", True)
+
+    def planned(self, plan: RootPlan, warnings: Sequence[str]) -> None:
+        for warning in warnings:
+            self.echo(f"warning: {warning}", True)
+        for run_plan in plan.runs:
+            if run_plan.mixed_runs is not None:
+                self.echo(f"warning: run {shown(run_plan.run.path)}: {mixed_runs_text(run_plan.mixed_runs)}", True)
+
+    def outcome(self, outcome: Outcome) -> None:
+        self.echo(outcome_line(outcome), False)
+
+    def finished(self, result: PassResult, dry_run: bool, max_depth: int) -> None:
+        """The last lines, when nothing was refused."""
+        if not result.plan.runs:
+            self.echo(no_runs_text(str(self.root), max_depth), False)
+        kept = sum(len(p.kept) for p in result.plan.runs)
+        self.echo(totals_line(result.outcomes, dry_run) + f" Kept {kept}.", False)

@@ -1,7 +1,8 @@
-"""Keep rules: small values with one method each, and the `--keep` parser and printer.
+"""Keep rules: small values that parse, print and apply themselves, and the `--keep` parser and printer.
 
-A rule looks only at complete checkpoints and answers which of them it keeps and why. Adding a rule means
-adding a class here and a branch in `_parse_one`; the planner never changes.
+A rule looks only at complete checkpoints and answers which of them it keeps and why (a `Reason`, worded
+by `render`). Adding a rule means adding a class here and an entry in `RULE_KINDS`; the planner never
+changes.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Self
 
-from ckptkeeper.model import Checkpoint
+from ckptkeeper.model import Checkpoint, Reason, ReasonKind, RunView
 
 Direction = Literal["min", "max"]
 
@@ -27,12 +28,40 @@ class RuleError(ValueError):
     """A `--keep` value that is not a list of valid rules; the message names the bad rule."""
 
 
-class Rule(Protocol):
-    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, str]:
-        """Map the step of every candidate this rule keeps to the reason, given complete checkpoints."""
-        ...
+class KeepRule:
+    """A keep rule: a small frozen value that knows how to parse, print and apply itself.
 
-    def describe(self) -> str: ...
+    `keeps` looks only at complete checkpoints and answers which of them it keeps and why. A new rule is one
+    subclass with a `keyword` and the three methods, added to `RULE_KINDS`; nothing else changes."""
+
+    keyword: ClassVar[str]
+    arity: ClassVar[tuple[int, int]] = (1, 1)  # how many `:`-separated parts may follow the keyword
+
+    @classmethod
+    def parse(cls, parts: list[str], text: str) -> Self:
+        raise NotImplementedError
+
+    def format(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, Reason]:
+        """Map the step of every candidate this rule keeps to the reason, given complete checkpoints."""
+        raise NotImplementedError
+
+    def keeps_in(self, view: RunView) -> dict[int, list[Reason]]:
+        """As a member of the planner's union (`policy.AnyOf`): a rule sees only the complete checkpoints."""
+        return {step: [reason] for step, reason in self.keeps(view.complete).items()}
+
+    @property
+    def metric(self) -> str | None:
+        """The metric this rule ranks by, if any: the planner refuses a run that has evals but not this one."""
+        return None
+
+
+Rule = KeepRule
 
 
 def format_metric(value: float) -> str:
@@ -44,12 +73,21 @@ def format_metric(value: float) -> str:
 
 
 @dataclass(frozen=True)
-class Last:
+class Last(KeepRule):
+    keyword: ClassVar[str] = "last"
     count: int
 
-    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, str]:
+    @classmethod
+    def parse(cls, parts: list[str], text: str) -> Self:
+        return cls(_count(parts[0], text))
+
+    def format(self) -> str:
+        return f"last:{self.count}"
+
+    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, Reason]:
         newest_first = sorted(candidates, key=lambda c: c.step, reverse=True)[: self.count]
-        return {c.step: f"last {rank}/{self.count}" for rank, c in enumerate(newest_first, start=1)}
+        rule = self.format()
+        return {c.step: Reason(ReasonKind.LAST, rule, rank, self.count) for rank, c in enumerate(newest_first, start=1)}
 
     def describe(self) -> str:
         return f"the last {self.count}"
@@ -65,92 +103,15 @@ def normalize_metric(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Best:
+class Best(KeepRule):
+    keyword: ClassVar[str] = "best"
+    arity: ClassVar[tuple[int, int]] = (1, 3)
     count: int
-    metric: str = "eval_loss"
+    metric: str = "eval_loss"  # overrides the base's read-only `metric`
     direction: Direction = "min"
 
-    def rank_key(self, checkpoint: Checkpoint) -> tuple[bool, float, int]:
-        value = checkpoint.metrics[self.metric]
-        if math.isnan(value):
-            return (True, 0.0, checkpoint.step)  # NaN ranks worst
-        signed = value if self.direction == "min" else -value
-        return (False, signed, checkpoint.step)  # on a tie the lower step wins, as in the Trainer
-
-    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, str]:
-        scored = sorted((c for c in candidates if self.metric in c.metrics), key=self.rank_key)
-        return {
-            c.step: f"best {self.metric}={format_metric(c.metrics[self.metric])} ({rank}/{self.count})"
-            for rank, c in enumerate(scored[: self.count], start=1)
-        }
-
-    def describe(self) -> str:
-        word = "lowest" if self.direction == "min" else "highest"
-        return f"the best {self.count} by {self.metric} ({word})"
-
-
-def epoch_bucket(epoch: float) -> int:
-    """`0.38 -> 1`, `1.0 -> 1`, `1.15 -> 2`, `0.9995 -> 1`, `3.0000000000000004 -> 3`."""
-    return math.ceil(round(epoch, 6))
-
-
-@dataclass(frozen=True)
-class Epoch:
-    count: int | None = None  # None: every epoch
-
-    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, str]:
-        newest_in_bucket: dict[int, Checkpoint] = {}
-        for c in candidates:
-            if c.epoch is None or not math.isfinite(c.epoch):
-                continue
-            bucket = epoch_bucket(c.epoch)
-            held = newest_in_bucket.get(bucket)
-            if held is None or c.step > held.step:
-                newest_in_bucket[bucket] = c
-        buckets = sorted(newest_in_bucket, reverse=True)
-        if self.count is not None:
-            buckets = buckets[: self.count]
-        return {newest_in_bucket[b].step: f"epoch {b}" for b in buckets}
-
-    def describe(self) -> str:
-        if self.count is None:
-            return "one per epoch"
-        return f"one per epoch for the last {self.count} epochs"
-
-
-@dataclass(frozen=True)
-class Every:
-    interval: int
-
-    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, str]:
-        return {c.step: f"every {self.interval}" for c in candidates if c.step % self.interval == 0}
-
-    def describe(self) -> str:
-        return f"every step that is a multiple of {self.interval}"
-
-
-AnyRule = Last | Best | Epoch | Every
-
-
-def _count(text: str, rule: str) -> int:
-    if not _POSITIVE.fullmatch(text):
-        raise RuleError(f"invalid rule {rule!r}: {text!r} is not a positive integer. Valid forms: {VALID_FORMS}.")
-    try:
-        return int(text)
-    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits(), 4300 by default)
-        raise RuleError(f"invalid rule {rule!r}: {text!r} is too large. Valid forms: {VALID_FORMS}.") from None
-
-
-def _parse_one(text: str) -> AnyRule:
-    kind, _, rest = text.partition(":")
-    parts = rest.split(":") if rest else []
-    if kind == "last" and len(parts) == 1:
-        return Last(_count(parts[0], text))
-    if kind == "every" and len(parts) == 1:
-        return Every(_count(parts[0], text))
-    if kind == "epoch" and len(parts) == 1:
-        return Epoch(None) if parts[0] == "all" else Epoch(_count(parts[0], text))
-    if kind == "best" and 1 <= len(parts) <= 3:
+    @classmethod
+    def parse(cls, parts: list[str], text: str) -> Self:
         count = _count(parts[0], text)
         metric = "eval_loss"
         if len(parts) >= 2:
@@ -167,10 +128,124 @@ def _parse_one(text: str) -> AnyRule:
                     f"Valid forms: {VALID_FORMS}."
                 )
             direction = "min" if parts[2] == "min" else "max"
-        return Best(count, metric, direction)
-    if kind in ("last", "every", "epoch", "best"):
-        raise RuleError(f"invalid rule {text!r}: wrong number of parts for {kind!r}. Valid forms: {VALID_FORMS}.")
-    raise RuleError(f"invalid rule {text!r}: unknown rule {kind!r}. Valid forms: {VALID_FORMS}.")
+        return cls(count, metric, direction)
+
+    def format(self) -> str:
+        if self.metric == "eval_loss" and self.direction == default_direction(self.metric):
+            return f"best:{self.count}"
+        if self.direction == default_direction(self.metric):
+            return f"best:{self.count}:{self.metric}"
+        return f"best:{self.count}:{self.metric}:{self.direction}"
+
+    def rank_key(self, checkpoint: Checkpoint) -> tuple[bool, float, int]:
+        value = checkpoint.metrics[self.metric]
+        if math.isnan(value):
+            return (True, 0.0, checkpoint.step)  # NaN ranks worst
+        signed = value if self.direction == "min" else -value
+        return (False, signed, checkpoint.step)  # on a tie the lower step wins, as in the Trainer
+
+    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, Reason]:
+        scored = sorted((c for c in candidates if self.metric in c.metrics), key=self.rank_key)
+        rule = self.format()
+        return {
+            c.step: Reason(ReasonKind.BEST, rule, rank, self.count, self.metric, c.metrics[self.metric])
+            for rank, c in enumerate(scored[: self.count], start=1)
+        }
+
+    def describe(self) -> str:
+        word = "lowest" if self.direction == "min" else "highest"
+        return f"the best {self.count} by {self.metric} ({word})"
+
+
+def epoch_bucket(epoch: float) -> int:
+    """`0.38 -> 1`, `1.0 -> 1`, `1.15 -> 2`, `0.9995 -> 1`, `3.0000000000000004 -> 3`."""
+    return math.ceil(round(epoch, 6))
+
+
+@dataclass(frozen=True)
+class Epoch(KeepRule):
+    keyword: ClassVar[str] = "epoch"
+    count: int | None = None  # None: every epoch
+
+    @classmethod
+    def parse(cls, parts: list[str], text: str) -> Self:
+        return cls(None) if parts[0] == "all" else cls(_count(parts[0], text))
+
+    def format(self) -> str:
+        return "epoch:all" if self.count is None else f"epoch:{self.count}"
+
+    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, Reason]:
+        newest_in_bucket: dict[int, Checkpoint] = {}
+        for c in candidates:
+            if c.epoch is None or not math.isfinite(c.epoch):
+                continue
+            bucket = epoch_bucket(c.epoch)
+            held = newest_in_bucket.get(bucket)
+            if held is None or c.step > held.step:
+                newest_in_bucket[bucket] = c
+        buckets = sorted(newest_in_bucket, reverse=True)
+        if self.count is not None:
+            buckets = buckets[: self.count]
+        rule = self.format()
+        return {
+            newest_in_bucket[b].step: Reason(ReasonKind.EPOCH, rule, rank, self.count, detail=str(b))
+            for rank, b in enumerate(buckets, start=1)
+        }
+
+    def describe(self) -> str:
+        if self.count is None:
+            return "one per epoch"
+        return f"one per epoch for the last {self.count} epochs"
+
+
+@dataclass(frozen=True)
+class Every(KeepRule):
+    keyword: ClassVar[str] = "every"
+    interval: int
+
+    @classmethod
+    def parse(cls, parts: list[str], text: str) -> Self:
+        return cls(_count(parts[0], text))
+
+    def format(self) -> str:
+        return f"every:{self.interval}"
+
+    def keeps(self, candidates: Sequence[Checkpoint]) -> dict[int, Reason]:
+        rule = self.format()
+        return {
+            c.step: Reason(ReasonKind.EVERY, rule, detail=str(self.interval))
+            for c in candidates
+            if c.step % self.interval == 0
+        }
+
+    def describe(self) -> str:
+        return f"every step that is a multiple of {self.interval}"
+
+
+AnyRule = KeepRule
+# The parser table: a rule's keyword -> its class. Adding a rule is adding its class here.
+RULE_KINDS: dict[str, type[KeepRule]] = {kind.keyword: kind for kind in (Last, Best, Epoch, Every)}
+
+
+def _count(text: str, rule: str) -> int:
+    if not _POSITIVE.fullmatch(text):
+        raise RuleError(f"invalid rule {rule!r}: {text!r} is not a positive integer. Valid forms: {VALID_FORMS}.")
+    try:
+        return int(text)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits(), 4300 by default)
+        raise RuleError(f"invalid rule {rule!r}: {text!r} is too large. Valid forms: {VALID_FORMS}.") from None
+
+
+def _parse_one(text: str) -> AnyRule:
+    keyword, _, rest = text.partition(":")
+    parts = rest.split(":") if rest else []
+    kind = RULE_KINDS.get(keyword)
+    if kind is None:
+        raise RuleError(f"invalid rule {text!r}: unknown rule {keyword!r}. Valid forms: {VALID_FORMS}.")
+    fewest, most = kind.arity
+    if not fewest <= len(parts) <= most:
+        raise RuleError(f"invalid rule {text!r}: wrong number of parts for {keyword!r}. Valid forms: {VALID_FORMS}.")
+    return kind.parse(parts, text)
 
 
 def parse_rule(text: str) -> AnyRule:
@@ -188,19 +263,7 @@ def parse_rules(text: str) -> tuple[AnyRule, ...]:
 
 
 def format_rule(rule: AnyRule) -> str:
-    match rule:
-        case Last(count):
-            return f"last:{count}"
-        case Every(interval):
-            return f"every:{interval}"
-        case Epoch(count):
-            return "epoch:all" if count is None else f"epoch:{count}"
-        case Best(count, metric, direction):
-            if metric == "eval_loss" and direction == default_direction(metric):
-                return f"best:{count}"
-            if direction == default_direction(metric):
-                return f"best:{count}:{metric}"
-            return f"best:{count}:{metric}:{direction}"
+    return rule.format()
 
 
 def format_rules(rules: Sequence[AnyRule]) -> str:

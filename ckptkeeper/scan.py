@@ -25,6 +25,17 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
 TEMP_PREFIX = ".tmp"  # the safetensors writer's in-flight file
 DEFAULT_MAX_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How runs and checkpoints are found: how deep below the root, and how long a checkpoint must have
+    been unchanged to count as complete (`--settle`)."""
+
+    max_depth: int = DEFAULT_MAX_DEPTH
+    settle: float = 0.0
+
+
 # Names ckptkeeper gives what it creates among a user's runs (the state directory, a run-local trash, the
 # root's lock). Underscore, not a dot: the Trainer's push_to_hub uploads output_dir ignoring only `_*` and
 # `checkpoint-*`, so nothing of ckptkeeper's goes to the Hub (a `.ckptkeeper` did).
@@ -329,21 +340,53 @@ def read_checkpoint(
         return Checkpoint(name, step, complete=False, incomplete_reason="vanished while reading")
     except OSError as e:
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
+    look = _look_at(directory, step, walked, names, held, now)
+    checkpoint = _judge(name, step, look, now, settle)
+    if cache is not None:
+        trusted = checkpoint if checkpoint.complete else None
+        seen_at = look.first_seen if look.first_seen is not None else 0.0
+        seen = _Seen(_dir_key(walked[0][1]), look.signature, look.contents, trusted, seen_at, look.seen_changing)
+        cache.put(run_dir, name, seen)
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class _Look:
+    """One walk of a checkpoint directory: every entry's lstat, and what its files said (from the last look
+    when the signature is unchanged)."""
+
+    walked: list[tuple[str, os.stat_result]]
+    signature: Signature
+    contents: _Contents
+    first_seen: float | None  # when these exact entries were first seen (the caller's clock)
+    seen_changing: bool  # they replaced different ones seen at an earlier look
+
+
+def _look_at(
+    directory: Path,
+    step: int,
+    walked: list[tuple[str, os.stat_result]],
+    names: list[str],
+    held: _Seen | None,
+    now: float | None,
+) -> _Look:
+    """Read the checkpoint's files, unless the last look (`held`) saw exactly these entries."""
     signature: Signature = tuple(
         sorted((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in walked)
     )
     if held is not None and held.signature == signature:
-        contents = held.contents
-    else:
-        contents = _read_contents(directory, step, names)
+        return _Look(walked, signature, held.contents, held.first_seen, held.seen_changing)
+    return _Look(walked, signature, _read_contents(directory, step, names), now, held is not None)
+
+
+def _judge(name: str, step: int, look: _Look, now: float | None, settle: float) -> Checkpoint:
+    """The Checkpoint of one look: its contents' problems, or else whether it has settled."""
+    walked, contents = look.walked, look.contents
     stats = [st for _, st in walked]
     newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
-    unchanged = held is not None and held.signature == signature
-    first_seen = held.first_seen if held is not None and unchanged else now
-    seen_changing = held.seen_changing if held is not None and unchanged else held is not None
     in_future = now is not None and newest_change > now + FUTURE_TOLERANCE
     settle_problem, settles_at = _settle_check(
-        stats, newest_change, now, settle, first_seen, in_future, seen_changing
+        stats, newest_change, now, settle, look.first_seen, in_future, look.seen_changing
     )
     files = [st for st in stats[1:] if not stat.S_ISDIR(st.st_mode)]
     empty = sorted(rel for rel, st in walked[1:] if stat.S_ISREG(st.st_mode) and st.st_size == 0)
@@ -351,7 +394,7 @@ def read_checkpoint(
     # trainer_state.json: an empty file is a save still in progress, whatever the rest says.
     content_problems = list(contents.problems) or ([f"{empty[0]} is empty (a save in progress?)"] if empty else [])
     problems = [*content_problems, *([settle_problem] if settle_problem else [])]
-    checkpoint = Checkpoint(
+    return Checkpoint(
         name=name,
         step=step,
         complete=not problems,
@@ -364,18 +407,11 @@ def read_checkpoint(
         last_change=newest_change,
         written_at=max((st.st_mtime for st in files), default=stats[0].st_mtime),
         state_written_at=next((st.st_mtime for rel, st in walked if rel == TRAINER_STATE), None),
-        fingerprint=hash(signature),
+        fingerprint=hash(look.signature),
         times_in_future=in_future,
         settles_at=settles_at if settle_problem and not content_problems else None,
         identity=(stats[0].st_dev, stats[0].st_ino),
     )
-    if cache is not None:
-        trusted = checkpoint if checkpoint.complete else None
-        seen_at = first_seen if first_seen is not None else 0.0
-        cache.put(
-            run_dir, name, _Seen(_dir_key(walked[0][1]), signature, contents, trusted, seen_at, seen_changing)
-        )
-    return checkpoint
 
 
 def read_run(

@@ -50,26 +50,40 @@ def ownership_problem(path: Path) -> str | None:
         return None
     except OSError as e:
         return f"cannot be read: {e.strerror or e}"
-    if stat.S_ISLNK(st.st_mode):
+    return _kind_problem(st.st_mode) or _contents_problem(path)
+
+
+def _kind_problem(mode: int) -> str | None:
+    """Why an entry of this mode cannot be a state directory (it is not a directory of its own), or None."""
+    if stat.S_ISLNK(mode):
         return "is a symbolic link, not a directory of its own (ckptkeeper empties the trash it holds)"
-    if not stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(mode):
         return "is not a directory"
+    return None
+
+
+def _contents_problem(path: Path) -> str | None:
+    """Why the directory `path` cannot be used as a state directory for what it holds, or None."""
     try:
         names = set(os.listdir(path))
     except OSError as e:
         return f"cannot be listed: {e.strerror or e}"
     if TRASH_NAME in names and not stat.S_ISDIR(os.lstat(path / TRASH_NAME).st_mode):
         return f"holds a {TRASH_NAME} that is not a directory of its own (a symbolic link?): it would be emptied"
-    if not names or OWNER_MARK in names:
+    if not names or OWNER_MARK in names or _made_by_legacy_version(path, names):
         return None
-    trash_ours = TRASH_NAME not in names or _only_trash_entries(path / TRASH_NAME, allow_empty=True)
-    if names <= _LEGACY_NAMES and trash_ours and (names & {LOCK_NAME, JOURNAL_NAME} or TRASH_NAME in names):
-        return None  # made by ckptkeeper 0.1, before the mark: nothing in it but its own
     shown = ", ".join(sorted(names)[:4]) + (", ..." if len(names) > 4 else "")
     return (
         f"exists and was not made by ckptkeeper (it holds {shown}): ckptkeeper deletes what is in a state "
         "directory's trash/, so it uses only a new or empty directory, or one it made"
     )
+
+
+def _made_by_legacy_version(path: Path, names: set[str]) -> bool:
+    """True when the directory `path` holding `names` was made by ckptkeeper 0.1, before the mark: nothing in
+    it but its own lock, journal and trash."""
+    trash_ours = TRASH_NAME not in names or _only_trash_entries(path / TRASH_NAME, allow_empty=True)
+    return names <= _LEGACY_NAMES and trash_ours and bool(names & {LOCK_NAME, JOURNAL_NAME} or TRASH_NAME in names)
 
 
 class LockHeld(RuntimeError):

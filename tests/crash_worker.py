@@ -17,8 +17,8 @@ Two ways to run it:
 
 A job is a JSON object: root, state (the state directory), keep (rules), archive (path or null),
 protect_best (bool, default true), and
-- kind "prune" (default): what `ckptkeeper prune` does, through the engine (lock, plan, finish leftovers,
-  apply_plan); hold_after_lock (bool: take the lock, say LOCKED, then wait forever);
+- kind "prune" (default): what `ckptkeeper prune` does, through the engine's Pipeline (lock, plan, finish
+  leftovers, act); hold_after_lock (bool: take the lock, say LOCKED, then wait forever);
 - kind "watch": the `ckptkeeper watch` command itself (click entry point, settings, the Daemon with its
   inotify observer and reaper thread), with --settle 0 (a round's hard links are seconds old: their ctime
   is fresh), --log-format json and, with exit_when_done, --exit-when-done; its log lines go to `log` (a file)
@@ -43,10 +43,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ckptkeeper.engine import Outcome, Policy, Totals, apply_plan, finish_leftovers, make_plan
-from ckptkeeper.policy import Protections
+from ckptkeeper.engine import PassResult, Pipeline, finish_leftovers
+from ckptkeeper.model import Action, Outcome
+from ckptkeeper.policy import Policy, Protections
 from ckptkeeper.rules import parse_rules
-from ckptkeeper.state import StateDir
 
 
 def emit(line: str) -> None:
@@ -54,31 +54,36 @@ def emit(line: str) -> None:
 
 
 def policy_for(job: dict[str, Any]) -> Policy:
-    archive = job.get("archive")
     return Policy(
         parse_rules(job["keep"]),
         Protections(trainer_best=job.get("protect_best", True)),
-        archive_to=Path(archive) if archive else None,
+        Action.ARCHIVE if job.get("archive") else Action.DELETE,
     )
 
 
-def prune(job: dict[str, Any], say: bool = False) -> Totals:
+def pipeline_for(job: dict[str, Any]) -> Pipeline:
+    archive = job.get("archive")
+    return Pipeline.checked(
+        Path(job["root"]), policy_for(job), state_dir=Path(job["state"]), archive_to=Path(archive) if archive else None
+    )
+
+
+def prune(job: dict[str, Any], say: bool = False) -> PassResult:
     """What `ckptkeeper prune` does: lock, plan, finish leftovers, remove, unlock."""
     pid = os.getpid()
-    root = Path(job["root"])
-    state = StateDir(Path(job["state"]))
-    policy = policy_for(job)
-    state.acquire_lock(root)
+    pipeline = pipeline_for(job)
+    root, state = pipeline.root, pipeline.state
+    pipeline.acquire()
     try:
         if say:
             emit(f"LOCKED {pid}")
         if job.get("hold_after_lock"):
             while True:
                 signal.pause()
-        result = make_plan(root, policy, state.path)
-        if result.refusals:
-            raise RuntimeError("; ".join(r.refusal or "" for r in result.refusals))
-        finish_leftovers(root, state, [root / p.run.path for p in result.runs])
+        result = pipeline.survey(None)
+        if result.plan.refusals:
+            raise RuntimeError("; ".join(r.refusal or "" for r in result.plan.refusals))
+        finish_leftovers(root, state, [root / p.run.path for p in result.plan.runs])
         if say:
             emit(f"APPLY {pid}")
 
@@ -87,12 +92,12 @@ def prune(job: dict[str, Any], say: bool = False) -> Totals:
                 emit(f"OUTCOME {pid} {o.run} {o.checkpoint} {o.action}")
 
         started = time.perf_counter()
-        totals = apply_plan(root, result.runs, policy, state, report)
+        totals = PassResult(result.plan, pipeline.act(result.plan, report))
         if say:
             emit(f"DONE {pid} {time.perf_counter() - started:.6f} {len(totals.errors)}")
         return totals
     finally:
-        state.release_lock()
+        pipeline.release()
 
 
 # ---------------------------------------------------------------------------------------------- ckptkeeper watch

@@ -34,9 +34,10 @@ from ckptkeeper.actions import (
     removal_guard,
     rename_to_trash,
 )
-from ckptkeeper.engine import Policy, apply_plan, default_state_dir, finish_leftovers, make_plan
+from ckptkeeper.engine import PassResult, Pipeline, default_state_dir, finish_leftovers
 from ckptkeeper.integrity import encode_safetensors
-from ckptkeeper.policy import Protections
+from ckptkeeper.model import Action
+from ckptkeeper.policy import Policy, Protections
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import checkpoint_step
 from ckptkeeper.simtrainer import SimConfig, simulate_run
@@ -140,6 +141,19 @@ def make_checkpoint(run: Path, step: int, payload: int = 4096) -> Path:
     return directory
 
 
+def pipeline_for(root: Path, policy: Policy, archive: Path | None = None) -> Pipeline:
+    return Pipeline.checked(root, policy, state_dir=default_state_dir(root), archive_to=archive)
+
+
+def act(pipeline: Pipeline, planned: PassResult) -> PassResult:
+    """Carry out a plan made earlier, under the root's lock."""
+    pipeline.acquire()
+    try:
+        return PassResult(planned.plan, pipeline.act(planned.plan))
+    finally:
+        pipeline.release()
+
+
 def trash_is_empty(state: StateDir) -> bool:
     return not state.trash.exists() or not any(state.trash.iterdir())
 
@@ -194,10 +208,11 @@ def test_prune_journals_each_removal_before_and_after(tmp_path: Path) -> None:
     simulate_run(root / "run", SimConfig(steps_per_epoch=10, epochs=1, save_steps=5, eval_steps=5))
     size = tree_size(root / "run" / "checkpoint-5")
     policy = Policy(parse_rules("last:1"), Protections(trainer_best=False))
-    state = StateDir(default_state_dir(root))
-    plan = make_plan(root, policy, state.path)
+    pipeline = pipeline_for(root, policy)
+    state = pipeline.state
+    plan = pipeline.survey(None)
 
-    totals = apply_plan(root, plan.runs, policy, state)
+    totals = act(pipeline, plan)
 
     assert [(o.checkpoint, o.action) for o in totals.outcomes] == [("checkpoint-5", "delete")]
     assert not (root / "run" / "checkpoint-5").exists() and (root / "run" / "checkpoint-10").is_dir()
@@ -245,14 +260,15 @@ def test_prune_reports_a_checkpoint_removed_by_someone_else_as_vanished_not_as_a
     root = tmp_path / "outputs"
     simulate_run(root / "run", SimConfig(steps_per_epoch=10, epochs=1, save_steps=5, eval_steps=5))
     policy = Policy(parse_rules("last:1"), Protections(trainer_best=False))
-    state = StateDir(default_state_dir(root))
-    plan = make_plan(root, policy, state.path)
+    pipeline = pipeline_for(root, policy)
+    state = pipeline.state
+    plan = pipeline.survey(None)
     shutil.rmtree(root / "run" / "checkpoint-5")  # the Trainer's own rotation got there first
 
-    totals = apply_plan(root, plan.runs, policy, state)
+    totals = act(pipeline, plan)
 
     assert [(o.checkpoint, o.action) for o in totals.outcomes] == [("checkpoint-5", "vanished")]
-    assert totals.errors == [] and totals.bytes_freed == 0
+    assert totals.errors == [] and sum(o.bytes for o in totals.removed) == 0
     assert all(e["action"] != "error" for e in state.read_journal())
     assert (root / "run" / "checkpoint-10").is_dir()
 
@@ -398,12 +414,13 @@ def test_archive_on_the_same_filesystem_is_one_rename_to_archive_run_path_checkp
     simulate_run(run, SimConfig(steps_per_epoch=10, epochs=1, save_steps=5, eval_steps=5))
     source = run / "checkpoint-5"
     before, inode = manifest(source), source.stat().st_ino
-    policy = Policy(parse_rules("last:1"), Protections(trainer_best=False), archive_to=archive)
-    state = StateDir(default_state_dir(root))
-    plan = make_plan(root, policy, state.path)
+    policy = Policy(parse_rules("last:1"), Protections(trainer_best=False), Action.ARCHIVE)
+    pipeline = pipeline_for(root, policy, archive)
+    state = pipeline.state
+    plan = pipeline.survey(None)
     fs_calls.clear()
 
-    totals = apply_plan(root, plan.runs, policy, state)
+    totals = act(pipeline, plan)
 
     target = archive / run_path / "checkpoint-5" if run_path != "." else archive / "checkpoint-5"
     assert [(o.checkpoint, o.action, o.detail) for o in totals.outcomes] == [
@@ -550,15 +567,15 @@ def test_prune_never_touches_a_kept_checkpoint_nor_its_mtime(
         archive = tmp_path / "archive"
     elif mode == "archive, another filesystem":
         archive = request.getfixturevalue("other_fs") / "archive"
-    policy = Policy(parse_rules("last:2"), archive_to=archive)
-    state = StateDir(default_state_dir(root))
-    plan = make_plan(root, policy, state.path)
-    [run_plan] = plan.runs
+    policy = Policy(parse_rules("last:2"), removal=Action.ARCHIVE if archive else Action.DELETE)
+    pipeline = pipeline_for(root, policy, archive)
+    plan = pipeline.survey(None)
+    [run_plan] = plan.plan.runs
     kept = [root / "run" / d.checkpoint.name for d in run_plan.kept]
     assert len(run_plan.removed) >= 2 and len(kept) >= 2
     before = {p.name: (stamps(p), manifest(p)) for p in kept}
 
-    totals = apply_plan(root, plan.runs, policy, state)
+    totals = act(pipeline, plan)
 
     assert len(totals.removed) == len(run_plan.removed) and totals.errors == []
     assert {p.name: (stamps(p), manifest(p)) for p in kept} == before
@@ -652,11 +669,12 @@ def test_a_removal_that_fails_inside_the_trash_is_an_error_outcome_and_the_pass_
     stuck = run / "checkpoint-5" / "scheduler.pt"
     if os.geteuid() != 0 or not _chattr("+i", stuck):
         pytest.skip("needs root and a filesystem with the immutable attribute (chattr +i)")
-    state = StateDir(default_state_dir(root))
     policy = Policy(parse_rules("last:1"), Protections(trainer_best=False))
+    pipeline = pipeline_for(root, policy)
+    state = pipeline.state
     try:
-        plan = make_plan(root, policy, state.path)
-        totals = apply_plan(root, plan.runs, policy, state)
+        plan = pipeline.survey(None)
+        totals = act(pipeline, plan)
         outcomes = [(o.checkpoint, o.action) for o in totals.outcomes]
         assert outcomes == [
             ("checkpoint-5", "error"),

@@ -268,8 +268,12 @@ def test_plan_json_is_strict_json_with_the_documented_keys(sim_run: Callable[...
     assert isinstance(by_step[30]["metrics"]["eval_loss"], float)
     finite = sorted((c["metrics"]["eval_loss"], step) for step, c in by_step.items() if step != 20)
     for rank, (loss, step) in enumerate(finite[:2], start=1):
-        assert f"best eval_loss={loss:.4f} ({rank}/2)" in by_step[step]["reasons"]
-    assert by_step[78]["reasons"][-3:] == ["last 1/1", "protected: newest", "protected: trainer best"]
+        assert f"best eval_loss={loss:.4f} ({rank}/2)" in [r["text"] for r in by_step[step]["reasons"]]
+    assert [r["text"] for r in by_step[78]["reasons"]][-3:] == [
+        "last 1/1",
+        "protected: newest",
+        "protected: trainer best",
+    ]
     assert by_step[78]["epoch"] == 3.0
     kept = [c for c in entry["checkpoints"] if c["decision"] == "keep"]
     removed = [c for c in entry["checkpoints"] if c["decision"] != "keep"]

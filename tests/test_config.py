@@ -115,7 +115,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
     )
     assert loaded.rules_text() == "best:1,last:5,epoch:all"
     # A settle from the file wins over every command's default.
-    assert loaded.policy().settle == loaded.policy(default_settle=2.0).settle == 0.5
+    assert loaded.scan_options().settle == loaded.scan_options(default_settle=2.0).settle == 0.5
 
 
 def test_no_config_and_no_flags_gives_the_defaults() -> None:
@@ -130,16 +130,16 @@ def test_no_config_and_no_flags_gives_the_defaults() -> None:
         defaults.log_format,
     ) == (60.0, None, False, 10.0, "text")
     # An unset settle is the command's default: 0 for plan and prune, 2 s for watch.
-    assert defaults.policy().settle == 0.0
-    assert defaults.policy(default_settle=2.0).settle == 2.0
+    assert defaults.scan_options().settle == 0.0
+    assert defaults.scan_options(default_settle=2.0).settle == 2.0
 
 
 @pytest.mark.parametrize("settle", [0, 0.0, 7.5])
 def test_a_settle_that_is_set_wins_over_the_command_default_even_zero(settle: float) -> None:
     loaded = load_settings(None, {"settle": settle})
     assert loaded.settle == settle
-    assert loaded.policy().settle == settle
-    assert loaded.policy(default_settle=2.0).settle == settle
+    assert loaded.scan_options().settle == settle
+    assert loaded.scan_options(default_settle=2.0).settle == settle
 
 
 def test_flags_override_file_values_and_unset_flags_do_not(tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_flags_override_file_values_and_unset_flags_do_not(tmp_path: Path) -> No
     flags: dict[str, Any] = {"keep": "last:3", "max_depth": None, "protect_trainer_best": True, "settle": None}
     loaded = load_settings(config, flags)
     assert (loaded.keep, loaded.max_depth, loaded.protect_trainer_best, loaded.settle) == (["last:3"], 0, True, None)
-    assert loaded.policy().settle == 0.0
+    assert loaded.scan_options().settle == 0.0
 
 
 def test_watch_flags_override_file_values_and_unset_flags_do_not(tmp_path: Path) -> None:
@@ -527,8 +527,8 @@ def check_outcome(load: Callable[[], Settings], source: str) -> None:
     assert loaded.log_format in {"text", "json"}
     assert type(loaded.exit_when_done) is bool
     policy = loaded.policy()
-    assert policy.settle == (0.0 if loaded.settle is None else loaded.settle)
-    assert loaded.policy(default_settle=2.0).settle == (2.0 if loaded.settle is None else loaded.settle)
+    assert loaded.scan_options().settle == (0.0 if loaded.settle is None else loaded.settle)
+    assert loaded.scan_options(default_settle=2.0).settle == (2.0 if loaded.settle is None else loaded.settle)
     assert len(policy.rules) == len(loaded.keep)
     assert parse_rules(loaded.rules_text()) == policy.rules
     for path in (loaded.root, loaded.archive_to, loaded.state_dir):

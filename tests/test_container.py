@@ -21,7 +21,9 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -126,10 +128,33 @@ def test_image_metadata(image: str) -> None:
     assert 0 < size < 500e6, size
 
 
-def test_sidecar_prunes_serves_metrics_and_stops_on_sigterm(image: str, containers: list[str], tmp_path: Path) -> None:
-    outputs = tmp_path / "outputs"
-    outputs.mkdir()
-    outputs.chmod(0o777)  # the container's user (uid 10001) creates its state directory here
+@dataclass(frozen=True)
+class Sidecar:
+    """A running ckptkeeper container: its name, and the host port its metrics server listens on."""
+
+    name: str
+    port: int
+
+    def logs(self) -> str:
+        done = podman("logs", self.name, check=False)
+        return done.stdout + done.stderr
+
+    def running(self) -> bool:
+        state = podman("inspect", "--format", "{{.State.Running}}", self.name).stdout.strip()
+        if state != "true":
+            raise AssertionError(f"the container stopped early; its log:\n{self.logs()}")
+        return True
+
+    def healthy(self) -> bool:
+        self.running()
+        try:
+            return http_get(f"http://127.0.0.1:{self.port}/healthz") == (200, "ok\n")
+        except OSError:
+            return False
+
+
+def start_sidecar(image: str, outputs: Path, containers: list[str]) -> Sidecar:
+    """`watch /outputs --keep last:2` in a container of `image`, with `outputs` mounted as /outputs."""
     port = free_port()
     name = f"ckptkeeper-test-{uuid.uuid4().hex[:10]}"
     containers.append(name)
@@ -152,51 +177,25 @@ def test_sidecar_prunes_serves_metrics_and_stops_on_sigterm(image: str, containe
         "--settle",
         "0.3",
     )
+    return Sidecar(name, port)
 
-    def logs() -> str:
-        done = podman("logs", name, check=False)
-        return done.stdout + done.stderr
 
-    def running() -> bool:
-        state = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
-        if state != "true":
-            raise AssertionError(f"the container stopped early; its log:\n{logs()}")
-        return True
-
-    def healthy() -> bool:
-        running()
-        try:
-            return http_get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
-        except OSError:
-            return False
-
-    wait_until(healthy, 30, lambda: f"/healthz to answer 200 ok; the container's log:\n{logs()}")
-
-    # The image's HEALTHCHECK command itself passes inside the running container.
-    podman("healthcheck", "run", name)
-
-    # The process inside runs as the image's non-root user.
-    assert podman("exec", name, "id", "-u").stdout.strip() == str(UID)
-    assert podman("exec", name, "id", "-g").stdout.strip() == str(UID)
-
-    # The simulated Trainer writes a run while the container watches; umask 0 makes its directories
-    # writable by the container's user, as fsGroup or a shared uid does in a real deployment.
+def train_into(outputs: Path) -> list[int]:
+    """The simulated Trainer writes a run into `outputs` (the steps it saved); umask 0 makes its directories
+    writable by the container's user, as fsGroup or a shared uid does in a real deployment."""
     old_umask = os.umask(0)
     try:
         trainer = TrainerThread(outputs / "run", RUN, pace=0.02)
         trainer.start()
-        saved = [step for step, _ in trainer.finish(60)]
+        return [step for step, _ in trainer.finish(60)]
     finally:
         os.umask(old_umask)
-    assert saved == ALL_STEPS
-    run = outputs / "run"
-    wait_until(lambda: steps(run) == KEPT, 30, lambda: f"only {KEPT} in {steps(run)}; log:\n{logs()}")
-    trash = outputs / "_ckptkeeper" / "trash"
-    wait_until(lambda: not trash.exists() or not os.listdir(trash), 10, "the trash to be emptied")
-    deleted = [e for e in journal(outputs / "_ckptkeeper") if e["action"] == "delete"]
-    assert sorted(e["step"] for e in deleted) == [2, 4], deleted
-    removed = len(ALL_STEPS) - len(KEPT)
 
+
+def check_metrics(sidecar: Sidecar, deleted: list[dict[str, Any]]) -> None:
+    """/metrics counts the removals and what is kept; /healthz still answers."""
+    port = sidecar.port
+    removed = len(ALL_STEPS) - len(KEPT)
     run_label = (("run", "run"),)
 
     def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
@@ -217,14 +216,44 @@ def test_sidecar_prunes_serves_metrics_and_stops_on_sigterm(image: str, containe
     assert found[("ckptkeeper_observer_mode", (("mode", "polling"),))] == 0
     assert abs(found[("ckptkeeper_last_reconcile_timestamp_seconds", ())] - time.time()) < 60
     assert http_get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
-    assert "checkpoint-2 deleted: freed" in logs()
 
-    # SIGTERM (what `podman stop`, `docker stop` and the kubelet send): exit 0, well within the grace period.
+
+def check_stops_on_sigterm(sidecar: Sidecar, run: Path) -> None:
+    """SIGTERM (what `podman stop`, `docker stop` and the kubelet send): exit 0, well within the grace period."""
     start = time.monotonic()
-    podman("stop", "--time", "15", name, timeout=30)
+    podman("stop", "--time", "15", sidecar.name, timeout=30)
     took = time.monotonic() - start
-    code = podman("wait", name).stdout.strip()
-    assert code == "0", f"exit code {code}; log:\n{logs()}"
+    code = podman("wait", sidecar.name).stdout.strip()
+    assert code == "0", f"exit code {code}; log:\n{sidecar.logs()}"
     assert took < 10, f"stopping took {took:.1f} s"
-    assert "received SIGTERM" in logs()
+    assert "received SIGTERM" in sidecar.logs()
     assert steps(run) == KEPT
+
+
+def test_sidecar_prunes_serves_metrics_and_stops_on_sigterm(image: str, containers: list[str], tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    outputs.chmod(0o777)  # the container's user (uid 10001) creates its state directory here
+    sidecar = start_sidecar(image, outputs, containers)
+    wait_until(sidecar.healthy, 30, lambda: f"/healthz to answer 200 ok; the container's log:\n{sidecar.logs()}")
+
+    # The image's HEALTHCHECK command itself passes inside the running container.
+    podman("healthcheck", "run", sidecar.name)
+
+    # The process inside runs as the image's non-root user.
+    assert podman("exec", sidecar.name, "id", "-u").stdout.strip() == str(UID)
+    assert podman("exec", sidecar.name, "id", "-g").stdout.strip() == str(UID)
+
+    # The simulated Trainer writes a run while the container watches.
+    saved = train_into(outputs)
+    assert saved == ALL_STEPS
+    run = outputs / "run"
+    wait_until(lambda: steps(run) == KEPT, 30, lambda: f"only {KEPT} in {steps(run)}; log:\n{sidecar.logs()}")
+    trash = outputs / "_ckptkeeper" / "trash"
+    wait_until(lambda: not trash.exists() or not os.listdir(trash), 10, "the trash to be emptied")
+    deleted = [e for e in journal(outputs / "_ckptkeeper") if e["action"] == "delete"]
+    assert sorted(e["step"] for e in deleted) == [2, 4], deleted
+
+    check_metrics(sidecar, deleted)
+    assert "checkpoint-2 deleted: freed" in sidecar.logs()
+    check_stops_on_sigterm(sidecar, run)

@@ -67,7 +67,7 @@ from typing import Any
 import pytest
 
 from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX, RUN_TRASH_NAME
-from ckptkeeper.engine import make_plan
+from ckptkeeper.engine import Pipeline
 from ckptkeeper.scan import checkpoint_step
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import LockHeld, StateDir
@@ -418,8 +418,10 @@ def template(work_fs: Path) -> Iterator[tuple[Path, Expected]]:
     manifests = {key: tree_manifest(path) for key, path in checkpoint_dirs(root).items()}
     digests = Digests()
     digests.learn(root)
-    plan = make_plan(root, crash_worker.policy_for({"keep": KEEP}), root / "_ckptkeeper")
-    assert not plan.refusals and not plan.warnings
+    pipeline = Pipeline.checked(root, crash_worker.policy_for({"keep": KEEP}), state_dir=root / "_ckptkeeper")
+    surveyed = pipeline.survey(None)
+    plan = surveyed.plan
+    assert not plan.refusals and not surveyed.warnings
     assert all(d.checkpoint.complete for p in plan.runs for d in p.decisions)
     kept = {(p.run.path, d.checkpoint.name) for p in plan.runs for d in p.kept}
     removed = {(p.run.path, d.checkpoint.name) for p in plan.runs for d in p.removed}
@@ -516,13 +518,23 @@ def classify(status: int, seen: Seen, layout: Layout, expected: Expected) -> str
     """Where in the prune the kill landed, judged from what it left on disk."""
     if status != -signal.SIGKILL:
         return "finished before the kill"
-    gone = expected.removed - set(seen.root)
+    return interrupted_step(seen, layout, expected) or removals_done(seen, expected)
+
+
+def interrupted_step(seen: Seen, layout: Layout, expected: Expected) -> str | None:
+    """The step of a removal the kill interrupted, judged from what it left half done; None if none."""
     if trash_entries(layout):
         return "mid-removal: renamed to the trash, not yet removed"
     if layout.archive and entries_named(layout.archive, ARCHIVE_TEMP_PREFIX):
         return "mid-removal: archive copy under its temporary name"
     if expected.removed & set(seen.root) & set(seen.archive):
         return "mid-removal: archived copy in place, source not yet removed"
+    return None
+
+
+def removals_done(seen: Seen, expected: Expected) -> str:
+    """Between removals: how many of them the kill let finish."""
+    gone = expected.removed - set(seen.root)
     if not gone:
         return "before the first removal"
     if gone == expected.removed:

@@ -54,6 +54,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -73,9 +75,12 @@ from e2eutil import (
 
 from ckptkeeper.actions import RUN_TRASH_NAME, TrashEntry, finish_entry
 from ckptkeeper.cli import EXIT_LOCKED, main
-from ckptkeeper.engine import Outcome, PlanResult, Policy, apply_plan, make_plan
+from ckptkeeper.engine import PassResult, Pipeline
+from ckptkeeper.model import Outcome
+from ckptkeeper.policy import Policy
 from ckptkeeper.rules import parse_rules
-from ckptkeeper.state import ROOT_LOCK_NAME, STATE_DIR_NAME, StateDir
+from ckptkeeper.scan import ScanOptions
+from ckptkeeper.state import ROOT_LOCK_NAME, STATE_DIR_NAME
 
 pytestmark = pytest.mark.e2e
 
@@ -127,9 +132,9 @@ class Observer:
         self.seen_complete: dict[int, int] = {}  # step -> its size when first seen complete
         self.reasons: Counter[str] = Counter()
 
-    def scanned(self, result: PlanResult) -> None:
+    def scanned(self, result: PassResult) -> None:
         self.counts[f"{self.prefix}: scans"] += 1
-        for plan in result.runs:
+        for plan in result.plan.runs:
             for c in plan.run.checkpoints:
                 if c.complete:
                     whole = self.seen_complete.setdefault(c.step, c.size_bytes)
@@ -147,50 +152,56 @@ class Observer:
                         self.reasons[re.sub(r"[\d.]+ s ago", "N s ago", reason)] += 1
 
 
-# ---- the test --------------------------------------------------------------------------------------
-def test_ckptkeeper_races_the_real_trainers_own_rotation(tmp_path: Path) -> None:
-    require_training_stack()
-    started = time.monotonic()
-    watched, pruned = tmp_path / "watched", tmp_path / "pruned"
-    roots = {"watched": watched, "pruned": pruned}
-    watched.mkdir()
-    pruned.mkdir()
-    daemon_log = tmp_path / "daemon.log"
-    summaries = {"watched": tmp_path / "watched.summary.json", "pruned": tmp_path / "pruned.summary.json"}
-    stderr_of = {"watched": tmp_path / "watched.train.stderr", "pruned": tmp_path / "pruned.train.stderr"}
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HOME": os.fspath(tmp_path / "hf-home"),
-        "PYTHONUNBUFFERED": "1",
-    }
+@dataclass(frozen=True)
+class RaceFiles:
+    """The two roots, and where the daemon and each training write their records."""
 
-    def context() -> str:
-        return (
-            f"--- daemon log (tail)\n{tail(daemon_log)}\n"
-            + "".join(f"--- {n} trainer stderr (tail)\n{tail(p, 15)}\n" for n, p in stderr_of.items())
-            + f"--- on disk: watched {sorted(os.listdir(watched))}, pruned {sorted(os.listdir(pruned))}"
+    tmp: Path
+    watched: Path
+    pruned: Path
+    daemon_log: Path
+    summaries: dict[str, Path]
+    stderr_of: dict[str, Path]
+
+    @classmethod
+    def under(cls, tmp_path: Path) -> RaceFiles:
+        return cls(
+            tmp=tmp_path,
+            watched=tmp_path / "watched",
+            pruned=tmp_path / "pruned",
+            daemon_log=tmp_path / "daemon.log",
+            summaries={"watched": tmp_path / "watched.summary.json", "pruned": tmp_path / "pruned.summary.json"},
+            stderr_of={"watched": tmp_path / "watched.train.stderr", "pruned": tmp_path / "pruned.train.stderr"},
         )
 
-    with daemon_log.open("wb") as dlog:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "ckptkeeper", "watch", os.fspath(watched), "--keep", KEEP,
-             "--settle", str(SETTLE), "--log-format", "json", "-v"],
-            stdout=subprocess.DEVNULL, stderr=dlog, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
-        )  # fmt: skip
-    trainers: dict[str, subprocess.Popen[bytes]] = {}
-    counts: Counter[str] = Counter()
-    on_pruned = Observer(counts, "pruned (engine in-process)")
-    on_watched = Observer(counts, "watched (plan beside the daemon)")
-    policy = Policy(parse_rules(KEEP))  # settle 0, as `prune` has
-    watched_policy = Policy(parse_rules(KEEP), settle=SETTLE)
-    state = StateDir(pruned / STATE_DIR_NAME)
-    outcomes: list[Outcome] = []
-    stuck: list[str] = []
+    @property
+    def roots(self) -> dict[str, Path]:
+        return {"watched": self.watched, "pruned": self.pruned}
 
-    def on_outcome(outcome: Outcome) -> None:
-        outcomes.append(outcome)
+    def context(self) -> str:
+        return (
+            f"--- daemon log (tail)\n{tail(self.daemon_log)}\n"
+            + "".join(f"--- {n} trainer stderr (tail)\n{tail(p, 15)}\n" for n, p in self.stderr_of.items())
+            + f"--- on disk: watched {sorted(os.listdir(self.watched))}, pruned {sorted(os.listdir(self.pruned))}"
+        )
+
+
+class PruneLoop:
+    """The test's own prune on `pruned/`: scan, plan and act through the engine (settle 0, as `prune` has),
+    holding the root's lock, counting what each removal met."""
+
+    def __init__(self, pruned: Path, counts: Counter[str]) -> None:
+        self.root = pruned
+        self.counts = counts
+        self.observer = Observer(counts, "pruned (engine in-process)")
+        self.policy = Policy(parse_rules(KEEP))
+        # The default scan options: settle 0, as `prune` has.
+        self.pipeline = Pipeline.checked(pruned, self.policy, state_dir=pruned / STATE_DIR_NAME, dispose=self.dispose)
+        self.outcomes: list[Outcome] = []
+        self.stuck: list[str] = []
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
         what = {
             "delete": "removed by ckptkeeper",
             "skipped": "re-check found it changed (half deleted), left alone",
@@ -202,103 +213,149 @@ def test_ckptkeeper_races_the_real_trainers_own_rotation(tmp_path: Path) -> None
                 if "before ckptkeeper got to it" in outcome.detail
                 else "rename of an already-removed dir (FileNotFoundError handled)"
             )
-        counts[f"{on_pruned.prefix}: {what}"] += 1
+        self.counts[f"{self.observer.prefix}: {what}"] += 1
 
-    def dispose(trash_entry: TrashEntry) -> None:
+    def dispose(self, trash_entry: TrashEntry) -> None:
         # What the daemon's reaper does, plus a look at what the rename took: fewer files than a saved
         # checkpoint means the Trainer's rmtree was emptying it at that moment (it goes on through its fd).
         if set(os.listdir(trash_entry.shown)) != FULL_CHECKPOINT:
-            counts[f"{on_pruned.prefix}: renamed while the Trainer's rmtree was emptying it"] += 1
-        finish_entry(trash_entry, stuck)
+            self.counts[f"{self.observer.prefix}: renamed while the Trainer's rmtree was emptying it"] += 1
+        finish_entry(trash_entry, self.stuck)
         trash_entry.close()
 
-    def prune_pass() -> None:
-        result = make_plan(pruned, policy, state.path, now=time.time())
-        on_pruned.scanned(result)
-        apply_plan(pruned, result.runs, policy, state, on_outcome, dispose=dispose)
+    def prune_pass(self) -> None:
+        result = self.pipeline.survey(now=time.time())
+        self.observer.scanned(result)
+        self.pipeline.act(result.plan, self.on_outcome)
 
-    cli_exits: Counter[int] = Counter()
-    runner = CliRunner()
-    timings: dict[str, float] = {}
-    try:
 
-        def daemon_ready() -> bool:
-            assert daemon.poll() is None, f"the daemon exited early ({daemon.returncode})\n{context()}"
-            return any(str(e.get("message", "")).startswith("watching ") for e in json_lines(daemon_log))
+class WatchedProbe:
+    """Beside the daemon on `watched/`: a read-only plan (scan and plan need no lock) at every turn of the
+    loop, and every CLI_SECONDS a `ckptkeeper prune` through the CLI, which must exit 4 (the lock is held)."""
 
-        state.acquire_lock(pruned)
-        for name, out, sleep in (("watched", watched, WATCHED_SLEEP), ("pruned", pruned, PRUNED_SLEEP)):
-            with stderr_of[name].open("wb") as terr:
-                trainers[name] = subprocess.Popen(
-                    train_command(out, summaries[name], sleep),
-                    stdout=subprocess.DEVNULL, stderr=terr, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
-                )  # fmt: skip
-        # The daemon is up in a second or two; the trainers take several seconds to import torch.
-        wait_for(daemon_ready, DAEMON_SECONDS, "the daemon did not start watching", context)
-        timings["daemon watching"] = time.monotonic() - started
-        wait_for(
-            lambda: (
-                bool(checkpoints_on_disk(watched) or checkpoints_on_disk(pruned))
-                or any(p.poll() is not None for p in trainers.values())
-            ),
-            TRAIN_SECONDS,
-            "no checkpoint was saved",
-            context,
-        )
-        timings["first save"] = time.monotonic() - started
+    def __init__(self, watched: Path, counts: Counter[str]) -> None:
+        self.root = watched
+        self.observer = Observer(counts, "watched (plan beside the daemon)")
+        self.policy = Policy(parse_rules(KEEP))
+        self.pipeline = Pipeline.checked(watched, self.policy, ScanOptions(settle=SETTLE), watched / STATE_DIR_NAME)
+        self.runner = CliRunner()
+        self.cli_exits: Counter[int] = Counter()
+        self.next_cli = time.monotonic()
 
-        # ---- the race: loop until both trainings are over ------------------------------------------
-        deadline = time.monotonic() + TRAIN_SECONDS
-        next_cli = time.monotonic()
-        while any(p.poll() is None for p in trainers.values()):
-            if time.monotonic() > deadline:
-                pytest.fail(f"training did not finish within {TRAIN_SECONDS:g} s\n{context()}", pytrace=False)
-            assert daemon.poll() is None, f"the daemon died during training ({daemon.returncode})\n{context()}"
-            if trainers["pruned"].poll() is None:
-                prune_pass()
-            on_watched.scanned(make_plan(watched, watched_policy, watched / STATE_DIR_NAME, now=time.time()))
-            if time.monotonic() >= next_cli:
-                next_cli = time.monotonic() + CLI_SECONDS
-                result = runner.invoke(main, ["prune", os.fspath(watched), "--keep", KEEP])
-                cli_exits[result.exit_code] += 1
-                assert result.exit_code == EXIT_LOCKED, (result.exit_code, result.output, context())
-        timings["training over"] = time.monotonic() - started
-        prune_pass()  # the last save's rotation is over: one more pass settles the pruned root
-        state.release_lock()
+    def probe(self, context: Callable[[], str]) -> None:
+        self.observer.scanned(self.pipeline.survey(now=time.time()))
+        if time.monotonic() >= self.next_cli:
+            self.next_cli = time.monotonic() + CLI_SECONDS
+            result = self.runner.invoke(main, ["prune", os.fspath(self.root), "--keep", KEEP])
+            self.cli_exits[result.exit_code] += 1
+            assert result.exit_code == EXIT_LOCKED, (result.exit_code, result.output, context())
 
-        # ---- the daemon catches up, is still alive, and stops cleanly on SIGTERM ----------------------
-        expected: dict[str, set[int]] = {}
-        summary: dict[str, dict[str, Any]] = {}
-        crashed: dict[str, str | None] = {}
-        for name in trainers:
-            summary[name] = json.loads(summaries[name].read_text(encoding="utf-8"))
-            crashed[name] = listing_crash(summary[name])
-            expected[name] = final_set(summary[name], crashed[name] is not None)
-        trash = watched / STATE_DIR_NAME / "trash"
-        wait_for(
-            lambda: checkpoints_on_disk(watched) == expected["watched"] and not os.listdir(trash),
-            DAEMON_SECONDS,
-            f"the daemon did not bring the watched root to {sorted(expected['watched'])} with an empty trash",
-            context,
-        )
-        timings["daemon caught up"] = time.monotonic() - started
-        assert daemon.poll() is None, f"the daemon is not alive at the end ({daemon.returncode})\n{context()}"
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=DAEMON_SECONDS) == 0, f"the daemon exited {daemon.returncode}\n{context()}"
-    finally:
-        for proc in trainers.values():
-            stop(proc)
-        stop(daemon)
-        state.release_lock()
 
-    # ---- the figures (printed first, so that a failure below still shows them) ---------------------------
-    entries = json_lines(daemon_log)
+def start_daemon(files: RaceFiles, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with files.daemon_log.open("wb") as dlog:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ckptkeeper", "watch", os.fspath(files.watched), "--keep", KEEP,
+             "--settle", str(SETTLE), "--log-format", "json", "-v"],
+            stdout=subprocess.DEVNULL, stderr=dlog, stdin=subprocess.DEVNULL, cwd=files.tmp, env=env,
+        )  # fmt: skip
+
+
+def start_trainers(files: RaceFiles, env: dict[str, str], trainers: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Start both trainings, each into `trainers` as soon as it runs (so that a failure stops those started)."""
+    for name, out, sleep in (("watched", files.watched, WATCHED_SLEEP), ("pruned", files.pruned, PRUNED_SLEEP)):
+        with files.stderr_of[name].open("wb") as terr:
+            trainers[name] = subprocess.Popen(
+                train_command(out, files.summaries[name], sleep),
+                stdout=subprocess.DEVNULL, stderr=terr, stdin=subprocess.DEVNULL, cwd=files.tmp, env=env,
+            )  # fmt: skip
+
+
+def wait_until_watching(files: RaceFiles, daemon: subprocess.Popen[bytes]) -> None:
+    def daemon_ready() -> bool:
+        assert daemon.poll() is None, f"the daemon exited early ({daemon.returncode})\n{files.context()}"
+        return any(str(e.get("message", "")).startswith("watching ") for e in json_lines(files.daemon_log))
+
+    wait_for(daemon_ready, DAEMON_SECONDS, "the daemon did not start watching", files.context)
+
+
+def wait_for_first_save(files: RaceFiles, trainers: dict[str, subprocess.Popen[bytes]]) -> None:
+    wait_for(
+        lambda: (
+            bool(checkpoints_on_disk(files.watched) or checkpoints_on_disk(files.pruned))
+            or any(p.poll() is not None for p in trainers.values())
+        ),
+        TRAIN_SECONDS,
+        "no checkpoint was saved",
+        files.context,
+    )
+
+
+def race(
+    files: RaceFiles,
+    daemon: subprocess.Popen[bytes],
+    trainers: dict[str, subprocess.Popen[bytes]],
+    pruner: PruneLoop,
+    prober: WatchedProbe,
+) -> None:
+    """The race: prune `pruned/` and probe `watched/` in a loop until both trainings are over."""
+    deadline = time.monotonic() + TRAIN_SECONDS
+    while any(p.poll() is None for p in trainers.values()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"training did not finish within {TRAIN_SECONDS:g} s\n{files.context()}", pytrace=False)
+        assert daemon.poll() is None, f"the daemon died during training ({daemon.returncode})\n{files.context()}"
+        if trainers["pruned"].poll() is None:
+            pruner.prune_pass()
+        prober.probe(files.context)
+
+
+def read_trainings(
+    files: RaceFiles, trainers: dict[str, subprocess.Popen[bytes]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str | None], dict[str, set[int]]]:
+    """Each training's summary, the checkpoint it crashed on (transformers' listing race) if it did, and the
+    final set its root must hold."""
+    expected: dict[str, set[int]] = {}
+    summary: dict[str, dict[str, Any]] = {}
+    crashed: dict[str, str | None] = {}
+    for name in trainers:
+        summary[name] = json.loads(files.summaries[name].read_text(encoding="utf-8"))
+        crashed[name] = listing_crash(summary[name])
+        expected[name] = final_set(summary[name], crashed[name] is not None)
+    return summary, crashed, expected
+
+
+def wait_until_caught_up(files: RaceFiles, expected: set[int]) -> None:
+    trash = files.watched / STATE_DIR_NAME / "trash"
+    wait_for(
+        lambda: checkpoints_on_disk(files.watched) == expected and not os.listdir(trash),
+        DAEMON_SECONDS,
+        f"the daemon did not bring the watched root to {sorted(expected)} with an empty trash",
+        files.context,
+    )
+
+
+def stop_daemon_cleanly(files: RaceFiles, daemon: subprocess.Popen[bytes]) -> None:
+    """The daemon is still alive, and stops cleanly on SIGTERM."""
+    assert daemon.poll() is None, f"the daemon is not alive at the end ({daemon.returncode})\n{files.context()}"
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=DAEMON_SECONDS) == 0, f"the daemon exited {daemon.returncode}\n{files.context()}"
+
+
+def tally_figures(
+    counts: Counter[str],
+    entries: list[dict[str, Any]],
+    cli_exits: Counter[int],
+    journals: dict[str, list[dict[str, Any]]],
+    crashed: dict[str, str | None],
+) -> None:
+    """Add to `counts` what the daemon's log, the CLI's exits and the journals show."""
     count_daemon_races(entries, counts)
     counts["watched (plan beside the daemon): `ckptkeeper prune` refused, lock held (exit 4)"] = cli_exits[EXIT_LOCKED]
-    journals = {name: json_lines(root / STATE_DIR_NAME / "journal.jsonl") for name, root in roots.items()}
     for name, journal in journals.items():
         counts[f"{name}: removals journaled"] = sum(e.get("action") == "delete" for e in journal)
         counts[f"{name}: the Trainer crashed in its own listing (the transformers race)"] = int(bool(crashed[name]))
+
+
+def print_figures(counts: Counter[str], timings: dict[str, float], on_pruned: Observer, on_watched: Observer) -> None:
     at = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
     print(f"\nraces tried (real Trainer rotation, save_total_limit={LIMIT}, {STEPS} saves per root; {at}):")
     print("| where: what | count |\n|---|---:|")
@@ -307,13 +364,17 @@ def test_ckptkeeper_races_the_real_trainers_own_rotation(tmp_path: Path) -> None
     if on_pruned.reasons or on_watched.reasons:
         print(f"half-deleted reads, by reason: {dict(on_pruned.reasons + on_watched.reasons)}")
 
-    # ---- the daemon's log: no error, no warning, no traceback ------------------------------------------
-    bad = [e for e in entries if e.get("level") not in ("debug", "info") or "exception" in e or "unparsed" in e]
-    assert not bad, f"the daemon logged failures or warnings: {bad}"
 
-    # ---- both trainings finished and loaded their best model -------------------------------------------
+def check_trainings(
+    files: RaceFiles,
+    trainers: dict[str, subprocess.Popen[bytes]],
+    summary: dict[str, dict[str, Any]],
+    crashed: dict[str, str | None],
+    journals: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Both trainings finished and loaded their best model (or crashed of transformers' own race, no other)."""
     for name, proc in trainers.items():
-        stderr_text = stderr_of[name].read_text(encoding="utf-8", errors="replace")
+        stderr_text = files.stderr_of[name].read_text(encoding="utf-8", errors="replace")
         if crash := crashed[name]:
             # The one way the training may end early here: transformers' own race (see the test below), hit by
             # a removal of ckptkeeper's landing between the rotation's glob and its stat. Nothing else.
@@ -321,18 +382,76 @@ def test_ckptkeeper_races_the_real_trainers_own_rotation(tmp_path: Path) -> None
             removed_then = [e for e in journals[name] if e.get("action") == "delete" and e["checkpoint"] == crash]
             assert removed_then, f"{name}: the Trainer crashed on {crash}, which ckptkeeper did not remove"
             continue
-        assert proc.returncode == 0, f"the {name} training failed ({proc.returncode})\n{context()}"
-        assert "Traceback" not in stderr_text and "FileNotFoundError" not in stderr_text, tail(stderr_of[name])
+        assert proc.returncode == 0, f"the {name} training failed ({proc.returncode})\n{files.context()}"
+        assert "Traceback" not in stderr_text and "FileNotFoundError" not in stderr_text, tail(files.stderr_of[name])
         s = summary[name]
         assert s["ok"] and s["error"] is None, s["error"]
         assert s["global_step"] == STEPS, s["global_step"]
         assert s["best_model_loaded"], f"{name}: the Trainer did not load its best model: {s['load_best']}"
 
+
+# ---- the test --------------------------------------------------------------------------------------
+def test_ckptkeeper_races_the_real_trainers_own_rotation(tmp_path: Path) -> None:
+    require_training_stack()
+    started = time.monotonic()
+    files = RaceFiles.under(tmp_path)
+    files.watched.mkdir()
+    files.pruned.mkdir()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": os.fspath(tmp_path / "hf-home"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    daemon = start_daemon(files, env)
+    trainers: dict[str, subprocess.Popen[bytes]] = {}
+    counts: Counter[str] = Counter()
+    pruner = PruneLoop(files.pruned, counts)
+    prober = WatchedProbe(files.watched, counts)
+    timings: dict[str, float] = {}
+    try:
+        pruner.pipeline.acquire()
+        start_trainers(files, env, trainers)
+        # The daemon is up in a second or two; the trainers take several seconds to import torch.
+        wait_until_watching(files, daemon)
+        timings["daemon watching"] = time.monotonic() - started
+        wait_for_first_save(files, trainers)
+        timings["first save"] = time.monotonic() - started
+        race(files, daemon, trainers, pruner, prober)
+        timings["training over"] = time.monotonic() - started
+        pruner.prune_pass()  # the last save's rotation is over: one more pass settles the pruned root
+        pruner.pipeline.release()
+
+        # ---- the daemon catches up, is still alive, and stops cleanly on SIGTERM ----------------------
+        summary, crashed, expected = read_trainings(files, trainers)
+        wait_until_caught_up(files, expected["watched"])
+        timings["daemon caught up"] = time.monotonic() - started
+        stop_daemon_cleanly(files, daemon)
+    finally:
+        for proc in trainers.values():
+            stop(proc)
+        stop(daemon)
+        pruner.pipeline.release()
+
+    # ---- the figures (printed first, so that a failure below still shows them) ---------------------------
+    entries = json_lines(files.daemon_log)
+    journals = {name: json_lines(root / STATE_DIR_NAME / "journal.jsonl") for name, root in files.roots.items()}
+    tally_figures(counts, entries, prober.cli_exits, journals, crashed)
+    print_figures(counts, timings, pruner.observer, prober.observer)
+
+    # ---- the daemon's log: no error, no warning, no traceback ------------------------------------------
+    bad = [e for e in entries if e.get("level") not in ("debug", "info") or "exception" in e or "unparsed" in e]
+    assert not bad, f"the daemon logged failures or warnings: {bad}"
+
+    # ---- both trainings finished and loaded their best model -------------------------------------------
+    check_trainings(files, trainers, summary, crashed, journals)
+
     # ---- ckptkeeper removed nothing its rules keep; the final sets are right and clean -----------------
-    for name, root in roots.items():
+    for name, root in files.roots.items():
         check_root(name, root, summary[name], expected[name])
-    assert not stuck, f"trash entries that could not be deleted: {stuck}"
-    assert not [o for o in outcomes if o.action == "error"], outcomes
+    assert not pruner.stuck, f"trash entries that could not be deleted: {pruner.stuck}"
+    assert not [o for o in pruner.outcomes if o.action == "error"], pruner.outcomes
     overlaps = sum(
         n for k, n in counts.items() if not k.endswith(("scans", "removed by ckptkeeper", "journaled", "(exit 4)"))
     )

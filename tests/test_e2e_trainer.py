@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,70 +97,98 @@ def expected_survivors(
     return reasons
 
 
-# ---- the test --------------------------------------------------------------------------------------
-def test_watch_prunes_a_real_trainer_run_that_loads_its_best_model(tmp_path: Path) -> None:
-    require_training_stack()
-    out = tmp_path / "out"
-    out.mkdir()
-    summary_path = tmp_path / "summary.json"
-    daemon_log, daemon_stdout = tmp_path / "daemon.log", tmp_path / "daemon.stdout"
-    train_stdout, train_stderr = tmp_path / "train.stdout", tmp_path / "train.stderr"
-    journal = out / "_ckptkeeper" / "journal.jsonl"
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HOME": os.fspath(tmp_path / "hf-home"),
-        "PYTHONUNBUFFERED": "1",
-    }
+@dataclass(frozen=True)
+class RunFiles:
+    """Where one test run's two processes write: the output directory and each process's records."""
 
-    def context() -> str:
-        return (
-            f"--- daemon log (tail)\n{tail(daemon_log)}\n--- trainer stderr (tail)\n{tail(train_stderr)}\n"
-            f"--- journal\n{tail(journal, 60)}\n--- on disk: {sorted(os.listdir(out))}"
+    out: Path
+    summary: Path
+    daemon_log: Path
+    daemon_stdout: Path
+    train_stdout: Path
+    train_stderr: Path
+    journal: Path
+
+    @classmethod
+    def under(cls, tmp_path: Path) -> RunFiles:
+        out = tmp_path / "out"
+        return cls(
+            out=out,
+            summary=tmp_path / "summary.json",
+            daemon_log=tmp_path / "daemon.log",
+            daemon_stdout=tmp_path / "daemon.stdout",
+            train_stdout=tmp_path / "train.stdout",
+            train_stderr=tmp_path / "train.stderr",
+            journal=out / "_ckptkeeper" / "journal.jsonl",
         )
 
-    with daemon_log.open("wb") as dlog, daemon_stdout.open("wb") as dout:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "ckptkeeper", "watch", os.fspath(out), "--keep", KEEP, "--settle", str(SETTLE),
+    def context(self) -> str:
+        return (
+            f"--- daemon log (tail)\n{tail(self.daemon_log)}\n--- trainer stderr (tail)\n{tail(self.train_stderr)}\n"
+            f"--- journal\n{tail(self.journal, 60)}\n--- on disk: {sorted(os.listdir(self.out))}"
+        )
+
+
+def start_daemon(files: RunFiles, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    with files.daemon_log.open("wb") as dlog, files.daemon_stdout.open("wb") as dout:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ckptkeeper", "watch", os.fspath(files.out), "--keep", KEEP, "--settle", str(SETTLE),
              "--exit-when-done", "--log-format", "json"],
-            stdout=dout, stderr=dlog, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
+            stdout=dout, stderr=dlog, stdin=subprocess.DEVNULL, cwd=cwd, env=env,
         )  # fmt: skip
+
+
+def start_trainer(files: RunFiles, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    with files.train_stdout.open("wb") as tout, files.train_stderr.open("wb") as terr:
+        return subprocess.Popen(
+            [sys.executable, os.fspath(TRAIN_SCRIPT), os.fspath(files.out), "--summary", os.fspath(files.summary),
+             "--epochs", "3", "--save-steps", "10", "--step-sleep", str(STEP_SLEEP)],
+            stdout=tout, stderr=terr, stdin=subprocess.DEVNULL, cwd=cwd, env=env,
+        )  # fmt: skip
+
+
+def train_beside_the_daemon(
+    files: RunFiles, env: dict[str, str], cwd: Path
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], float]:
+    """Start the daemon, train once it watches, and wait until both have exited: (the daemon, the trainer,
+    how long training took)."""
+    daemon = start_daemon(files, env, cwd)
     trainer: subprocess.Popen[bytes] | None = None
     try:
 
         def daemon_ready() -> bool:
-            assert daemon.poll() is None, f"the daemon exited early ({daemon.returncode})\n{context()}"
-            return any(str(e.get("message", "")).startswith("watching ") for e in json_lines(daemon_log))
+            assert daemon.poll() is None, f"the daemon exited early ({daemon.returncode})\n{files.context()}"
+            return any(str(e.get("message", "")).startswith("watching ") for e in json_lines(files.daemon_log))
 
-        wait_for(daemon_ready, DAEMON_READY_SECONDS, "the daemon did not start watching", context)
+        wait_for(daemon_ready, DAEMON_READY_SECONDS, "the daemon did not start watching", files.context)
 
         started = time.monotonic()
-        with train_stdout.open("wb") as tout, train_stderr.open("wb") as terr:
-            trainer = subprocess.Popen(
-                [sys.executable, os.fspath(TRAIN_SCRIPT), os.fspath(out), "--summary", os.fspath(summary_path),
-                 "--epochs", "3", "--save-steps", "10", "--step-sleep", str(STEP_SLEEP)],
-                stdout=tout, stderr=terr, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
-            )  # fmt: skip
+        trainer = start_trainer(files, env, cwd)
         running_trainer = trainer
-        wait_for(lambda: running_trainer.poll() is not None, TRAIN_SECONDS, "training did not finish", context)
+        wait_for(lambda: running_trainer.poll() is not None, TRAIN_SECONDS, "training did not finish", files.context)
         train_seconds = time.monotonic() - started
         wait_for(
             lambda: daemon.poll() is not None,
             DAEMON_DONE_SECONDS,
             "`ckptkeeper watch --exit-when-done` did not exit after training finished",
-            context,
+            files.context,
         )
+        return daemon, running_trainer, train_seconds
     finally:
         if trainer is not None:
             stop(trainer)
         stop(daemon)
 
-    # ---- the Trainer finished and loaded its best model, which was never taken away from it --------
-    stderr_text = train_stderr.read_text(encoding="utf-8", errors="replace")
+
+def check_trainer_loaded_its_best(
+    files: RunFiles, trainer: subprocess.Popen[bytes], train_seconds: float
+) -> dict[str, Any]:
+    """The Trainer finished and loaded its best model, which was never taken away from it; its summary."""
+    context, out = files.context, files.out
+    stderr_text = files.train_stderr.read_text(encoding="utf-8", errors="replace")
     assert trainer.returncode == 0, f"the training script failed ({trainer.returncode})\n{context()}"
     assert "FileNotFoundError" not in stderr_text, context()
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary: dict[str, Any] = json.loads(files.summary.read_text(encoding="utf-8"))
     assert summary["ok"] and summary["error"] is None, summary["error"]
     assert train_seconds < 120, f"training took {train_seconds:.0f} s; it should take well under a minute"
     load_best = summary["load_best"]
@@ -180,15 +209,23 @@ def test_watch_prunes_a_real_trainer_run_that_loads_its_best_model(tmp_path: Pat
         current_best = record["best_global_step"]
         assert f"checkpoint-{current_best}" in record["checkpoints_on_disk"], record
         assert record["best_model_checkpoint"] == os.fspath(out / f"checkpoint-{current_best}"), record
+    return summary
 
-    # ---- the daemon exited by itself -----------------------------------------------------------------
-    daemon_entries = json_lines(daemon_log)
-    assert daemon.returncode == 0, f"the daemon exited {daemon.returncode}\n{context()}"
-    assert any("exiting (--exit-when-done)" in str(e.get("message")) for e in daemon_entries), context()
+
+def check_daemon_exited_by_itself(files: RunFiles, daemon: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
+    """The daemon exited 0 once training was over, with no error logged; its log entries."""
+    daemon_entries = json_lines(files.daemon_log)
+    assert daemon.returncode == 0, f"the daemon exited {daemon.returncode}\n{files.context()}"
+    assert any("exiting (--exit-when-done)" in str(e.get("message")) for e in daemon_entries), files.context()
     errors = [e for e in daemon_entries if e.get("level") == "error" or "unparsed" in e]
     assert not errors, f"the daemon logged errors: {errors}"
+    return daemon_entries
 
-    # ---- exactly the checkpoints the rules and protections name are left -----------------------------
+
+def check_survivors(files: RunFiles, summary: dict[str, Any]) -> tuple[dict[int, list[str]], list[int]]:
+    """Exactly the checkpoints the rules and protections name are left: (step -> why it is kept, the steps
+    removed)."""
+    saves, best_step = summary["saves"], summary["best_global_step"]
     saved_steps = [record["global_step"] for record in saves]
     assert len(set(saved_steps)) == len(saved_steps), saved_steps
     for record in saves:  # the epoch each save saw is the one its eval logged
@@ -203,16 +240,21 @@ def test_watch_prunes_a_real_trainer_run_that_loads_its_best_model(tmp_path: Pat
     )
     removed = sorted(set(saved_steps) - set(survivors))
     assert removed, f"nothing was due for removal: {survivors}"
-    on_disk = checkpoints_on_disk(out)
+    on_disk = checkpoints_on_disk(files.out)
     assert on_disk == set(survivors), (
         f"on disk {sorted(on_disk)}, expected {sorted(survivors)} "
-        f"({ {s: survivors[s] for s in sorted(survivors)} }); saved {saved_steps}\n{context()}"
+        f"({ {s: survivors[s] for s in sorted(survivors)} }); saved {saved_steps}\n{files.context()}"
     )
-    trash = out / "_ckptkeeper" / "trash"
+    trash = files.out / "_ckptkeeper" / "trash"
     assert not trash.exists() or not os.listdir(trash), f"the trash still holds {os.listdir(trash)}"
+    return survivors, removed
 
-    # ---- the journal records each removal, and nothing else --------------------------------------------
-    entries = json_lines(journal)
+
+def check_journal(
+    files: RunFiles, removed: list[int], saves: list[dict[str, Any]], daemon_entries: list[dict[str, Any]]
+) -> None:
+    """The journal records each removal, and nothing else; some while the Trainer was still saving."""
+    entries = json_lines(files.journal)
     assert {e.get("action") for e in entries} <= {"start-delete", "delete"}, entries
     for step in removed:
         name = f"checkpoint-{step}"
@@ -229,9 +271,31 @@ def test_watch_prunes_a_real_trainer_run_that_loads_its_best_model(tmp_path: Pat
     for step in removed:
         assert any(m.startswith(f"checkpoint-{step} deleted: freed ") for m in daemon_messages), daemon_messages
 
-    # ---- no kept checkpoint was touched since the Trainer wrote it -------------------------------------
+
+def check_kept_untouched(out: Path, survivors: dict[int, list[str]], saves: list[dict[str, Any]]) -> None:
+    """No kept checkpoint was touched since the Trainer wrote it."""
     by_step = {record["global_step"]: record for record in saves}
     for step in sorted(survivors):
         checkpoint = out / f"checkpoint-{step}"
         assert file_listing(checkpoint) == by_step[step]["files"], f"{checkpoint.name} changed after it was saved"
         assert checkpoint.stat().st_mtime_ns == by_step[step]["dir_mtime_ns"], f"{checkpoint.name}: mtime changed"
+
+
+# ---- the test --------------------------------------------------------------------------------------
+def test_watch_prunes_a_real_trainer_run_that_loads_its_best_model(tmp_path: Path) -> None:
+    require_training_stack()
+    files = RunFiles.under(tmp_path)
+    files.out.mkdir()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": os.fspath(tmp_path / "hf-home"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    daemon, trainer, train_seconds = train_beside_the_daemon(files, env, tmp_path)
+    summary = check_trainer_loaded_its_best(files, trainer, train_seconds)
+    daemon_entries = check_daemon_exited_by_itself(files, daemon)
+    survivors, removed = check_survivors(files, summary)
+    check_journal(files, removed, summary["saves"], daemon_entries)
+    check_kept_untouched(files.out, survivors, summary["saves"])

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from ckptkeeper.engine import Policy, apply_plan, make_plan
-from ckptkeeper.policy import Protections
+from ckptkeeper.engine import PassResult, Pipeline
+from ckptkeeper.policy import Policy, Protections, RootPlan
+from ckptkeeper.render import reason_texts
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import read_run, scan_root
-from ckptkeeper.state import StateDir
 
 HF = Path(__file__).parent / "fixtures" / "hf"
 RUNS = ("A", "B", "C", "D2", "E", "G")
@@ -204,6 +204,17 @@ def real_run(hf_run: Callable[[str], Path]) -> Callable[[str], Path]:
     return make
 
 
+def make_plan(root: Path, policy: Policy, state_dir: Path) -> PassResult:
+    """Scan and plan the root, as `plan` does (no lock, nothing written)."""
+    return Pipeline.checked(root, policy, state_dir=state_dir).survey(None)
+
+
+def apply_plan(pipeline: Pipeline, plan: RootPlan) -> PassResult:
+    """Carry out the plan's removals, journaled. Like the old `engine.apply_plan`, without taking the root's
+    lock: its `_ckptkeeper.lock` would be one more entry in the root, whose listing these tests compare."""
+    return PassResult(plan, pipeline.act(plan))
+
+
 def case_id(case: tuple[str, str, bool, list[int]]) -> str:
     run, keep, protect, _ = case
     return f"{run}-{keep}" + ("" if protect else "-no-protect-trainer-best")
@@ -221,15 +232,15 @@ def test_plan_keeps_the_hand_worked_set_and_changes_nothing(
 
     result = make_plan(root, policy, state_dir)
 
-    assert result.warnings == []
-    assert [p.run.path for p in result.runs] == ["."]
-    plan = result.runs[0]
+    assert list(result.warnings) == []
+    assert [p.run.path for p in result.plan.runs] == ["."]
+    plan = result.plan.runs[0]
     assert plan.refusal is None
     assert [d.checkpoint.step for d in plan.decisions] == ALL_STEPS[run]
     assert all(d.checkpoint.complete for d in plan.decisions)
     assert [d.checkpoint.step for d in plan.kept] == expected
     assert [d.checkpoint.step for d in plan.removed] == [s for s in ALL_STEPS[run] if s not in expected]
-    assert all(d.reasons == ("no rule keeps it",) for d in plan.removed)
+    assert all(tuple(reason_texts(d.reasons)) == ("no rule keeps it",) for d in plan.removed)
     assert snapshot(root) == before
     assert not state_dir.exists()
 
@@ -240,12 +251,14 @@ def test_prune_leaves_exactly_the_kept_set_untouched(
 ) -> None:
     run, keep, protect, expected = case
     root = real_run(run)
-    state = StateDir(tmp_path / "state")
+    pipeline = Pipeline.checked(
+        root, Policy(parse_rules(keep), Protections(trainer_best=protect)), state_dir=tmp_path / "state"
+    )
+    state = pipeline.state
     before = snapshot(root)
-    policy = Policy(parse_rules(keep), Protections(trainer_best=protect))
 
-    plans = make_plan(root, policy, state.path).runs
-    totals = apply_plan(root, plans, policy, state)
+    plans = pipeline.survey(None).plan
+    totals = apply_plan(pipeline, plans)
 
     kept = checkpoint_names(expected)
     removed = checkpoint_names(ALL_STEPS[run]) - kept
@@ -262,7 +275,7 @@ def test_prune_leaves_exactly_the_kept_set_untouched(
     removed_bytes = sum(
         size for rel, (kind, size, _, _) in before.items() if rel.split("/")[0] in removed and kind != "dir"
     )
-    assert totals.bytes_freed == removed_bytes
+    assert sum(o.bytes for o in totals.removed) == removed_bytes
     journal = state.read_journal()
     assert sorted(e["checkpoint"] for e in journal if e["action"] == "delete") == sorted(removed)
     assert not state.trash.exists() or list(state.trash.iterdir()) == []
@@ -304,8 +317,8 @@ def test_sizes_count_the_files_of_a_checkpoint() -> None:
 def test_reasons_on_run_a_name_every_rule_and_protection(real_run: Callable[[str], Path], tmp_path: Path) -> None:
     root = real_run("A")
     policy = Policy(parse_rules("best:1,last:2,epoch:all"))
-    plan = make_plan(root, policy, tmp_path / "state").runs[0]
-    reasons = {d.checkpoint.step: d.reasons for d in plan.decisions}
+    plan = make_plan(root, policy, tmp_path / "state").plan.runs[0]
+    reasons = {d.checkpoint.step: tuple(reason_texts(d.reasons)) for d in plan.decisions}
     assert reasons[78] == (
         "best eval_loss=0.3849 (1/1)",
         "last 1/2",
@@ -320,15 +333,15 @@ def test_reasons_on_run_a_name_every_rule_and_protection(real_run: Callable[[str
 
 def test_trainer_best_of_b_is_52_by_accuracy(real_run: Callable[[str], Path], tmp_path: Path) -> None:
     root = real_run("B")
-    plan = make_plan(root, Policy(parse_rules("last:1")), tmp_path / "state").runs[0]
-    reasons = {d.checkpoint.step: d.reasons for d in plan.kept}
+    plan = make_plan(root, Policy(parse_rules("last:1")), tmp_path / "state").plan.runs[0]
+    reasons = {d.checkpoint.step: tuple(reason_texts(d.reasons)) for d in plan.kept}
     assert reasons == {52: ("protected: trainer best",), 104: ("last 1/1", "protected: newest")}
 
 
 def test_trainer_best_of_e_is_checkpoint_10(real_run: Callable[[str], Path], tmp_path: Path) -> None:
     root = real_run("E")
-    plan = make_plan(root, Policy(parse_rules("last:1")), tmp_path / "state").runs[0]
-    reasons = {d.checkpoint.step: d.reasons for d in plan.kept}
+    plan = make_plan(root, Policy(parse_rules("last:1")), tmp_path / "state").plan.runs[0]
+    reasons = {d.checkpoint.step: tuple(reason_texts(d.reasons)) for d in plan.kept}
     assert reasons == {10: ("protected: trainer best",), 52: ("last 1/1", "protected: newest")}
 
 
@@ -336,16 +349,16 @@ def test_a_misspelt_metric_on_a_run_with_evals_is_refused_and_nothing_moves(
     real_run: Callable[[str], Path], tmp_path: Path
 ) -> None:
     root = real_run("A")
-    state = StateDir(tmp_path / "state")
+    pipeline = Pipeline.checked(root, Policy(parse_rules("best:1:acuracy")), state_dir=tmp_path / "state")
     before = snapshot(root)
-    policy = Policy(parse_rules("best:1:acuracy"))
-    plans = make_plan(root, policy, state.path).runs
+    root_plan = pipeline.survey(None).plan
+    plans = root_plan.runs
     assert plans[0].refusal == (
         "rule 'best:1:eval_acuracy': no checkpoint of run '.' has eval_acuracy; the metrics it has are "
         "eval_accuracy, eval_loss, eval_runtime, eval_samples_per_second, eval_steps_per_second"
     )
     assert plans[0].removed == ()
-    totals = apply_plan(root, plans, policy, state)
+    totals = apply_plan(pipeline, root_plan)
     assert totals.outcomes == []
     assert snapshot(root) == before
 
@@ -355,7 +368,7 @@ def test_c_refuses_a_metric_that_only_its_last_checkpoint_could_have(
 ) -> None:
     # Only checkpoint-52 has metrics at its own step; they still count as "the run has eval metrics".
     root = real_run("C")
-    plan = make_plan(root, Policy(parse_rules("best:1:f1")), tmp_path / "state").runs[0]
+    plan = make_plan(root, Policy(parse_rules("best:1:f1")), tmp_path / "state").plan.runs[0]
     assert plan.refusal is not None
     assert "has eval_f1" in plan.refusal
     assert plan.removed == ()
@@ -365,7 +378,7 @@ def test_d2_without_any_eval_is_not_refused_for_a_misspelt_metric(
     real_run: Callable[[str], Path], tmp_path: Path
 ) -> None:
     root = real_run("D2")
-    plan = make_plan(root, Policy(parse_rules("best:1:acuracy")), tmp_path / "state").runs[0]
+    plan = make_plan(root, Policy(parse_rules("best:1:acuracy")), tmp_path / "state").plan.runs[0]
     assert plan.refusal is None
     assert [d.checkpoint.step for d in plan.kept] == [52]
 
@@ -376,11 +389,11 @@ def test_all_six_runs_under_one_root_are_judged_each_on_its_own(
     for run in RUNS:
         real_run(run)
     root = tmp_path / "outputs"
-    state = StateDir(root / "_ckptkeeper")
-    policy = Policy(parse_rules("best:1,last:2,epoch:all"))
-    result = make_plan(root, policy, state.path)
-    assert [p.run.path for p in result.runs] == list(RUNS)
-    apply_plan(root, result.runs, policy, state)
+    pipeline = Pipeline.checked(root, Policy(parse_rules("best:1,last:2,epoch:all")), state_dir=root / "_ckptkeeper")
+    state = pipeline.state
+    result = pipeline.survey(None)
+    assert [p.run.path for p in result.plan.runs] == list(RUNS)
+    apply_plan(pipeline, result.plan)
     # The same hand-worked sets as in CASES for "best:1,last:2,epoch:all".
     expected = {
         "A": [20, 50, 70, 78],

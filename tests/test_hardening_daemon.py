@@ -70,9 +70,11 @@ def test_a_stop_during_a_long_archive_copy_honours_the_grace_and_starts_nothing_
     )
     try:
         wait_until(
-            lambda: any(p.name.startswith(ARCHIVE_TEMP_PREFIX) for p in (archive / "run").glob("*"))
-            if (archive / "run").is_dir()
-            else False,
+            lambda: (
+                any(p.name.startswith(ARCHIVE_TEMP_PREFIX) for p in (archive / "run").glob("*"))
+                if (archive / "run").is_dir()
+                else False
+            ),
             30,
             watch.describe,
         )

@@ -19,9 +19,9 @@ import pytest
 from cliutil import bind_mount, ckptkeeper
 from watchutil import Watch, steps, wait_until
 
-from ckptkeeper.engine import Policy, apply_plan, make_plan
+from ckptkeeper.engine import Pipeline
 from ckptkeeper.layout import Layout, LayoutError
-from ckptkeeper.policy import Protections
+from ckptkeeper.policy import Policy, Protections
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import OWNER_MARK, ROOT_LOCK_NAME, STATE_DIR_NAME, StateDir
@@ -285,12 +285,14 @@ def test_a_run_directory_swapped_for_a_symlink_mid_prune_never_costs_anything_ou
     for _ in range(ROUNDS):
         shutil.rmtree(root, ignore_errors=True)
         simulate_run(root / "run", SMALL)
-        state = StateDir(root / STATE_DIR_NAME)
-        plan = make_plan(root, policy, state.path)
+        pipeline = Pipeline.checked(root, policy, state_dir=root / STATE_DIR_NAME)
+        state = pipeline.state
+        plan = pipeline.survey(None)
         swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(root), str(outside)], stdout=subprocess.PIPE)
         try:
             assert swapper.stdout is not None and swapper.stdout.readline() == b"swapping\n"
-            for o in apply_plan(root, plan.runs, policy, state).outcomes:
+            pipeline.acquire()
+            for o in [o for r in pipeline.act(plan.plan) for o in r.outcomes]:
                 outcomes[o.action] = outcomes.get(o.action, 0) + 1
         finally:
             swapper.kill()
@@ -359,9 +361,7 @@ def test_nothing_ckptkeeper_creates_in_an_output_dir_is_uploaded_by_push_to_hub(
     os.rename(output_dir / "checkpoint-5", state.trash / "0123456789ab.checkpoint-5")  # a removal under way
     (output_dir / "_ckptkeeper-trash" / "0123456789ab.checkpoint-10").mkdir(parents=True)
     try:
-        files = [
-            os.path.relpath(os.path.join(d, n), output_dir) for d, _, names in os.walk(output_dir) for n in names
-        ]
+        files = [os.path.relpath(os.path.join(d, n), output_dir) for d, _, names in os.walk(output_dir) for n in names]
         uploaded = list(hub.filter_repo_objects(files, ignore_patterns=["_*", "checkpoint-*"]))
         assert uploaded == ["README.md"], uploaded
         ours = [f for f in files if "ckptkeeper" in f]

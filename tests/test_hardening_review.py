@@ -21,11 +21,11 @@ import pytest
 from cliutil import bind_mount, ckptkeeper
 from watchutil import Watch, steps, wait_until
 
-from ckptkeeper.engine import Policy, apply_plan, make_plan
-from ckptkeeper.policy import Protections
+from ckptkeeper.engine import Pipeline
+from ckptkeeper.policy import Policy, Protections
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.simtrainer import SimConfig, simulate_run
-from ckptkeeper.state import STATE_DIR_NAME, StateDir
+from ckptkeeper.state import STATE_DIR_NAME
 
 SMALL = SimConfig(steps_per_epoch=10, epochs=2, save_steps=5, eval_steps=5)  # checkpoints 5, 10, 15, 20
 LOOPFS = Path(__file__).parent / "loopfs.py"
@@ -138,16 +138,17 @@ def test_a_checkpoint_rewritten_in_place_after_the_plan_is_left_alone(tmp_path: 
     root = tmp_path / "out"
     simulate_run(root / "run", SMALL)
     policy = Policy(parse_rules("last:1"), Protections(trainer_best=False))
-    state = StateDir(root / STATE_DIR_NAME)
-    plan = make_plan(root, policy, state.path)
+    pipeline = Pipeline.checked(root, policy, state_dir=root / STATE_DIR_NAME)
+    plan = pipeline.survey(None).plan
     optimizer = root / "run" / "checkpoint-15" / "optimizer.pt"
     size = optimizer.stat().st_size
     optimizer.write_bytes(os.urandom(size))  # rewritten in place: same size
+    pipeline.acquire()
     try:
-        totals = apply_plan(root, plan.runs, policy, state)
+        results = pipeline.act(plan)
     finally:
-        state.close()
-    assert [(o.checkpoint, o.action) for o in totals.outcomes] == [
+        pipeline.state.close()
+    assert [(o.checkpoint, o.action) for r in results for o in r.outcomes] == [
         ("checkpoint-5", "delete"),
         ("checkpoint-10", "delete"),
         ("checkpoint-15", "skipped"),
@@ -170,7 +171,7 @@ def test_an_evaluation_result_written_into_an_older_checkpoint_never_costs_the_r
     plan = ckptkeeper("plan", root, "--keep", "last:1", "--json")
     assert plan.returncode == 0, plan
     [run] = json.loads(plan.stdout)["runs"]
-    decisions = {c["name"]: (c["decision"], c["reasons"]) for c in run["checkpoints"]}
+    decisions = {c["name"]: (c["decision"], [r["text"] for r in c["reasons"]]) for c in run["checkpoints"]}
     assert decisions["checkpoint-20"][0] == "keep" and "protected: newest written" in decisions["checkpoint-20"][1]
     assert decisions["checkpoint-10"][0] == "keep" and "protected: newest written" in decisions["checkpoint-10"][1]
     assert decisions["checkpoint-500"][0] == "delete"

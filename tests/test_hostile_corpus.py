@@ -1239,6 +1239,7 @@ ROOT_CASES = [
     ),
 ]
 
+
 def _three_checkpoints(root: Path) -> None:
     for step in (10, 20, 30):
         checkpoint(root / "run", step, epoch=step / 10, loss=STD_LOSSES[step])
@@ -1454,7 +1455,7 @@ def decisions(plan: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     for run in plan["runs"]:
         for c in run["checkpoints"]:
             key = c["name"] if run["run"] == "." else f"{run['run']}/{c['name']}"
-            reasons = ", ".join(c["reasons"])
+            reasons = ", ".join(r["text"] for r in c["reasons"])
             if not c["complete"]:
                 assert c["decision"] == KEEP, (key, c)
                 assert c["incomplete_reason"] and f"incomplete: {c['incomplete_reason']}" in reasons

@@ -18,6 +18,7 @@ import pytest
 
 from ckptkeeper.model import Action, Checkpoint, Run, RunPlan
 from ckptkeeper.policy import NO_RULE, Protections, plan_run, refusal
+from ckptkeeper.render import reason_texts
 from ckptkeeper.rules import Best, Last, parse_rules
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -130,7 +131,10 @@ def render(case: Case, plan: RunPlan) -> str:
         f"refusal: {plan.refusal or 'none'}",
     ]
     width = max(len(d.checkpoint.name) for d in plan.decisions)
-    lines += [f"{d.checkpoint.name:<{width}}  {d.action.value:<7}  {'; '.join(d.reasons)}" for d in plan.decisions]
+    lines += [
+        f"{d.checkpoint.name:<{width}}  {d.action.value:<7}  {'; '.join(reason_texts(d.reasons))}"
+        for d in plan.decisions
+    ]
     lines.append(f"kept {len(plan.kept)}, removed {len(plan.removed)}")
     return "\n".join(lines) + "\n"
 
@@ -142,7 +146,7 @@ def check_invariants(run: Run, plan: RunPlan, protections: Protections, removal:
     assert [d.checkpoint.step for d in plan.decisions] == sorted(c.step for c in run.checkpoints)
     for d in plan.decisions:
         assert d.reasons, d
-        assert all(r.strip() for r in d.reasons), d
+        assert all(r.strip() for r in reason_texts(d.reasons)), d
         assert d.action in (Action.KEEP, removal), d
     kept = {d.checkpoint.step for d in plan.kept}
     assert {c.step for c in run.checkpoints if not c.complete} <= kept
@@ -150,7 +154,8 @@ def check_invariants(run: Run, plan: RunPlan, protections: Protections, removal:
     if complete:
         newest = max(complete, key=lambda c: c.step)
         assert newest.step in kept
-        assert "protected: newest" in next(d for d in plan.decisions if d.checkpoint.step == newest.step).reasons
+        newest_decision = next(d for d in plan.decisions if d.checkpoint.step == newest.step)
+        assert "protected: newest" in reason_texts(newest_decision.reasons)
         for best in newest.trainer_best_steps if protections.trainer_best else ():
             if best in {c.step for c in run.checkpoints}:
                 assert best in kept
@@ -219,8 +224,8 @@ def test_best_rule_on_a_missing_metric_is_refused_naming_the_metrics_that_exist(
     assert plan.removed == ()
     # the rules that do apply still say why they keep what they keep; the rest says why it stays
     by_step = {d.checkpoint.step: d for d in plan.decisions}
-    assert by_step[100].reasons == ("last 2/2",)
-    assert by_step[10].reasons == ("refused: nothing is removed in this run",)
+    assert tuple(reason_texts(by_step[100].reasons)) == ("last 2/2",)
+    assert tuple(reason_texts(by_step[10].reasons)) == ("refused: nothing is removed in this run",)
 
 
 def test_refusal_names_the_run() -> None:
@@ -247,7 +252,7 @@ def test_a_run_without_any_eval_is_not_refused_and_best_keeps_nothing_there() ->
     plan = plan_run(run, rules)
     check_invariants(run, plan, Protections(), Action.DELETE)
     assert plan.refusal is None
-    assert [(d.checkpoint.step, d.action, d.reasons) for d in plan.decisions] == [
+    assert [(d.checkpoint.step, d.action, tuple(reason_texts(d.reasons))) for d in plan.decisions] == [
         (100, Action.DELETE, ("no rule keeps it",)),
         (200, Action.DELETE, ("no rule keeps it",)),
         (300, Action.DELETE, ("no rule keeps it",)),

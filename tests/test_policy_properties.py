@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptkeeper.model import Action, Checkpoint, Run, RunPlan
+from ckptkeeper.model import Action, Checkpoint, Reason, Run, RunPlan
 from ckptkeeper.policy import Protections, plan_run, refusal
+from ckptkeeper.render import reason_text, reason_texts
 from ckptkeeper.rules import AnyRule, Best, Epoch, Every, Last, epoch_bucket
 
 FAST = settings(max_examples=60, deadline=None)
@@ -113,7 +114,7 @@ def test_decisions_partition_the_input(
         assert d.reasons
         assert d.action in (Action.KEEP, removal)
         if not d.kept:
-            assert d.reasons == ("no rule keeps it",)
+            assert tuple(reason_texts(d.reasons)) == ("no rule keeps it",)
     assert (plan.refusal is not None) == (refusal(run, rule_list) is not None)
     if plan.refusal:
         assert plan.removed == ()
@@ -143,17 +144,17 @@ def test_incomplete_newest_complete_and_trainer_best_are_never_removed(
     for c in run.checkpoints:
         if not c.complete:
             assert c.step in kept
-            assert f"incomplete: {c.incomplete_reason}" in by_step[c.step].reasons
+            assert f"incomplete: {c.incomplete_reason}" in reason_texts(by_step[c.step].reasons)
     newest = newest_complete(run)
     if newest is None:
         return
-    assert "protected: newest" in by_step[newest.step].reasons
+    assert "protected: newest" in reason_texts(by_step[newest.step].reasons)
     for best in newest.trainer_best_steps if protect.trainer_best else ():
         if best in by_step:
             assert best in kept
-            assert "protected: trainer best" in by_step[best].reasons
+            assert "protected: trainer best" in reason_texts(by_step[best].reasons)
     if not protect.trainer_best:
-        assert not any("protected: trainer best" in d.reasons for d in plan.decisions)
+        assert not any("protected: trainer best" in reason_texts(d.reasons) for d in plan.decisions)
 
 
 @FAST
@@ -195,7 +196,8 @@ def better(rule: Best, a: Checkpoint, b: Checkpoint) -> bool:
     return a.step < b.step
 
 
-def check_rule(rule: AnyRule, complete: Sequence[Checkpoint], keeps: dict[int, str]) -> None:
+def check_rule(rule: AnyRule, complete: Sequence[Checkpoint], kept_by: dict[int, Reason]) -> None:
+    keeps = {step: reason_text(why) for step, why in kept_by.items()}
     steps = {c.step for c in complete}
     assert set(keeps) <= steps
     match rule:

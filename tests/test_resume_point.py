@@ -26,6 +26,7 @@ from watchutil import TrainerThread, Watch, journal, steps, wait_until
 
 from ckptkeeper.model import Action, Checkpoint, MixedRuns, Run, RunPlan
 from ckptkeeper.policy import Protections, plan_run
+from ckptkeeper.render import reason_texts
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.simtrainer import SimConfig, SimulatedTrainer, simulate_run
 
@@ -62,7 +63,7 @@ def plan(keep: str, *checkpoints: Checkpoint, trainer_best: bool = True) -> RunP
 
 def table(p: RunPlan) -> dict[int, tuple[str, ...]]:
     """step -> the reasons it is kept, or ("delete",)."""
-    return {d.checkpoint.step: d.reasons if d.kept else ("delete",) for d in p.decisions}
+    return {d.checkpoint.step: tuple(reason_texts(d.reasons)) if d.kept else ("delete",) for d in p.decisions}
 
 
 def mixed(p: RunPlan) -> tuple[int, int, list[int]] | None:
@@ -302,7 +303,7 @@ def test_plan_json_on_the_issues_directory(reused: Path) -> None:
         "highest_step": "checkpoint-1000",
         "stale": ["checkpoint-1000"],
     }
-    assert {c["name"]: (c["decision"], c["reasons"]) for c in run["checkpoints"]} == {
+    assert {c["name"]: (c["decision"], [r["text"] for r in c["reasons"]]) for c in run["checkpoints"]} == {
         "checkpoint-10": ("delete", ["no rule keeps it"]),
         "checkpoint-20": ("keep", ["protected: newest written"]),
         "checkpoint-1000": ("keep", ["last 1/1", "protected: newest"]),
@@ -382,7 +383,7 @@ def test_a_resumed_run_that_rewrote_a_higher_checkpoint_through_plan_and_prune(t
         "highest_step": "checkpoint-50",
         "stale": ["checkpoint-50"],
     }
-    assert {c["step"]: c["reasons"] for c in run["checkpoints"] if c["decision"] == "keep"} == {
+    assert {c["step"]: [r["text"] for r in c["reasons"]] for c in run["checkpoints"] if c["decision"] == "keep"} == {
         40: ["protected: newest written"],
         50: ["last 1/1", "protected: newest"],
     }

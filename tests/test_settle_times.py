@@ -39,7 +39,6 @@ RNG_STATE_BYTES = 14_455  # a real Trainer's rng_state.pth (CPU), as the fixture
 FUTURE = 3600.0  # a writer's clock an hour ahead
 
 
-
 def _run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -386,7 +385,8 @@ def test_one_look_calls_future_file_times_incomplete(tmp_path: Path) -> None:
     assert found, plan["checkpoint-8"]
     assert 3500 <= int(found.group(1)) <= 3600
     assert plan["checkpoint-8"]["decision"] == "keep"
-    assert "last 1/1" in plan["checkpoint-6"]["reasons"]  # the future one does not count for the rules
+    # the future one does not count for the rules
+    assert "last 1/1" in [r["text"] for r in plan["checkpoint-6"]["reasons"]]
     _prune(root, "--keep", "last:1", "--settle", "5")
     assert steps(run) == [6, 8]
 
@@ -415,8 +415,8 @@ def test_an_empty_rank_file_keeps_a_checkpoint_incomplete_for_plan_and_prune(tmp
     assert not plan["checkpoint-8"]["complete"]
     assert plan["checkpoint-8"]["incomplete_reason"] == EMPTY_REASON
     assert plan["checkpoint-8"]["decision"] == "keep"
-    assert plan["checkpoint-8"]["reasons"][0] == f"incomplete: {EMPTY_REASON}"
-    assert "last 1/1" in plan["checkpoint-6"]["reasons"]  # checkpoint-8 does not count for last:1
+    assert plan["checkpoint-8"]["reasons"][0]["text"] == f"incomplete: {EMPTY_REASON}"
+    assert "last 1/1" in [r["text"] for r in plan["checkpoint-6"]["reasons"]]  # checkpoint-8 does not count for last:1
     assert [plan[f"checkpoint-{s}"]["decision"] for s in (2, 4)] == ["delete", "delete"]
     _prune(root, "--keep", "last:1")
     assert steps(run) == [6, 8]
@@ -433,7 +433,7 @@ def test_an_empty_rank_file_keeps_a_checkpoint_incomplete_for_plan_and_prune(tmp
     _wait_past(_newest_change(directory) + 3)
     plan = _plan(root, "--keep", "last:1", "--settle", "3")
     assert plan["checkpoint-8"]["complete"], plan["checkpoint-8"]
-    assert "last 1/1" in plan["checkpoint-8"]["reasons"]
+    assert "last 1/1" in [r["text"] for r in plan["checkpoint-8"]["reasons"]]
     _prune(root, "--keep", "last:1", "--settle", "3")
     assert steps(run) == [8]
 

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 
 from ckptkeeper.integrity import safetensors_problem
 from ckptkeeper.policy import plan_run
+from ckptkeeper.render import reason_texts
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import checkpoint_step, read_checkpoint, scan_root
 from ckptkeeper.simtrainer import (
@@ -589,7 +590,7 @@ def test_trainer_best_protection_keeps_what_load_best_model_at_end_loads(tmp_pat
     assert (final["best_global_step"], final["best_model_checkpoint"]) == (75, str(tmp_path / "run" / "checkpoint-70"))
     [run] = scan_root(tmp_path / "run").runs
     plan = plan_run(run, parse_rules("last:1"))
-    kept = {d.checkpoint.step: d.reasons for d in plan.kept}
+    kept = {d.checkpoint.step: reason_texts(d.reasons) for d in plan.kept}
     assert 70 in kept, f"checkpoint-70 (best_model_checkpoint) is removed; kept: {kept}"
     assert "protected: trainer best" in kept[70]
 

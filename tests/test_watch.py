@@ -46,6 +46,7 @@ NO_RESCAN = ("--rescan-interval", "3600")  # only events (and settle re-checks) 
 # 8 steps, a checkpoint every 2 (2, 4, 6, 8), no eval and no Trainer best: `last:N` alone decides.
 SMALL = SimConfig(steps_per_epoch=4, epochs=2, save_steps=2, eval_strategy="no", metric_for_best_model=None)
 
+
 def rm_rf(path: Path) -> None:
     """`rm -rf`: what another process removes meanwhile (the daemon's reaper emptying its trash) is fine."""
 

@@ -18,7 +18,7 @@ import pytest
 from watchdog.observers.api import BaseObserver
 from watchutil import steps, wait_until
 
-from ckptkeeper.engine import Policy
+from ckptkeeper.policy import Policy
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import StateDir
@@ -189,20 +189,20 @@ def test_a_periodic_rescan_of_an_unchanged_run_plans_nothing_again_and_a_change_
 ) -> None:
     """What makes a warm full rescan of 10,000 checkpoints cheap: a run whose trusted checkpoints are the very
     same as at its last pass, which had nothing to remove, is not planned again; any change to it is."""
-    from ckptkeeper import watch as watch_module
+    from ckptkeeper import policy as policy_module
 
     root = tmp_path / "outputs"
     simulate_run(root / "a", SMALL)
     simulate_run(root / "b", SMALL)
     daemon = Daemon(root, Policy(parse_rules("last:4")), root / "_ckptkeeper", WatchOptions(settle=0.0))
     planned: list[str] = []
-    real_plan_run = watch_module.plan_run
+    real_plan_run = policy_module.plan_run
 
     def counting_plan_run(run: Any, *args: Any) -> Any:
         planned.append(run.path)
         return real_plan_run(run, *args)
 
-    monkeypatch.setattr(watch_module, "plan_run", counting_plan_run)
+    monkeypatch.setattr(policy_module, "plan_run", counting_plan_run)
     daemon.reconcile_all()
     assert sorted(planned) == ["a", "b"]
     planned.clear()

@@ -1,0 +1,142 @@
+"""The reconciler: one pass of the watch daemon over the runs its inbox names.
+
+For each run: scan it (`Pipeline.scan`, trusting the run tracker's cache on periodic passes), skip it if
+nothing changed since a pass that had nothing to do, plan it (with the refusals the tracker knows of other
+runs: a refusal holds the whole root), act, and hand the `RunResult` to the run tracker and the decision
+log. Nothing is scanned or planned twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from ckptkeeper.decision_log import DecisionLog
+from ckptkeeper.engine import Pipeline
+from ckptkeeper.inbox import Pending
+from ckptkeeper.metrics import Metrics, count_outcome
+from ckptkeeper.model import Outcome, Run, RunPlan
+from ckptkeeper.policy import RootPlan
+from ckptkeeper.reaper import Reaper
+from ckptkeeper.render import shown
+from ckptkeeper.scan import run_path
+from ckptkeeper.tracker import RunTracker
+
+log = logging.getLogger("ckptkeeper")
+T = TypeVar("T")
+
+
+class Reconciler:
+    """Owned by the daemon's main loop: every method runs there."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        tracker: RunTracker,
+        decision_log: DecisionLog,
+        metrics: Metrics,
+        reaper: Reaper,
+        stop_event: threading.Event,
+    ) -> None:
+        self.pipeline = pipeline
+        self.tracker = tracker
+        self.decision_log = decision_log
+        self.metrics = metrics
+        self.reaper = reaper
+        self.stop_event = stop_event
+
+    @property
+    def root(self) -> Path:
+        return self.pipeline.root
+
+    def reconcile(self, pending: Pending) -> None:
+        if pending.full:
+            self.reaper.retry_stuck()
+            self.reconcile_all(pending.trusting, pending.runs)
+            return
+        targets = set(pending.runs)
+        for top in pending.subtrees:
+            if top.is_dir() and not top.is_symlink():
+                targets.update(self.pipeline.find_runs(top))
+        present = [d for d in sorted(targets) if d.is_dir() or d in self.tracker.known_runs]
+        self.reconcile_runs(present, time.time())
+
+    def reconcile_all(self, trusting: bool = False, distrusted: Collection[Path] = ()) -> None:
+        """Rescan every run; `trusting` as in ContentCache, except for the `distrusted` runs (events came)."""
+        found = set(self.pipeline.find_runs()) if self.root.is_dir() else set()
+        for gone in self.tracker.known_runs - found:
+            self.tracker.forget(gone, run_path(self.root, gone))
+        trusted = set() if not trusting else found - set(distrusted)
+        self.reconcile_runs(sorted(found), time.time(), trusted)
+
+    def reconcile_runs(self, run_dirs: Sequence[Path], now: float, trusted: Collection[Path] = ()) -> None:
+        """One pass over these runs: scan them all, plan those that changed together (so a refusal found in
+        one holds the others in this very pass), then act run by run. Whatever goes wrong in one run (a bug,
+        a file no check foresaw) is logged once and retried at the next pass, and never stops the others."""
+        scanned: list[tuple[Path, Run]] = []
+        for run_dir in run_dirs:
+            if self.stop_event.is_set():
+                return
+            run = self._safely(run_dir, functools.partial(self._scan, run_dir, now, run_dir in trusted))
+            if run is not None:
+                scanned.append((run_dir, run))
+        planned = self.pipeline.plan([run for _, run in scanned], self._refused_outside(scanned))
+        for (run_dir, _), run_plan in zip(scanned, planned.runs, strict=True):
+            if self.stop_event.is_set():
+                return
+            if self._safely(run_dir, functools.partial(self._act, run_dir, run_plan, planned, now)):
+                self.tracker.crashed.pop(run_dir, None)
+
+    def _refused_outside(self, scanned: Sequence[tuple[Path, Run]]) -> set[str]:
+        these = {run.path for _, run in scanned}
+        return {run for run in self.tracker.refused if run not in these}
+
+    def _scan(self, run_dir: Path, now: float, trusting: bool) -> Run | None:
+        """The run as on disk now, or None when there is nothing to plan: no checkpoint left (the run is
+        forgotten), or the very same checkpoints as at a pass that had nothing to do."""
+        [run] = self.pipeline.scan([run_dir], now, self.tracker.cache, trusting)
+        if not run.checkpoints:
+            self.tracker.forget(run_dir, run.path)
+            self.tracker.recheck_at.pop(run_dir, None)
+            self.metrics.set_run(run.path, seen=0, kept=0)
+            return None
+        return None if self.tracker.unchanged(run_dir, run) else run
+
+    def _act(self, run_dir: Path, plan: RunPlan, root_plan: RootPlan, now: float) -> bool:
+        self.decision_log.planned(plan)
+        [result] = self.pipeline.act(RootPlan((plan,), root_plan.refused_runs), self._on_outcome)
+        self.decision_log.after(result)
+        self.metrics.set_run(plan.run.path, seen=len(result.after.checkpoints), kept=len(plan.kept))
+        if self.tracker.record(run_dir, result, now, self.pipeline.dry_run):
+            self.decision_log.finished(plan, self.pipeline.dry_run)
+        return True
+
+    def _safely(self, run_dir: Path, step: Callable[[], T]) -> T | None:
+        try:
+            return step()
+        except Exception as e:
+            said = f"{type(e).__name__}: {e}"
+            if self.tracker.crashed_once(run_dir, run_path(self.root, run_dir), said):
+                log.exception(
+                    "run %s could not be reconciled (%s); retried at the next pass", shown(str(run_dir)), said
+                )
+            return None
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        count_outcome(self.metrics, outcome)
+        self.decision_log.outcome(outcome)
+
+    def refused_runs(self) -> list[str]:
+        return self.tracker.refused_runs({run_path(self.root, r) for r in self.tracker.known_runs})
+
+    def all_done(self) -> bool:
+        """Every run finished and pruned, and nothing left to delete: a removal that keeps failing (in a run
+        or in the trash) holds the exit until it goes through."""
+        runs = {run_path(self.root, r) for r in self.tracker.known_runs}
+        settled = self.reaper.queue.unfinished_tasks == 0 and not self.reaper.stuck and not self.decision_log.failing
+        return bool(runs) and runs <= self.tracker.finished_runs and settled
