@@ -48,9 +48,9 @@ from benchmarks.common import (
     summarize,
 )
 from ckptkeeper import actions
+from ckptkeeper.reaper import Reaper
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import StateDir
-from ckptkeeper.reaper import Reaper
 
 TARGET_RATIO = 1.1  # delete and archive to another filesystem, vs the shell (from the issue; never asserted)
 GiB = 1 << 30
