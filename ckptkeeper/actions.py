@@ -89,7 +89,7 @@ def _split_below(root: Path, checkpoint: Path, verb: str) -> list[str]:
 
 
 def _past(verb: str) -> str:
-    return "removed" if verb == "remove" else "archived"
+    return {"remove": "removed", "archive": "archived", "slim": "slimmed"}.get(verb, f"{verb}d")
 
 
 def _link_problem(root: Path, checkpoint: Path) -> str:

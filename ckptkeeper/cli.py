@@ -78,8 +78,14 @@ def _check_keep(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
 
 
 def policy_options(command: F) -> F:
-    """The options plan and prune share: everything that decides what is kept."""
-    decorators = [
+    """The options plan, prune and watch share: everything that decides what is kept."""
+    for decorator in reversed([*_rule_options(), *_path_options()]):
+        command = decorator(command)
+    return command
+
+
+def _rule_options() -> list[Callable[[F], F]]:
+    return [
         click.argument("root", required=False, type=click.Path(path_type=Path)),
         click.option(
             "--keep",
@@ -91,6 +97,24 @@ def policy_options(command: F) -> F:
             "Repeat --keep to add rules (merged as if joined by commas). Given, they replace the `keep` of "
             "CKPTKEEPER_KEEP and of --config as a whole (flags over environment over config file).",
         ),
+        click.option(
+            "--keep-weights",
+            multiple=True,
+            callback=_check_keep,
+            metavar="RULES",
+            help="Rules, as for --keep, for checkpoints to keep as weights only: what only these keep loses its "
+            "resume state (optimizer, scheduler, RNG states) and keeps everything needed to load the model.",
+        ),
+        click.option(
+            "--protect-trainer-best/--no-protect-trainer-best",
+            default=None,
+            help="Always keep the checkpoint the Trainer calls best (default: on).",
+        ),
+    ]
+
+
+def _path_options() -> list[Callable[[F], F]]:
+    return [
         click.option(
             "--config",
             "-c",
@@ -110,20 +134,12 @@ def policy_options(command: F) -> F:
         ),
         click.option("--max-depth", type=int, help="How deep below ROOT to look for run directories. Default: 4"),
         click.option(
-            "--protect-trainer-best/--no-protect-trainer-best",
-            default=None,
-            help="Always keep the checkpoint the Trainer calls best (default: on).",
-        ),
-        click.option(
             "--settle",
             type=float,
             metavar="SECONDS",
             help="Treat a checkpoint changed less than this long ago as incomplete. Default: 0 (watch: 2)",
         ),
     ]
-    for decorator in reversed(decorators):
-        command = decorator(command)
-    return command
 
 
 def _settings(flags: dict[str, Any]) -> Settings:
@@ -145,7 +161,7 @@ def _root(settings: Settings) -> Path:
 @contextlib.contextmanager
 def _domain_errors() -> Iterator[None]:
     """The library's domain errors, as click errors with their exit codes. Nothing else is decided here."""
-    from ckptkeeper.engine import RetentionRefused, StateDirUnusable
+    from ckptkeeper.engine import NotSupported, RetentionRefused, StateDirUnusable
     from ckptkeeper.layout import LayoutError
     from ckptkeeper.state import LockHeld
 
@@ -153,7 +169,7 @@ def _domain_errors() -> Iterator[None]:
         yield
     except RetentionRefused as e:
         raise Refused(str(e)) from None
-    except LayoutError as e:
+    except (LayoutError, NotSupported) as e:
         raise ConfigProblem(str(e)) from None
     except LockHeld as e:
         raise Locked(str(e)) from None
@@ -325,11 +341,19 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     "--keep",
     "-k",
     multiple=True,
-    default=["best:1,last:5,epoch:all"],
+    default=["best:1,last:5"],
     show_default=True,
     callback=_check_keep,
     metavar="RULES",
     help="Keep rules, as for watch; repeat --keep to add rules (merged as if joined by commas).",
+)
+@click.option(
+    "--keep-weights",
+    multiple=True,
+    callback=_check_keep,
+    metavar="RULES",
+    help="Rules for checkpoints kept as weights only, as for watch. Default: epoch:all with the default --keep, "
+    "none with a --keep of your own.",
 )
 @click.option(
     "--dir",
@@ -346,7 +370,8 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     metavar="SECONDS",
     help="Seconds per simulated training step.",
 )
-def demo(keep: str, directory: Path | None, pace: float) -> None:
+@click.pass_context
+def demo(ctx: click.Context, keep: str, keep_weights: str | None, directory: Path | None, pace: float) -> None:
     """Watch a simulated Trainer run live: each checkpoint kept or deleted as it completes, then what is left.
 
     \b
@@ -356,7 +381,10 @@ def demo(keep: str, directory: Path | None, pace: float) -> None:
     from ckptkeeper.demo import DemoDirError, run_demo
 
     try:
-        run_demo(keep, directory, click.echo, pace)
+        if keep_weights is None:  # the default policy shows weights-only milestones; rules of your own, only those
+            default = ctx.get_parameter_source("keep") is click.core.ParameterSource.DEFAULT
+            keep_weights = "epoch:all" if default else ""
+        run_demo(keep, directory, click.echo, pace, keep_weights)
     except DemoDirError as e:
         raise click.BadParameter(str(e), param_hint="'--dir'") from None
 

@@ -58,6 +58,7 @@ class Settings(BaseModel):
 
     root: PathSetting | None = None
     keep: list[RuleText] = Field(default_factory=list)
+    keep_weights: list[RuleText] = Field(default_factory=list)  # what these alone keep is kept weights-only
     archive_to: PathSetting | None = None
     state_dir: PathSetting | None = None
     max_depth: StrictInt = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
@@ -75,7 +76,7 @@ class Settings(BaseModel):
     metrics_port: StrictInt | None = Field(None, ge=0, le=65535)  # None: no metrics server; 0: any free port
     metrics_host: str = "127.0.0.1"
 
-    @field_validator("keep", mode="before")
+    @field_validator("keep", "keep_weights", mode="before")
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
         """`keep` may be written `best:1,last:5` as well as a list of rules."""
@@ -90,6 +91,7 @@ class Settings(BaseModel):
         return Policy(
             rules=parse_rules(self.rules_text()),
             protections=Protections(trainer_best=self.protect_trainer_best),
+            weight_rules=parse_rules(",".join(self.keep_weights)),
             removal=Action.ARCHIVE if self.archive_to else Action.DELETE,
         )
 
@@ -224,7 +226,7 @@ def _one_line(error: Exception) -> str:
 ENV_PREFIX = "CKPTKEEPER_"
 CONFIG_ENV = "CKPTKEEPER_CONFIG"
 # Settings whose environment value is taken as text; the others are read as a YAML scalar (3, 2.5, true).
-_TEXT_SETTINGS = {"root", "keep", "archive_to", "state_dir", "log_format", "metrics_host"}
+_TEXT_SETTINGS = {"root", "keep", "keep_weights", "archive_to", "state_dir", "log_format", "metrics_host"}
 
 
 def env_var(setting: str) -> str:

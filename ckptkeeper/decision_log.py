@@ -10,8 +10,17 @@ from __future__ import annotations
 import logging
 import time
 
-from ckptkeeper.model import Decision, Outcome, OutcomeKind, ReasonKind, RunPlan, RunResult
-from ckptkeeper.render import human_bytes, location, mixed_runs_text, past, reason_text, reasons_text, shown
+from ckptkeeper.model import Action, Decision, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan, RunResult
+from ckptkeeper.render import (
+    human_bytes,
+    location,
+    mixed_runs_text,
+    past,
+    reason_text,
+    reasons_text,
+    shown,
+    weights_only_resume_text,
+)
 
 log = logging.getLogger("ckptkeeper")
 
@@ -22,15 +31,20 @@ class DecisionLog:
     def __init__(self, settle: float) -> None:
         self.settle = settle
         self.decisions: dict[str, dict[str, str]] = {}  # run -> checkpoint -> the decision last logged
+        # run -> checkpoint -> the decision and reasons last said at INFO (kept checkpoints)
+        self.announced: dict[str, dict[str, tuple[str, tuple[Reason, ...]]]] = {}
         self.refusals: dict[str, str] = {}  # run -> why its retention is refused (or held), as last logged
         self.mixed_runs_said: dict[str, tuple[str, ...]] = {}  # run -> the stale checkpoints last warned about
         self.skew_said: set[tuple[str, str]] = set()  # checkpoints whose future file times were logged
         self.dry_run_said: set[tuple[str, str]] = set()  # `would delete` lines of a dry run
+        # run -> the weights-only resume point last warned of
+        self.resume_said: dict[str, str | None] = {}
         self.failing: dict[tuple[str, str], str] = {}  # removals that failed, and the error last logged
 
     def forget_root(self) -> None:
         """The root was made anew: what was said of the old one's checkpoints says nothing of these."""
         self.decisions.clear()
+        self.announced.clear()
         self.mixed_runs_said.clear()
 
     # ---- plans -------------------------------------------------------------------------------------------------
@@ -38,15 +52,23 @@ class DecisionLog:
         self._refusal(plan)
         self._times_in_future(plan)
         self._mixed_runs(plan)
+        self._weights_only_resume(plan)
         logged = self.decisions.setdefault(plan.run.path, {})
+        announced = self.announced.setdefault(plan.run.path, {})
         for d in plan.decisions:
-            word = _decision_word(d)
-            if logged.get(d.checkpoint.name) != word:
-                logged[d.checkpoint.name] = word
-                if d.kept:
-                    level = logging.INFO if d.checkpoint.complete else logging.DEBUG
-                    where = location(plan.run.path, d.checkpoint.name)
-                    log.log(level, "%s %s: %s", where, word, reasons_text(d.reasons))
+            word, name = _decision_word(d), d.checkpoint.name
+            if logged.get(name) == word:
+                continue
+            logged[name] = word
+            where = location(plan.run.path, name)
+            if not d.kept:
+                continue
+            if not d.checkpoint.complete:
+                log.debug("%s %s: %s", where, word, reasons_text(d.reasons))
+            elif announced.get(name) != (word, d.reasons):
+                # Said once: not again after it was briefly settling (a slim, a file touched) and is the same.
+                announced[name] = (word, d.reasons)
+                log.info("%s %s: %s", where, word, reasons_text(d.reasons))
 
     def _refusal(self, plan: RunPlan) -> None:
         run = plan.run.path
@@ -60,6 +82,15 @@ class DecisionLog:
             else:
                 log.warning("run %s: nothing is removed there: %s", shown(run), why)
         self.refusals[run] = why
+
+    def _weights_only_resume(self, plan: RunPlan) -> None:
+        """Say once per run (again if it becomes another checkpoint) that its resume point is weights-only."""
+        run = plan.run.path
+        resume = plan.weights_only_resume
+        name = resume.name if resume is not None else None
+        if resume is not None and self.resume_said.get(run) != name:
+            log.warning("run %s: %s", shown(run), weights_only_resume_text(resume))
+        self.resume_said[run] = name
 
     def _mixed_runs(self, plan: RunPlan) -> None:
         """Say once per run that its directory mixes runs (again only if the stale checkpoints change), and
@@ -101,7 +132,9 @@ class DecisionLog:
             log.info("%s deleted: freed %s", where, human_bytes(outcome.bytes))
         elif kind is OutcomeKind.ARCHIVED:
             log.info("%s archived: %s, %s", where, outcome.detail, human_bytes(outcome.bytes))
-        elif kind in (OutcomeKind.WOULD_DELETE, OutcomeKind.WOULD_ARCHIVE):
+        elif kind is OutcomeKind.SLIMMED:
+            log.info("%s made weights only: %s, freed %s", where, outcome.detail, human_bytes(outcome.bytes))
+        elif kind in (OutcomeKind.WOULD_DELETE, OutcomeKind.WOULD_ARCHIVE, OutcomeKind.WOULD_SLIM):
             if key not in self.dry_run_said:  # a dry run sees the same checkpoint at every pass: say it once
                 self.dry_run_said.add(key)
                 log.info("%s %s (dry run)", where, past(kind))
@@ -122,9 +155,9 @@ class DecisionLog:
         """Forget what was said of checkpoints that are gone."""
         run = result.after.path
         names = {c.name for c in result.after.checkpoints}
-        logged = self.decisions.get(run, {})
-        for name in logged.keys() - names:
-            del logged[name]
+        for said in (self.decisions.get(run, {}), self.announced.get(run, {})):
+            for name in said.keys() - names:
+                del said[name]
         for key in [k for k in self.failing if k[0] == run and k[1] not in names]:
             del self.failing[key]
 
@@ -150,6 +183,8 @@ def _held(plan: RunPlan) -> str | None:
 
 
 def _decision_word(d: Decision) -> str:
+    if d.action is Action.WEIGHTS_ONLY:
+        return "kept weights only"
     if d.kept:
         return "kept" if d.checkpoint.complete else "waiting"
     return str(d.action)

@@ -61,7 +61,9 @@ def check_demo_dir(directory: Path) -> Path:
     return root
 
 
-def run_demo(keep: str, directory: Path | None, say: Callable[[str], None], pace: float = 0.13) -> None:
+def run_demo(
+    keep: str, directory: Path | None, say: Callable[[str], None], pace: float = 0.13, keep_weights: str = ""
+) -> None:
     """Raises DemoDirError, before anything is written, when `directory`/outputs is not absent or empty."""
     if directory is not None:
         root = check_demo_dir(directory)
@@ -72,8 +74,9 @@ def run_demo(keep: str, directory: Path | None, say: Callable[[str], None], pace
     try:
         root.mkdir(parents=True, exist_ok=True)
         c = DEMO_RUN
-        policy = Policy(parse_rules(keep))
-        say(f"$ ckptkeeper watch {root} --keep {keep} --settle {DEMO_SETTLE:g}")
+        policy = Policy(parse_rules(keep), weight_rules=parse_rules(keep_weights))
+        flags = f"--keep {keep}" + (f" --keep-weights {keep_weights}" if keep_weights else "")
+        say(f"$ ckptkeeper watch {root} {flags} --settle {DEMO_SETTLE:g}")
         say(
             f"(a simulated Hugging Face Trainer writes {c.epochs} epochs of {c.steps_per_epoch} steps into it, "
             f"eval and save every {c.save_steps} steps; its eval loss turns up after a while)\n"
@@ -94,7 +97,7 @@ def run_demo(keep: str, directory: Path | None, say: Callable[[str], None], pace
 
         result = Pipeline.checked(root, policy).survey(now=None)
         say(f"\nTraining finished. Left in {root}, and why:")
-        say(f"$ ckptkeeper plan {root} --keep {keep}")
+        say(f"$ ckptkeeper plan {root} {flags}")
         say(plan_text(str(root), policy, result.plan, result.warnings))
         say(f"\nThe journal of every action is {default_state_dir(root) / 'journal.jsonl'}.")
     finally:

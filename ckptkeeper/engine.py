@@ -34,7 +34,15 @@ from ckptkeeper.paths import fd_path, identity
 from ckptkeeper.policy import NO_RULE, Policy, RootPlan, plan_root
 from ckptkeeper.render import journal_reasons
 from ckptkeeper.rules import format_rules
-from ckptkeeper.scan import ContentCache, ScanOptions, find_run_dirs, read_checkpoint, read_run
+from ckptkeeper.scan import (
+    VANISHED_WHILE_READING,
+    ContentCache,
+    ScanOptions,
+    find_run_dirs,
+    read_checkpoint,
+    read_run,
+)
+from ckptkeeper.slimming import slim_checkpoint
 from ckptkeeper.state import StateDir
 
 Identity = tuple[int, int]
@@ -43,6 +51,10 @@ OnOutcome = Callable[[Outcome], None]
 
 class RetentionRefused(Exception):
     """Retention cannot start at all (no keep rule given); the message says why."""
+
+
+class NotSupported(ValueError):
+    """Settings that cannot be used together (yet); the message says which."""
 
 
 class StateDirUnusable(Exception):
@@ -98,8 +110,17 @@ class Removal(Protocol):
         """The outcome of a removal that went through."""
         ...
 
+    @property
+    def verb(self) -> str:
+        """The journal's word for it (`start-<verb>`)."""
+        ...
+
     def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
         """Carry it out; returns the detail for the outcome (empty for none)."""
+        ...
+
+    def freed(self, c: Checkpoint) -> int:
+        """The bytes it takes out of the run."""
         ...
 
 
@@ -110,10 +131,14 @@ class Deletion:
     dispose: Dispose | None
     root_identity: Identity | None
     done: OutcomeKind = OutcomeKind.DELETED
+    verb: str = "delete"
 
     def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
         delete_checkpoint(self.root, checkpoint, self.state, self.dispose, expected, self.root_identity)
         return ""
+
+    def freed(self, c: Checkpoint) -> int:
+        return c.size_bytes
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,10 @@ class Archival:
     stop: StopCheck | None
     root_identity: Identity | None
     done: OutcomeKind = OutcomeKind.ARCHIVED
+    verb: str = "archive"
+
+    def freed(self, c: Checkpoint) -> int:
+        return c.size_bytes
 
     def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
         target = self.archive_to / run / checkpoint.name if run != "." else self.archive_to / checkpoint.name
@@ -138,6 +167,35 @@ class Archival:
 
 
 DEFAULT_SCAN = ScanOptions()
+KEEP_WEIGHTS_AND_ARCHIVE = (
+    "--keep-weights cannot be combined with --archive-to yet: the resume state would be deleted, not archived"
+)
+
+
+@dataclass(frozen=True)
+class Slimming:
+    """Keep the weights, remove the resume state (`--keep-weights`): see `slimming.py`."""
+
+    root: Path
+    resume_state: tuple[str, ...]
+    state: StateDir
+    dispose: Dispose | None
+    root_identity: Identity | None
+    done: OutcomeKind = OutcomeKind.SLIMMED
+    verb: str = "slim"
+
+    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
+        slim_checkpoint(
+            self.root, checkpoint, self.resume_state, self.state, self.dispose, expected, self.root_identity
+        )
+        if not self.resume_state:
+            return "its directory's times put back (a slim cut short)"
+        return f"removed {', '.join(self.resume_state)}"
+
+    def freed(self, c: Checkpoint) -> int:
+        return c.resume_bytes
+
+
 VANISHED_BEFORE = "removed by someone else before ckptkeeper got to it"
 CHANGED = "changed since the plan was made; left for the next pass"
 
@@ -159,8 +217,10 @@ class Pipeline:
         dispose: Dispose | None = None,
         stop: StopCheck | None = None,
     ) -> None:
-        if not policy.rules:
+        if not policy.rules and not policy.weight_rules:
             raise RetentionRefused(NO_RULE)
+        if policy.weight_rules and layout.archive_to is not None:
+            raise NotSupported(KEEP_WEIGHTS_AND_ARCHIVE)
         if (policy.removal is Action.ARCHIVE) != (layout.archive_to is not None):
             raise ValueError("a policy that archives needs an archive in the layout, and only then")
         self.layout = layout
@@ -192,7 +252,7 @@ class Pipeline:
             raise LayoutError(f"root {root} does not exist")
         if not root.is_dir():
             raise LayoutError(f"root {root} is not a directory")
-        if not policy.rules:
+        if not policy.rules and not policy.weight_rules:
             raise RetentionRefused(NO_RULE)
         layout = Layout.checked(root, state_dir, archive_to)
         return cls(layout, policy, scan, dry_run=dry_run, dispose=dispose, stop=stop)
@@ -255,7 +315,7 @@ class Pipeline:
         results = []
         for run_plan in plan.runs:
             outcomes = []
-            for decision in run_plan.removed:
+            for decision in run_plan.acted_on:
                 if self.stop is not None and self.stop():
                     break
                 outcome = self._carry_out(run_plan.run.path, decision)
@@ -291,7 +351,9 @@ class Pipeline:
             self.release()
 
     # ---- one removal ---------------------------------------------------------------------------------------
-    def _removal(self, action: Action) -> Removal:
+    def _removal(self, action: Action, c: Checkpoint) -> Removal:
+        if action is Action.WEIGHTS_ONLY:
+            return Slimming(self.root, c.resume_state, self.state, self.dispose, self.root_identity)
         if action is Action.ARCHIVE:
             assert self.layout.archive_to is not None
             return Archival(self.root, self.layout.archive_to, self.state, self.dispose, self.stop, self.root_identity)
@@ -299,8 +361,9 @@ class Pipeline:
 
     def _carry_out(self, run: str, decision: Decision) -> Outcome:
         c = decision.checkpoint
+        removal = self._removal(decision.action, c)
         if self.dry_run:
-            return Outcome(run, c.name, OutcomeKind.would(decision.action), c.size_bytes)
+            return Outcome(run, c.name, OutcomeKind.would(decision.action), removal.freed(c))
         path = self.root / run / c.name if run != "." else self.root / c.name
         now_seen = self._recheck(run, path, c)
         if isinstance(now_seen, Outcome):
@@ -309,16 +372,16 @@ class Pipeline:
             "run": run,
             "checkpoint": c.name,
             "step": c.step,
-            "bytes": c.size_bytes,
-            "why": f"{journal_reasons(decision.reasons)} (keep {format_rules(self.policy.rules)})",
+            "bytes": removal.freed(c),
+            "why": f"{journal_reasons(decision.reasons)} ({self._rules_text()})",
         }
         # Written before acting, so a crash mid-removal still leaves a record of what was being done and why;
         # where the journal cannot be written, nothing is done.
         try:
-            self.state.record({"action": f"start-{decision.action}", **entry})
+            self.state.record({"action": f"start-{removal.verb}", **entry})
         except OSError as e:
             return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"cannot write the journal {self._journal()}: {_why(e)}")
-        outcome = self._remove(run, path, decision, now_seen.identity)
+        outcome = self._remove(run, path, decision, removal, now_seen.identity)
         return self._journaled(outcome, entry)
 
     def _recheck(self, run: str, path: Path, planned: Checkpoint) -> Checkpoint | Outcome:
@@ -335,19 +398,18 @@ class Pipeline:
             now_seen = read_checkpoint(Path(fd_path(run_fd, path.parent)) / planned.name, planned.step)
         finally:
             os.close(run_fd)
-        if now_seen.incomplete_reason == "vanished while reading":
+        if now_seen.incomplete_reason == VANISHED_WHILE_READING:
             return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
         if not now_seen.complete or now_seen.size_bytes != planned.size_bytes or not _same(planned, now_seen):
             return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
         return now_seen
 
-    def _remove(self, run: str, path: Path, decision: Decision, expected: Identity | None) -> Outcome:
+    def _remove(self, run: str, path: Path, decision: Decision, removal: Removal, expected: Identity | None) -> Outcome:
         """Carry out one removal; every failure is an Outcome, never an exception."""
         c = decision.checkpoint
-        removal = self._removal(decision.action)
         try:
             detail = removal.remove(run, path, expected)
-            return Outcome(run, c.name, removal.done, c.size_bytes, detail)
+            return Outcome(run, c.name, removal.done, removal.freed(c), detail)
         except Vanished:
             return Outcome(run, c.name, OutcomeKind.VANISHED, 0, "removed by someone else while ckptkeeper worked")
         except Changed as e:
@@ -357,7 +419,7 @@ class Pipeline:
         except ActionError as e:
             return Outcome(run, c.name, OutcomeKind.ERROR, 0, str(e))
         except OSError as e:  # not foreseen by the action: still one checkpoint's failure, never the pass's
-            return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"cannot {decision.action} {path}: {e}")
+            return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"cannot {removal.verb} {path}: {e}")
 
     def _journaled(self, outcome: Outcome, entry: dict[str, object]) -> Outcome:
         line = {"action": str(outcome.action), **entry, "bytes": outcome.bytes}
@@ -368,6 +430,12 @@ class Pipeline:
             detail = f"{outcome.detail}; {unrecorded}" if outcome.detail else unrecorded
             return Outcome(outcome.run, outcome.checkpoint, outcome.action, outcome.bytes, detail)
         return outcome
+
+    def _rules_text(self) -> str:
+        text = f"keep {format_rules(self.policy.rules)}"
+        if self.policy.weight_rules:
+            text += f"; keep weights {format_rules(self.policy.weight_rules)}"
+        return text
 
     def _journal(self) -> Path:
         return self.state.journal_path
@@ -438,6 +506,7 @@ def _finish_local_trash(root: Path, run_dir: Path, problems: list[str]) -> list[
 
 __all__ = [
     "Leftovers",
+    "NotSupported",
     "PassResult",
     "Pipeline",
     "PruneReport",

@@ -11,13 +11,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ckptkeeper.model import Outcome, OutcomeKind
 
-OBSERVER_MODES = ("inotify", "polling", "none")
+
+class WatchMode(StrEnum):
+    """How the daemon watches the root now (the `mode` label of ckptkeeper_observer_mode)."""
+
+    INOTIFY = "inotify"
+    POLLING = "polling"
+    NONE = "none"
+
+
+OBSERVER_MODES = tuple(WatchMode)
 
 
 class Metrics:
@@ -33,7 +43,15 @@ class Metrics:
         self.removed = Counter("ckptkeeper_checkpoints_removed", "Checkpoints deleted, per run", ["run"], registry=r)
         self.archived = Counter("ckptkeeper_checkpoints_archived", "Checkpoints archived, per run", ["run"], registry=r)
         self.bytes_freed = Counter(
-            "ckptkeeper_bytes_freed", "Bytes removed from the runs by deletes and archives", registry=r
+            "ckptkeeper_bytes_freed",
+            "Bytes removed from the runs by deletes, archives and weights-only slims",
+            registry=r,
+        )
+        self.slimmed = Counter(
+            "ckptkeeper_checkpoints_slimmed",
+            "Checkpoints made weights-only (--keep-weights), per run",
+            ["run"],
+            registry=r,
         )
         self.errors = Counter("ckptkeeper_errors", "Removals that failed (retried on later passes)", registry=r)
         self.reconcile_seconds = Histogram(
@@ -54,13 +72,13 @@ class Metrics:
             "ckptkeeper_standby", "1 while this instance waits for another's lock of the root (--standby)", registry=r
         )
         self.standby_note: str | None = None  # /healthz says it (200) while standing by
-        self.set_mode("none")
+        self.set_mode(WatchMode.NONE)
 
     def set_standby(self, note: str | None) -> None:
         self.standby.set(0 if note is None else 1)
         self.standby_note = note
 
-    def set_mode(self, mode: str, note: str | None = None) -> None:
+    def set_mode(self, mode: WatchMode, note: str | None = None) -> None:
         """`note`: why the daemon watches this way, when it is a fallback it must tell (/healthz says it)."""
         for m in OBSERVER_MODES:
             self.observer_mode.labels(mode=m).set(1 if m == mode else 0)
@@ -81,7 +99,9 @@ def count_outcome(metrics: Metrics, outcome: Outcome) -> None:
         metrics.archived.labels(run=outcome.run).inc()
     elif outcome.action is OutcomeKind.ERROR:
         metrics.errors.inc()
-    if outcome.action.removed:
+    elif outcome.action is OutcomeKind.SLIMMED:
+        metrics.slimmed.labels(run=outcome.run).inc()
+    if outcome.action.frees:
         metrics.bytes_freed.inc(outcome.bytes)
 
 

@@ -40,6 +40,15 @@ class Checkpoint:
     settles_at: float | None = field(default=None, compare=False)
     # (st_dev, st_ino) of the directory when scanned: a removal acts only on the very directory judged.
     identity: tuple[int, int] | None = field(default=None, compare=False)
+    # What a weights-only keep would remove (`weights.split`): the resume state's top-level entries and their
+    # bytes; whether loadable weights exist outside it; whether it is already marked weights-only.
+    resume_state: tuple[str, ...] = ()
+    resume_bytes: int = 0
+    weights_outside: bool = True
+    weights_only: bool = False
+    # Weights-only, but its directory's times are not yet those its marker recorded (a slim cut short after
+    # its last move): the slim is finished by putting them back.
+    times_to_restore: bool = False
 
     @property
     def trainer_best_step(self) -> int | None:
@@ -56,6 +65,7 @@ class Run:
 
 class Action(StrEnum):
     KEEP = "keep"
+    WEIGHTS_ONLY = "weights-only"  # kept, without its resume state (`--keep-weights`)
     DELETE = "delete"
     ARCHIVE = "archive"
 
@@ -72,6 +82,8 @@ class ReasonKind(StrEnum):
     NEWEST_WRITTEN_SKEWED = "newest-written-skewed"
     TRAINER_BEST = "trainer-best"
     INCOMPLETE = "incomplete"
+    WEIGHTS_INSIDE = "weights-inside"  # kept whole: its weights exist only inside the resume state
+    STAYS_WEIGHTS_ONLY = "stays-weights-only"  # kept whole by the plan, but already weights-only
     REFUSED = "refused"  # kept because retention is refused in this run
     HELD = "held"  # kept because retention is refused in another run of the root
     NO_RULE_KEEPS = "no-rule-keeps"  # the reason for a removal
@@ -93,6 +105,7 @@ class Reason:
     metric: str | None = None
     value: float | None = None
     detail: str | None = None
+    weights_only: bool = False  # given by a `--keep-weights` rule: it keeps the weights only
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,14 @@ class Decision:
 
     @property
     def kept(self) -> bool:
-        return self.action is Action.KEEP
+        """The checkpoint stays (whole, or weights only)."""
+        return self.action in (Action.KEEP, Action.WEIGHTS_ONLY)
+
+    @property
+    def slims(self) -> bool:
+        """Kept weights-only with resume state still to remove (a slim to do, or one to finish)."""
+        c = self.checkpoint
+        return self.action is Action.WEIGHTS_ONLY and (bool(c.resume_state) or c.times_to_restore)
 
 
 @dataclass(frozen=True)
@@ -137,6 +157,9 @@ class RunPlan:
     decisions: tuple[Decision, ...]
     refusal: str | None = None
     mixed_runs: MixedRuns | None = None  # a warning only: nothing is removed because of it
+    # A checkpoint a resume would start from that is weights-only (the newer ones removed by someone): the
+    # Trainer would resume with a fresh optimizer and say nothing. A warning only.
+    weights_only_resume: Checkpoint | None = None
 
     @property
     def kept(self) -> tuple[Decision, ...]:
@@ -146,6 +169,11 @@ class RunPlan:
     def removed(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if not d.kept)
 
+    @property
+    def acted_on(self) -> tuple[Decision, ...]:
+        """What the engine acts on, oldest first: every removal, and every weights-only keep still to slim."""
+        return tuple(d for d in self.decisions if not d.kept or d.slims)
+
 
 class OutcomeKind(StrEnum):
     """What became of one removal the plan asked for. The values are the journal's `action` words."""
@@ -154,6 +182,8 @@ class OutcomeKind(StrEnum):
     ARCHIVED = "archive"
     WOULD_DELETE = "would-delete"  # a dry run
     WOULD_ARCHIVE = "would-archive"
+    SLIMMED = "slim"  # made weights-only
+    WOULD_SLIM = "would-slim"
     VANISHED = "vanished"  # removed by someone else first
     SKIPPED = "skipped"  # changed since the plan was made: left for the next pass
     STOPPED = "stopped"  # cut short by a stop; finished or undone at the next start
@@ -165,13 +195,18 @@ class OutcomeKind(StrEnum):
         return self in (OutcomeKind.DELETED, OutcomeKind.ARCHIVED)
 
     @property
+    def frees(self) -> bool:
+        """Bytes left the run: removed whole, or its resume state removed."""
+        return self.removed or self is OutcomeKind.SLIMMED
+
+    @property
     def gone(self) -> bool:
         """The checkpoint is no longer in its run directory (removed, by ckptkeeper or someone else)."""
         return self.removed or self is OutcomeKind.VANISHED
 
     @classmethod
     def would(cls, action: Action) -> OutcomeKind:
-        return cls.WOULD_ARCHIVE if action is Action.ARCHIVE else cls.WOULD_DELETE
+        return {Action.ARCHIVE: cls.WOULD_ARCHIVE, Action.WEIGHTS_ONLY: cls.WOULD_SLIM}.get(action, cls.WOULD_DELETE)
 
 
 @dataclass(frozen=True)
@@ -196,6 +231,12 @@ class RunResult:
 
     @property
     def unfinished(self) -> tuple[Decision, ...]:
-        """Removals the plan asked for whose checkpoint is still there (failed, skipped, stopped, dry run)."""
+        """What the plan asked for and did not happen (failed, skipped, stopped, dry run): removals whose
+        checkpoint is still there, slims that did not go through."""
         present = {c.name for c in self.after.checkpoints}
-        return tuple(d for d in self.plan.removed if d.checkpoint.name in present)
+        slimmed = {o.checkpoint for o in self.outcomes if o.action is OutcomeKind.SLIMMED}
+        return tuple(
+            d
+            for d in self.plan.acted_on
+            if (d.slims and d.checkpoint.name not in slimmed) or (not d.kept and d.checkpoint.name in present)
+        )

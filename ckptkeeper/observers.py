@@ -32,6 +32,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from ckptkeeper.inbox import Hints, Inbox
+from ckptkeeper.metrics import WatchMode
 from ckptkeeper.paths import identity
 from ckptkeeper.scan import checkpoint_step, never_descended
 
@@ -105,10 +106,10 @@ class ObserverSupervisor:
         self.inbox = inbox
         self.poll = poll  # seconds between polls; None: inotify (falling back to polling every 1 s)
         self.observer: BaseObserver | None = None
-        self.mode = "none"
+        self.mode = WatchMode.NONE
         self.root_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the root being watched
         self.alarm = _OverflowAlarm(inbox.request_full_rescan)
-        self.on_mode: Callable[[str, str | None], None] = lambda mode, note: None  # for the metrics
+        self.on_mode: Callable[[WatchMode, str | None], None] = lambda mode, note: None  # for the metrics
 
     def install(self) -> None:
         logging.getLogger("watchdog").addHandler(self.alarm)
@@ -125,7 +126,7 @@ class ObserverSupervisor:
         polling = PollingObserverVFS(os.lstat, _polling_listdir(self.root), polling_interval=interval)
         polling.schedule(Hints(self.inbox), os.fspath(self.root), recursive=True, event_filter=POLLED_EVENTS)
         polling.start()
-        self._set_mode(polling, "polling")
+        self._set_mode(polling, WatchMode.POLLING)
         limit = self.alarm.limit_reached
         self.on_mode(self.mode, None if limit is None else f"polling: {_InotifyLimit.of(limit).short}")
         log.debug("watching %s by polling every %g s", self.root, interval)
@@ -143,17 +144,17 @@ class ObserverSupervisor:
             else:
                 log.warning("cannot watch %s with inotify (%s); falling back to polling every 1 s", self.root, e)
             return False
-        self._set_mode(observer, "inotify")
+        self._set_mode(observer, WatchMode.INOTIFY)
         self.on_mode(self.mode, None)
         log.debug("watching %s with inotify", self.root)
         return True
 
-    def _set_mode(self, observer: BaseObserver | None, mode: str) -> None:
+    def _set_mode(self, observer: BaseObserver | None, mode: WatchMode) -> None:
         self.observer, self.mode = observer, mode
 
     def stop(self) -> None:
         stop_observer(self.observer)
-        self._set_mode(None, "none")
+        self._set_mode(None, WatchMode.NONE)
         self.on_mode(self.mode, None)
 
     def alive(self) -> bool:
@@ -205,7 +206,7 @@ class ObserverSupervisor:
     def keep_watching(self) -> None:
         """Replace a watcher that cannot see everything (inotify's limit reached since start) or that died, by
         polling, and ask for a full rescan of what was written meanwhile where it could not see."""
-        if self.alarm.limit_reached is not None and self.mode == "inotify":
+        if self.alarm.limit_reached is not None and self.mode is WatchMode.INOTIFY:
             stop_observer(self.observer)
             self._give_up_inotify(self.alarm.limit_reached)
         elif not self.alive():

@@ -22,6 +22,8 @@ NEWEST_WRITTEN_SKEWED = Reason(ReasonKind.NEWEST_WRITTEN_SKEWED, "protected:newe
 TRAINER_BEST = Reason(ReasonKind.TRAINER_BEST, "protected:trainer-best")
 REFUSED = Reason(ReasonKind.REFUSED, "refused")
 NO_RULE_KEEPS = Reason(ReasonKind.NO_RULE_KEEPS)
+WEIGHTS_INSIDE = Reason(ReasonKind.WEIGHTS_INSIDE, "keep-weights")
+STAYS_WEIGHTS_ONLY = Reason(ReasonKind.STAYS_WEIGHTS_ONLY)
 
 
 class Keeper(Protocol):
@@ -108,13 +110,15 @@ class Policy:
     rules: tuple[AnyRule, ...]
     protections: Protections = field(default_factory=Protections)
     removal: Action = Action.DELETE
+    weight_rules: tuple[AnyRule, ...] = ()  # `--keep-weights`: what they alone keep is kept weights-only
 
     def plan(self, run: Run) -> RunPlan:
-        return plan_run(run, self.rules, self.protections, self.removal)
+        return plan_run(run, self.rules, self.protections, self.removal, self.weight_rules)
 
     def metrics(self) -> list[str]:
         """The metrics the rules rank by, each once, in the rules' order."""
-        return list(dict.fromkeys(r.metric for r in self.rules if r.metric is not None))
+        every = (*self.rules, *self.weight_rules)
+        return list(dict.fromkeys(r.metric for r in every if r.metric is not None))
 
 
 def refusal(run: Run, rules: Sequence[AnyRule]) -> str | None:
@@ -225,22 +229,43 @@ def plan_run(
     rules: Sequence[AnyRule],
     protections: Protections = Protections(),
     removal: Action = Action.DELETE,
+    weight_rules: Sequence[AnyRule] = (),
 ) -> RunPlan:
-    if removal is Action.KEEP:
+    """Each checkpoint: kept whole by a keep rule or a protection; else, in a refused run, kept; else kept
+    weights-only by a `--keep-weights` rule; else removed."""
+    if removal not in (Action.DELETE, Action.ARCHIVE):
         raise ValueError("removal must be delete or archive")
     view = view_of(run)
-    reasons = AnyOf((*rules, *protections.members)).reasons(view)
-    refused = refusal(run, rules)
+    whole = AnyOf((*rules, *protections.members)).reasons(view)
+    weights = AnyOf(tuple(weight_rules)).reasons(view)
+    refused = refusal(run, (*rules, *weight_rules))
     decisions = []
     for c in sorted(run.checkpoints, key=lambda c: c.step):
-        why = reasons.get(c.step)
-        if why:
-            decisions.append(Decision(c, Action.KEEP, tuple(why)))
+        if c.step in whole:
+            decisions.append(_whole(c, whole[c.step]))
         elif refused:
-            decisions.append(Decision(c, Action.KEEP, (REFUSED,)))
+            decisions.append(_whole(c, [REFUSED]))
+        elif c.step in weights:
+            decisions.append(_weights_only(c, weights[c.step]))
         else:
             decisions.append(Decision(c, removal, (NO_RULE_KEEPS,)))
-    return RunPlan(run, tuple(decisions), refused, view.mixed_runs)
+    resume = next((c for c, _ in view.resume_points if c.weights_only), None)
+    return RunPlan(run, tuple(decisions), refused, view.mixed_runs, resume)
+
+
+def _whole(c: Checkpoint, why: list[Reason]) -> Decision:
+    """Kept whole; one already weights-only (and complete: an incomplete one is only waiting) says it stays so."""
+    stays = c.weights_only and c.complete
+    return Decision(c, Action.KEEP, (*why, STAYS_WEIGHTS_ONLY) if stays else tuple(why))
+
+
+def _weights_only(c: Checkpoint, why: list[Reason]) -> Decision:
+    """What a `--keep-weights` rule alone keeps: weights only, unless the weights exist only inside the resume
+    state (DeepSpeed ZeRO-3 without gathered weights), which is then kept whole, saying so."""
+    marked = tuple(replace(r, weights_only=True) for r in why)
+    if not c.weights_outside and not c.weights_only:
+        return Decision(c, Action.KEEP, (*marked, WEIGHTS_INSIDE))
+    return Decision(c, Action.WEIGHTS_ONLY, marked)
 
 
 @dataclass(frozen=True)
@@ -272,5 +297,5 @@ def plan_root(runs: Sequence[Run], policy: Policy, refused_elsewhere: Collection
 def hold(plan: RunPlan, refused_runs: Sequence[str]) -> RunPlan:
     """The plan with every removal turned into a keep, because retention is refused in `refused_runs`."""
     held = Reason(ReasonKind.HELD, "refused", of=len(refused_runs), detail=refused_runs[0])
-    decisions = tuple(d if d.kept else Decision(d.checkpoint, Action.KEEP, (held,)) for d in plan.decisions)
+    decisions = tuple(d if d.action is Action.KEEP else _whole(d.checkpoint, [held]) for d in plan.decisions)
     return replace(plan, decisions=decisions)

@@ -91,6 +91,9 @@ class Reconciler:
                 return
             if self._safely(run_dir, functools.partial(self._act, run_dir, run_plan, planned, now)):
                 self.tracker.crashed.pop(run_dir, None)
+        again = self.tracker.take_replan()
+        if again and not self.stop_event.is_set():
+            self.reconcile_runs(again, now)  # the refusals changed: the runs they held are planned anew
 
     def _refused_outside(self, scanned: Sequence[tuple[Path, Run]]) -> set[str]:
         these = {run.path for _, run in scanned}

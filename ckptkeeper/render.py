@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptkeeper.model import Decision, MixedRuns, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan
+from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan
 from ckptkeeper.policy import Policy, RootPlan
 from ckptkeeper.rules import format_metric, format_rules
 
@@ -50,11 +50,19 @@ REASON_TEXT: dict[ReasonKind, Callable[[Reason], str]] = {
     ReasonKind.REFUSED: lambda r: "refused: nothing is removed in this run",
     ReasonKind.HELD: _held,
     ReasonKind.NO_RULE_KEEPS: lambda r: "no rule keeps it",
+    ReasonKind.WEIGHTS_INSIDE: lambda r: "kept whole: its weights exist only inside the resume state",
+    ReasonKind.STAYS_WEIGHTS_ONLY: lambda r: "weights only, cannot be made whole again",
 }
 
 
 def reason_text(reason: Reason) -> str:
-    return REASON_TEXT[reason.kind](reason)
+    text = REASON_TEXT[reason.kind](reason)
+    return f"{text} (weights only)" if reason.weights_only else text
+
+
+def decision_text(d: Decision) -> str:
+    """The DECISION column: `keep`, `keep (weights only)`, `delete`, `archive`."""
+    return "keep (weights only)" if d.action is Action.WEIGHTS_ONLY else str(d.action)
 
 
 def reason_texts(reasons: Sequence[Reason]) -> list[str]:
@@ -79,12 +87,27 @@ def reason_json(reason: Reason) -> dict[str, Any]:
 
 def describe_policy(policy: Policy, archive_to: Path | None = None) -> str:
     parts = [r.describe() for r in policy.rules]
+    whole = f"keep {', '.join(parts)} ({format_rules(policy.rules)}); " if parts else ""
+    weights = ", ".join(r.describe() for r in policy.weight_rules)
+    if weights:
+        whole += f"keep the weights only of {weights} ({format_rules(policy.weight_rules)}); "
     protected = [p.describe() for p in policy.protections.members]
     removal = f"archive to {archive_to}" if archive_to else "delete"
+    return f"Policy: {whole}always keep {', '.join(protected)}; {removal} the rest"
+
+
+def weights_only_resume_text(c: Checkpoint) -> str:
+    """The warning for a run whose resume point is weights-only (plan, prune and watch say the same)."""
     return (
-        f"Policy: keep {', '.join(parts)} ({format_rules(policy.rules)}); "
-        f"always keep {', '.join(protected)}; {removal} the rest"
+        f"{c.name}, where a resume of this run starts, is weights only: the Trainer would resume from it with a "
+        "fresh optimizer and say nothing; resume from a whole checkpoint, or start the run anew"
     )
+
+
+def run_warnings(plan: RunPlan) -> list[str]:
+    """The warnings of one run, each a line of text."""
+    found = [mixed_runs_text(plan.mixed_runs)] if plan.mixed_runs else []
+    return found + ([weights_only_resume_text(plan.weights_only_resume)] if plan.weights_only_resume else [])
 
 
 def mixed_runs_text(mixed: MixedRuns) -> str:
@@ -101,7 +124,7 @@ def _row(d: Decision, metrics: Sequence[str]) -> list[str]:
     c = d.checkpoint
     epoch = "-" if c.epoch is None else f"{c.epoch:.2f}"
     values = [format_metric(c.metrics[m]) if m in c.metrics else "-" for m in metrics]
-    return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), str(d.action), reasons_text(d.reasons)]
+    return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), decision_text(d), reasons_text(d.reasons)]
 
 
 def _table(rows: list[list[str]], right_aligned: set[int]) -> list[str]:
@@ -146,8 +169,7 @@ def _run_lines(plan: RunPlan, metrics: Sequence[str]) -> list[str]:
     lines += _table(rows, {1, 2, *range(3, 4 + len(metrics))})
     if plan.refusal:
         lines.append(f"  REFUSED: {plan.refusal}")
-    if plan.mixed_runs:
-        lines.append(f"  warning: {mixed_runs_text(plan.mixed_runs)}")
+    lines += [f"  warning: {w}" for w in run_warnings(plan)]
     return lines
 
 
@@ -163,7 +185,13 @@ def summary_line(plans: Sequence[RunPlan]) -> str:
     if refused:  # plan and prune refuse as a whole: no run is pruned, not even the ones not refused
         where = f"{refused} run{'s' if refused != 1 else ''}"
         return head + f"refused in {where} (see REFUSED above), so nothing is removed"
-    return head + f"keep {len(kept)} ({human_bytes(kept_bytes)}), remove {len(removed)} ({human_bytes(freed)} to free)"
+    slims = [d for p in plans for d in p.decisions if d.slims]
+    line = f"keep {len(kept)} ({human_bytes(kept_bytes)}), remove {len(removed)} ({human_bytes(freed)} to free)"
+    if slims:
+        slim_bytes = sum(d.checkpoint.resume_bytes for d in slims)
+        verb = "becomes" if len(slims) == 1 else "become"
+        line += f"; {len(slims)} of those kept {verb} weights only ({human_bytes(slim_bytes)} more to free)"
+    return head + line
 
 
 def _finite_or_text(value: float) -> float | str:
@@ -202,23 +230,38 @@ def plan_json(
         }
         for plan in plans
     ]
-    kept = [d for p in plans for d in p.kept]
-    removed = [d for p in plans for d in p.removed]
-    refused = bool(plan.refused_runs)  # a refusal anywhere means nothing is removed anywhere
     return {
         "root": root,
         "keep": format_rules(policy.rules),
+        "keep_weights": format_rules(policy.weight_rules),
         "archive_to": str(archive_to) if archive_to else None,
-        "warnings": list(warnings),
+        "warnings": [*warnings, *_resume_warnings(plan)],
         "runs": runs,
-        "summary": {
-            "checkpoints": len(kept) + len(removed),
-            "kept": len(kept),
-            "removed": len(removed),
-            "refused": refused,
-            "bytes_kept": sum(d.checkpoint.size_bytes for d in kept),
-            "bytes_to_free": sum(d.checkpoint.size_bytes for d in removed),
-        },
+        "summary": _summary_json(plan),
+    }
+
+
+def _resume_warnings(plan: RootPlan) -> list[str]:
+    """Runs whose resume point is weights-only: a warning for scripts too (the mixed-runs one has its own key)."""
+    return [
+        f"run {p.run.path}: {weights_only_resume_text(p.weights_only_resume)}"
+        for p in plan.runs
+        if p.weights_only_resume is not None
+    ]
+
+
+def _summary_json(plan: RootPlan) -> dict[str, Any]:
+    kept = [d for p in plan.runs for d in p.kept]
+    removed = [d for p in plan.runs for d in p.removed]
+    slims = [d for p in plan.runs for d in p.decisions if d.slims]
+    return {
+        "checkpoints": len(kept) + len(removed),
+        "kept": len(kept),
+        "weights_only": sum(1 for d in kept if d.action is Action.WEIGHTS_ONLY),
+        "removed": len(removed),
+        "refused": bool(plan.refused_runs),  # a refusal anywhere means nothing is removed anywhere
+        "bytes_kept": sum(d.checkpoint.size_bytes for d in kept) - sum(d.checkpoint.resume_bytes for d in slims),
+        "bytes_to_free": sum(d.checkpoint.size_bytes for d in removed) + sum(d.checkpoint.resume_bytes for d in slims),
     }
 
 
@@ -227,12 +270,14 @@ _PAST = {
     OutcomeKind.ARCHIVED: "archived",
     OutcomeKind.WOULD_DELETE: "would delete",
     OutcomeKind.WOULD_ARCHIVE: "would archive",
+    OutcomeKind.SLIMMED: "weights only",
+    OutcomeKind.WOULD_SLIM: "would slim",
     OutcomeKind.VANISHED: "vanished",
     OutcomeKind.SKIPPED: "skipped",
     OutcomeKind.STOPPED: "stopped",
     OutcomeKind.ERROR: "FAILED",
 }
-DRY_RUN = (OutcomeKind.WOULD_DELETE, OutcomeKind.WOULD_ARCHIVE)
+DRY_RUN = (OutcomeKind.WOULD_DELETE, OutcomeKind.WOULD_ARCHIVE, OutcomeKind.WOULD_SLIM)
 
 
 def past(kind: OutcomeKind) -> str:
@@ -252,13 +297,20 @@ def outcome_line(o: Outcome) -> str:
 
 
 def totals_line(outcomes: Sequence[Outcome], dry_run: bool) -> str:
+    slims = [o for o in outcomes if o.action in (OutcomeKind.SLIMMED, OutcomeKind.WOULD_SLIM)]
+    slimmed = f", made {len(slims)} weights only" if slims else ""
     if dry_run:
         would = [o for o in outcomes if o.action in DRY_RUN]
         freed = sum(o.bytes for o in would)
-        return f"Dry run: would remove {len(would)} checkpoints and free {human_bytes(freed)}; nothing was changed."
-    removed = [o for o in outcomes if o.action.removed]
+        count = len(would) - len(slims)
+        return (
+            f"Dry run: would remove {count} checkpoints{slimmed.replace('made', 'make')} and free "
+            f"{human_bytes(freed)}; nothing was changed."
+        )
+    done = [o for o in outcomes if o.action.frees]
     errors = [o for o in outcomes if o.action is OutcomeKind.ERROR]
-    line = f"Done: removed {len(removed)} checkpoints, freed {human_bytes(sum(o.bytes for o in removed))}"
+    removed = len(done) - len(slims)
+    line = f"Done: removed {removed} checkpoints{slimmed}, freed {human_bytes(sum(o.bytes for o in done))}"
     if errors:
         line += f"; {len(errors)} failed (see above)"
     return line + "."
@@ -288,8 +340,8 @@ class TextPruneReport:
         for warning in warnings:
             self.echo(f"warning: {warning}", True)
         for run_plan in plan.runs:
-            if run_plan.mixed_runs is not None:
-                self.echo(f"warning: run {shown(run_plan.run.path)}: {mixed_runs_text(run_plan.mixed_runs)}", True)
+            for warning in run_warnings(run_plan):
+                self.echo(f"warning: run {shown(run_plan.run.path)}: {warning}", True)
 
     def outcome(self, outcome: Outcome) -> None:
         self.echo(outcome_line(outcome), False)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptkeeper import weights
 from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_problem
 from ckptkeeper.model import Checkpoint, Run
 from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
@@ -25,6 +26,7 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
 INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
 TEMP_PREFIX = ".tmp"  # the safetensors writer's in-flight file
 DEFAULT_MAX_DEPTH = 4
+VANISHED_WHILE_READING = "vanished while reading"  # the incomplete reason of a checkpoint gone mid-read
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class _Contents:
     metrics: dict[str, float] = field(default_factory=dict)
     best_steps: tuple[int, ...] = ()
     stopped: bool = False
+    marker: weights.Marker | None = None  # a weights-only marker of ckptkeeper's, as read
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,26 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
         problem = _safetensors_problem(directory, names)
         if problem:
             problems.append(problem)
-    return _Contents(tuple(problems), epoch, metrics, best_steps, stopped)
+    return _Contents(tuple(problems), epoch, metrics, best_steps, stopped, _read_marker(directory, names))
+
+
+def _read_marker(directory: Path, names: list[str]) -> weights.Marker | None:
+    """The weights-only marker, read as trainer_state.json is (no link followed, never blocking on a FIFO,
+    a regular file only); None when there is none of ckptkeeper's."""
+    if weights.MARKER not in names:
+        return None
+    try:
+        fd = os.open(directory / weights.MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return weights.read_marker(os.read(fd, 1 << 16))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 # File times up to this far ahead of the clock are a writer's clock a little ahead (or this clock's step):
@@ -337,7 +359,7 @@ def read_checkpoint(
     try:
         walked, names = _walk_files(directory)
     except FileNotFoundError:
-        return Checkpoint(name, step, complete=False, incomplete_reason="vanished while reading")
+        return Checkpoint(name, step, complete=False, incomplete_reason=VANISHED_WHILE_READING)
     except OSError as e:
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
     look = _look_at(directory, step, walked, names, held, now)
@@ -389,11 +411,15 @@ def _judge(name: str, step: int, look: _Look, now: float | None, settle: float) 
         stats, newest_change, now, settle, look.first_seen, in_future, look.seen_changing
     )
     files = [st for st in stats[1:] if not stat.S_ISDIR(st.st_mode)]
-    empty = sorted(rel for rel, st in walked[1:] if stat.S_ISREG(st.st_mode) and st.st_size == 0)
+    # (ckptkeeper's own marker file is no save in progress, even empty: a kill while it was written)
+    empty = sorted(
+        rel for rel, st in walked[1:] if stat.S_ISREG(st.st_mode) and st.st_size == 0 and rel not in _OWN_FILES
+    )
     # With several ranks, each writes its own rng_state_<rank>.pth with no barrier before rank 0 writes
     # trainer_state.json: an empty file is a save still in progress, whatever the rest says.
     content_problems = list(contents.problems) or ([f"{empty[0]} is empty (a save in progress?)"] if empty else [])
     problems = [*content_problems, *([settle_problem] if settle_problem else [])]
+    parts = _parts(walked)
     return Checkpoint(
         name=name,
         step=step,
@@ -405,13 +431,39 @@ def _judge(name: str, step: int, look: _Look, now: float | None, settle: float) 
         trainer_best_steps=contents.best_steps,
         training_stopped=contents.stopped,
         last_change=newest_change,
-        written_at=max((st.st_mtime for st in files), default=stats[0].st_mtime),
+        written_at=_written_at(walked),
         state_written_at=next((st.st_mtime for rel, st in walked if rel == TRAINER_STATE), None),
         fingerprint=hash(look.signature),
         times_in_future=in_future,
         settles_at=settles_at if settle_problem and not content_problems else None,
         identity=(stats[0].st_dev, stats[0].st_ino),
+        resume_state=parts.resume_state,
+        resume_bytes=weights.resume_bytes(parts, _regular_sizes(walked)),
+        weights_outside=parts.weights_outside,
+        weights_only=parts.marked,
+        times_to_restore=contents.marker is not None and not contents.marker.complete,
     )
+
+
+_OWN_FILES = (weights.MARKER, weights.MARKER_TEMP)
+
+
+def _written_at(walked: list[tuple[str, os.stat_result]]) -> float:
+    """When the writer last wrote a file here: ckptkeeper's own marker (written when it slims a checkpoint,
+    perhaps long after) does not count, or a slimmed milestone would look like the newest written."""
+    times = [st.st_mtime for rel, st in walked[1:] if not stat.S_ISDIR(st.st_mode) and rel not in _OWN_FILES]
+    return max(times, default=walked[0][1].st_mtime)
+
+
+def _regular_sizes(walked: list[tuple[str, os.stat_result]]) -> list[tuple[str, int]]:
+    return [(rel, st.st_size) for rel, st in walked[1:] if stat.S_ISREG(st.st_mode)]
+
+
+def _parts(walked: list[tuple[str, os.stat_result]]) -> weights.Parts:
+    top = [(rel, st) for rel, st in walked[1:] if "/" not in rel]
+    marker_is_file = any(rel == weights.MARKER and stat.S_ISREG(st.st_mode) for rel, st in top)
+    dirs = (rel for rel, st in top if stat.S_ISDIR(st.st_mode))
+    return weights.split((rel for rel, _ in top), dirs, marker_is_file)
 
 
 def read_run(

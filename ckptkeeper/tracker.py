@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 from pathlib import Path
 
-from ckptkeeper.model import Checkpoint, Run, RunPlan, RunResult
+from ckptkeeper.model import Checkpoint, ReasonKind, Run, RunPlan, RunResult
 from ckptkeeper.scan import ContentCache
 
 SETTLE_MARGIN = 0.02  # look again this long after a checkpoint's settle time is up
@@ -28,10 +28,21 @@ class RunTracker:
         self.refused: dict[str, str] = {}  # run -> why its retention is refused
         self.finished_runs: set[str] = set()
         self.crashed: dict[Path, str] = {}  # runs whose last reconcile raised, and what was logged
+        # Runs whose removals a refusal elsewhere held at their last pass: planned again the moment the set of
+        # refused runs changes (`take_replan`), never left quiet, and never "pruned".
+        self.held: dict[str, Path] = {}
+        self._replan: set[Path] = set()
 
     def forget_root(self) -> None:
+        """The root was made anew: nothing known of the old one's runs holds for the new one's."""
         self.known_runs.clear()
         self.quiet_runs.clear()
+        self.recheck_at.clear()
+        self.refused.clear()
+        self.finished_runs.clear()
+        self.crashed.clear()
+        self.held.clear()
+        self._replan.clear()
         self.cache = ContentCache()
 
     def forget(self, run_dir: Path, run: str) -> None:
@@ -39,8 +50,9 @@ class RunTracker:
         self.known_runs.discard(run_dir)
         self.quiet_runs.pop(run_dir, None)
         self.finished_runs.discard(run)
+        self.held.pop(run, None)
         if self.refused.pop(run, None) is not None:
-            self.quiet_runs.clear()
+            self._refusals_changed()
 
     def due(self, now: float) -> list[Path]:
         return [run_dir for run_dir, at in self.recheck_at.items() if at <= now]
@@ -71,7 +83,12 @@ class RunTracker:
             # Incomplete only because it changed recently: look again when its settle time is up, since no
             # further event may come. Other incomplete checkpoints wait for events (and full rescans).
             self.recheck_at[run_dir] = min(settling) + SETTLE_MARGIN
-        elif not result.unfinished:
+        held = _held(plan)
+        if held:
+            self.held[plan.run.path] = run_dir
+        else:
+            self.held.pop(plan.run.path, None)
+        if not settling and not held and not result.unfinished:
             self.quiet_runs[run_dir] = result.after.checkpoints
         pruned = dry_run or not result.unfinished
         live = live_checkpoint(plan)
@@ -90,8 +107,21 @@ class RunTracker:
         else:
             self.refused.pop(plan.run.path, None)
         if set(self.refused) != before:
-            # A refusal holds every run of the root: the plans of runs kept quiet were made under the old set.
-            self.quiet_runs.clear()
+            self._refusals_changed()
+
+    def _refusals_changed(self) -> None:
+        """A refusal holds every run of the root: plans made under the old set of refused runs are stale. The
+        runs kept quiet are planned at their next look; the held ones at once, and are not finished meanwhile
+        (a run held until now has not been pruned)."""
+        self.quiet_runs.clear()
+        for run, run_dir in self.held.items():
+            self._replan.add(run_dir)
+            self.finished_runs.discard(run)
+
+    def take_replan(self) -> list[Path]:
+        """The held runs to plan again now, since the refusals changed."""
+        runs, self._replan = sorted(self._replan), set()
+        return runs
 
     def crashed_once(self, run_dir: Path, run: str, said: str) -> bool:
         """A reconcile of this run raised `said`; True if that is news (to be logged)."""
@@ -102,7 +132,12 @@ class RunTracker:
         return news
 
     def refused_runs(self, runs: set[str]) -> list[str]:
+        """The refused runs among `runs`."""
         return sorted(run for run in self.refused if run in runs)
+
+
+def _held(plan: RunPlan) -> bool:
+    return any(r.kind is ReasonKind.HELD for d in plan.decisions for r in d.reasons)
 
 
 def live_checkpoint(plan: RunPlan) -> Checkpoint | None:

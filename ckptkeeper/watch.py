@@ -29,7 +29,7 @@ from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import Pipeline, RetentionRefused
 from ckptkeeper.inbox import Inbox, Pending
 from ckptkeeper.layout import Layout, default_state_dir
-from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
+from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_problem
 from ckptkeeper.observers import ObserverSupervisor, RootChange
 from ckptkeeper.policy import NO_RULE, Policy
 from ckptkeeper.reaper import Reaper
@@ -73,7 +73,7 @@ class HealthSnapshot:
     """What /healthz reports, as the main loop last published it (the HTTP thread reads only this)."""
 
     waiting: str | None = None  # healthily waiting: for the root to appear, or (standby) for the lock
-    mode: str = "none"
+    mode: WatchMode = WatchMode.NONE
     watcher_alive: bool = False
     last_reconcile: float | None = None
 
@@ -88,7 +88,7 @@ class Daemon:
     def __init__(
         self, root: Path, policy: Policy, state_dir: Path | None, options: WatchOptions, archive_to: Path | None = None
     ) -> None:
-        if not policy.rules:
+        if not policy.rules and not policy.weight_rules:
             raise RetentionRefused(NO_RULE)
         self.policy = policy
         self.options = options
@@ -114,7 +114,7 @@ class Daemon:
 
     # ---- views for tests, the demo and the HTTP thread ---------------------------------------------------------
     @property
-    def mode(self) -> str:
+    def mode(self) -> WatchMode:
         return self.supervisor.mode
 
     @property
@@ -132,12 +132,13 @@ class Daemon:
         snap = self.snapshot
         if snap.waiting is not None:
             return None  # healthy: waiting is its job (/healthz says what for)
-        if snap.mode == "none" or not snap.watcher_alive:
+        if snap.mode is WatchMode.NONE or not snap.watcher_alive:
             return f"the file watcher is not running (mode {snap.mode})"
         return staleness_problem(snap.last_reconcile, 2 * self.options.rescan_interval + 30)
 
-    def _publish(self, **changes: object) -> None:
-        self.snapshot = replace(self.snapshot, **changes)  # type: ignore[arg-type]
+    def _publish(self, snapshot: HealthSnapshot) -> None:
+        """Replace the snapshot whole: the HTTP thread reads either the old one or the new one."""
+        self.snapshot = snapshot
 
     def request_full_rescan(self) -> None:
         self.inbox.request_full_rescan()
@@ -191,7 +192,7 @@ class Daemon:
         )
         if not self.stop_event.is_set():
             finished_at = time.time()
-            self._publish(last_reconcile=finished_at)
+            self._publish(replace(self.snapshot, last_reconcile=finished_at))
             self.metrics.last_reconcile.set(finished_at)
 
     # ---- the lifecycle ---------------------------------------------------------------------------------------------
@@ -234,7 +235,9 @@ class Daemon:
 
     def _start_watching(self) -> None:
         self.supervisor.start()
-        self._publish(waiting=None, mode=self.supervisor.mode, watcher_alive=self.supervisor.alive())
+        self._publish(
+            replace(self.snapshot, waiting=None, mode=self.supervisor.mode, watcher_alive=self.supervisor.alive())
+        )
 
     def _wait_for_root_to_appear(self) -> bool:
         if self.root.is_dir():
@@ -243,10 +246,10 @@ class Daemon:
         # healthy meanwhile: a startup probe that failed would keep the trainer, which makes the root, from
         # ever starting.
         log.warning("the root %s does not exist yet; waiting for it to appear", self.root)
-        self._publish(waiting=f"waiting for the root {self.root} to appear")
+        self._publish(replace(self.snapshot, waiting=f"waiting for the root {self.root} to appear"))
         while not self.stop_event.is_set() and not self.root.is_dir():
             self.stop_event.wait(0.2)
-        self._publish(waiting=None)
+        self._publish(replace(self.snapshot, waiting=None))
         return not self.stop_event.is_set()
 
     def _start_metrics_server(self) -> None:
@@ -290,7 +293,7 @@ class Daemon:
 
     def _standing_by(self, note: str | None) -> None:
         self.metrics.set_standby(note)
-        self._publish(waiting=note)
+        self._publish(replace(self.snapshot, waiting=note))
 
     def _finish_leftovers(self) -> None:
         pipeline = self._pipe()
@@ -346,7 +349,7 @@ class Daemon:
         else:
             self._dead_watcher_seen = False
             self.supervisor.keep_watching()
-        self._publish(mode=self.supervisor.mode, watcher_alive=self.supervisor.alive())
+        self._publish(replace(self.snapshot, mode=self.supervisor.mode, watcher_alive=self.supervisor.alive()))
 
     def _root_changed(self, change: RootChange, why: str) -> None:
         log.warning("%s", why)
@@ -361,7 +364,7 @@ class Daemon:
 
     def _forget_root(self) -> None:
         self.supervisor.stop()
-        self._publish(mode="none", watcher_alive=False)
+        self._publish(replace(self.snapshot, mode=WatchMode.NONE, watcher_alive=False))
         self.decision_log.forget_root()
         self.tracker.forget_root()
 

@@ -65,3 +65,29 @@ def test_the_benchmarks_leave_no_tree_behind(quick_run: tuple[subprocess.Complet
     done, _ = quick_run
     work = Path(done.args[done.args.index("--workdir") + 1])
     assert list(work.iterdir()) == []
+
+
+# Benchmarks run on their own (not by `python -m benchmarks`): name -> (module, a heading its report must contain)
+ALONE = {"keep_weights": ("benchmarks.bench_keep_weights", "## Disk kept")}
+
+
+@pytest.mark.parametrize("name", list(ALONE))
+def test_a_benchmark_run_alone_reports_its_table_and_raw_figures_and_leaves_no_tree(name: str, tmp_path: Path) -> None:
+    module, heading = ALONE[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    figures_file = tmp_path / f"{name}.json"
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--json", str(figures_file), "--workdir", str(work)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert heading in done.stdout and "| " in done.stdout and "---" in done.stdout
+    assert "Machine" in done.stdout
+    assert json.loads(figures_file.read_text())
+    assert list(work.iterdir()) == []

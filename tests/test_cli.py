@@ -245,7 +245,7 @@ def test_plan_json_is_strict_json_with_the_documented_keys(sim_run: Callable[...
     assert result.exit_code == 0, result.output
     data = _strict_json(result.stdout)
     assert isinstance(data, dict)
-    assert set(data) == {"root", "keep", "archive_to", "warnings", "runs", "summary"}
+    assert set(data) == {"root", "keep", "keep_weights", "archive_to", "warnings", "runs", "summary"}
     assert (data["root"], data["keep"], data["archive_to"], data["warnings"]) == (
         str(run.parent),
         "best:2,last:1",
@@ -280,6 +280,7 @@ def test_plan_json_is_strict_json_with_the_documented_keys(sim_run: Callable[...
     assert data["summary"] == {
         "checkpoints": 8,
         "kept": len(kept),
+        "weights_only": 0,
         "removed": len(removed),
         "refused": False,
         "bytes_kept": sum(c["size_bytes"] for c in kept),
@@ -746,17 +747,19 @@ def test_demo_watches_a_simulated_run_live_and_cleans_up() -> None:
     result = cli("demo", "--pace", "0.005")
     assert result.exit_code == 0, result.output
     out = lines(result)
-    where = re.fullmatch(r"\$ ckptkeeper watch (.+) --keep best:1,last:5,epoch:all --settle 1", out[0])
+    where = re.fullmatch(r"\$ ckptkeeper watch (.+) --keep best:1,last:5 --keep-weights epoch:all --settle 1", out[0])
     assert where is not None, out[0]
     root = Path(where.group(1))
     assert any(re.fullmatch(rf".* INFO +watching {re.escape(str(root))} \(inotify; settle 1 s;.*", x) for x in out)
     deleted = [x for x in out if re.fullmatch(r".* INFO +checkpoint-\d+ deleted: freed .*", x)]
     assert len(deleted) == 3  # the run the demo simulates: 10, 50 and 70 go (see the README)
+    slimmed = [x for x in out if re.fullmatch(r".* INFO +checkpoint-(20|40|60) made weights only: .*", x)]
+    assert len(slimmed) == 3  # the milestones of epochs 1 to 3 (the later ones are among the last 5)
     assert any(x.endswith("exiting (--exit-when-done)") for x in out)
     assert f"Training finished. Left in {root}, and why:" in out
-    assert f"$ ckptkeeper plan {root} --keep best:1,last:5,epoch:all" in out
+    assert f"$ ckptkeeper plan {root} --keep best:1,last:5 --keep-weights epoch:all" in out
     assert any(x.startswith("  CHECKPOINT ") for x in out)
-    assert "Summary: 9 checkpoints in 1 run: keep 9 (1.9 MB), remove 0 (0 B to free)" in out
+    assert "Summary: 9 checkpoints in 1 run: keep 9 (1.3 MB), remove 0 (0 B to free)" in out
     assert out[-1] == "(The demo directory was removed; pass --dir DIR to keep it.)"
     assert not root.parent.exists()
 

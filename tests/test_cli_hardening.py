@@ -197,7 +197,7 @@ def test_demo_without_dir_removes_only_the_temporary_directory_it_made(tmp_path:
     )
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]
-    where = re.fullmatch(r"\$ ckptkeeper watch (.+) --keep best:1,last:5,epoch:all --settle 1", first)
+    where = re.fullmatch(r"\$ ckptkeeper watch (.+) --keep best:1,last:5 --keep-weights epoch:all --settle 1", first)
     assert where is not None, first
     made = Path(where.group(1)).parent
     assert made.parent == tmp and made.name.startswith("ckptkeeper-demo-")

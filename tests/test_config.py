@@ -28,6 +28,7 @@ NO_RULE = "Error: refused: no keep rule given: refusing to remove anything (pass
 KEYS = (
     "root",
     "keep",
+    "keep_weights",
     "archive_to",
     "state_dir",
     "max_depth",
@@ -78,6 +79,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
     values: dict[str, object] = {
         "root": str(tmp_path / "outputs"),
         "keep": keep,
+        "keep_weights": "epoch:all",
         "archive_to": str(tmp_path / "archive"),
         "state_dir": str(tmp_path / "state"),
         "max_depth": 2,
@@ -98,6 +100,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
     assert loaded == Settings(
         root=tmp_path / "outputs",
         keep=["best:1", "last:5", "epoch:all"],
+        keep_weights=["epoch:all"],
         archive_to=tmp_path / "archive",
         state_dir=tmp_path / "state",
         max_depth=2,

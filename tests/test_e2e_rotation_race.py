@@ -11,7 +11,7 @@ step for 30 steps with `save_total_limit=3` and `metric_for_best_model="eval_los
   test plans that root read-only (scan and plan need no lock) and tries `ckptkeeper prune` there through the
   CLI now and then, which must exit 4: the daemon holds the root's lock.
 - `pruned/`: this test process holds the root's lock and runs scan, plan and act through the engine
-  (`make_plan` / `apply_plan`, settle 0 as `prune` has) in a tight loop. Both ckptkeeper and the Trainer want
+  (`Pipeline.survey` / `Pipeline.act`, settle 0 as `prune` has) in a tight loop. Both ckptkeeper and the Trainer want
   the same old checkpoint gone the moment the newest `trainer_state.json` is written, so scans read
   checkpoints the Trainer is deleting, plans name checkpoints the Trainer removes before they are acted on,
   and renames hit directories that are already gone or half emptied.

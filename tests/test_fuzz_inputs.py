@@ -149,6 +149,7 @@ plausible: dict[str, st.SearchStrategy[Any]] = {
     "archive_to": paths,
     "state_dir": paths,
     "keep": st.one_of(keep_texts, st.lists(keep_texts, max_size=4)),
+    "keep_weights": st.one_of(keep_texts, st.lists(keep_texts, max_size=4)),
     "max_depth": ints,
     "metrics_port": st.one_of(st.none(), ints),
     "protect_trainer_best": st.one_of(st.booleans(), st.sampled_from(["yes", "true", 1, 0, None])),

@@ -1068,7 +1068,12 @@ def _root_link(root: Path) -> None:
 
 
 def _loops(root: Path) -> None:
-    checkpoint(root / "run", 10, epoch=1.0)
+    # checkpoint-10's links are made before checkpoint-20 is written: a link is a file written into the
+    # checkpoint, and one made later would (rightly) make checkpoint-10 the newest written, so protected.
+    old = checkpoint(root / "run", 10, epoch=1.0)
+    (old / "self").symlink_to(".")
+    (old / "cycle-a").symlink_to("cycle-b")
+    (old / "cycle-b").symlink_to("cycle-a")
     new = checkpoint(root / "run", 20, epoch=2.0)
     (root / "run" / "loop").symlink_to("..")
     (root / "up").symlink_to(root)
@@ -1076,10 +1081,6 @@ def _loops(root: Path) -> None:
     (root / "b").symlink_to(root / "a")
     (new / "self").symlink_to(".")
     (new / "parent").symlink_to("..")
-    old = root / "run" / "checkpoint-10"
-    (old / "self").symlink_to(".")
-    (old / "cycle-a").symlink_to("cycle-b")
-    (old / "cycle-b").symlink_to("cycle-a")
 
 
 def _checkpoint_links_inside(root: Path) -> None:
