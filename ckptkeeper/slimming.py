@@ -1,12 +1,14 @@
 """Slimming a checkpoint to its weights (`--keep-weights`): the one time ckptkeeper writes inside a kept one.
 
-Crash-safe by order, like every removal: first the marker (`weights.MARKER`, written under a temporary name
-and renamed into place), then each resume-state entry renamed into a trash entry (atomic, one at a time),
-then the directory's own times put back. At every instant the checkpoint is whole, or marked weights-only;
-a slim cut short by a kill leaves the marker, and the next pass (which plans it weights-only again) moves
-what is left. The weight files are never opened for writing, copied or moved: the same inodes, the same
-bytes. The marker records the directory's times as they were, so even a finished-late slim restores them
-(the Trainer's own rotation orders checkpoints by directory mtime).
+Crash-safe by order, like every removal: first the marker (`weights.MARKER`, written in a new trash entry on
+the checkpoint's filesystem and renamed in, so the directory changes only as the marker that records its
+times appears), then each resume-state entry renamed into that trash entry (atomic, one at a time), then the
+directory's own times put back, then the marker's `complete` made true in place (one write of the same
+length: the directory's mtime stays). At every instant the checkpoint is whole, or marked weights-only; a
+slim cut short by a kill leaves the marker (not complete), and the next pass (which plans it weights-only
+again) moves what is left and puts the times back. The weight files are never opened for writing, copied
+or moved: the same inodes, the same bytes. The marker records the directory's times as they were, so even a
+slim finished late restores them (the Trainer's own rotation orders checkpoints by directory mtime).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ckptkeeper.actions import (
@@ -55,17 +57,35 @@ def slim_checkpoint(
         checked = _guard_at(run_fd, checkpoint, expected, "slim")
         checkpoint_fd = _open_checkpoint(run_fd, checkpoint, checked)
         try:
-            marker = _mark(checkpoint_fd, checkpoint, resume_state)
-            if resume_state:
-                entry = _move_out(run_fd, checkpoint_fd, checkpoint, resume_state, state)
+            marker = _read_marker(checkpoint_fd)
+            if marker is None:
+                # The marker is written in a trash entry on the checkpoint's filesystem and renamed in: the
+                # directory changes (its mtime) only as the marker recording its times appears.
+                times = _times(checkpoint_fd)
+                marker = Marker(times, False, tuple(resume_state))
+                text = marker_text(resume_state, times, complete=False)
+                entry = _in_trash(run_fd, checkpoint, state, lambda e: _place_marker(e, checkpoint_fd, text))
+            if resume_state and entry is None:
+                entry = _in_trash(run_fd, checkpoint, state, lambda e: _rename_each(checkpoint_fd, e, resume_state))
+            elif resume_state and entry is not None:
+                _rename_each(checkpoint_fd, entry, resume_state)  # the marker's entry: on this filesystem
+            with contextlib.suppress(OSError):
+                os.unlink(MARKER_TEMP, dir_fd=checkpoint_fd)  # left inside by an earlier version's kill
             os.utime(checkpoint_fd, ns=marker.times_ns)
-            _complete_marker(checkpoint_fd, checkpoint, marker)
+            _complete_marker(checkpoint_fd, checkpoint)
         finally:
             os.close(checkpoint_fd)
+    except OSError as e:
+        raise ActionError(f"cannot slim {checkpoint}: {e.strerror or e}") from None
     finally:
         os.close(run_fd)
     if entry is not None:
         _dispose_or_finish(entry, checkpoint, dispose)
+
+
+def _times(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_atime_ns, st.st_mtime_ns
 
 
 def _open_checkpoint(run_fd: int, checkpoint: Path, checked: os.stat_result) -> int:
@@ -82,32 +102,6 @@ def _open_checkpoint(run_fd: int, checkpoint: Path, checked: os.stat_result) -> 
     return fd
 
 
-def _mark(fd: int, checkpoint: Path, resume_state: Sequence[str]) -> Marker:
-    """Write the marker (not yet complete), unless there is one of ckptkeeper's (a slim being finished); the
-    directory's (atime, mtime) in ns as they were before the first slim began. Anything else named like the
-    marker (not ckptkeeper's, unreadable, a link) is replaced by the rename, or the slim fails, moving nothing."""
-    earlier = _read_marker(fd)
-    if earlier is not None:
-        return Marker(earlier.times_ns, False, tuple(sorted({*earlier.removed, *resume_state})))
-    st = os.fstat(fd)
-    times = (st.st_atime_ns, st.st_mtime_ns)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(MARKER_TEMP, dir_fd=fd)  # a kill's leftover
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        out = os.open(MARKER_TEMP, flags, 0o644, dir_fd=fd)
-        try:
-            os.write(out, marker_text(resume_state, times, complete=False))
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.rename(MARKER_TEMP, MARKER, src_dir_fd=fd, dst_dir_fd=fd)
-        os.fsync(fd)
-    except OSError as e:
-        raise ActionError(f"cannot mark {checkpoint} weights-only: {e.strerror or e}") from None
-    return Marker(times, False, tuple(resume_state))
-
-
 def _read_marker(fd: int) -> Marker | None:
     try:
         marker = os.open(MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
@@ -121,39 +115,63 @@ def _read_marker(fd: int) -> Marker | None:
         os.close(marker)
 
 
-def _complete_marker(fd: int, checkpoint: Path, marker: Marker) -> None:
-    """Say in the marker that the slim finished: rewritten in place, which leaves the directory's mtime (just
-    put back) alone. A kill before this only means the times are put back again at the next pass."""
+def _place_marker(entry: TrashEntry, checkpoint_fd: int, text: bytes) -> None:
+    """Write the marker under a temporary name in `entry`, then rename it into the checkpoint (EXDEV when the
+    entry is on another filesystem: the caller then tries a trash beside the run)."""
+    entry_fd = os.open(entry.name, _DIR_FLAGS, dir_fd=entry.dir_fd)
     try:
-        out = os.open(MARKER, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        out = os.open(MARKER_TEMP, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=entry_fd)
         try:
-            os.write(out, marker_text(marker.removed, marker.times_ns, complete=True))
+            os.write(out, text)
             os.fsync(out)
         finally:
             os.close(out)
+        try:
+            os.rename(MARKER_TEMP, MARKER, src_dir_fd=entry_fd, dst_dir_fd=checkpoint_fd)
+        except OSError:
+            os.unlink(MARKER_TEMP, dir_fd=entry_fd)
+            raise
+        os.fsync(checkpoint_fd)
+    finally:
+        os.close(entry_fd)
+
+
+COMPLETE_FALSE, COMPLETE_TRUE = b'"complete": false', b'"complete": true '  # the same length
+
+
+def _complete_marker(fd: int, checkpoint: Path) -> None:
+    """Say in the marker that the slim finished, rewriting it in place at the same length (no truncation, one
+    write): the directory's mtime, just put back, stays, and a kill leaves the old text or the new one."""
+    try:
+        marker = os.open(MARKER, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     except OSError as e:
         raise ActionError(f"cannot finish the marker of {checkpoint}: {e.strerror or e}") from None
+    try:
+        raw = os.read(marker, 1 << 16)
+        if COMPLETE_FALSE in raw:
+            os.pwrite(marker, raw.replace(COMPLETE_FALSE, COMPLETE_TRUE, 1), 0)
+            os.fsync(marker)
+    finally:
+        os.close(marker)
 
 
-def _move_out(
-    run_fd: int, checkpoint_fd: int, checkpoint: Path, resume_state: Sequence[str], state: StateDir
-) -> TrashEntry:
-    """Move each resume-state entry into one new trash entry: the state's trash, or (across filesystems) the
-    run-local one, exactly as a delete would."""
+def _in_trash(run_fd: int, checkpoint: Path, state: StateDir, step: Callable[[TrashEntry], None]) -> TrashEntry:
+    """A new trash entry on the checkpoint's filesystem, after `step` moved something into or out of it: the
+    state's trash, or (across filesystems, EXDEV) the run-local one, exactly as a delete would."""
     entry = _new_entry(os.dup(state.trash_fd), checkpoint, state.trash)
     try:
-        _rename_each(checkpoint_fd, entry, resume_state, checkpoint)
+        step(entry)
+        return entry
     except OSError as e:
-        if e.errno != errno.EXDEV:
-            _close_empty(entry)
-            raise ActionError(f"cannot move the resume state of {checkpoint} to the trash: {e.strerror}") from None
         _close_empty(entry)
-        entry = _new_entry(_local_trash(run_fd, checkpoint), checkpoint, checkpoint.parent / RUN_TRASH_NAME)
-        try:
-            _rename_each(checkpoint_fd, entry, resume_state, checkpoint)
-        except OSError as again:
-            entry.close()
-            raise ActionError(f"cannot move the resume state of {checkpoint}: {again.strerror}") from None
+        if e.errno != errno.EXDEV:
+            raise ActionError(f"cannot move the resume state of {checkpoint} to the trash: {e.strerror}") from None
+    entry = _new_entry(_local_trash(run_fd, checkpoint), checkpoint, checkpoint.parent / RUN_TRASH_NAME)
+    try:
+        step(entry)
+    except OSError as e:
+        _close_empty(entry)
+        raise ActionError(f"cannot move the resume state of {checkpoint}: {e.strerror}") from None
     return entry
 
 
@@ -176,7 +194,7 @@ def _local_trash(run_fd: int, checkpoint: Path) -> int:
         raise ActionError(f"cannot move the resume state of {checkpoint} to the trash: {e.strerror or e}") from None
 
 
-def _rename_each(checkpoint_fd: int, entry: TrashEntry, names: Sequence[str], checkpoint: Path) -> None:
+def _rename_each(checkpoint_fd: int, entry: TrashEntry, names: Sequence[str]) -> None:
     entry_fd = os.open(entry.name, _DIR_FLAGS, dir_fd=entry.dir_fd)
     try:
         for name in names:

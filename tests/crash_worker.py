@@ -15,8 +15,8 @@ Two ways to run it:
         signal it. EOF on stdin ends the server. Forking keeps each round to a few milliseconds instead of
         the ~0.5-1 s a fresh interpreter needs to import the engine (or the daemon, watchdog and pydantic).
 
-A job is a JSON object: root, state (the state directory), keep (rules), archive (path or null),
-protect_best (bool, default true), and
+A job is a JSON object: root, state (the state directory), keep (rules), keep_weights (rules, default none:
+what they alone keep is made weights-only), archive (path or null), protect_best (bool, default true), and
 - kind "prune" (default): what `ckptkeeper prune` does, through the engine's Pipeline (lock, plan, finish
   leftovers, act); hold_after_lock (bool: take the lock, say LOCKED, then wait forever);
 - kind "watch": the `ckptkeeper watch` command itself (click entry point, settings, the Daemon with its
@@ -27,8 +27,9 @@ protect_best (bool, default true), and
 
 Markers written to stdout, one line each, unbuffered: "LOCKED <pid>", "APPLY <pid>" (the plan is made and
 removals start now; watch: the daemon logged "watching", its initial reconcile starts now),
-"OUTCOME <pid> <run> <checkpoint> <action>", "DONE <pid> <seconds from APPLY to the last outcome> <errors>"
-(watch: when it exits with --exit-when-done; errors = log lines at level error), "ERROR <pid> <message>".
+"OUTCOME <pid> <run> <checkpoint> <action>" (the journal's word: delete, archive, slim, error...),
+"DONE <pid> <seconds from APPLY to the last outcome> <errors>" (watch: when it exits with --exit-when-done;
+errors = log lines at level error), "ERROR <pid> <message>".
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def policy_for(job: dict[str, Any]) -> Policy:
         parse_rules(job["keep"]),
         Protections(trainer_best=job.get("protect_best", True)),
         Action.ARCHIVE if job.get("archive") else Action.DELETE,
+        weight_rules=parse_rules(job.get("keep_weights") or ""),
     )
 
 
@@ -103,6 +105,8 @@ def prune(job: dict[str, Any], say: bool = False) -> PassResult:
 # ---------------------------------------------------------------------------------------------- ckptkeeper watch
 def watch_args(job: dict[str, Any]) -> list[str]:
     args = ["watch", job["root"], "--keep", job["keep"], "--state-dir", job["state"]]
+    if job.get("keep_weights"):
+        args += ["--keep-weights", job["keep_weights"]]
     args += ["--settle", "0", "--rescan-interval", "3600", "--log-format", "json"]
     if job.get("archive"):
         args += ["--archive-to", job["archive"]]
@@ -151,6 +155,7 @@ class DaemonLog(io.TextIOBase):
         for marker, action in (
             (" deleted: freed ", "delete"),
             (" archived: ", "archive"),
+            (" made weights only: ", "slim"),
             (" could not be removed: ", "error"),
         ):
             where, found, _ = message.partition(marker)

@@ -5,13 +5,25 @@ A fork server (tests/crash_worker.py serve) runs each job in a child process on 
 Trainer runs with multi-megabyte, multi-file checkpoints (hard-linked from one template per module, so a
 round costs no data copy). Modes:
 
-- prune: the real engine (make_plan, finish_leftovers, apply_plan with a locked StateDir): delete; delete
+- prune: the real engine (Pipeline: lock, finish_leftovers, survey, act with its locked StateDir): delete; delete
   with the state directory on another filesystem (trash beside the run); archive on the same filesystem
   (a rename); archive to another filesystem (copy under a temporary name, verify, rename, remove);
 - daemon: the `ckptkeeper watch` command itself (click entry point, settings, Daemon, inotify observer, reaper
   thread), forked from the server, doing its initial reconcile of a root with removals to do: delete; delete
   with the state directory on another filesystem; archive to another filesystem. After the kill it is started
-  again with --exit-when-done and must reconcile the root to the same end state on its own.
+  again with --exit-when-done and must reconcile the root to the same end state on its own;
+- slim (`--keep last:1 --keep-weights every:4`, test_sigkill_while_slimming_...): the real engine on two runs whose
+  checkpoints carry multi-file resume state beside their weights (optimizer.pt, scheduler.pt, rng_state.pth and 64
+  rng_state_<rank>.pth; DeepSpeed's global_stepN/ and `latest`, or FSDP's optimizer_0/ beside the weights'
+  pytorch_model_fsdp_0/), each kept whole, made weights-only or removed; the state directory is in the root in even
+  rounds and on another filesystem in odd ones (the run-local trash). Each first kill targets one slim: 40% at a
+  random moment as below, the rest by watching that checkpoint and killing when its slim reaches a point drawn at
+  random (the marker's temporary file or the marker appears, or one of its resume entries leaves); a quarter of the
+  restarts are killed too, half of those inside a slim. Its checks are its own (see the section at the end): after
+  every kill each checkpoint is whole, or marked weights-only with every other file the very same (inode and bytes)
+  and each resume entry whole or gone, or (a removal) gone; after the final run each weights-only checkpoint has no
+  resume state left, its marker, and its directory's mtime from before; the journal has a start-slim line before any
+  slim. Its figures count the kills that landed mid-slim, by the state they left.
 
 The child says APPLY when its removals start and OUTCOME after each (the daemon: its "watching" and
 "deleted" log lines); the test picks one removal at random, waits for the ones before it, sleeps a random
@@ -32,10 +44,10 @@ lock, finishing the first kill's leftovers, removing). Then:
   acting, so it survives any kill) before any outcome line of its own, at most one outcome, and no line
   names a checkpoint the plan keeps.
 
-Rounds per mode: 200 by default; CKPTKEEPER_CRASH_ROUNDS=N or `pytest --crash-rounds N` (which wins) change
-it. Set the CKPTKEEPER_CRASH_* variables only when running this file alone: `ckptkeeper` refuses unknown
-CKPTKEEPER_* variables, so the command-line tests of the rest of the suite fail with one set (this file's
-daemon children drop them); `--crash-rounds` has no such effect.
+Rounds per mode (the slim mode included): 200 by default; CKPTKEEPER_CRASH_ROUNDS=N or `pytest --crash-rounds N`
+(which wins) change it. Set the CKPTKEEPER_CRASH_* variables only when running this file alone: `ckptkeeper`
+refuses unknown CKPTKEEPER_* variables, so the command-line tests of the rest of the suite fail with one set
+(this file's daemon children drop them); `--crash-rounds` has no such effect.
 CKPTKEEPER_CRASH_SEED fixes the delays; the figures of each mode are printed (pytest -s shows them) and, with
 CKPTKEEPER_CRASH_REPORT=<file>, appended to that file as JSON lines.
 """
@@ -58,7 +70,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -68,9 +80,11 @@ import pytest
 
 from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX, RUN_TRASH_NAME
 from ckptkeeper.engine import Pipeline
+from ckptkeeper.model import Action
 from ckptkeeper.scan import checkpoint_step
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import LockHeld, StateDir
+from ckptkeeper.weights import MARKER, MARKER_TEMP
 
 WORKER = Path(__file__).with_name("crash_worker.py")
 DEFAULT_ROUNDS = 200
@@ -88,6 +102,7 @@ DEADLINE = 60.0  # seconds any single step of the worker may take before the tes
 
 Key = tuple[str, str]  # (run path below the root or the archive, checkpoint name)
 Manifest = dict[str, tuple[str, int, str]]  # relative path -> (kind, size, sha256 or link target)
+Identity = tuple[int, int]  # (device, inode)
 
 
 def campaign_rounds(config: pytest.Config) -> int:
@@ -141,7 +156,8 @@ class Digests:
         return self.hash(path)
 
 
-def tree_manifest(top: Path, digests: Digests | None = None) -> Manifest:
+def tree_manifest(top: Path, digests: Digests | None = None, inodes: dict[str, Identity] | None = None) -> Manifest:
+    """Every entry below `top`; `inodes`, if given, is filled with each file's (device, inode)."""
     found: Manifest = {}
     for dirpath, dirnames, filenames in os.walk(top):
         for name in dirnames + filenames:
@@ -155,6 +171,8 @@ def tree_manifest(top: Path, digests: Digests | None = None) -> Manifest:
             else:
                 digest = digests.of(full, st) if digests else Digests.hash(full)
                 found[rel] = ("file", st.st_size, digest)
+                if inodes is not None:
+                    inodes[rel] = (st.st_dev, st.st_ino)
     return found
 
 
@@ -182,7 +200,7 @@ def entries_named(top: Path, prefix: str) -> list[Path]:
 
 def trash_entries(layout: Layout) -> list[Path]:
     entries = list(layout.state.trash.iterdir()) if layout.state.trash.is_dir() else []
-    for run in RUNS:
+    for run in (*RUNS, *SLIM_RUNS):
         local = layout.root / run / RUN_TRASH_NAME
         if local.is_dir():
             entries += list(local.iterdir())
@@ -324,6 +342,8 @@ class Mode:
     archive: str | None  # None, "same-fs" or "other-fs"
     state_on_other_fs: bool = False
     daemon: bool = False  # `ckptkeeper watch` (initial reconcile) instead of a prune
+    keep: str = KEEP
+    keep_weights: str = ""  # `--keep-weights`: none but in the slim mode
 
 
 MODES = [
@@ -356,7 +376,8 @@ class Layout:
             "root": str(self.root),
             "state": str(self.state.path),
             "archive": str(self.archive) if self.archive else None,
-            "keep": KEEP,
+            "keep": mode.keep,
+            "keep_weights": mode.keep_weights,
             "log": str(self.log),
             **extra,
         }
@@ -649,14 +670,16 @@ class Figures:
             f"apply ~{self.calibrated_apply_ms:.1f} ms; where: {where}"
         )
 
+    def as_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "where": dict(self.where), "mid_removal": self.mid_removal}
 
-def record_figures(figures: Figures) -> None:
+
+def record_figures(figures: Figures | SlimFigures) -> None:
     print(figures.report())
     target = os.environ.get("CKPTKEEPER_CRASH_REPORT")
     if target:
-        line = {**figures.__dict__, "where": dict(figures.where), "mid_removal": figures.mid_removal}
         with open(target, "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(json.dumps(figures.as_json()) + "\n")
 
 
 def run_to_completion(mode: Mode, layout: Layout, server: Server) -> tuple[float, list[str]]:
@@ -867,3 +890,506 @@ def test_daemon_log_stays_json_lines_when_the_trash_is_beside_the_run(tmp_path: 
         except ValueError:
             not_json.append(line)
     assert not_json == [], "\n".join(not_json[:4])
+
+
+# ---------------------------------------------------------------------------------------------- the slimming mode
+# `--keep last:1 --keep-weights every:4` (with the Trainer's best protected, whole): every 4th checkpoint is made
+# weights-only, the newest and the best stay whole, the rest are removed.
+SLIM_KEEP, SLIM_KEEP_WEIGHTS = "last:1", "every:4"
+SLIM_RANKS = 64  # rng_state_<rank>.pth in each checkpoint: many resume entries, moved one rename at a time
+SLIM_RUNS = {
+    # run path below the root -> the simulated Trainer run written there, and the engine whose files it gets
+    "ds": (
+        SimConfig(steps_per_epoch=16, epochs=1, save_steps=2, eval_steps=2, shards=2, optimizer_bytes=1 << 20),
+        "ds",
+    ),
+    "fsdp/lr-3e-5": (
+        SimConfig(steps_per_epoch=14, epochs=1, save_steps=2, eval_steps=2, optimizer_bytes=1 << 20, seed=7),
+        "fsdp",
+    ),
+}
+SLIM_MODES = (
+    Mode("slim", None, keep=SLIM_KEEP, keep_weights=SLIM_KEEP_WEIGHTS),
+    Mode("slim, state dir on another filesystem", None, True, keep=SLIM_KEEP, keep_weights=SLIM_KEEP_WEIGHTS),
+)
+RANDOM_MOMENT = "at a random moment"
+# Of the first kills, this share is aimed at a random moment (as in the other modes); the rest watch the target
+# checkpoint and kill at a point of its slim drawn at random (see aim_inside_slim).
+RANDOM_AIM_SHARE = 0.4
+TEMP_MARKER_SHARE = 0.15  # of the aimed kills: as soon as the marker's temporary file appears
+
+
+def write_engine_files(checkpoint: Path, step: int, engine: str, rng: random.Random) -> set[str]:
+    """What DeepSpeed or FSDP adds to a Trainer checkpoint; returns the checkpoint's resume-state entries (the
+    issue's list, written out here, not asked of ckptkeeper)."""
+    resume = {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    for rank in range(SLIM_RANKS):
+        (checkpoint / f"rng_state_{rank}.pth").write_bytes(rng.randbytes(64))
+        resume.add(f"rng_state_{rank}.pth")
+    if engine == "ds":
+        # ZeRO's engine state beside gathered 16-bit weights (the model*.safetensors): the engine state goes.
+        shards = checkpoint / f"global_step{step}"
+        shards.mkdir()
+        for rank in range(16):
+            (shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(rng.randbytes(4096))
+        (checkpoint / "latest").write_text(f"global_step{step}")
+        (checkpoint / "zero_to_fp32.py").write_text("# DeepSpeed's conversion script: not known, so it stays\n")
+        return resume | {f"global_step{step}", "latest"}
+    # FSDP's sharded state: the optimizer's optimizer_0/ goes, the weights' pytorch_model_fsdp_0/ stays.
+    for name in ("optimizer_0", "pytorch_model_fsdp_0"):
+        (checkpoint / name).mkdir()
+        for rank in range(8):
+            (checkpoint / name / f"__{rank}_0.distcp").write_bytes(rng.randbytes(4096))
+    (checkpoint / "tokenizer.json").write_text('{"version": "1.0"}\n')
+    return resume | {"optimizer_0"}
+
+
+@dataclass
+class SlimExpected:
+    manifests: dict[Key, Manifest]
+    inodes: dict[Key, dict[str, Identity]]  # each file's, in the template: every round's files are links to them
+    resume: dict[Key, tuple[str, ...]]  # the top-level resume-state entries, sorted (the order they are moved in)
+    whole: set[Key]  # kept whole: the newest, the Trainer's best
+    slimmed: set[Key]  # kept weights-only
+    removed: set[Key]
+    order: tuple[tuple[Key, str], ...]  # what a prune acts on, in its order: (checkpoint, "slim" or "delete")
+    digests: Digests
+
+
+@pytest.fixture(scope="module")
+def slim_template(work_fs: Path) -> Iterator[tuple[Path, SlimExpected]]:
+    """The two runs of the slimming mode, their manifests (with inodes) and the plan, recorded before any round;
+    checked again after the campaign, hashing every byte."""
+    root = work_fs / "slim-template"
+    rng = random.Random(1)
+    resume: dict[Key, tuple[str, ...]] = {}
+    for run, (config, engine) in SLIM_RUNS.items():
+        for step in simulate_run(root / run, config):
+            names = write_engine_files(root / run / f"checkpoint-{step}", step, engine, rng)
+            resume[(run, f"checkpoint-{step}")] = tuple(sorted(names))
+    manifests: dict[Key, Manifest] = {}
+    inodes: dict[Key, dict[str, Identity]] = {}
+    for key, path in checkpoint_dirs(root).items():
+        inodes[key] = {}
+        manifests[key] = tree_manifest(path, inodes=inodes[key])
+    digests = Digests()
+    digests.learn(root)
+    policy = crash_worker.policy_for({"keep": SLIM_KEEP, "keep_weights": SLIM_KEEP_WEIGHTS})
+    surveyed = Pipeline.checked(root, policy, state_dir=root / "_ckptkeeper").survey(None)
+    plan = surveyed.plan
+    assert not plan.refusals and not surveyed.warnings
+    decisions = {(p.run.path, d.checkpoint.name): d for p in plan.runs for d in p.decisions}
+    assert set(decisions) == set(manifests) == set(resume)
+    # ckptkeeper sorts the entries as the issue does, and sees the weights outside the resume state.
+    assert {key: d.checkpoint.resume_state for key, d in decisions.items()} == resume
+    assert all(d.checkpoint.complete and d.checkpoint.weights_outside for d in decisions.values())
+    whole = {key for key, d in decisions.items() if d.action is Action.KEEP}
+    slimmed = {key for key, d in decisions.items() if d.action is Action.WEIGHTS_ONLY}
+    removed = {key for key, d in decisions.items() if not d.kept}
+    order = tuple(
+        ((p.run.path, d.checkpoint.name), "slim" if d.slims else "delete") for p in plan.runs for d in p.acted_on
+    )
+    assert len(slimmed) >= 5 and len(removed) >= 4 and len(whole) >= 2
+    assert sorted(key for key, _ in order) == sorted(slimmed | removed)
+    yield root, SlimExpected(manifests, inodes, resume, whole, slimmed, removed, order, digests)
+    assert {key: tree_manifest(path) for key, path in checkpoint_dirs(root).items()} == manifests
+
+
+@dataclass
+class SlimProblems:
+    unmarked_partial: list[str] = field(default_factory=list)  # resume state gone without the marker
+    weights_changed: list[str] = field(default_factory=list)  # a file that is not resume state missing or not the same
+    lost: list[str] = field(default_factory=list)  # a checkpoint the plan keeps gone
+    other: list[str] = field(default_factory=list)
+
+    def all(self) -> list[str]:
+        return self.unmarked_partial + self.weights_changed + self.lost + self.other
+
+    def add(self, other: SlimProblems) -> None:
+        self.unmarked_partial += other.unmarked_partial
+        self.weights_changed += other.weights_changed
+        self.lost += other.lost
+        self.other += other.other
+
+
+# What a check finds a checkpoint to be (see slim_state).
+GONE, WHOLE, WHOLE_TEMP = "gone", "whole", "whole, temporary marker left"
+MARKED_UNMOVED, MARKED_PARTLY, WEIGHTS_ONLY, UNMARKED_PARTIAL = (
+    "marked, nothing moved",
+    "marked, resume state partly moved",
+    "weights only",
+    "resume state gone without the marker",
+)
+
+
+def dir_times(layout: Layout) -> dict[Key, int]:
+    """Each checkpoint directory's mtime (ns) as the round starts."""
+    return {key: path.lstat().st_mtime_ns for key, path in checkpoint_dirs(layout.root).items()}
+
+
+def _under(rel: str, name: str) -> bool:
+    return rel == name or rel.startswith(name + "/")
+
+
+def slim_state(
+    key: Key, path: Path | None, expected: SlimExpected, mtime_ns: int, final: bool
+) -> tuple[str, SlimProblems]:
+    """What one checkpoint is now, and what is wrong with it. At any moment: whole (every entry as it was, at
+    most a kill's temporary marker beside them); or marked weights-only, every entry that is not resume state
+    the same file with the same bytes, each resume entry whole or gone; or gone, if the plan removes it.
+    After the final run: whole (kept whole) or weights only (no resume state left), with the mtime from before."""
+    found = SlimProblems()
+    if path is None:
+        if key not in expected.removed:
+            found.lost.append(f"{key[0]}/{key[1]} is gone, but the plan keeps it")
+        return GONE, found
+    if final and key in expected.removed:
+        found.other.append(f"{path} is still there after the final run, but the plan removes it")
+    inodes: dict[str, Identity] = {}
+    now = tree_manifest(path, expected.digests, inodes)
+    moved = _compare_entries(path, now, inodes, key, expected, found)
+    marked = MARKER in now
+    allowed = {MARKER} if marked else {MARKER_TEMP} if key in expected.slimmed and not final else set()
+    found.other += [f"{path}/{rel} is new" for rel in sorted(set(now) - set(expected.manifests[key]) - allowed)]
+    if not marked:
+        if moved:
+            lost = ", ".join(moved[:3]) + (", ..." if len(moved) > 3 else "")
+            found.unmarked_partial.append(
+                f"{path} lost {len(moved)} of its {len(expected.resume[key])} resume entries ({lost}) and carries "
+                "no weights-only marker"
+            )
+        state = UNMARKED_PARTIAL if moved else WHOLE_TEMP if MARKER_TEMP in now else WHOLE
+    else:
+        if key not in expected.slimmed:
+            found.other.append(f"{path} is marked weights-only, but the plan keeps it whole or removes it")
+        found.other += _marker_problems(path / MARKER)
+        state = (
+            MARKED_UNMOVED if not moved else WEIGHTS_ONLY if len(moved) == len(expected.resume[key]) else MARKED_PARTLY
+        )
+    if final and state != (WHOLE if key in expected.whole else WEIGHTS_ONLY):
+        found.other.append(f"after the final run {path} is {state}")
+    if (final or key in expected.whole) and path.lstat().st_mtime_ns != mtime_ns:
+        found.other.append(f"{path}'s mtime is {path.lstat().st_mtime_ns}, it was {mtime_ns}")
+    return state, found
+
+
+def _compare_entries(
+    path: Path, now: Manifest, inodes: dict[str, Identity], key: Key, expected: SlimExpected, found: SlimProblems
+) -> list[str]:
+    """Every entry that is not resume state must be there, the same file (inode) with the same bytes; each resume
+    entry whole (all of it as it was) or gone. Returns the resume entries gone."""
+    was, was_inodes, resume = expected.manifests[key], expected.inodes[key], expected.resume[key]
+    for rel, entry in sorted(was.items()):
+        same = (now.get(rel), inodes.get(rel)) == (entry, was_inodes.get(rel))
+        if not same and not any(_under(rel, name) for name in resume):
+            found.weights_changed.append(f"{path}/{rel} is {'missing' if rel not in now else 'not the same file'}")
+    moved = []
+    for name in resume:
+        here = {rel: (e, inodes.get(rel)) for rel, e in now.items() if _under(rel, name)}
+        if not here:
+            moved.append(name)
+        elif here != {rel: (e, was_inodes.get(rel)) for rel, e in was.items() if _under(rel, name)}:
+            found.other.append(f"{path}/{name} (resume state) is neither whole nor gone")
+    return moved
+
+
+def _marker_problems(marker: Path) -> list[str]:
+    """The marker is renamed into place whole: it is always a complete JSON object."""
+    try:
+        record = json.loads(marker.read_bytes())
+    except (OSError, ValueError) as e:
+        return [f"{marker} is not readable JSON: {e}"]
+    return [] if isinstance(record, dict) else [f"{marker} is not a JSON object"]
+
+
+def slim_look(
+    layout: Layout, expected: SlimExpected, times: dict[Key, int], final: bool = False
+) -> tuple[dict[Key, str], SlimProblems]:
+    """Every checkpoint's state (slim_state), and the problems found, the trash's included."""
+    found = SlimProblems()
+    dirs = checkpoint_dirs(layout.root)
+    found.other += [
+        f"unexpected checkpoint directory {p}" for k, p in sorted(dirs.items()) if k not in expected.manifests
+    ]
+    states = {}
+    for key in sorted(expected.manifests):
+        states[key], problems = slim_state(key, dirs.get(key), expected, times[key], final)
+        found.add(problems)
+    entries = trash_entries(layout)
+    found.other += [f"trash entry {e} has a checkpoint name" for e in entries if checkpoint_step(e.name)]
+    if final:
+        found.other += [f"trash not empty after the final run: {e}" for e in entries]
+    return states, found
+
+
+def slim_where(
+    status: int,
+    expected: SlimExpected,
+    states: dict[Key, str],
+    trash: set[Path],
+    before: tuple[dict[Key, str], set[Path]] | None = None,
+) -> str:
+    """Where a kill landed, judged from what it left: a checkpoint caught mid-slim, a trash entry (a slim's holds
+    resume entries, a removal's the checkpoint itself), or how many actions were done. `before`: the states and
+    trash entries a first kill left (when judging a killed restart): only what changed since counts."""
+    if status != -signal.SIGKILL:
+        return "finished before the kill"
+    old_states, old_trash = before if before is not None else ({}, set())
+    changed = {state for key, state in states.items() if old_states.get(key) != state}
+    for state in (MARKED_PARTLY, MARKED_UNMOVED, WHOLE_TEMP):
+        if state in changed:
+            return f"mid-slim: {state}"
+    new_trash = trash - old_trash
+    if any((entry / "trainer_state.json").exists() for entry in new_trash):
+        return "mid-removal: renamed to the trash, not yet removed"
+    if new_trash:
+        return "mid-slim: resume state in the trash, not yet deleted"
+    done = sum(states[key] in (GONE, WEIGHTS_ONLY) for key, _ in expected.order)
+    if done == 0:
+        return "before the first action"
+    return "after the last action" if done == len(expected.order) else "between actions"
+
+
+def slim_gone_without_start(states: dict[Key, str], layout: Layout, expected: SlimExpected) -> int:
+    """At a kill: checkpoints already touched (gone, marked, a temporary marker) without their intent line."""
+    entries = layout.state.read_journal()
+    started = {(e.get("run"), e.get("checkpoint"), e.get("action")) for e in entries}
+    missing = 0
+    for key, action in expected.order:
+        if states[key] != WHOLE and (*key, f"start-{action}") not in started:
+            missing += 1
+    return missing
+
+
+def slim_journal_gaps(layout: Layout, expected: SlimExpected) -> JournalGaps:
+    """Each slim and removal has its start line (start-slim / start-delete) before any other line of its own, at
+    most one outcome line, and no line of another kind; no line names a checkpoint kept whole. A slim cut short
+    is started again by the next pass (a second start-slim line); one finished but for its outcome line is not."""
+    entries = layout.state.read_journal()
+    gaps = JournalGaps()
+    gaps.names_kept = sum((e.get("run"), e.get("checkpoint")) in expected.whole for e in entries)
+    for key, action in expected.order:
+        own = [e.get("action") for e in entries if (e.get("run"), e.get("checkpoint")) == key]
+        start = f"start-{action}"
+        gaps.no_start += start not in own
+        gaps.wrong_start += bool(own) and (own[0] != start or any(a not in (start, action) for a in own))
+        gaps.duplicate_outcome += own.count(action) > 1
+        gaps.no_outcome += action not in own
+    return gaps
+
+
+@dataclass
+class SlimFigures:
+    mode: str
+    seed: int
+    rounds: int = 0
+    rounds_state_elsewhere: int = 0  # with the state directory on another filesystem (the run-local trash)
+    kills_landed: int = 0
+    where: Counter[str] = field(default_factory=Counter)
+    aims: Counter[str] = field(default_factory=Counter)  # how each first kill was aimed
+    restarts_killed: int = 0
+    restart_where: Counter[str] = field(default_factory=Counter)  # judged by what changed since the first kill
+    unmarked_partial: int = 0  # a checkpoint that lost resume state without the marker: must stay 0
+    weights_changed: int = 0  # a file other than resume state missing, or not the same file and bytes: must stay 0
+    lost: int = 0  # a kept checkpoint gone: must stay 0
+    violations: int = 0  # every invariant failure, the three above included: must stay 0
+    journal_mismatches: int = 0  # must stay 0
+    journal_no_outcome: int = 0  # fine: killed between a start line and its outcome line
+    calibrated_apply_ms: float = 0.0
+    calibrated_job_ms: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def mid_slim(self) -> int:
+        return sum(n for where, n in self.where.items() if where.startswith("mid-slim"))
+
+    @property
+    def restarts_mid_slim(self) -> int:
+        return sum(n for where, n in self.restart_where.items() if where.startswith("mid-slim"))
+
+    def count(self, found: SlimProblems) -> None:
+        self.unmarked_partial += len(found.unmarked_partial)
+        self.weights_changed += len(found.weights_changed)
+        self.lost += len(found.lost)
+        self.violations += len(found.all())
+
+    def report(self) -> str:
+        def listed(counter: Counter[str]) -> str:
+            return ", ".join(f"{n} {w}" for w, n in sorted(counter.items()))
+
+        return (
+            f"crash campaign [{self.mode}] seed={self.seed}: {self.rounds} rounds in {self.seconds:.0f} s "
+            f"({self.rounds_state_elsewhere} with the state dir on another filesystem), {self.kills_landed} kills "
+            f"landed ({self.mid_slim} mid-slim, {self.where[f'mid-slim: {MARKED_PARTLY}']} of them with the resume "
+            f"state partly moved; {self.restarts_killed} restarts killed too, {self.restarts_mid_slim} of them "
+            f"mid-slim), unmarked partial checkpoints: {self.unmarked_partial}, weights changed: "
+            f"{self.weights_changed}, kept checkpoints lost: {self.lost}, invariant violations: {self.violations}; "
+            f"journal mismatches: {self.journal_mismatches}; {self.journal_no_outcome} actions without their outcome "
+            f"line; apply ~{self.calibrated_apply_ms:.1f} ms; aims: {listed(self.aims)}; where: {listed(self.where)}; "
+            f"restarts killed: {listed(self.restart_where)}"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            **self.__dict__,
+            "where": dict(self.where),
+            "aims": dict(self.aims),
+            "restart_where": dict(self.restart_where),
+            "mid_slim": self.mid_slim,
+        }
+
+
+def aim_inside_slim(path: Path, present: Sequence[str], marked: bool, rng: random.Random, patience: float) -> str:
+    """Watch the checkpoint at `path` and return (for the caller to kill at once) when its slim reaches a point
+    drawn at random: its marker's temporary file appears, its marker appears, or one of the first half of its
+    resume entries still `present` leaves (they are moved in name order; a kill lands a few to a few dozen
+    renames later). Gives up after `patience` seconds."""
+    marker, temp = str(path / MARKER), str(path / MARKER_TEMP)
+    draw = rng.random()
+    if not marked and draw < TEMP_MARKER_SHARE:
+        aim = "at the temporary marker"
+
+        def ready() -> bool:
+            return os.path.lexists(temp) or os.path.lexists(marker)
+
+    elif not marked and (draw < 2 * TEMP_MARKER_SHARE or not present):
+        aim = "at the marker"
+
+        def ready() -> bool:
+            return os.path.lexists(marker)
+
+    elif not present:
+        return "nothing left to aim at"
+    else:
+        aim = "inside the renames"
+        leaving = str(path / present[rng.randrange((len(present) + 1) // 2)])
+
+        def ready() -> bool:
+            return not os.path.lexists(leaving)
+
+    deadline = time.monotonic() + patience
+    while not ready():
+        if time.monotonic() > deadline:
+            return f"{aim} (gave up waiting)"
+    return aim
+
+
+def slim_round(
+    mode: Mode,
+    server: Server,
+    layout: Layout,
+    expected: SlimExpected,
+    timing: Timing,
+    rng: random.Random,
+    f: SlimFigures,
+) -> SlimProblems:
+    times = dir_times(layout)
+    patience = max(1.0, 4 * timing.whole_job)
+    pid = server.start(layout.job(mode))
+    server.expect("APPLY", pid)
+    # The first kill targets one slim of the plan, chosen at random: at a random moment within the time one
+    # action takes once the actions before it are done, or at a random point of the slim itself.
+    target = rng.choice([i for i, (_, action) in enumerate(expected.order) if action == "slim"])
+    (run, name), _ = expected.order[target]
+    if rng.random() < RANDOM_AIM_SHARE:
+        applied = time.monotonic()
+        for _ in range(target):
+            server.expect("OUTCOME", pid)
+        timing.observe(time.monotonic() - applied, target)
+        time.sleep(rng.uniform(0, 1.2 * timing.per_removal))
+        aim = RANDOM_MOMENT
+    else:
+        aim = aim_inside_slim(layout.root / run / name, expected.resume[(run, name)], False, rng, patience)
+    status = server.kill(pid)
+    f.rounds += 1
+    f.kills_landed += status == -signal.SIGKILL
+    f.aims[aim] += 1
+
+    states, found = slim_look(layout, expected, times)
+    trash = set(trash_entries(layout))
+    f.where[slim_where(status, expected, states, trash)] += 1
+    missing_intent = slim_gone_without_start(states, layout, expected)
+    if rng.random() < SECOND_KILL_SHARE:
+        # The restart is killed too: at a random moment of its run, or inside a slim it finishes or starts.
+        pid = server.start(layout.job(mode))
+        unfinished = sorted(key for key in expected.slimmed if states[key] not in (WEIGHTS_ONLY, GONE))
+        if unfinished and rng.random() < 0.5:
+            key = rng.choice(unfinished)
+            path = layout.root / key[0] / key[1]
+            present = [n for n in expected.resume[key] if os.path.lexists(path / n)]
+            aim_inside_slim(path, present, states[key] in (MARKED_UNMOVED, MARKED_PARTLY), rng, patience)
+        else:
+            time.sleep(rng.uniform(0, timing.whole_job))
+        status = server.kill(pid)
+        f.restarts_killed += status == -signal.SIGKILL
+        before = (states, trash)
+        states, more = slim_look(layout, expected, times)
+        found.add(more)
+        f.restart_where[slim_where(status, expected, states, set(trash_entries(layout)), before)] += 1
+        missing_intent += slim_gone_without_start(states, layout, expected)
+    found.other += restart(mode, layout, server)
+    found.add(slim_look(layout, expected, times, final=True)[1])
+    f.count(found)
+    gaps = slim_journal_gaps(layout, expected)
+    gaps.gone_without_start = missing_intent
+    f.journal_mismatches += gaps.mismatches
+    f.journal_no_outcome += gaps.no_outcome
+    if gaps.mismatches:
+        found.other.append(f"journal: {gaps}")
+    return found
+
+
+def calibrate_slim(server: Server, source: Path, expected: SlimExpected, work: Path, other: Path) -> Timing:
+    """Prunes run to completion, timed, in both layouts; each must leave exactly the final state."""
+    applies, wholes = [], []
+    for mode in (*SLIM_MODES, SLIM_MODES[0]):
+        layout = new_layout(mode, work, source, other)
+        times = dir_times(layout)
+        began = time.monotonic()
+        seconds, failed = run_to_completion(mode, layout, server)
+        wholes.append(time.monotonic() - began)
+        assert failed == [], failed
+        applies.append(seconds)
+        assert slim_look(layout, expected, times, final=True)[1].all() == []
+        layout.clear()
+    return Timing(sorted(applies)[1] / len(expected.order), sorted(wholes)[1])
+
+
+def test_sigkill_while_slimming_keeps_the_weights_and_never_leaves_an_unmarked_partial_checkpoint(
+    server: Server,
+    slim_template: tuple[Path, SlimExpected],
+    work_fs: Path,
+    other_fs: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    source, expected = slim_template
+    work = Path(tempfile.mkdtemp(prefix="slim-rounds-", dir=work_fs))
+    rounds = campaign_rounds(request.config)
+    assert rounds >= 1, "--crash-rounds / CKPTKEEPER_CRASH_ROUNDS must be at least 1"
+    rng = random.Random(f"{SEED}-slim")
+    figures = SlimFigures(f"slim: --keep {SLIM_KEEP} --keep-weights {SLIM_KEEP_WEIGHTS}", SEED)
+    problems: list[str] = []
+    began = time.monotonic()
+
+    timing = calibrate_slim(server, source, expected, work, other_fs)
+    figures.calibrated_apply_ms = timing.per_removal * len(expected.order) * 1000
+    figures.calibrated_job_ms = timing.whole_job * 1000
+    for index in range(rounds):
+        mode = SLIM_MODES[index % 2]
+        figures.rounds_state_elsewhere += mode.state_on_other_fs
+        layout = new_layout(mode, work, source, other_fs)
+        found = slim_round(mode, server, layout, expected, timing, rng, figures)
+        problems += [f"round {figures.rounds} [{mode.name}] (seed {SEED}): {p}" for p in found.all()]
+        layout.clear()
+
+    figures.seconds = time.monotonic() - began
+    record_figures(figures)
+    assert problems == [], "\n".join(problems[:20])
+    assert figures.rounds == rounds
+    assert (figures.unmarked_partial, figures.weights_changed, figures.lost) == (0, 0, 0)
+    assert (figures.violations, figures.journal_mismatches) == (0, 0)
+    # The campaign must interrupt the prune, and catch slims halfway: marked with part of the resume state moved.
+    assert figures.kills_landed >= rounds // 2, figures.report()
+    if rounds >= 10:
+        assert figures.mid_slim >= rounds // 10, figures.report()
+        assert figures.where[f"mid-slim: {MARKED_PARTLY}"] >= 1, figures.report()
