@@ -251,7 +251,14 @@ def test_sidecar_prunes_serves_metrics_and_stops_on_sigterm(image: str, containe
     wait_until(lambda: steps(run) == KEPT, 30, lambda: f"only {KEPT} in {steps(run)}; log:\n{sidecar.logs()}")
     trash = outputs / "_ckptkeeper" / "trash"
     wait_until(lambda: not trash.exists() or not os.listdir(trash), 10, "the trash to be emptied")
-    deleted = [e for e in journal(outputs / "_ckptkeeper") if e["action"] == "delete"]
+
+    # The outcome line is journaled just after the rename into the trash, so the reaper thread may have emptied
+    # the trash a moment before the last line is written: wait for it as for the rest.
+    def journaled() -> list[dict[str, Any]] | None:
+        found = [e for e in journal(outputs / "_ckptkeeper") if e["action"] == "delete"]
+        return found if len(found) >= 2 else None
+
+    deleted = wait_until(journaled, 10, lambda: f"both deletes journaled: {journal(outputs / '_ckptkeeper')}")
     assert sorted(e["step"] for e in deleted) == [2, 4], deleted
 
     check_metrics(sidecar, deleted)
