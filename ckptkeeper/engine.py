@@ -57,6 +57,12 @@ class NotSupported(ValueError):
     """Settings that cannot be used together (yet); the message says which."""
 
 
+def require_rules(policy: Policy) -> None:
+    """Retention starts only with a rule: `--keep` or `--keep-weights` (SPEC "Refusals")."""
+    if not policy.rules and not policy.weight_rules:
+        raise RetentionRefused(NO_RULE)
+
+
 class StateDirUnusable(Exception):
     """The state directory cannot be made or written (a read-only root); the message says which and why."""
 
@@ -217,8 +223,7 @@ class Pipeline:
         dispose: Dispose | None = None,
         stop: StopCheck | None = None,
     ) -> None:
-        if not policy.rules and not policy.weight_rules:
-            raise RetentionRefused(NO_RULE)
+        require_rules(policy)
         if policy.weight_rules and layout.archive_to is not None:
             raise NotSupported(KEEP_WEIGHTS_AND_ARCHIVE)
         if (policy.removal is Action.ARCHIVE) != (layout.archive_to is not None):
@@ -252,8 +257,7 @@ class Pipeline:
             raise LayoutError(f"root {root} does not exist")
         if not root.is_dir():
             raise LayoutError(f"root {root} is not a directory")
-        if not policy.rules and not policy.weight_rules:
-            raise RetentionRefused(NO_RULE)
+        require_rules(policy)  # before the layout's checks, as the commands always said it
         layout = Layout.checked(root, state_dir, archive_to)
         return cls(layout, policy, scan, dry_run=dry_run, dispose=dispose, stop=stop)
 

@@ -26,12 +26,12 @@ from pathlib import Path
 from types import FrameType
 
 from ckptkeeper.decision_log import DecisionLog
-from ckptkeeper.engine import Pipeline, RetentionRefused
+from ckptkeeper.engine import Pipeline, require_rules
 from ckptkeeper.inbox import Inbox, Pending
 from ckptkeeper.layout import Layout, default_state_dir
 from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_problem
 from ckptkeeper.observers import ObserverSupervisor, RootChange
-from ckptkeeper.policy import NO_RULE, Policy
+from ckptkeeper.policy import Policy
 from ckptkeeper.reaper import Reaper
 from ckptkeeper.reconcile import Reconciler
 from ckptkeeper.render import shown
@@ -88,8 +88,7 @@ class Daemon:
     def __init__(
         self, root: Path, policy: Policy, state_dir: Path | None, options: WatchOptions, archive_to: Path | None = None
     ) -> None:
-        if not policy.rules and not policy.weight_rules:
-            raise RetentionRefused(NO_RULE)
+        require_rules(policy)
         self.policy = policy
         self.options = options
         self.archive_to = archive_to
@@ -203,7 +202,7 @@ class Daemon:
             self._start_metrics_server()  # /healthz answers while the root is awaited or the lock is held
             if not self._wait_for_root_to_appear():
                 return 0
-            self._build_pipeline()  # the paths are checked (again) now that the root is there
+            self._pipe()  # the paths were checked when the root was there at the start; else now
             self.supervisor.install()
             if not self._take_lock():
                 return 0
