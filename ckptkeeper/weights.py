@@ -49,10 +49,15 @@ def split(top_level: Iterable[str], directories: Iterable[str] = (), marker_is_f
     model = any(_MODEL_WEIGHTS.fullmatch(n) for n in names)
     adapter = any(_ADAPTER_WEIGHTS.fullmatch(n) and n not in dirs for n in names)
     resume = [n for n in names if (_RESUME_FILES.fullmatch(n) and n not in dirs) or _is_resume_dir(n, dirs)]
+    marked = MARKER in names and MARKER not in dirs and marker_is_file
     if engine_state and model:
-        resume += [*engine_state, *(["latest"] if "latest" in names and "latest" not in dirs else [])]
+        resume += engine_state
+    # `latest` names the engine state to load: it goes with it, and also once the engine state is gone from a
+    # marked checkpoint (a slim cut short after moving `global_step*/`), so the slim can be finished.
+    if model and (engine_state or marked) and "latest" in names and "latest" not in dirs:
+        resume.append("latest")
     weights_outside = model or (adapter and not engine_state)
-    return Parts(tuple(sorted(resume)), weights_outside, MARKER in names and MARKER not in dirs and marker_is_file)
+    return Parts(tuple(sorted(resume)), weights_outside, marked)
 
 
 def _is_resume_dir(name: str, dirs: set[str]) -> bool:
