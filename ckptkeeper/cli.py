@@ -19,7 +19,7 @@ from ckptkeeper import __version__
 
 if TYPE_CHECKING:
     from ckptkeeper.config import Settings
-    from ckptkeeper.engine import Pipeline
+    from ckptkeeper.engine import PassResult, Pipeline
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -28,7 +28,8 @@ EXIT_REFUSED = 3
 EXIT_LOCKED = 4
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 done; 1 a failure while acting; 2 usage or config error; "
+    "Exit codes: 0 done; 1 a failure while acting (prune: or a --min-free floor it cannot meet); "
+    "2 usage or config error; "
     "3 refused by a safety rule (nothing removed); 4 another instance holds the root's lock."
 )
 
@@ -77,6 +78,18 @@ def _check_keep(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     return ",".join(text for text in value if text.strip())
 
 
+def _check_floor(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ckptkeeper.pressure import FloorError, parse_floor
+
+    if value is None:
+        return None
+    try:
+        parse_floor(value)
+    except FloorError as e:
+        raise click.BadParameter(str(e).removeprefix("invalid --min-free ")) from None
+    return value
+
+
 def policy_options(command: F) -> F:
     """The options plan, prune and watch share: everything that decides what is kept."""
     for decorator in reversed([*_rule_options(), *_path_options()]):
@@ -104,6 +117,23 @@ def _rule_options() -> list[Callable[[F], F]]:
             metavar="RULES",
             help="Rules, as for --keep, for checkpoints to keep as weights only: what only these keep loses its "
             "resume state (optimizer, scheduler, RNG states) and keeps everything needed to load the model.",
+        ),
+        click.option(
+            "--min-free",
+            metavar="SIZE|PERCENT",
+            callback=_check_floor,
+            help="Free space to keep on each filesystem holding a run (50G, 40Gi, 10%), on top of the next save of "
+            "each run still training. Below it the disk is under pressure: reported, and with "
+            "--keep-under-pressure acted on.",
+        ),
+        click.option(
+            "--keep-under-pressure",
+            multiple=True,
+            callback=_check_keep,
+            metavar="RULES",
+            help="Rules, as for --keep, that still keep checkpoints under disk pressure: what --keep keeps and these "
+            "do not is released (removed, or archived with --archive-to) one at a time, as few as needed to meet "
+            "--min-free. Protected checkpoints are never released.",
         ),
         click.option(
             "--protect-trainer-best/--no-protect-trainer-best",
@@ -254,6 +284,28 @@ def prune(**flags: Any) -> None:
     report.finished(result, bool(settings.dry_run), settings.max_depth)
     if result.errors:
         raise Failed(f"{len(result.errors)} checkpoint(s) could not be removed (see the FAILED lines above)")
+    problem = _floor_problem(result)
+    if problem:  # a trainer's low-disk hook must know that saving may still fail
+        raise Failed(problem)
+
+
+def _floor_problem(result: PassResult) -> str | None:
+    """Why the --min-free floor may not be met after this prune, if it may not: it cannot be, or a removal the
+    verdict counted on did not go through (changed since the plan, or cut short by a stop)."""
+    from ckptkeeper.model import OutcomeKind
+    from ckptkeeper.render import shown
+
+    unmet = [p for p in result.plan.pressure if p.unmet]
+    if unmet:
+        where = ", ".join(shown(p.disk.where) for p in unmet)
+        return f"the --min-free floor cannot be met on {where} (see the disk line above)"
+    undone = [o for o in result.outcomes if o.action in (OutcomeKind.SKIPPED, OutcomeKind.STOPPED)]
+    if undone and any(p.under for p in result.plan.pressure):
+        return (
+            f"the --min-free floor may not be met: {len(undone)} removal(s) it counted on did not go through "
+            "(see the skipped or stopped lines above); run prune again"
+        )
+    return None
 
 
 @main.command(epilog=EXIT_CODES_HELP)

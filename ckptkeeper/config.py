@@ -26,6 +26,7 @@ from pydantic import (
 
 from ckptkeeper.model import Action
 from ckptkeeper.policy import Policy, Protections
+from ckptkeeper.pressure import PressurePolicy, parse_floor
 from ckptkeeper.rules import RuleError, parse_rule, parse_rules
 from ckptkeeper.scan import DEFAULT_MAX_DEPTH, ScanOptions
 
@@ -51,6 +52,17 @@ def _no_nul(path: Path) -> Path:
 PathSetting = Annotated[Path, AfterValidator(_no_nul)]
 
 
+def _valid_floor(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("expected a size such as 50G or a percentage such as 10%")
+    text = str(value)
+    parse_floor(text)
+    return text.strip()
+
+
+FloorText = Annotated[object, AfterValidator(_valid_floor)]
+
+
 class Settings(BaseModel):
     """Every setting of plan, prune and watch; each key is also a flag (`max_depth` is `--max-depth`)."""
 
@@ -59,6 +71,8 @@ class Settings(BaseModel):
     root: PathSetting | None = None
     keep: list[RuleText] = Field(default_factory=list)
     keep_weights: list[RuleText] = Field(default_factory=list)  # what these alone keep is kept weights-only
+    min_free: FloorText | None = None  # free space to keep on each filesystem holding a run
+    keep_under_pressure: list[RuleText] = Field(default_factory=list)  # what still stays below that floor
     archive_to: PathSetting | None = None
     state_dir: PathSetting | None = None
     max_depth: StrictInt = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
@@ -76,7 +90,7 @@ class Settings(BaseModel):
     metrics_port: StrictInt | None = Field(None, ge=0, le=65535)  # None: no metrics server; 0: any free port
     metrics_host: str = "127.0.0.1"
 
-    @field_validator("keep", "keep_weights", mode="before")
+    @field_validator("keep", "keep_weights", "keep_under_pressure", mode="before")
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
         """`keep` may be written `best:1,last:5` as well as a list of rules."""
@@ -88,11 +102,15 @@ class Settings(BaseModel):
         return ",".join(self.keep)
 
     def policy(self) -> Policy:
+        pressure = None
+        if self.min_free is not None:
+            pressure = PressurePolicy(parse_floor(str(self.min_free)), parse_rules(",".join(self.keep_under_pressure)))
         return Policy(
             rules=parse_rules(self.rules_text()),
             protections=Protections(trainer_best=self.protect_trainer_best),
             weight_rules=parse_rules(",".join(self.keep_weights)),
             removal=Action.ARCHIVE if self.archive_to else Action.DELETE,
+            pressure=pressure,
         )
 
     def scan_options(self, default_settle: float = 0.0) -> ScanOptions:
@@ -226,7 +244,17 @@ def _one_line(error: Exception) -> str:
 ENV_PREFIX = "CKPTKEEPER_"
 CONFIG_ENV = "CKPTKEEPER_CONFIG"
 # Settings whose environment value is taken as text; the others are read as a YAML scalar (3, 2.5, true).
-_TEXT_SETTINGS = {"root", "keep", "keep_weights", "archive_to", "state_dir", "log_format", "metrics_host"}
+_TEXT_SETTINGS = {
+    "root",
+    "keep",
+    "keep_weights",
+    "keep_under_pressure",
+    "min_free",
+    "archive_to",
+    "state_dir",
+    "log_format",
+    "metrics_host",
+}
 
 
 def env_var(setting: str) -> str:
@@ -260,6 +288,9 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     except ValidationError as e:
         lines = []
         for err in e.errors():
+            if not err["loc"]:  # a rule between settings (pressure rules need a floor)
+                lines.append(f"environment: {err['msg'].removeprefix('Value error, ')}")
+                continue
             field = str(err["loc"][0])
             rest = _location(tuple(err["loc"][1:]))
             where = env_var(field) + (rest if rest.startswith("[") else f".{rest}" if rest else "")
@@ -283,9 +314,21 @@ def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[s
     from_env = read_environment(environ)
     given = {k: v for k, v in flags.items() if v is not None}
     try:
-        return Settings.model_validate({**from_file, **from_env, **given})
+        settings = Settings.model_validate({**from_file, **from_env, **given})
     except ValidationError as e:
         raise ConfigError(_messages(e, "command line")) from None
+    # Checked on the merged settings: the floor may come from one place and the pressure rules from another.
+    if settings.keep_under_pressure and settings.min_free is None:
+        key = "keep_under_pressure"
+        source = "command line" if key in given else env_var(key) if key in from_env else config.name if config else ""
+        raise ConfigError(f"{source}: {PRESSURE_NEEDS_A_FLOOR}")
+    return settings
+
+
+PRESSURE_NEEDS_A_FLOOR = (
+    "keep_under_pressure (--keep-under-pressure) needs min_free (--min-free): the floor that says when the disk "
+    "is under pressure"
+)
 
 
 __all__ = ["ConfigError", "RuleError", "Settings", "load_settings"]

@@ -12,7 +12,6 @@ import time
 
 from ckptkeeper.model import Action, Decision, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan, RunResult
 from ckptkeeper.render import (
-    human_bytes,
     location,
     mixed_runs_text,
     past,
@@ -21,6 +20,7 @@ from ckptkeeper.render import (
     shown,
     weights_only_resume_text,
 )
+from ckptkeeper.units import human_bytes
 
 log = logging.getLogger("ckptkeeper")
 

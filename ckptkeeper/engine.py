@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from ckptkeeper.layout import Layout, LayoutError, default_state_dir
 from ckptkeeper.model import Action, Checkpoint, Decision, Outcome, OutcomeKind, Run, RunPlan, RunResult
 from ckptkeeper.paths import fd_path, identity
 from ckptkeeper.policy import NO_RULE, Policy, RootPlan, plan_root
+from ckptkeeper.pressure import Disk, Space
 from ckptkeeper.render import journal_reasons
 from ckptkeeper.rules import format_rules
 from ckptkeeper.scan import (
@@ -311,8 +313,39 @@ class Pipeline:
         settle = self.scan_options.settle
         return [read_run(self.root, d, now, settle, cache, trusting) for d in run_dirs]
 
-    def plan(self, runs: Sequence[Run], refused_elsewhere: Collection[str] = ()) -> RootPlan:
-        return plan_root(runs, self.policy, refused_elsewhere)
+    def plan(
+        self, runs: Sequence[Run], refused_elsewhere: Collection[str] = (), space: Space | None = None
+    ) -> RootPlan:
+        """Plan the runs together; with --min-free, on their filesystems' figures (`space`: as the caller measured
+        and adjusted them; by default measured now)."""
+        return plan_root(runs, self.policy, refused_elsewhere, space if space is not None else self.measure(runs))
+
+    def measure(self, runs: Sequence[Run], freeing: bool = False) -> Space | None:
+        """The free space of each filesystem holding one of these runs (None without --min-free). A run
+        directory is reached as a removal reaches it, without following links; one that cannot be reached
+        has no figures (and nothing of it is released)."""
+        if self.policy.pressure is None:
+            return None
+        disks: dict[int, Disk] = {}
+        devices: dict[str, int] = {}
+        for run in sorted(runs, key=lambda r: r.path):  # a filesystem is named by the first run path on it
+            run_dir = self.root / run.path if run.path != "." else self.root
+            measured = _measure(self.root, run_dir, self.root_identity)
+            if measured is None:
+                continue
+            devices[run.path] = measured.device
+            disks.setdefault(measured.device, measured)
+        return Space(disks, devices, self._archive_device(), time.time(), freeing)
+
+    def _archive_device(self) -> int | None:
+        """The device --archive-to lies on (its nearest existing directory: it may not be made yet)."""
+        where = self.layout.archive_to
+        while where is not None:
+            try:
+                return os.stat(where).st_dev
+            except OSError:
+                where = None if where.parent == where else where.parent
+        return None
 
     def act(self, plan: RootPlan, on_outcome: OnOutcome = lambda _: None) -> tuple[RunResult, ...]:
         """Carry out every removal of the plan (oldest first per run), journaled; one result per run."""
@@ -439,10 +472,30 @@ class Pipeline:
         text = f"keep {format_rules(self.policy.rules)}"
         if self.policy.weight_rules:
             text += f"; keep weights {format_rules(self.policy.weight_rules)}"
+        if self.policy.pressure is not None and self.policy.pressure.releases:
+            text += f"; under pressure keep {format_rules(self.policy.pressure.rules)}"
         return text
 
     def _journal(self) -> Path:
         return self.state.journal_path
+
+
+def _measure(root: Path, run_dir: Path, root_identity: Identity | None) -> Disk | None:
+    """The filesystem of a run directory reached without following links; None if it cannot be reached. A
+    statfs that fails (a FUSE or network filesystem in trouble) gives no figures: nothing is released there."""
+    try:
+        fd = open_run_dir(root, run_dir / "-", "measure", root_identity)
+    except ActionError:
+        return None
+    try:
+        device = os.fstat(fd).st_dev
+        try:
+            vfs = os.fstatvfs(fd)
+        except OSError:
+            return Disk(device, 0, 0, str(run_dir))
+        return Disk(device, vfs.f_bavail * vfs.f_frsize, vfs.f_blocks * vfs.f_frsize, str(run_dir))
+    finally:
+        os.close(fd)
 
 
 def _why(e: OSError) -> str:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ckptkeeper.model import Outcome, OutcomeKind
+from ckptkeeper.pressure import DiskPressure
+from ckptkeeper.render import pressure_line
 
 
 class WatchMode(StrEnum):
@@ -28,6 +30,58 @@ class WatchMode(StrEnum):
 
 
 OBSERVER_MODES = tuple(WatchMode)
+
+
+class DiskGauges:
+    """The disk-pressure figures per filesystem (`--min-free`), and what pressure released. Set by the main
+    loop; `note` is replaced whole, and read by the HTTP thread for /healthz."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        by_fs = ["filesystem"]
+        self.free = Gauge(
+            "ckptkeeper_disk_free_bytes", "Free bytes for an unprivileged writer (--min-free)", by_fs, registry=r
+        )
+        self.floor = Gauge("ckptkeeper_disk_floor_bytes", "The --min-free floor, in bytes", by_fs, registry=r)
+        self.next_save = Gauge(
+            "ckptkeeper_disk_next_save_bytes", "The next saves of the runs still training there", by_fs, registry=r
+        )
+        self.pressure = Gauge(
+            "ckptkeeper_disk_pressure", "1 while free space is below the floor plus the next saves", by_fs, registry=r
+        )
+        self.floor_unmet = Gauge(
+            "ckptkeeper_disk_floor_unmet",
+            "1 while releasing all that --keep-under-pressure allows cannot meet the floor",
+            by_fs,
+            registry=r,
+        )
+        self.released = Counter(
+            "ckptkeeper_checkpoints_released", "Checkpoints released under disk pressure, per run", ["run"], registry=r
+        )
+        self.note: str | None = None  # /healthz says it (still 200) while a filesystem is under pressure
+        self.shown: set[str] = set()  # the filesystems that have series now
+        self.lines: dict[str, str] = {}  # filesystem -> its /healthz line, while under pressure
+
+    def set(self, verdicts: Sequence[DiskPressure], unchanged: Sequence[str] = ()) -> None:
+        """The figures of this pass; `unchanged`: filesystems judged later (their series stay as last set); the
+        series of filesystems no longer holding a run (or named otherwise) go."""
+        names = {p.disk.where for p in verdicts} | set(unchanged)
+        for gone in self.shown - names:
+            for gauge in (self.free, self.floor, self.next_save, self.pressure, self.floor_unmet):
+                gauge.remove(gone)
+            self.lines.pop(gone, None)
+        self.shown = names
+        for p in verdicts:
+            where = p.disk.where
+            self.free.labels(filesystem=where).set(p.disk.free)
+            self.floor.labels(filesystem=where).set(p.floor)
+            self.next_save.labels(filesystem=where).set(p.next_save)
+            self.pressure.labels(filesystem=where).set(1 if p.under else 0)
+            self.floor_unmet.labels(filesystem=where).set(1 if p.unmet else 0)
+            if p.under:
+                self.lines[where] = f"pressure: {pressure_line(p)}"
+            else:
+                self.lines.pop(where, None)
+        self.note = "\n".join(self.lines[name] for name in sorted(self.lines)) if self.lines else None
 
 
 class Metrics:
@@ -72,6 +126,7 @@ class Metrics:
             "ckptkeeper_standby", "1 while this instance waits for another's lock of the root (--standby)", registry=r
         )
         self.standby_note: str | None = None  # /healthz says it (200) while standing by
+        self.disk = DiskGauges(r)
         self.set_mode(WatchMode.NONE)
 
     def set_standby(self, note: str | None) -> None:
@@ -131,6 +186,8 @@ class MetricsServer:
                     note = outer.metrics.mode_note
                     waiting = outer.waiting()
                     ok = outer.metrics.standby_note or waiting or ("ok" if note is None else f"ok ({note})")
+                    pressure = outer.metrics.disk.note
+                    ok = ok if pressure is None else f"{ok}\n{pressure}"
                     body = (problem or ok).encode() + b"\n"
                     self._send(503 if problem else 200, body, "text/plain; charset=utf-8")
                 else:

@@ -87,6 +87,7 @@ class ReasonKind(StrEnum):
     REFUSED = "refused"  # kept because retention is refused in this run
     HELD = "held"  # kept because retention is refused in another run of the root
     NO_RULE_KEEPS = "no-rule-keeps"  # the reason for a removal
+    PRESSURE = "pressure"  # released under disk pressure (`--keep-under-pressure`): the reasons it had follow
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Reason:
     value: float | None = None
     detail: str | None = None
     weights_only: bool = False  # given by a `--keep-weights` rule: it keeps the weights only
+    released: bool = False  # a reason it was kept for until disk pressure released it (`was last 4/5`)
 
 
 @dataclass(frozen=True)

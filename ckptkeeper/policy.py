@@ -12,7 +12,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from ckptkeeper import pressure
 from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Reason, ReasonKind, Run, RunPlan, RunView
+from ckptkeeper.pressure import DiskPressure, PressurePolicy, Space
 from ckptkeeper.rules import AnyRule, format_rule
 
 NO_RULE = "no keep rule given: refusing to remove anything (pass --keep, e.g. --keep last:5)"
@@ -111,14 +113,18 @@ class Policy:
     protections: Protections = field(default_factory=Protections)
     removal: Action = Action.DELETE
     weight_rules: tuple[AnyRule, ...] = ()  # `--keep-weights`: what they alone keep is kept weights-only
+    pressure: PressurePolicy | None = None  # `--min-free` and `--keep-under-pressure`
+
+    @property
+    def every_rule(self) -> tuple[AnyRule, ...]:
+        return (*self.rules, *self.weight_rules, *(self.pressure.rules if self.pressure else ()))
 
     def plan(self, run: Run) -> RunPlan:
-        return plan_run(run, self.rules, self.protections, self.removal, self.weight_rules)
+        return plan_run(run, self.rules, self.protections, self.removal, self.weight_rules, self.every_rule)
 
     def metrics(self) -> list[str]:
         """The metrics the rules rank by, each once, in the rules' order."""
-        every = (*self.rules, *self.weight_rules)
-        return list(dict.fromkeys(r.metric for r in every if r.metric is not None))
+        return list(dict.fromkeys(r.metric for r in self.every_rule if r.metric is not None))
 
 
 def refusal(run: Run, rules: Sequence[AnyRule]) -> str | None:
@@ -230,15 +236,17 @@ def plan_run(
     protections: Protections = Protections(),
     removal: Action = Action.DELETE,
     weight_rules: Sequence[AnyRule] = (),
+    checked_rules: Sequence[AnyRule] | None = None,
 ) -> RunPlan:
     """Each checkpoint: kept whole by a keep rule or a protection; else, in a refused run, kept; else kept
-    weights-only by a `--keep-weights` rule; else removed."""
+    weights-only by a `--keep-weights` rule; else removed. `checked_rules`: every rule a typo in a metric name
+    refuses the run for (default: the keep and keep-weights rules)."""
     if removal not in (Action.DELETE, Action.ARCHIVE):
         raise ValueError("removal must be delete or archive")
     view = view_of(run)
     whole = AnyOf((*rules, *protections.members)).reasons(view)
     weights = AnyOf(tuple(weight_rules)).reasons(view)
-    refused = refusal(run, (*rules, *weight_rules))
+    refused = refusal(run, (*rules, *weight_rules) if checked_rules is None else checked_rules)
     decisions = []
     for c in sorted(run.checkpoints, key=lambda c: c.step):
         if c.step in whole:
@@ -274,24 +282,45 @@ class RootPlan:
 
     runs: tuple[RunPlan, ...]
     refused_runs: tuple[str, ...]  # every run whose retention is refused, among these or known elsewhere
+    pressure: tuple[DiskPressure, ...] = ()  # per filesystem, when --min-free is set and space was measured
 
     @property
     def refusals(self) -> tuple[RunPlan, ...]:
         return tuple(p for p in self.runs if p.refusal)
 
 
-def plan_root(runs: Sequence[Run], policy: Policy, refused_elsewhere: Collection[str] = ()) -> RootPlan:
+def plan_root(
+    runs: Sequence[Run], policy: Policy, refused_elsewhere: Collection[str] = (), space: Space | None = None
+) -> RootPlan:
     """Plan every run, then apply the refusal scope: **a refusal holds the whole root**. While any run's
     retention is refused (here, or in `refused_elsewhere`: runs of the same root the caller knows to be
     refused, as the watch daemon does between passes), no checkpoint of any run is removed, and each one
     that would have been says so (`held`). A refusal is almost always a typo in a rule that every run shares
     (`best:1:acuracy`), and a run with no eval yet cannot show it: better to remove nothing than to prune
-    those runs by the rest of a mistaken policy. `plan`, `prune` and `watch` all plan through here."""
+    those runs by the rest of a mistaken policy. `plan`, `prune` and `watch` all plan through here.
+
+    With `--min-free` and the filesystems' figures (`space`), disk pressure is judged last (`pressure.py`)."""
     plans = [policy.plan(run) for run in runs]
     refused = tuple(dict.fromkeys([*(p.run.path for p in plans if p.refusal), *sorted(refused_elsewhere)]))
     if refused:
         plans = [p if p.refusal else hold(p, refused) for p in plans]
-    return RootPlan(tuple(plans), refused)
+    if policy.pressure is None or space is None:
+        return RootPlan(tuple(plans), refused)
+    inputs = pressure.PressureInputs(
+        policy.pressure,
+        space,
+        still_kept=[_still_kept(run, policy, policy.pressure.rules) for run in runs],
+        weights_kept=[AnyOf(policy.weight_rules).reasons(view_of(run)) for run in runs],
+        removal=policy.removal,
+        refused=bool(refused),
+    )
+    released, verdicts = pressure.apply(plans, inputs)
+    return RootPlan(released, refused, verdicts)
+
+
+def _still_kept(run: Run, policy: Policy, rules: Sequence[AnyRule]) -> dict[int, list[Reason]]:
+    """What the pressure rules and the protections keep: never released."""
+    return AnyOf((*rules, *policy.protections.members)).reasons(view_of(run))
 
 
 def hold(plan: RunPlan, refused_runs: Sequence[str]) -> RunPlan:

@@ -37,6 +37,10 @@ class Reaper:
         """Take over a trash entry (and its descriptor); called on the main thread."""
         self.queue.put(trash_entry)
 
+    def busy(self) -> bool:
+        """Entries handed over and not yet deleted (or given up on): their space is not free yet."""
+        return self.queue.unfinished_tasks > 0
+
     def retry_stuck(self) -> None:
         with self._stuck_lock:
             entries = [entry for entry, _ in self.stuck.values()]

@@ -20,12 +20,15 @@ from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import Pipeline
 from ckptkeeper.inbox import Pending
 from ckptkeeper.metrics import Metrics, count_outcome
-from ckptkeeper.model import Outcome, Run, RunPlan
+from ckptkeeper.model import Outcome, OutcomeKind, Run, RunPlan
 from ckptkeeper.policy import RootPlan
+from ckptkeeper.pressure import FREEING
+from ckptkeeper.pressure_log import PressureLog
 from ckptkeeper.reaper import Reaper
 from ckptkeeper.render import shown
 from ckptkeeper.scan import run_path
 from ckptkeeper.tracker import RunTracker
+from ckptkeeper.unseen import UnseenFrees
 
 log = logging.getLogger("ckptkeeper")
 T = TypeVar("T")
@@ -49,6 +52,11 @@ class Reconciler:
         self.metrics = metrics
         self.reaper = reaper
         self.stop_event = stop_event
+        self.pressure_log = PressureLog(metrics)
+        # Pressure was left unjudged because the reaper was still deleting: judge it once the reaper is done.
+        self.pressure_waits = False
+        self.unseen = UnseenFrees()
+        self._freed: dict[str, int] = {}  # run -> bytes this pass's removals took out of it
 
     @property
     def root(self) -> Path:
@@ -77,38 +85,68 @@ class Reconciler:
     def reconcile_runs(self, run_dirs: Sequence[Path], now: float, trusted: Collection[Path] = ()) -> None:
         """One pass over these runs: scan them all, plan those that changed together (so a refusal found in
         one holds the others in this very pass), then act run by run. Whatever goes wrong in one run (a bug,
-        a file no check foresaw) is logged once and retried at the next pass, and never stops the others."""
-        scanned: list[tuple[Path, Run]] = []
-        for run_dir in run_dirs:
+        a file no check foresaw) is logged once and retried at the next pass, and never stops the others.
+
+        With --min-free, every known run takes part in every pass (the others scanned trusting the cache):
+        pressure is judged over whole filesystems, and only from runs as they are now."""
+        others = self._pressure_runs(run_dirs)
+        scanned: list[tuple[Path, Run, bool]] = []
+        for run_dir in [*run_dirs, *others]:
             if self.stop_event.is_set():
                 return
-            run = self._safely(run_dir, functools.partial(self._scan, run_dir, now, run_dir in trusted))
-            if run is not None:
-                scanned.append((run_dir, run))
-        planned = self.pipeline.plan([run for _, run in scanned], self._refused_outside(scanned))
-        for (run_dir, _), run_plan in zip(scanned, planned.runs, strict=True):
+            trusting = run_dir in trusted or run_dir in others
+            found = self._safely(run_dir, functools.partial(self._scan, run_dir, now, trusting))
+            if found is not None and (found[1] or self.pipeline.policy.pressure is not None):
+                scanned.append((run_dir, *found))
+        planned = self._safely(self.root, functools.partial(self._plan, scanned, now))
+        if planned is None:
+            return  # logged once; the next pass tries again
+        self.tracker.crashed.pop(self.root, None)
+        self._freed.clear()
+        for (run_dir, _, changed), run_plan in zip(scanned, planned.runs, strict=True):
             if self.stop_event.is_set():
                 return
+            if not changed and not run_plan.acted_on:
+                continue  # planned for the pressure figures only: nothing to say or do here
             if self._safely(run_dir, functools.partial(self._act, run_dir, run_plan, planned, now)):
                 self.tracker.crashed.pop(run_dir, None)
+        self.unseen.freed(self._freed, now)
         again = self.tracker.take_replan()
         if again and not self.stop_event.is_set():
             self.reconcile_runs(again, now)  # the refusals changed: the runs they held are planned anew
 
-    def _refused_outside(self, scanned: Sequence[tuple[Path, Run]]) -> set[str]:
-        these = {run.path for _, run in scanned}
+    def _pressure_runs(self, run_dirs: Sequence[Path]) -> list[Path]:
+        """The known runs a pass over `run_dirs` must take in as well, to judge disk pressure (--min-free)."""
+        if self.pipeline.policy.pressure is None:
+            return []
+        return sorted(self.tracker.known_runs - set(run_dirs))
+
+    def _plan(self, scanned: Sequence[tuple[Path, Run, bool]], now: float) -> RootPlan:
+        runs = [run for _, run, _ in scanned]
+        # What the reaper has not deleted yet is not free yet: pressure releases nothing until it has; and what
+        # earlier passes freed that the filesystem does not show yet counts as free (`unseen`).
+        space = self.pipeline.measure(runs, freeing=self.reaper.busy())
+        space = None if space is None else self.unseen.adjust(space, runs, now)
+        planned = self.pipeline.plan(runs, self._refused_outside(runs), space=space)
+        if self.pipeline.policy.pressure is not None:
+            self.pressure_log.planned(planned.pressure, planned.runs)
+            self.pressure_waits = any(p.deferred == FREEING for p in planned.pressure)
+        return planned
+
+    def _refused_outside(self, runs: Sequence[Run]) -> set[str]:
+        these = {run.path for run in runs}
         return {run for run in self.tracker.refused if run not in these}
 
-    def _scan(self, run_dir: Path, now: float, trusting: bool) -> Run | None:
-        """The run as on disk now, or None when there is nothing to plan: no checkpoint left (the run is
-        forgotten), or the very same checkpoints as at a pass that had nothing to do."""
+    def _scan(self, run_dir: Path, now: float, trusting: bool) -> tuple[Run, bool] | None:
+        """The run as on disk now, and whether it changed since a pass that had nothing to do; None when it
+        has no checkpoint left (the run is forgotten)."""
         [run] = self.pipeline.scan([run_dir], now, self.tracker.cache, trusting)
         if not run.checkpoints:
             self.tracker.forget(run_dir, run.path)
             self.tracker.recheck_at.pop(run_dir, None)
             self.metrics.set_run(run.path, seen=0, kept=0)
             return None
-        return None if self.tracker.unchanged(run_dir, run) else run
+        return run, not self.tracker.unchanged(run_dir, run)
 
     def _act(self, run_dir: Path, plan: RunPlan, root_plan: RootPlan, now: float) -> bool:
         self.decision_log.planned(plan)
@@ -132,6 +170,12 @@ class Reconciler:
 
     def _on_outcome(self, outcome: Outcome) -> None:
         count_outcome(self.metrics, outcome)
+        if outcome.action.frees and (
+            outcome.action is not OutcomeKind.ARCHIVED or self.unseen.archive_frees(outcome.run)
+        ):
+            self._freed[outcome.run] = self._freed.get(outcome.run, 0) + outcome.bytes
+        if outcome.action.frees and (outcome.run, outcome.checkpoint) in self.pressure_log.released:
+            self.metrics.disk.released.labels(run=outcome.run).inc()
         self.decision_log.outcome(outcome)
 
     def refused_runs(self) -> list[str]:

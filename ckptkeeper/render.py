@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan
 from ckptkeeper.policy import Policy, RootPlan
+from ckptkeeper.pressure import NO_FIGURES, DiskPressure, figures_text
 from ckptkeeper.rules import format_metric, format_rules
+from ckptkeeper.units import human_bytes
 
 if TYPE_CHECKING:
     from ckptkeeper.engine import Leftovers, PassResult
@@ -20,15 +22,6 @@ def shown(path: str) -> str:
     """A run path for a line of text: control characters (a newline in a directory name could fake a row
     of the table or a log line) are escaped as in Python's repr."""
     return path if path.isprintable() else path.encode("unicode_escape", "backslashreplace").decode("ascii")
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
 
 
 def _held(r: Reason) -> str:
@@ -52,12 +45,14 @@ REASON_TEXT: dict[ReasonKind, Callable[[Reason], str]] = {
     ReasonKind.NO_RULE_KEEPS: lambda r: "no rule keeps it",
     ReasonKind.WEIGHTS_INSIDE: lambda r: "kept whole: its weights exist only inside the resume state",
     ReasonKind.STAYS_WEIGHTS_ONLY: lambda r: "weights only, cannot be made whole again",
+    ReasonKind.PRESSURE: lambda r: f"disk pressure: {r.detail}",
 }
 
 
 def reason_text(reason: Reason) -> str:
     text = REASON_TEXT[reason.kind](reason)
-    return f"{text} (weights only)" if reason.weights_only else text
+    text = f"{text} (weights only)" if reason.weights_only else text
+    return f"was {text}" if reason.released else text
 
 
 def decision_text(d: Decision) -> str:
@@ -81,8 +76,14 @@ def journal_reasons(reasons: Sequence[Reason]) -> str:
 
 def reason_json(reason: Reason) -> dict[str, Any]:
     """A reason for scripts (README, "plan --json"): its kind, the rule as written (or the protection), the
-    checkpoint's rank among what that rule keeps, and the text a person reads."""
-    return {"kind": str(reason.kind), "rule": reason.rule, "rank": reason.rank, "text": reason_text(reason)}
+    checkpoint's rank among what that rule keeps, whether disk pressure released it, and the text a person reads."""
+    return {
+        "kind": str(reason.kind),
+        "rule": reason.rule,
+        "rank": reason.rank,
+        "released": reason.released,
+        "text": reason_text(reason),
+    }
 
 
 def describe_policy(policy: Policy, archive_to: Path | None = None) -> str:
@@ -93,7 +94,54 @@ def describe_policy(policy: Policy, archive_to: Path | None = None) -> str:
         whole += f"keep the weights only of {weights} ({format_rules(policy.weight_rules)}); "
     protected = [p.describe() for p in policy.protections.members]
     removal = f"archive to {archive_to}" if archive_to else "delete"
-    return f"Policy: {whole}always keep {', '.join(protected)}; {removal} the rest"
+    return f"Policy: {whole}always keep {', '.join(protected)}; {removal} the rest{_pressure_policy(policy)}"
+
+
+def _pressure_policy(policy: Policy) -> str:
+    p = policy.pressure
+    if p is None:
+        return ""
+    floor = f"keep {p.floor.text} free on each filesystem, plus the next save of each run still training"
+    if not p.releases:
+        return f"; {floor} (disk pressure is reported, nothing more is removed for it)"
+    return f"; {floor}: under disk pressure keep only {format_rules(p.rules)} and the protected"
+
+
+def pressure_line(p: DiskPressure) -> str:
+    """One filesystem's verdict, as plan, prune and the watch log say it."""
+    if p.deferred == NO_FIGURES:
+        return f"disk {shown(p.disk.where)}: {NO_FIGURES}"
+    head = f"disk {shown(p.disk.where)}: {figures_text(p)}"
+    if not p.under:
+        return f"{head}: no pressure"
+    head += ": UNDER PRESSURE"
+    if not p.acts:
+        return f"{head} (reported only: --keep-under-pressure releases checkpoints)"
+    if p.deferred:
+        return f"{head}; nothing released: {p.deferred}"
+    n = _count(len(p.released), "checkpoint")
+    if p.met:
+        return f"{head}; releasing {n} frees {human_bytes(p.released_bytes)}"
+    blocked = (
+        f"; {_count(p.archive_blocked, 'more checkpoint')} could be released, but --archive-to is on this same "
+        "filesystem, where archiving frees nothing"
+        if p.archive_blocked
+        else ""
+    )
+    if p.room_blocked:
+        blocked += (
+            f"; {_count(p.room_blocked, 'more checkpoint')} could be released, but archiving it would take the "
+            "archive's filesystem, where runs save too, below its own floor"
+        )
+    return (
+        f"{head}; CANNOT MEET THE FLOOR: releasing all the pressure rules allow ({n}) frees "
+        f"{human_bytes(p.released_bytes)}, still {human_bytes(p.shortfall)} short{blocked}; protected checkpoints "
+        "are never removed"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def weights_only_resume_text(c: Checkpoint) -> str:
@@ -156,6 +204,8 @@ def plan_text(
         lines.append(no_runs_text(root, max_depth))
     for run_plan in plans:
         lines += _run_lines(run_plan, metrics)
+    if plan.pressure:
+        lines += ["", *(pressure_line(p) for p in plan.pressure)]
     lines.append("")
     lines.append(summary_line(plans))
     return "\n".join(lines)
@@ -235,9 +285,51 @@ def plan_json(
         "keep": format_rules(policy.rules),
         "keep_weights": format_rules(policy.weight_rules),
         "archive_to": str(archive_to) if archive_to else None,
+        "min_free": policy.pressure.floor.text if policy.pressure else None,
+        "keep_under_pressure": format_rules(policy.pressure.rules) if policy.pressure else "",
         "warnings": [*warnings, *_resume_warnings(plan)],
         "runs": runs,
+        "disk_pressure": [pressure_json(p) for p in plan.pressure],
         "summary": _summary_json(plan),
+    }
+
+
+def release_lines(plan: RootPlan) -> list[str]:
+    """`released exp1/checkpoint-20 (delete): disk pressure: ..., was epoch 1`, one per release."""
+    released = {(r.run, r.checkpoint) for p in plan.pressure for r in p.released}
+    return [
+        f"released {location(run_plan.run.path, d.checkpoint.name)} ({d.action}): {reasons_text(d.reasons)}"
+        for run_plan in plan.runs
+        for d in run_plan.decisions
+        if (run_plan.run.path, d.checkpoint.name) in released
+    ]
+
+
+def pressure_json(p: DiskPressure) -> dict[str, Any]:
+    """One filesystem's verdict for scripts: the figures, what is released, and whether the floor is met."""
+    return {
+        "filesystem": p.disk.where,
+        "device": p.disk.device,
+        "free_bytes": p.disk.free,
+        "size_bytes": p.disk.total,
+        "planned_free_bytes": p.planned,
+        "incoming_archive_bytes": p.incoming,
+        "unseen_free_bytes": p.unseen,
+        "floor_bytes": p.floor,
+        "next_save_bytes": p.next_save,
+        "training_runs": list(p.training),
+        "under_pressure": p.under,
+        "released": [
+            {"run": r.run, "checkpoint": r.checkpoint, "action": str(r.action), "frees_bytes": r.frees}
+            for r in p.released
+        ],
+        "released_bytes": p.released_bytes,
+        "archive_blocked": p.archive_blocked,
+        "archive_room_blocked": p.room_blocked,
+        "floor_met": p.met,
+        "shortfall_bytes": p.shortfall,
+        "deferred": p.deferred,
+        "text": pressure_line(p),
     }
 
 
@@ -337,6 +429,10 @@ class TextPruneReport:
             self.echo(f"warning: could not finish removing {problem}; it stays in the trash", True)
 
     def planned(self, plan: RootPlan, warnings: Sequence[str]) -> None:
+        for verdict in plan.pressure:
+            self.echo(pressure_line(verdict), not verdict.met)  # a warning, unless releases meet the floor
+        for line in release_lines(plan):
+            self.echo(line, False)
         for warning in warnings:
             self.echo(f"warning: {warning}", True)
         for run_plan in plan.runs:

@@ -209,12 +209,14 @@ class Daemon:
             self._finish_leftovers()
             self.reaper.start()
             self._start_watching()
+            pressure = self.policy.pressure
             log.info(
-                "watching %s (%s; settle %g s; full rescan every %g s)%s",
+                "watching %s (%s; settle %g s; full rescan every %g s)%s%s",
                 self.root,
                 self.supervisor.mode,
                 self.options.settle,
                 self.options.rescan_interval,
+                f"; keeping {pressure.floor.text} free plus the next saves" if pressure else "",
                 " (dry run: nothing is removed)" if self.options.dry_run else "",
             )
             return self._loop()
@@ -321,6 +323,11 @@ class Daemon:
                 break
             pending = self.inbox.take()
             pending.runs.update(self.tracker.due(time.time()))
+            if self.reconciler.pressure_waits and not self.reaper.busy() and not pending and self.tracker.known_runs:
+                # The reaper is done: judge the disk pressure left waiting. One run is enough (with --min-free a
+                # pass takes in every known run), and not a full rescan, which would retry a stuck trash entry,
+                # keep the reaper busy, and come back here.
+                pending.runs.add(min(self.tracker.known_runs))
             if time.monotonic() >= next_full:
                 periodic_rescans += 1
                 # A requested full rescan (inotify overflow, a new watcher) is never trusting.

@@ -113,3 +113,27 @@ def watch(tmp_path: Path) -> Iterator[StartWatch]:
     yield start
     for w in started:
         w.kill()
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """mount(kind, name, options) -> a fresh filesystem (`mount -t kind`) at tmp_path/name, unmounted at the end;
+    the test is skipped where it cannot mount (not root, no such filesystem)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    made: list[Path] = []
+
+    def make(kind: str, name: str, options: str = "") -> Path:
+        where = tmp_path / name
+        where.mkdir(parents=True, exist_ok=True)
+        args = ["mount", "-t", kind, *(["-o", options] if options else []), f"ckptkeeper-{name}", str(where)]
+        done = subprocess.run(args, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"mount -t {kind} failed: {done.stderr.strip()}")
+        made.append(where)
+        return where
+
+    yield make
+    for where in reversed(made):
+        if subprocess.run(["umount", str(where)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)

@@ -68,7 +68,10 @@ def test_the_benchmarks_leave_no_tree_behind(quick_run: tuple[subprocess.Complet
 
 
 # Benchmarks run on their own (not by `python -m benchmarks`): name -> (module, a heading its report must contain)
-ALONE = {"keep_weights": ("benchmarks.bench_keep_weights", "## Disk kept")}
+ALONE = {
+    "keep_weights": ("benchmarks.bench_keep_weights", "## Disk kept"),
+    "pressure": ("benchmarks.bench_pressure", "# Disk pressure benchmark"),
+}
 
 
 @pytest.mark.parametrize("name", list(ALONE))

@@ -131,7 +131,9 @@ def test_console_script_help_lists_commands_and_exit_codes() -> None:
     assert done.stdout.startswith("Usage: ckptkeeper [OPTIONS] COMMAND [ARGS]...")
     commands = re.findall(r"^  (\w+)  ", done.stdout, flags=re.MULTILINE)
     assert commands[:3] == ["demo", "plan", "prune"]
-    assert "Exit codes: 0 done; 1 a failure while acting; 2 usage or config error;" in " ".join(done.stdout.split())
+    assert "Exit codes: 0 done; 1 a failure while acting (prune: or a --min-free floor it cannot meet); 2 usage" in (
+        " ".join(done.stdout.split())
+    )
 
 
 def test_console_script_exit_codes_reach_the_shell(outputs_a: Path) -> None:
@@ -245,7 +247,10 @@ def test_plan_json_is_strict_json_with_the_documented_keys(sim_run: Callable[...
     assert result.exit_code == 0, result.output
     data = _strict_json(result.stdout)
     assert isinstance(data, dict)
-    assert set(data) == {"root", "keep", "keep_weights", "archive_to", "warnings", "runs", "summary"}
+    assert set(data) == {
+        "root", "keep", "keep_weights", "archive_to", "min_free", "keep_under_pressure", "warnings", "runs",
+        "disk_pressure", "summary",
+    }  # fmt: skip
     assert (data["root"], data["keep"], data["archive_to"], data["warnings"]) == (
         str(run.parent),
         "best:2,last:1",

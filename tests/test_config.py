@@ -29,6 +29,8 @@ KEYS = (
     "root",
     "keep",
     "keep_weights",
+    "min_free",
+    "keep_under_pressure",
     "archive_to",
     "state_dir",
     "max_depth",
@@ -80,6 +82,8 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         "root": str(tmp_path / "outputs"),
         "keep": keep,
         "keep_weights": "epoch:all",
+        "min_free": "10%",
+        "keep_under_pressure": "best:1,last:2",
         "archive_to": str(tmp_path / "archive"),
         "state_dir": str(tmp_path / "state"),
         "max_depth": 2,
@@ -101,6 +105,8 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         root=tmp_path / "outputs",
         keep=["best:1", "last:5", "epoch:all"],
         keep_weights=["epoch:all"],
+        min_free="10%",
+        keep_under_pressure=["best:1", "last:2"],
         archive_to=tmp_path / "archive",
         state_dir=tmp_path / "state",
         max_depth=2,
@@ -602,3 +608,21 @@ def test_fuzz_bytes(tmp_path: Path, raw: bytes) -> None:
     config = tmp_path / "config.yaml"
     config.write_bytes(raw)
     check_outcome(lambda: load_settings(config, {}), "config.yaml")
+
+
+# --- the shipped examples -----------------------------------------------------------------------------------
+
+SHIPPED = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.*") if p.name != "docker-compose.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads_and_gives_a_policy(path: Path) -> None:
+    settings = load_settings(path, {}, environ={})
+    assert settings.policy().rules, path
+
+
+def test_the_disk_pressure_example_sets_a_floor_and_pressure_rules() -> None:
+    policy = load_settings(Path(__file__).parent.parent / "configs" / "disk-pressure.yaml", {}, environ={}).policy()
+    assert policy.pressure is not None
+    assert policy.pressure.floor.size == 50_000_000_000
+    assert [r.format() for r in policy.pressure.rules] == ["best:1", "last:2"]

@@ -33,7 +33,7 @@ MAKE_RUN = (
     "simulate_run(Path('outputs/exp1'), SimConfig(steps_per_epoch=10, epochs=3, overfit_after=0.5))"
 )
 COMMAND = "ckptkeeper plan outputs --keep best:1,last:1 --json"
-REASON_KEYS = ["kind", "rule", "rank", "text"]
+REASON_KEYS = ["kind", "rule", "rank", "released", "text"]
 
 
 def example_block(readme: str) -> str:
@@ -122,21 +122,35 @@ def test_reason_objects_have_the_documented_keys(printed: str) -> None:
         _assert_documented_shape(reason)
     by_kind = {r["kind"]: r for r in reasons}
     assert set(by_kind) == {"best", "trainer-best", "no-rule-keeps", "last", "newest"}
-    assert by_kind["best"] == {"kind": "best", "rule": "best:1", "rank": 1, "text": "best eval_loss=0.5842 (1/1)"}
+    assert by_kind["best"] == {
+        "kind": "best",
+        "rule": "best:1",
+        "rank": 1,
+        "released": False,
+        "text": "best eval_loss=0.5842 (1/1)",
+    }
     assert by_kind["trainer-best"] == {
         "kind": "trainer-best",
         "rule": "protected:trainer-best",
         "rank": None,
+        "released": False,
         "text": "protected: trainer best",
     }
-    assert by_kind["last"] == {"kind": "last", "rule": "last:1", "rank": 1, "text": "last 1/1"}
+    assert by_kind["last"] == {"kind": "last", "rule": "last:1", "rank": 1, "released": False, "text": "last 1/1"}
     assert by_kind["newest"] == {
         "kind": "newest",
         "rule": "protected:newest",
         "rank": None,
+        "released": False,
         "text": "protected: newest",
     }
-    assert by_kind["no-rule-keeps"] == {"kind": "no-rule-keeps", "rule": None, "rank": None, "text": "no rule keeps it"}
+    assert by_kind["no-rule-keeps"] == {
+        "kind": "no-rule-keeps",
+        "rule": None,
+        "rank": None,
+        "released": False,
+        "text": "no rule keeps it",
+    }
 
 
 def test_refused_and_held_reasons_have_the_documented_keys(tmp_path: Path) -> None:
@@ -157,12 +171,14 @@ def test_refused_and_held_reasons_have_the_documented_keys(tmp_path: Path) -> No
         "kind": "refused",
         "rule": "refused",
         "rank": None,
+        "released": False,
         "text": "refused: nothing is removed in this run",
     }
     assert by_kind["held"] == {
         "kind": "held",
         "rule": "refused",
         "rank": None,
+        "released": False,
         "text": "held: retention is refused in run 'exp1'",
     }
     summary = json.loads(result.stdout)["summary"]

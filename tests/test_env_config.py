@@ -24,6 +24,8 @@ ONE_PER_SETTING: dict[str, tuple[str, Any]] = {
     "CKPTKEEPER_ROOT": ("/outputs/runs", Path("/outputs/runs")),
     "CKPTKEEPER_KEEP": ("best:1, last:5,epoch:all", ["best:1", "last:5", "epoch:all"]),
     "CKPTKEEPER_KEEP_WEIGHTS": ("epoch:all,every:100", ["epoch:all", "every:100"]),
+    "CKPTKEEPER_MIN_FREE": ("50G", "50G"),
+    "CKPTKEEPER_KEEP_UNDER_PRESSURE": ("best:1, last:2", ["best:1", "last:2"]),
     "CKPTKEEPER_ARCHIVE_TO": ("/archive", Path("/archive")),
     "CKPTKEEPER_STATE_DIR": ("/var/lib/ckptkeeper", Path("/var/lib/ckptkeeper")),
     "CKPTKEEPER_MAX_DEPTH": ("7", 7),
@@ -50,12 +52,21 @@ def test_each_variable_sets_its_setting(var: str, raw: str, expected: Any) -> No
     name = var.removeprefix("CKPTKEEPER_").lower()
     default = getattr(Settings(), name)
     assert default != expected  # the variable must change something
-    settings = load_settings(None, {}, {var: raw})
+    # Pressure rules need a floor (alone they are an error, tested below): the one other variable set here.
+    needed = {"CKPTKEEPER_MIN_FREE": "10%"} if var == "CKPTKEEPER_KEEP_UNDER_PRESSURE" else {}
+    settings = load_settings(None, {}, {var: raw, **needed})
     value = getattr(settings, name)
     assert value == expected
     assert type(value) is type(expected)
-    others = {k: v for k, v in settings.model_dump().items() if k != name}
-    assert others == {k: v for k, v in Settings().model_dump().items() if k != name}
+    skip = {name, *(v.removeprefix("CKPTKEEPER_").lower() for v in needed)}
+    others = {k: v for k, v in settings.model_dump().items() if k not in skip}
+    assert others == {k: v for k, v in Settings().model_dump().items() if k not in skip}
+
+
+def test_pressure_rules_without_a_floor_are_an_error_that_names_both_variables() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_settings(None, {}, {"CKPTKEEPER_KEEP_UNDER_PRESSURE": "last:1"})
+    assert "keep_under_pressure (--keep-under-pressure) needs min_free (--min-free)" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -175,8 +186,9 @@ def test_every_bad_variable_is_reported() -> None:
 
 KNOWN = (
     "known: CKPTKEEPER_ARCHIVE_TO, CKPTKEEPER_DRY_RUN, CKPTKEEPER_EXIT_WHEN_DONE, CKPTKEEPER_GRACE, "
-    "CKPTKEEPER_KEEP, CKPTKEEPER_KEEP_WEIGHTS, CKPTKEEPER_LOG_FORMAT, CKPTKEEPER_MAX_DEPTH, CKPTKEEPER_METRICS_HOST, "
-    "CKPTKEEPER_METRICS_PORT, CKPTKEEPER_POLL, CKPTKEEPER_PROTECT_TRAINER_BEST, CKPTKEEPER_RESCAN_INTERVAL, "
+    "CKPTKEEPER_KEEP, CKPTKEEPER_KEEP_UNDER_PRESSURE, CKPTKEEPER_KEEP_WEIGHTS, CKPTKEEPER_LOG_FORMAT, "
+    "CKPTKEEPER_MAX_DEPTH, CKPTKEEPER_METRICS_HOST, CKPTKEEPER_METRICS_PORT, CKPTKEEPER_MIN_FREE, CKPTKEEPER_POLL, "
+    "CKPTKEEPER_PROTECT_TRAINER_BEST, CKPTKEEPER_RESCAN_INTERVAL, "
     "CKPTKEEPER_ROOT, CKPTKEEPER_SETTLE, CKPTKEEPER_STANDBY, CKPTKEEPER_STATE_DIR, CKPTKEEPER_CONFIG"
 )
 

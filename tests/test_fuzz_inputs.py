@@ -150,6 +150,15 @@ plausible: dict[str, st.SearchStrategy[Any]] = {
     "state_dir": paths,
     "keep": st.one_of(keep_texts, st.lists(keep_texts, max_size=4)),
     "keep_weights": st.one_of(keep_texts, st.lists(keep_texts, max_size=4)),
+    "keep_under_pressure": st.one_of(keep_texts, st.lists(keep_texts, max_size=4)),
+    "min_free": st.one_of(
+        st.sampled_from(
+            ["50G", "40Gi", "10%", "0%", "100%", "1.5T", "12", "G", "-1G", "1e3", "50 GiB", "", "9" * 5000]
+        ),
+        ints,
+        floats,
+        st.text(max_size=8),
+    ),
     "max_depth": ints,
     "metrics_port": st.one_of(st.none(), ints),
     "protect_trainer_best": st.one_of(st.booleans(), st.sampled_from(["yes", "true", 1, 0, None])),

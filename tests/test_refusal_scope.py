@@ -93,7 +93,15 @@ def test_one_refused_run_holds_the_whole_root_in_plan_prune_and_watch(tmp_path: 
     decisions = {(r["run"], c["name"]): c for r in as_json["runs"] for c in r["checkpoints"]}
     assert {c["decision"] for c in decisions.values()} == {"keep"}
     held = decisions[("a", "checkpoint-10")]["reasons"]
-    assert held == [{"kind": "held", "rule": "refused", "rank": None, "text": "held: retention is refused in run 'b'"}]
+    assert held == [
+        {
+            "kind": "held",
+            "rule": "refused",
+            "rank": None,
+            "released": False,
+            "text": "held: retention is refused in run 'b'",
+        }
+    ]
     assert as_json["summary"]["removed"] == 0 and as_json["summary"]["refused"] is True
 
     pruned = ckptkeeper("prune", root, "--keep", KEEP)
