@@ -453,9 +453,10 @@ def _release(
     steps = [(k, Action.WEIGHTS_ONLY if k.slim_first else inputs.removal) for k in candidates]
     steps += [(k, inputs.removal) for k in candidates if k.slim_first]  # the slimmed ones, if still not enough
     chosen: dict[tuple[int, str], tuple[_Candidate, Decision]] = {}
+    gains: dict[tuple[int, str], int] = {}  # what each chosen release frees, beyond what the plan did
     blocked = no_room = 0
     for k, action in steps:
-        if _met(verdict, chosen, elsewhere):
+        if verdict.available + sum(gains.values()) >= verdict.needed:
             break
         was = k.decision
         key = (k.run_index, was.checkpoint.name)
@@ -469,8 +470,11 @@ def _release(
                 continue
             room.left -= was.checkpoint.size_bytes
         chosen[key] = (k, after)
+        gains[key] = frees(after, elsewhere) - frees(was, elsewhere)
+    total = sum(gains.values())
     for key in reversed(list(chosen)):  # a release made needless by a later, larger one is undone
-        if _met(verdict, {other: v for other, v in chosen.items() if other != key}, elsewhere):
+        if verdict.available + total - gains[key] >= verdict.needed:
+            total -= gains.pop(key)
             del chosen[key]
     released = _releases(plans, chosen, elsewhere)
     verdict = replace(verdict, released=released, archive_blocked=blocked, room_blocked=no_room)
@@ -488,11 +492,6 @@ def _releases(plans: Sequence[RunPlan], chosen: Chosen, elsewhere: bool) -> tupl
         Release(plans[i].run.path, name, after.action, frees(after, elsewhere) - frees(k.decision, elsewhere))
         for (i, name), (k, after) in chosen.items()
     )
-
-
-def _met(verdict: DiskPressure, chosen: Chosen, elsewhere: bool) -> bool:
-    gained = sum(frees(after, elsewhere) - frees(k.decision, elsewhere) for k, after in chosen.values())
-    return verdict.available + gained >= verdict.needed
 
 
 def _with_release(plan: RunPlan, name: str, after: Decision, reason: Reason) -> RunPlan:
