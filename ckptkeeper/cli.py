@@ -388,6 +388,50 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
         sys.exit(code)
 
 
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("root", required=False, type=click.Path(path_type=Path))
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), help="Default: ROOT/_ckptkeeper")
+@click.option("--run", "run_path", metavar="RUN", help="Only this run (as plan names it: exp1, sweep/lr-1e-4, .).")
+@click.option("--since", metavar="WHEN", help="Only what happened since: a duration (2h, 1h30m, 3d) or a date.")
+@click.option("--json", "as_json", is_flag=True, help="Print the events and totals as JSON for scripts.")
+def history(root: Path | None, state_dir: Path | None, run_path: str | None, since: str | None, as_json: bool) -> None:
+    """What ckptkeeper removed, archived or made weights only under ROOT: when, why, and what it freed.
+
+    Reads the journal in the state directory; changes nothing (a read-only root is fine).
+
+    \b
+    Example:
+        ckptkeeper history ./outputs
+        ckptkeeper history ./outputs --run exp1 --since 2h
+    """
+    import datetime as dt
+
+    from ckptkeeper.history import HistoryError, history_json, history_text, parse_since, read_journal, select
+    from ckptkeeper.layout import default_state_dir
+
+    settings = _settings({"root": root, "state_dir": state_dir})
+    top = _root(settings)
+    journal_path = (settings.state_dir or default_state_dir(top)) / "journal.jsonl"
+    try:
+        cutoff = parse_since(since, dt.datetime.now().astimezone()) if since is not None else None
+    except HistoryError as e:
+        raise click.BadParameter(str(e).removeprefix("invalid --since "), param_hint="'--since'") from None
+    if not top.is_dir():
+        raise ConfigProblem(f"root {top} is not a directory")
+    try:
+        journal = read_journal(journal_path)
+    except FileNotFoundError:
+        _echo(f"History of {top}: nothing yet (no journal at {journal_path}; pass --state-dir if it is elsewhere).")
+        return
+    except OSError as e:
+        raise Failed(f"cannot read the journal {journal_path}: {e.strerror or e}") from None
+    events = select(journal.events, run_path, cutoff)
+    if as_json:
+        _echo(json.dumps(history_json(top, journal_path, journal, events), indent=2))
+    else:
+        _echo(history_text(top, journal_path, journal, events))
+
+
 @main.command()
 @click.option(
     "--keep",
