@@ -341,10 +341,10 @@ class Pipeline:
         """The device --archive-to lies on (its nearest existing directory: it may not be made yet)."""
         where = self.layout.archive_to
         while where is not None:
-            try:
-                return os.stat(where).st_dev
-            except OSError:
-                where = None if where.parent == where else where.parent
+            found = identity(where)
+            if found is not None:
+                return found[0]
+            where = None if where.parent == where else where.parent
         return None
 
     def act(self, plan: RootPlan, on_outcome: OnOutcome = lambda _: None) -> tuple[RunResult, ...]:

@@ -164,6 +164,14 @@ class RunPlan:
     weights_only_resume: Checkpoint | None = None
 
     @property
+    def live(self) -> Checkpoint | None:
+        """The checkpoint the live run would resume from: the highest complete step, or in a directory that mixes
+        runs the newest written one (a stale run's final checkpoint is not the live run's)."""
+        if self.mixed_runs is not None:
+            return self.mixed_runs.newest_written
+        return max((c for c in self.run.checkpoints if c.complete), key=lambda c: c.step, default=None)
+
+    @property
     def kept(self) -> tuple[Decision, ...]:
         return tuple(d for d in self.decisions if d.kept)
 

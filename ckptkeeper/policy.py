@@ -306,21 +306,18 @@ def plan_root(
         plans = [p if p.refusal else hold(p, refused) for p in plans]
     if policy.pressure is None or space is None:
         return RootPlan(tuple(plans), refused)
+    views = [view_of(run) for run in runs]
+    never = AnyOf((*policy.pressure.rules, *policy.protections.members))  # never released
     inputs = pressure.PressureInputs(
         policy.pressure,
         space,
-        still_kept=[_still_kept(run, policy, policy.pressure.rules) for run in runs],
-        weights_kept=[AnyOf(policy.weight_rules).reasons(view_of(run)) for run in runs],
+        still_kept=[never.reasons(view) for view in views],
+        weights_kept=[AnyOf(policy.weight_rules).reasons(view) for view in views],
         removal=policy.removal,
         refused=bool(refused),
     )
     released, verdicts = pressure.apply(plans, inputs)
     return RootPlan(released, refused, verdicts)
-
-
-def _still_kept(run: Run, policy: Policy, rules: Sequence[AnyRule]) -> dict[int, list[Reason]]:
-    """What the pressure rules and the protections keep: never released."""
-    return AnyOf((*rules, *policy.protections.members)).reasons(view_of(run))
 
 
 def hold(plan: RunPlan, refused_runs: Sequence[str]) -> RunPlan:

@@ -89,9 +89,9 @@ def parse_floor(text: str) -> Floor:
             raise FloorError(f"invalid --min-free {text!r}: a percentage lies between 0% and 100%")
         return Floor(value, percent=number)
     size = _SIZE.fullmatch(value)
-    if size is None or size["unit"].upper().replace("I", "i") not in _UNITS:
+    unit = "" if size is None else size["unit"].upper().replace("I", "i")
+    if size is None or unit not in _UNITS:
         raise FloorError(f"invalid --min-free {text!r}: expected {SIZE_FORMS}")
-    unit = size["unit"].upper().replace("I", "i")
     amount = int(Decimal(size["number"]) * _UNITS[unit])  # exact: 1.001K is 1001 bytes
     if amount <= 0:
         raise FloorError(f"invalid --min-free {text!r}: the floor must be more than 0 bytes")
@@ -188,14 +188,6 @@ def figures_text(p: DiskPressure) -> str:
 
 
 # ---- the estimate ---------------------------------------------------------------------------------------------
-def live_checkpoint(plan: RunPlan) -> Checkpoint | None:
-    """The newest complete checkpoint of the live run: the highest step, or in a directory that mixes runs the
-    newest written one."""
-    if plan.mixed_runs is not None:
-        return plan.mixed_runs.newest_written
-    return max((c for c in plan.run.checkpoints if c.complete), key=lambda c: c.step, default=None)
-
-
 def _written(c: Checkpoint) -> float | None:
     return c.state_written_at if c.state_written_at is not None else c.written_at
 
@@ -210,7 +202,7 @@ def save_interval(plan: RunPlan) -> float | None:
 
 def still_training(plan: RunPlan, now: float) -> bool:
     """Whether a next save of this run is to be expected (see IDLE_INTERVALS)."""
-    live = live_checkpoint(plan)
+    live = plan.live
     if live is None:
         return False
     if live.training_stopped:
@@ -235,7 +227,7 @@ def _under_way(plan: RunPlan, live: Checkpoint) -> list[Checkpoint]:
 def next_save(plan: RunPlan) -> int:
     """About the size of the run's next save: its newest complete checkpoint, less what a save under way (an
     incomplete checkpoint of a higher step, not one an earlier run left in a reused directory) has written."""
-    live = live_checkpoint(plan)
+    live = plan.live
     if live is None:
         return 0
     return max(0, live.size_bytes - sum(c.size_bytes for c in _under_way(plan, live)))
@@ -293,7 +285,7 @@ def _candidates(
     seen: set[tuple[int, int]] = set()
     for i in indexes:
         for d in plans[i].decisions:
-            if not _releasable(d, still_kept[i]) or not _first_sight(d.checkpoint, seen):
+            if not _releasable(d, still_kept[i]) or not count_once(d.checkpoint, seen):
                 continue
             c = d.checkpoint
             ranks = [r.rank or 0 for r in d.reasons if r.kind is ReasonKind.BEST]
@@ -302,7 +294,7 @@ def _candidates(
     return sorted(found, key=lambda k: k.order)
 
 
-def _first_sight(c: Checkpoint, seen: set[tuple[int, int]]) -> bool:
+def count_once(c: Checkpoint, seen: set[tuple[int, int]]) -> bool:
     """False for a checkpoint already counted: one run directory reached by two paths (a bind mount below the
     root) shows the same checkpoints twice, and they free their bytes once."""
     if c.identity is None:
@@ -386,7 +378,7 @@ def _archived_bytes(plans: Sequence[RunPlan], indexes: Sequence[int]) -> int:
         d.checkpoint.size_bytes
         for i in indexes
         for d in plans[i].decisions
-        if d.action is Action.ARCHIVE and _first_sight(d.checkpoint, seen)
+        if d.action is Action.ARCHIVE and count_once(d.checkpoint, seen)
     )
 
 
@@ -395,15 +387,15 @@ def _training(plans: Sequence[RunPlan], indexes: Sequence[int], now: float) -> l
     seen: set[tuple[int, int]] = set()
     found = []
     for i in indexes:
-        live = live_checkpoint(plans[i])
-        if still_training(plans[i], now) and (live is None or _first_sight(live, seen)):
+        live = plans[i].live
+        if still_training(plans[i], now) and (live is None or count_once(live, seen)):
             found.append(i)
     return found
 
 
 def _planned(plans: Sequence[RunPlan], indexes: Sequence[int], elsewhere: bool) -> int:
     seen: set[tuple[int, int]] = set()
-    return sum(frees(d, elsewhere) for i in indexes for d in plans[i].decisions if _first_sight(d.checkpoint, seen))
+    return sum(frees(d, elsewhere) for i in indexes for d in plans[i].decisions if count_once(d.checkpoint, seen))
 
 
 def _one_disk(

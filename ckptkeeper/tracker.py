@@ -91,7 +91,7 @@ class RunTracker:
         if not settling and not held and not result.unfinished:
             self.quiet_runs[run_dir] = result.after.checkpoints
         pruned = dry_run or not result.unfinished
-        live = live_checkpoint(plan)
+        live = plan.live
         done = live is not None and live.training_stopped and not saving_after(result.after, live)
         if done and pruned and not settling:
             newly = plan.run.path not in self.finished_runs
@@ -138,14 +138,6 @@ class RunTracker:
 
 def _held(plan: RunPlan) -> bool:
     return any(r.kind is ReasonKind.HELD for d in plan.decisions for r in d.reasons)
-
-
-def live_checkpoint(plan: RunPlan) -> Checkpoint | None:
-    """The checkpoint the live run would resume from: the highest step, or in a directory that mixes runs the
-    newest written one (a stale run's final checkpoint must not end the watch of the live one)."""
-    if plan.mixed_runs is not None:
-        return plan.mixed_runs.newest_written
-    return max((c for c in plan.run.checkpoints if c.complete), key=lambda c: c.step, default=None)
 
 
 def saving_after(run: Run, live: Checkpoint) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from ckptkeeper.model import Run
-from ckptkeeper.pressure import Space
+from ckptkeeper.pressure import Space, count_once
 from ckptkeeper.render import shown
 from ckptkeeper.units import human_bytes
 
@@ -123,9 +123,6 @@ def held_bytes(space: Space, runs: Sequence[Run]) -> dict[int, int]:
         if device is None:
             continue
         for c in run.checkpoints:
-            if c.identity is not None and c.identity in seen:
-                continue
-            if c.identity is not None:
-                seen.add(c.identity)
-            held[device] = held.get(device, 0) + c.size_bytes
+            if count_once(c, seen):
+                held[device] = held.get(device, 0) + c.size_bytes
     return held

@@ -214,11 +214,11 @@ def test_the_pressure_figures_stay_published_while_the_reaper_deletes(
 # ---------------------------------------------------------------------------------------------- archives
 def test_an_archive_reached_through_two_paths_is_incoming_once(fs: Mount) -> None:
     """pressure._archived_bytes sums every ARCHIVE decision of the runs on the other filesystems, with no
-    `_first_sight` by identity (as `_planned` and `_candidates` now have): a run directory reached by two
+    `count_once` by identity (as `_planned` and `_candidates` now have): a run directory reached by two
     paths below the root (a bind mount of it) archives one checkpoint, and the archive's filesystem counts
     it twice as incoming. Its verdict is off by a whole checkpoint: it can say "UNDER PRESSURE", "CANNOT MEET
     THE FLOOR" (prune exits 1, floor_unmet=1) where the archive will in fact leave it above its floor.
-    Fix: `_first_sight` there too."""
+    Fix: `count_once` there too."""
     disk_a, disk_b = fs("a"), fs("b")
     root, when = disk_a / "outputs", time.time() - 2 * DAY
     for step in (10, 20, 30):
@@ -238,7 +238,7 @@ def test_an_archive_reached_through_two_paths_is_incoming_once(fs: Mount) -> Non
 # ---------------------------------------------------------------------------------------------- the estimate
 def test_a_run_reached_through_two_paths_saves_once(fs: Mount, tmp_path: Path) -> None:
     """The fix that counts a run reached by two paths below the root (a bind mount of it) once covers its
-    checkpoints (`_first_sight` in `_planned` and `_candidates`, `held_bytes`), not its next save:
+    checkpoints (`count_once` in `_planned` and `_candidates`, `held_bytes`), not its next save:
     pressure._one_disk sums next_save over every run path still training, so the one trainer's next save is
     counted twice, the floor plus next save is a whole checkpoint too high, and with --keep-under-pressure a
     checkpoint is released (here deleted by `prune`) that the floor did not need. Fix: count each run
