@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ckptkeeper import __version__
+from ckptkeeper.colour import Palette
+from ckptkeeper.units import count
 
 if TYPE_CHECKING:
     from ckptkeeper.config import Settings
@@ -62,6 +64,11 @@ def _echo(message: str, err: bool = False) -> None:
     click.echo(message.encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
 
 
+def _palette() -> Palette:
+    """Colour for stdout when it is a terminal (and NO_COLOR is not set); click.echo strips it otherwise."""
+    return Palette.for_stream(sys.stdout)
+
+
 def _check_keep(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str | None:
     """Every `--keep` given, merged as if joined by commas (a repeated flag adds rules, never replaces them);
     None when there is none, so the environment's or config file's `keep` applies."""
@@ -87,6 +94,17 @@ def _check_floor(ctx: click.Context, param: click.Parameter, value: str | None) 
         parse_floor(value)
     except FloorError as e:
         raise click.BadParameter(str(e).removeprefix("invalid --min-free ")) from None
+    return value
+
+
+def _check_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ckptkeeper.units import DURATION_FORMS, parse_duration
+
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds is None or seconds <= 0:
+        raise click.BadParameter(f"{value!r} is not a duration: expected one such as {DURATION_FORMS}, more than 0")
     return value
 
 
@@ -168,6 +186,13 @@ def _path_options() -> list[Callable[[F], F]]:
             type=float,
             metavar="SECONDS",
             help="Treat a checkpoint changed less than this long ago as incomplete. Default: 0 (watch: 2)",
+        ),
+        click.option(
+            "--stale-after",
+            metavar="DURATION",
+            callback=_check_duration,
+            help="Report an incomplete checkpoint unchanged this long (90s, 15m, 2h, 1h30m, 3d) as stale, left by a "
+            "crash: a resume starts from the highest step, complete or not. Never removed. Default: 1h",
         ),
     ]
 
@@ -255,7 +280,8 @@ def plan(as_json: bool, **flags: Any) -> None:
     if as_json:
         _echo(json.dumps(plan_json(root, pipeline.policy, result.plan, result.warnings, archive_to), indent=2))
     else:
-        _echo(plan_text(root, pipeline.policy, result.plan, result.warnings, archive_to, settings.max_depth))
+        plan, max_depth = result.plan, settings.max_depth
+        _echo(plan_text(root, pipeline.policy, plan, result.warnings, archive_to, max_depth, _palette()))
     if result.plan.refused_runs:
         raise Refused(refusal_text(result.plan) + ". Nothing would be removed.")
 
@@ -263,7 +289,8 @@ def plan(as_json: bool, **flags: Any) -> None:
 @main.command(epilog=EXIT_CODES_HELP)
 @policy_options
 @click.option("--dry-run", "-n", is_flag=True, default=None, help="Print what would be removed; change nothing.")
-def prune(**flags: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the actions and the summary as JSON, once done.")
+def prune(as_json: bool, **flags: Any) -> None:
     """Apply the rules once: remove (delete or archive) every checkpoint no rule or protection keeps.
 
     \b
@@ -272,18 +299,27 @@ def prune(**flags: Any) -> None:
         ckptkeeper prune ./outputs --keep best:3:accuracy,last:2 --archive-to /mnt/archive
         ckptkeeper prune ./outputs --config configs/hf-best-last-epoch.yaml --dry-run
     """
-    from ckptkeeper.render import TextPruneReport, refusal_text
+    from ckptkeeper.render import QuietPruneReport, TextPruneReport, prune_json, refusal_text
 
     settings = _settings(flags)
+    dry_run = bool(settings.dry_run)
     with _domain_errors():
-        pipeline = _pipeline(settings, dry_run=bool(settings.dry_run))
-        report = TextPruneReport(_echo, pipeline.policy, pipeline.root, pipeline.layout.archive_to)
+        pipeline = _pipeline(settings, dry_run=dry_run)
+        archive_to = pipeline.layout.archive_to
+        report = (
+            QuietPruneReport()
+            if as_json
+            else TextPruneReport(_echo, pipeline.policy, pipeline.root, archive_to, _palette())
+        )
         result = pipeline.prune(now=time.time(), report=report)  # `now` makes --settle apply
+    if as_json:
+        _echo(json.dumps(prune_json(str(pipeline.root), pipeline.policy, result, dry_run, archive_to), indent=2))
     if result.plan.refused_runs:
         raise Refused(refusal_text(result.plan) + ". Nothing was removed.")
-    report.finished(result, bool(settings.dry_run), settings.max_depth)
+    if isinstance(report, TextPruneReport):
+        report.finished(result, dry_run, settings.max_depth, pipeline.archive_moves())
     if result.errors:
-        raise Failed(f"{len(result.errors)} checkpoint(s) could not be removed (see the FAILED lines above)")
+        raise Failed(f"{count(len(result.errors), 'checkpoint')} could not be removed (see the FAILED lines above)")
     problem = _floor_problem(result)
     if problem:  # a trainer's low-disk hook must know that saving may still fail
         raise Failed(problem)
@@ -302,7 +338,7 @@ def _floor_problem(result: PassResult) -> str | None:
     undone = [o for o in result.outcomes if o.action in (OutcomeKind.SKIPPED, OutcomeKind.STOPPED)]
     if undone and any(p.under for p in result.plan.pressure):
         return (
-            f"the --min-free floor may not be met: {len(undone)} removal(s) it counted on did not go through "
+            f"the --min-free floor may not be met: {count(len(undone), 'removal')} it counted on did not go through "
             "(see the skipped or stopped lines above); run prune again"
         )
     return None
@@ -358,6 +394,7 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     configure_logging(settings.log_format, -1 if quiet else verbose)
     options = WatchOptions(
         settle=settings.scan_options(default_settle=2.0).settle,
+        stale_after=settings.scan_options().stale_after,
         max_depth=settings.max_depth,
         rescan_interval=settings.rescan_interval,
         poll=settings.poll,
@@ -408,6 +445,7 @@ def history(root: Path | None, state_dir: Path | None, run_path: str | None, sin
 
     from ckptkeeper.history import HistoryError, history_json, history_text, parse_since, read_journal, select
     from ckptkeeper.layout import default_state_dir
+    from ckptkeeper.model import root_name
 
     settings = _settings({"root": root, "state_dir": state_dir})
     top = _root(settings)
@@ -425,7 +463,7 @@ def history(root: Path | None, state_dir: Path | None, run_path: str | None, sin
         return
     except OSError as e:
         raise Failed(f"cannot read the journal {journal_path}: {e.strerror or e}") from None
-    events = select(journal.events, run_path, cutoff)
+    events = select(journal.events, run_path, cutoff, root_name(top))
     if as_json:
         _echo(json.dumps(history_json(top, journal_path, journal, events), indent=2))
     else:

@@ -29,6 +29,8 @@ from ckptkeeper.policy import Policy, Protections
 from ckptkeeper.pressure import PressurePolicy, parse_floor
 from ckptkeeper.rules import RuleError, parse_rule, parse_rules
 from ckptkeeper.scan import DEFAULT_MAX_DEPTH, ScanOptions
+from ckptkeeper.stale import DEFAULT_STALE_AFTER
+from ckptkeeper.units import DURATION_FORMS, parse_duration
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,17 @@ def _valid_floor(value: object) -> str:
 FloorText = Annotated[object, AfterValidator(_valid_floor)]
 
 
+def _valid_duration(value: object) -> str:
+    seconds = parse_duration(value) if isinstance(value, str) else None
+    if seconds is None or seconds <= 0 or seconds > MAX_STALE_AFTER:
+        raise ValueError(f"expected a duration such as {DURATION_FORMS} (more than 0, at most 365d)")
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+DurationText = Annotated[object, AfterValidator(_valid_duration)]
+MAX_STALE_AFTER = 365 * 86400
+
+
 class Settings(BaseModel):
     """Every setting of plan, prune and watch; each key is also a flag (`max_depth` is `--max-depth`)."""
 
@@ -79,6 +92,7 @@ class Settings(BaseModel):
     protect_trainer_best: StrictBool = True
     # None: the command's default (0 for plan and prune, 2 s for watch)
     settle: float | None = Field(None, ge=0, le=3600)
+    stale_after: DurationText = "1h"  # an incomplete checkpoint unchanged this long is reported as stale
     dry_run: StrictBool = False
     # watch only
     rescan_interval: float = Field(60.0, gt=0, le=86400)
@@ -114,7 +128,8 @@ class Settings(BaseModel):
         )
 
     def scan_options(self, default_settle: float = 0.0) -> ScanOptions:
-        return ScanOptions(self.max_depth, default_settle if self.settle is None else self.settle)
+        settle = default_settle if self.settle is None else self.settle
+        return ScanOptions(self.max_depth, settle, parse_duration(str(self.stale_after)) or DEFAULT_STALE_AFTER)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -9,34 +9,78 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ckptkeeper.model import Action, Decision, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan, RunResult
+from ckptkeeper.logs import event
+from ckptkeeper.model import Action, Decision, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan, RunResult, Stale
 from ckptkeeper.render import (
     location,
     mixed_runs_text,
     past,
     reason_text,
+    reason_texts,
     reasons_text,
+    run_name,
     shown,
+    stale_text,
     weights_only_resume_text,
 )
 from ckptkeeper.units import human_bytes
 
 log = logging.getLogger("ckptkeeper")
 
+# Reasons every newest checkpoint has, or that come and go for the whole run at once (a refusal is logged per
+# run): a checkpoint gaining or losing one of these is not news of that checkpoint.
+_PASSING = {
+    ReasonKind.NEWEST,
+    ReasonKind.NEWEST_WRITTEN,
+    ReasonKind.NEWEST_WRITTEN_SKEWED,
+    ReasonKind.REFUSED,
+    ReasonKind.HELD,
+}
+Identity = tuple[ReasonKind, str | None, str | None, bool]
+
+
+def _identity(r: Reason) -> Identity:
+    """A reason regardless of its rank: `last 2/5` and `last 3/5` are the same reason to keep a checkpoint."""
+    return (r.kind, r.rule, r.detail if r.kind is ReasonKind.EPOCH else None, r.weights_only)
+
+
+def _identities(reasons: tuple[Reason, ...]) -> frozenset[Identity]:
+    return frozenset(_identity(r) for r in reasons if r.kind not in _PASSING)
+
+
+def kept_text(reasons: tuple[Reason, ...]) -> str:
+    """The reasons of a kept checkpoint, with what every newest checkpoint has said as one word:
+    `newest, epoch 3` rather than `last 1/5, epoch 3, protected: newest`."""
+    if not any(r.kind is ReasonKind.NEWEST for r in reasons):
+        return reasons_text(reasons)
+    rest = [r for r in reasons if r.kind is not ReasonKind.NEWEST and not (r.kind is ReasonKind.LAST and r.rank == 1)]
+    return shown(", ".join(["newest", *reason_texts(rest)]))
+
+
+@dataclass(frozen=True)
+class Said:
+    """What the log last said of a kept, complete checkpoint: its decision word and reasons."""
+
+    word: str
+    reasons: tuple[Reason, ...]
+
 
 class DecisionLog:
-    """Owned by the daemon's main loop: every method runs there."""
+    """Owned by the daemon's main loop: every method runs there. `root` names the root's own run."""
 
-    def __init__(self, settle: float) -> None:
+    def __init__(self, settle: float, root: str = ".") -> None:
         self.settle = settle
+        self.root = root
         self.decisions: dict[str, dict[str, str]] = {}  # run -> checkpoint -> the decision last logged
-        # run -> checkpoint -> the decision and reasons last said at INFO (kept checkpoints)
-        self.announced: dict[str, dict[str, tuple[str, tuple[Reason, ...]]]] = {}
+        self.said: dict[str, dict[str, Said]] = {}  # run -> checkpoint -> what was said of it, kept
         self.refusals: dict[str, str] = {}  # run -> why its retention is refused (or held), as last logged
         self.mixed_runs_said: dict[str, tuple[str, ...]] = {}  # run -> the stale checkpoints last warned about
         self.skew_said: set[tuple[str, str]] = set()  # checkpoints whose future file times were logged
         self.dry_run_said: set[tuple[str, str]] = set()  # `would delete` lines of a dry run
+        self.stale_said: set[tuple[str, str, float]] = set()  # stale incomplete checkpoints, by their last change
         # run -> the weights-only resume point last warned of
         self.resume_said: dict[str, str | None] = {}
         self.failing: dict[tuple[str, str], str] = {}  # removals that failed, and the error last logged
@@ -44,8 +88,14 @@ class DecisionLog:
     def forget_root(self) -> None:
         """The root was made anew: what was said of the old one's checkpoints says nothing of these."""
         self.decisions.clear()
-        self.announced.clear()
+        self.said.clear()
         self.mixed_runs_said.clear()
+
+    def _where(self, run: str, checkpoint: str) -> str:
+        return location(run, checkpoint, self.root)
+
+    def _run(self, run: str) -> str:
+        return run_name(run, self.root)
 
     # ---- plans -------------------------------------------------------------------------------------------------
     def planned(self, plan: RunPlan) -> None:
@@ -54,21 +104,40 @@ class DecisionLog:
         self._mixed_runs(plan)
         self._weights_only_resume(plan)
         logged = self.decisions.setdefault(plan.run.path, {})
-        announced = self.announced.setdefault(plan.run.path, {})
         for d in plan.decisions:
-            word, name = _decision_word(d), d.checkpoint.name
-            if logged.get(name) == word:
-                continue
-            logged[name] = word
-            where = location(plan.run.path, name)
+            word = _decision_word(d)
             if not d.kept:
-                continue
+                logged[d.checkpoint.name] = word
+                continue  # the outcome's line says it, with its reasons
             if not d.checkpoint.complete:
-                log.debug("%s %s: %s", where, word, reasons_text(d.reasons))
-            elif announced.get(name) != (word, d.reasons):
-                # Said once: not again after it was briefly settling (a slim, a file touched) and is the same.
-                announced[name] = (word, d.reasons)
-                log.info("%s %s: %s", where, word, reasons_text(d.reasons))
+                if logged.get(d.checkpoint.name) != word:
+                    log.debug("%s %s: %s", self._where(plan.run.path, d.checkpoint.name), word, reasons_text(d.reasons))
+            else:
+                self._kept(plan.run.path, d, word)
+            logged[d.checkpoint.name] = word
+
+    def _kept(self, run: str, d: Decision, word: str) -> None:
+        """A complete checkpoint kept: said once when first seen, again only when it gains or loses a reason
+        (the best moved on), never for a new rank or for losing what every newest checkpoint has."""
+        said = self.said.setdefault(run, {})
+        name, before = d.checkpoint.name, said.get(d.checkpoint.name)
+        if d.slims and before is not None:
+            return  # being made weights only: its outcome's line says so, and what it was kept for until now
+        said[name] = Said(word, d.reasons)
+        where = self._where(run, name)
+        fields = event(word.replace(" ", "-"), run, name, d.checkpoint.step, reasons=d.reasons)
+        if before is None:
+            log.info("%s %s: %s", where, word, kept_text(d.reasons), extra=fields)
+            return
+        if before.word == word and _identities(before.reasons) == _identities(d.reasons):
+            return
+        lost = [r for r in before.reasons if r.kind not in _PASSING and _identity(r) not in _identities(d.reasons)]
+        gained = [r for r in d.reasons if r.kind not in _PASSING and _identity(r) not in _identities(before.reasons)]
+        changes = ([f"no longer {reasons_text(tuple(lost))}"] if lost else []) + (
+            [f"now {reasons_text(tuple(gained))}"] if gained else []
+        )
+        change = f" ({'; '.join(changes)})" if changes else ""
+        log.info("%s still %s: %s%s", where, word, kept_text(d.reasons), change, extra=fields)
 
     def _refusal(self, plan: RunPlan) -> None:
         run = plan.run.path
@@ -78,9 +147,9 @@ class DecisionLog:
             return
         if self.refusals.get(run) != why:
             if plan.refusal:
-                log.error("run %s: refused, nothing is removed there: %s", shown(run), plan.refusal)
+                log.error("run %s: refused, nothing is removed there: %s", self._run(run), plan.refusal)
             else:
-                log.warning("run %s: nothing is removed there: %s", shown(run), why)
+                log.warning("run %s: nothing is removed there: %s", self._run(run), why)
         self.refusals[run] = why
 
     def _weights_only_resume(self, plan: RunPlan) -> None:
@@ -89,7 +158,7 @@ class DecisionLog:
         resume = plan.weights_only_resume
         name = resume.name if resume is not None else None
         if resume is not None and self.resume_said.get(run) != name:
-            log.warning("run %s: %s", shown(run), weights_only_resume_text(resume))
+            log.warning("run %s: %s", self._run(run), weights_only_resume_text(resume))
         self.resume_said[run] = name
 
     def _mixed_runs(self, plan: RunPlan) -> None:
@@ -99,12 +168,12 @@ class DecisionLog:
         run = plan.run.path
         if plan.mixed_runs is None:
             if said.pop(run, None) is not None:
-                log.info("run %s: the directory no longer mixes runs", shown(run))
+                log.info("run %s: the directory no longer mixes runs", self._run(run))
             return
         stale = tuple(c.name for c in plan.mixed_runs.stale)
         if said.get(run) != stale:
             said[run] = stale
-            log.warning("run %s: %s", shown(run), mixed_runs_text(plan.mixed_runs))
+            log.warning("run %s: %s", self._run(run), mixed_runs_text(plan.mixed_runs))
 
     def _times_in_future(self, plan: RunPlan) -> None:
         """Say once per checkpoint that its file times lie in the future: it settles by what the daemon
@@ -116,61 +185,109 @@ class DecisionLog:
                 log.warning(
                     "%s: its file times lie %.0f s in the future (the writer's clock is ahead of this machine's?); "
                     "it counts as settled once seen unchanged for %g s",
-                    location(plan.run.path, c.name),
+                    self._where(plan.run.path, c.name),
                     c.last_change - time.time(),
                     self.settle,
                 )
 
+    def stale(self, run: str, stale: Sequence[Stale]) -> None:
+        """Say once of each incomplete checkpoint that it has been unchanged for longer than --stale-after
+        (again if it changes and goes stale anew)."""
+        for s in stale:
+            key = (run, s.checkpoint.name, s.checkpoint.last_change)
+            if key not in self.stale_said:
+                self.stale_said.add(key)
+                fields = event("stale-incomplete", run, s.checkpoint.name, s.checkpoint.step)
+                log.warning("run %s: %s", self._run(run), stale_text(s), extra=fields)
+        names = {s.checkpoint.name for s in stale}
+        self.stale_said = {k for k in self.stale_said if k[0] != run or k[1] in names}
+
     # ---- outcomes ----------------------------------------------------------------------------------------------
     def outcome(self, outcome: Outcome) -> None:
-        where = location(outcome.run, outcome.checkpoint)
+        where = self._where(outcome.run, outcome.checkpoint)
         key = (outcome.run, outcome.checkpoint)
         kind = outcome.action
+        fields = event(str(kind), outcome.run, outcome.checkpoint, outcome.step, outcome.bytes, outcome.reasons)
         if kind is not OutcomeKind.ERROR and self.failing.pop(key, None) is not None:
             log.info("%s: the removal that failed before went through", where)
+        why = self._why(outcome)
         if kind is OutcomeKind.DELETED:
-            log.info("%s deleted: freed %s", where, human_bytes(outcome.bytes))
+            log.info("%s deleted: freed %s (%s)", where, human_bytes(outcome.bytes), why, extra=fields)
         elif kind is OutcomeKind.ARCHIVED:
-            log.info("%s archived: %s, %s", where, outcome.detail, human_bytes(outcome.bytes))
+            size = human_bytes(outcome.bytes) if outcome.moved else f"freed {human_bytes(outcome.bytes)}"
+            log.info("%s archived: %s, %s (%s)", where, outcome.detail, size, why, extra=fields)
         elif kind is OutcomeKind.SLIMMED:
-            log.info("%s made weights only: %s, freed %s", where, outcome.detail, human_bytes(outcome.bytes))
+            log.info(
+                "%s made weights only: %s, freed %s (%s)", where, outcome.detail, human_bytes(outcome.bytes), why,
+                extra=fields,
+            )  # fmt: skip
+            self.said.setdefault(outcome.run, {})[outcome.checkpoint] = Said(SLIMMED_WORD, outcome.reasons)
         elif kind in (OutcomeKind.WOULD_DELETE, OutcomeKind.WOULD_ARCHIVE, OutcomeKind.WOULD_SLIM):
             if key not in self.dry_run_said:  # a dry run sees the same checkpoint at every pass: say it once
                 self.dry_run_said.add(key)
-                log.info("%s %s (dry run)", where, past(kind))
+                log.info("%s %s (dry run; %s)", where, past(kind), why, extra=fields)
         elif kind is OutcomeKind.ERROR:
-            self._failed(where, key, outcome.detail)
+            self._failed(where, key, outcome.detail, fields)
+        elif kind is OutcomeKind.STOPPED:  # the daemon's one `stopped` line comes last
+            log.info("%s: cut short by the stop (%s)", where, outcome.detail, extra=fields)
         else:
-            log.info("%s %s: %s", where, kind, outcome.detail)
+            log.info("%s %s: %s", where, kind, outcome.detail, extra=fields)
 
-    def _failed(self, where: str, key: tuple[str, str], detail: str) -> None:
+    def _why(self, outcome: Outcome) -> str:
+        """Why it went: the plan's reasons, and what kept it until now (`no rule keeps it; was last 5/5`).
+        A release under disk pressure says what it was kept for already."""
+        why = reasons_text(outcome.reasons) or "no reason recorded"
+        said = self.said.get(outcome.run, {}).get(outcome.checkpoint)
+        if said is None or any(r.released for r in outcome.reasons):
+            return why
+        return f"{why}; was {kept_text(said.reasons)}"
+
+    def _failed(self, where: str, key: tuple[str, str], detail: str, fields: dict[str, object]) -> None:
         """Retried at every pass until it works, but said once (again only if the reason changes)."""
         if self.failing.get(key) != detail:
-            log.error("%s could not be removed: %s (will retry at every rescan)", where, detail)
+            log.error("%s could not be removed: %s (will retry at every rescan)", where, detail, extra=fields)
         else:
             log.debug("%s still cannot be removed: %s", where, detail)
         self.failing[key] = detail
 
     def after(self, result: RunResult) -> None:
-        """Forget what was said of checkpoints that are gone."""
+        """Say which checkpoints someone else removed; forget what was said of checkpoints that are gone."""
         run = result.after.path
         names = {c.name for c in result.after.checkpoints}
-        for said in (self.decisions.get(run, {}), self.announced.get(run, {})):
+        ours = {o.checkpoint for o in result.outcomes}
+        self._vanished(run, names | ours)
+        for said in (self.decisions.get(run, {}), self.said.get(run, {})):
             for name in said.keys() - names:
                 del said[name]
         for key in [k for k in self.failing if k[0] == run and k[1] not in names]:
             del self.failing[key]
 
+    def run_gone(self, run: str) -> None:
+        """The run has no checkpoint left (its directory removed or emptied by someone else)."""
+        self._vanished(run, set())
+        self.decisions.pop(run, None)
+        self.said.pop(run, None)
+
+    def _vanished(self, run: str, present: set[str]) -> None:
+        for name, said in sorted(self.said.get(run, {}).items()):
+            if name not in present:
+                fields = event(str(OutcomeKind.VANISHED), run, name, reasons=said.reasons)
+                log.info(
+                    "%s vanished: removed by something else (was %s)", self._where(run, name),
+                    kept_text(said.reasons), extra=fields,
+                )  # fmt: skip
+
     def finished(self, plan: RunPlan, dry_run: bool) -> None:
-        run = shown(plan.run.path)
+        run = self._run(plan.run.path)
+        fields = event("finished", plan.run.path)
         if plan.refusal:
             log.error("run %s: training finished, but its retention was refused: nothing is removed there", run)
         elif _held(plan):
             log.error("run %s: training finished, but %s", run, _held(plan))
         elif dry_run:
-            log.info("run %s: training finished (dry run: nothing was removed)", run)
+            log.info("run %s: training finished (dry run: nothing was removed)", run, extra=fields)
         else:
-            log.info("run %s: training finished and its retention is applied", run)
+            log.info("run %s: training finished and its retention is applied", run, extra=fields)
 
 
 def _held(plan: RunPlan) -> str | None:
@@ -182,9 +299,12 @@ def _held(plan: RunPlan) -> str | None:
     return None
 
 
+SLIMMED_WORD = "kept weights only"
+
+
 def _decision_word(d: Decision) -> str:
     if d.action is Action.WEIGHTS_ONLY:
-        return "kept weights only"
+        return SLIMMED_WORD
     if d.kept:
         return "kept" if d.checkpoint.complete else "waiting"
     return str(d.action)

@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +30,18 @@ from ckptkeeper.actions import (
     open_run_dir,
 )
 from ckptkeeper.layout import Layout, LayoutError, default_state_dir
-from ckptkeeper.model import Action, Checkpoint, Decision, Outcome, OutcomeKind, Run, RunPlan, RunResult
+from ckptkeeper.model import (
+    MOVED_TO,
+    Action,
+    Checkpoint,
+    Decision,
+    Outcome,
+    OutcomeKind,
+    Run,
+    RunPlan,
+    RunResult,
+    Stale,
+)
 from ckptkeeper.paths import fd_path, identity
 from ckptkeeper.policy import NO_RULE, Policy, RootPlan, plan_root
 from ckptkeeper.pressure import Disk, Space
@@ -45,6 +56,7 @@ from ckptkeeper.scan import (
     read_run,
 )
 from ckptkeeper.slimming import slim_checkpoint
+from ckptkeeper.stale import stale_checkpoints
 from ckptkeeper.state import StateDir
 
 Identity = tuple[int, int]
@@ -171,7 +183,7 @@ class Archival:
             self.root, checkpoint, target, self.state, self.dispose, expected, self.stop, self.archive_to,
             self.root_identity,
         )  # fmt: skip
-        return f"{how} to {target}"
+        return f"{MOVED_TO}{target}" if how == "renamed" else f"{how} to {target}"
 
 
 DEFAULT_SCAN = ScanOptions()
@@ -314,11 +326,23 @@ class Pipeline:
         return [read_run(self.root, d, now, settle, cache, trusting) for d in run_dirs]
 
     def plan(
-        self, runs: Sequence[Run], refused_elsewhere: Collection[str] = (), space: Space | None = None
+        self,
+        runs: Sequence[Run],
+        refused_elsewhere: Collection[str] = (),
+        space: Space | None = None,
+        now: float | None = None,
     ) -> RootPlan:
         """Plan the runs together; with --min-free, on their filesystems' figures (`space`: as the caller measured
-        and adjusted them; by default measured now)."""
-        return plan_root(runs, self.policy, refused_elsewhere, space if space is not None else self.measure(runs))
+        and adjusted them; by default measured now). With `now`, each run's stale incomplete checkpoints are
+        reported in its plan."""
+        planned = plan_root(runs, self.policy, refused_elsewhere, space if space is not None else self.measure(runs))
+        if now is None:
+            return planned
+        return replace(planned, runs=tuple(replace(p, stale=self.stale(p.run, now)) for p in planned.runs))
+
+    def stale(self, run: Run, now: float) -> tuple[Stale, ...]:
+        """The run's incomplete checkpoints unchanged for longer than --stale-after."""
+        return stale_checkpoints(run, now, self.scan_options.stale_after)
 
     def measure(self, runs: Sequence[Run], freeing: bool = False) -> Space | None:
         """The free space of each filesystem holding one of these runs (None without --min-free). A run
@@ -336,6 +360,11 @@ class Pipeline:
             devices[run.path] = measured.device
             disks.setdefault(measured.device, measured)
         return Space(disks, devices, self._archive_device(), time.time(), freeing)
+
+    def archive_moves(self) -> bool:
+        """--archive-to lies on the root's filesystem: archiving is one rename there and frees no space."""
+        device = self._archive_device()
+        return device is not None and self.root_identity is not None and device == self.root_identity[0]
 
     def _archive_device(self) -> int | None:
         """The device --archive-to lies on (its nearest existing directory: it may not be made yet)."""
@@ -356,6 +385,7 @@ class Pipeline:
                 if self.stop is not None and self.stop():
                     break
                 outcome = self._carry_out(run_plan.run.path, decision)
+                outcome = replace(outcome, step=decision.checkpoint.step, reasons=decision.reasons)
                 outcomes.append(outcome)
                 on_outcome(outcome)
             results.append(_result(run_plan, outcomes))
@@ -366,7 +396,7 @@ class Pipeline:
         """Scan and plan the whole root, without the lock: what `plan` shows."""
         warnings: list[str] = []
         runs = self.scan(self.find_runs(warnings=warnings), now)
-        return PassResult(self.plan(runs), warnings=tuple(warnings))
+        return PassResult(self.plan(runs, now=now), warnings=tuple(warnings))
 
     def prune(self, now: float | None, report: PruneReport) -> PassResult:
         """One whole pass over the root under its lock: what `prune` does."""
@@ -380,7 +410,7 @@ class Pipeline:
             run_dirs = self.find_runs(warnings=warnings)
             leftovers = self.finish_leftovers(run_dirs)
             report.leftovers(leftovers)
-            plan = self.plan(self.scan(run_dirs, now))
+            plan = self.plan(self.scan(run_dirs, now), now=now)
             report.planned(plan, warnings)
             results = self.act(plan, report.outcome)
             return PassResult(plan, results, tuple(warnings), leftovers)
@@ -511,7 +541,7 @@ def _same(planned: Checkpoint, now_seen: Checkpoint) -> bool:
 
 def _result(plan: RunPlan, outcomes: Sequence[Outcome]) -> RunResult:
     gone = {o.checkpoint for o in outcomes if o.action.gone}
-    after = Run(plan.run.path, tuple(c for c in plan.run.checkpoints if c.name not in gone))
+    after = replace(plan.run, checkpoints=tuple(c for c in plan.run.checkpoints if c.name not in gone))
     return RunResult(plan, tuple(outcomes), after)
 
 

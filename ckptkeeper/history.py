@@ -12,13 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptkeeper.units import human_bytes
+from ckptkeeper.model import root_name
+from ckptkeeper.render import run_name
+from ckptkeeper.units import DURATION_FORMS, count, human_bytes, parse_duration
 
 OUTCOMES = {
     "delete": "deleted",
@@ -32,9 +33,6 @@ OUTCOMES = {
 REMOVED = {"delete", "archive"}
 FREES = {"delete", "archive", "slim"}
 INTERRUPTED = "interrupted"  # a start line with no outcome: finished or undone at the next start
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+")
-_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class HistoryError(ValueError):
@@ -63,14 +61,17 @@ class Journal:
 def parse_since(text: str, now: dt.datetime) -> dt.datetime:
     """`2h`, `90m`, `1h30m`, `3d` before `now`; or a date or time (`2026-12-01`, `2026-12-01T08:00`, local)."""
     value = text.strip()
-    if _DURATION.fullmatch(value):
-        seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _PART.findall(value))
-        return now - dt.timedelta(seconds=seconds)
+    seconds = parse_duration(value)
+    if seconds is not None:
+        try:
+            return now - dt.timedelta(seconds=seconds)
+        except OverflowError:
+            return dt.datetime.min.replace(tzinfo=dt.UTC)  # further back than any journal
     try:
         when = dt.datetime.fromisoformat(value)
     except ValueError:
         raise HistoryError(
-            f"invalid --since {text!r}: expected a duration (90s, 15m, 2h, 1h30m, 3d) or a date or time "
+            f"invalid --since {text!r}: expected a duration ({DURATION_FORMS}) or a date or time "
             "(2026-12-01, 2026-12-01T08:00)"
         ) from None
     return when if when.tzinfo is not None else when.astimezone()
@@ -146,15 +147,19 @@ def _event(r: dict[str, Any], what: str, start: dict[str, Any] | None = None) ->
     )
 
 
-def select(events: Sequence[Event], run: str | None, since: dt.datetime | None) -> list[Event]:
-    return [e for e in events if (run is None or e.run == run) and (since is None or e.time >= since)]
+def select(events: Sequence[Event], run: str | None, since: dt.datetime | None, root: str = ".") -> list[Event]:
+    """The events of `run` (as the journal names it, or as a person does: the root's own run by `root`)."""
+    wanted = None if run is None else ({".", root} if run in (".", root) else {run})
+    return [e for e in events if (wanted is None or e.run in wanted) and (since is None or e.time >= since)]
+
+
+def freed(e: Event) -> int:
+    """What the event freed: an archive on the same filesystem (one rename) moved its bytes, freed none."""
+    moved = e.what == "archive" and e.detail.startswith(("moved to ", "renamed to "))
+    return e.bytes if e.what in FREES and not moved else 0
 
 
 # ---- words ---------------------------------------------------------------------------------------------------
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def what_text(e: Event) -> str:
     if e.what == INTERRUPTED:
         return "interrupted (finished or undone at the next start)"
@@ -170,19 +175,23 @@ def history_text(root: Path, journal_path: Path, journal: Journal, events: Seque
     lines = [f"History of {root} (journal {journal_path})"]
     if journal.unreadable:
         verb = "was" if journal.unreadable == 1 else "were"
-        lines.append(f"({_plural(journal.unreadable, 'line')} of the journal could not be read and {verb} passed over)")
+        lines.append(f"({count(journal.unreadable, 'line')} of the journal could not be read and {verb} passed over)")
     if not events:
         return "\n".join([*lines, "", "Nothing happened in that time." if journal.events else "Nothing yet."])
     header = ["WHEN", "RUN", "CHECKPOINT", "WHAT", "FREED", "WHY"]
+    name = root_name(root)
     rows = [header] + [
-        [_local(e.time), e.run, e.checkpoint, what_text(e), human_bytes(e.bytes) if e.what in FREES else "-", e.why]
-        for e in events
+        [_local(e.time), run_name(e.run, name), e.checkpoint, what_text(e), _freed_text(e), e.why] for e in events
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines.append("")
     lines += ["  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
-    lines += ["", "Totals:", *totals_lines(events)]
+    lines += ["", "Totals:", *totals_lines(events, name)]
     return "\n".join(lines)
+
+
+def _freed_text(e: Event) -> str:
+    return human_bytes(freed(e)) if freed(e) else "-"
 
 
 def _totals(events: Sequence[Event]) -> dict[str, int]:
@@ -192,12 +201,12 @@ def _totals(events: Sequence[Event]) -> dict[str, int]:
         "archived": sum(e.what == "archive" for e in events),
         "made_weights_only": sum(e.what == "slim" for e in events),
         "failed": sum(e.what == "error" for e in events),
-        "bytes_freed": sum(e.bytes for e in events if e.what in FREES),
+        "bytes_freed": sum(freed(e) for e in events),
     }
 
 
 def _total_text(t: dict[str, int]) -> str:
-    parts = [f"{_plural(t['removed'], 'checkpoint')} removed"]
+    parts = [f"{count(t['removed'], 'checkpoint')} removed"]
     if t["archived"]:
         parts[0] += f" ({t['deleted']} deleted, {t['archived']} archived)"
     if t["made_weights_only"]:
@@ -207,10 +216,10 @@ def _total_text(t: dict[str, int]) -> str:
     return ", ".join(parts) + f"; {human_bytes(t['bytes_freed'])} freed"
 
 
-def totals_lines(events: Sequence[Event]) -> list[str]:
+def totals_lines(events: Sequence[Event], root: str) -> list[str]:
     runs = sorted({e.run for e in events})
-    lines = [f"  {run}: {_total_text(_totals([e for e in events if e.run == run]))}" for run in runs]
-    return [*lines, f"  all ({_plural(len(runs), 'run')}): {_total_text(_totals(events))}"]
+    lines = [f"  {run_name(run, root)}: {_total_text(_totals([e for e in events if e.run == run]))}" for run in runs]
+    return [*lines, f"  all ({count(len(runs), 'run')}): {_total_text(_totals(events))}"]
 
 
 def history_json(root: Path, journal_path: Path, journal: Journal, events: Sequence[Event]) -> dict[str, Any]:
@@ -224,7 +233,7 @@ def history_json(root: Path, journal_path: Path, journal: Journal, events: Seque
                 "run": e.run,
                 "checkpoint": e.checkpoint,
                 "action": e.what,
-                "bytes_freed": e.bytes if e.what in FREES else 0,
+                "bytes_freed": freed(e),
                 "why": e.why,
                 "detail": e.detail,
             }

@@ -6,22 +6,82 @@ import datetime as dt
 import json
 import logging
 import sys
-from typing import Literal, TextIO
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, TextIO
+
+from ckptkeeper.colour import Palette
+from ckptkeeper.render import reason_json
+
+if TYPE_CHECKING:
+    from ckptkeeper.model import Reason
 
 LogFormat = Literal["text", "json"]
 
 
+EVENT_KEYS = ("run", "checkpoint", "step", "action", "bytes", "reasons")
+
+
+def event(
+    action: str,
+    run: str,
+    checkpoint: str | None = None,
+    step: int | None = None,
+    size: int | None = None,
+    reasons: Sequence[Reason] = (),
+) -> dict[str, object]:
+    """`extra=` for a log line about one checkpoint (or run): the fields `--log-format json` adds to it.
+    `action` is the journal's word for an outcome (`delete`, `archive`, `slim`, `vanished`, `error`, ...) or
+    what the plan decided (`kept`, `kept-weights-only`); `run` is its path below the root (`.` for the root)."""
+    fields = {"run": run, "checkpoint": checkpoint, "step": step, "action": action, "bytes": size}
+    return {"event": fields | {"reasons": [reason_json(r) for r in reasons]}}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "event", None)
+        if isinstance(fields, dict):
+            entry.update({k: fields[k] for k in EVENT_KEYS if k in fields})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+_ROLE_OF_ACTION = {
+    "kept": "keep",
+    "kept-weights-only": "weights-only",
+    "delete": "delete",
+    "would-delete": "delete",
+    "archive": "archive",
+    "would-archive": "archive",
+    "slim": "weights-only",
+    "would-slim": "weights-only",
+    "error": "error",
+}
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-12-06 09:02:57 INFO    exp1/checkpoint-10 deleted: ...`; on a terminal the message is coloured by
+    what happened to the checkpoint (kept, deleted, archived) or by its level (warnings, errors)."""
+
+    def __init__(self, palette: Palette) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S")
+        self.palette = palette
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        fields = getattr(record, "event", None)
+        role = _ROLE_OF_ACTION.get(str(fields.get("action")), "") if isinstance(fields, dict) else ""
+        if record.levelno >= logging.WARNING:
+            role = "error" if record.levelno >= logging.ERROR else "warning"
+        if not role or not line.endswith(record.message):
+            return line
+        return line[: len(line) - len(record.message)] + self.palette.paint(record.message, role)
 
 
 class _WatchdogNoise(logging.Filter):
@@ -47,7 +107,7 @@ def configure_logging(fmt: LogFormat = "text", verbosity: int = 0, stream: TextI
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(TextFormatter(Palette.for_stream(handler.stream)))
     handler.addFilter(_WatchdogNoise())
     logger = logging.getLogger("ckptkeeper")
     logger.handlers[:] = [handler]

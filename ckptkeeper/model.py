@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -55,12 +56,24 @@ class Checkpoint:
         return self.trainer_best_steps[0] if self.trainer_best_steps else None
 
 
+def root_name(root: str | os.PathLike[str]) -> str:
+    """The name a person gives the root's own run: the root directory's name (`/` for the filesystem root)."""
+    absolute = os.path.abspath(root)
+    return os.path.basename(absolute) or absolute
+
+
 @dataclass(frozen=True)
 class Run:
-    """A run directory: `path` is relative to the root, in POSIX form ("." for the root itself)."""
+    """A run directory: `path` is relative to the root, in POSIX form ("." for the root itself); `name` is
+    how a person names it (`label`): the root's own run by the root directory's name."""
 
     path: str
     checkpoints: tuple[Checkpoint, ...]
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
 
 
 class Action(StrEnum):
@@ -152,6 +165,15 @@ class RunView:
 
 
 @dataclass(frozen=True)
+class Stale:
+    """An incomplete checkpoint unchanged for longer than `--stale-after` (see `stale.py`): reported, never removed."""
+
+    checkpoint: Checkpoint
+    unchanged_for: float  # seconds since anything in it last changed
+    resume_point: bool  # the run's highest step: a resume (get_last_checkpoint) would start from it
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """The planner's answer for one run. A refused run keeps everything and says why."""
 
@@ -162,6 +184,7 @@ class RunPlan:
     # A checkpoint a resume would start from that is weights-only (the newer ones removed by someone): the
     # Trainer would resume with a fresh optimizer and say nothing. A warning only.
     weights_only_resume: Checkpoint | None = None
+    stale: tuple[Stale, ...] = ()  # incomplete and unchanged for long (a crash's leftover?): a warning only
 
     @property
     def live(self) -> Checkpoint | None:
@@ -219,6 +242,9 @@ class OutcomeKind(StrEnum):
         return {Action.ARCHIVE: cls.WOULD_ARCHIVE, Action.WEIGHTS_ONLY: cls.WOULD_SLIM}.get(action, cls.WOULD_DELETE)
 
 
+MOVED_TO = "moved to "  # the detail of an archive on the same filesystem
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one checkpoint the plan removes."""
@@ -228,6 +254,13 @@ class Outcome:
     action: OutcomeKind
     bytes: int = 0
     detail: str = ""
+    step: int | None = None
+    reasons: tuple[Reason, ...] = ()  # why the plan removed (or slimmed) it: the decision's reasons
+
+    @property
+    def moved(self) -> bool:
+        """Archived by one rename on the same filesystem: out of the run, but no space freed."""
+        return self.action is OutcomeKind.ARCHIVED and self.detail.startswith(MOVED_TO)
 
 
 @dataclass(frozen=True)

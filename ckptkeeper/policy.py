@@ -303,7 +303,8 @@ def plan_root(
     plans = [policy.plan(run) for run in runs]
     refused = tuple(dict.fromkeys([*(p.run.path for p in plans if p.refusal), *sorted(refused_elsewhere)]))
     if refused:
-        plans = [p if p.refusal else hold(p, refused) for p in plans]
+        first = next((p.run.label for p in plans if p.run.path == refused[0]), None)
+        plans = [p if p.refusal else hold(p, refused, first) for p in plans]
     if policy.pressure is None or space is None:
         return RootPlan(tuple(plans), refused)
     views = [view_of(run) for run in runs]
@@ -320,8 +321,9 @@ def plan_root(
     return RootPlan(released, refused, verdicts)
 
 
-def hold(plan: RunPlan, refused_runs: Sequence[str]) -> RunPlan:
-    """The plan with every removal turned into a keep, because retention is refused in `refused_runs`."""
-    held = Reason(ReasonKind.HELD, "refused", of=len(refused_runs), detail=refused_runs[0])
+def hold(plan: RunPlan, refused_runs: Sequence[str], first: str | None = None) -> RunPlan:
+    """The plan with every removal turned into a keep, because retention is refused in `refused_runs` (the
+    first named `first`, as a person names it)."""
+    held = Reason(ReasonKind.HELD, "refused", of=len(refused_runs), detail=first or refused_runs[0])
     decisions = tuple(d if d.action is Action.KEEP else _whole(d.checkpoint, [held]) for d in plan.decisions)
     return replace(plan, decisions=decisions)

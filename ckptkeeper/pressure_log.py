@@ -30,8 +30,9 @@ def _state(p: DiskPressure) -> State:
 class PressureLog:
     """Owned by the daemon's main loop: every method runs there."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, root: str = ".") -> None:
         self.metrics = metrics
+        self.root = root  # names the root's own run
         self.states: dict[int, State] = {}  # filesystem (its device) -> what was last said of it
         self.released: set[tuple[str, str]] = set()  # checkpoints whose release was logged
         self.no_figures: set[int] = set()  # filesystems (devices) that report no size, said once
@@ -68,5 +69,5 @@ class PressureLog:
             for d in plan.decisions:
                 key = (plan.run.path, d.checkpoint.name)
                 if key in released and key not in self.released:
-                    log.warning("%s released (%s): %s", location(*key), d.action, reasons_text(d.reasons))
+                    log.warning("%s released (%s): %s", location(*key, self.root), d.action, reasons_text(d.reasons))
         self.released = released

@@ -29,6 +29,7 @@ class Reaper:
         self.thread = threading.Thread(target=self._run, name="ckptkeeper-reaper", daemon=True)
         self._stuck_lock = threading.Lock()
         self.stuck: dict[Path, tuple[TrashEntry, str]] = {}  # trash entry -> itself, why it could not be deleted
+        self._stopping = False
 
     def start(self) -> None:
         self.thread.start()
@@ -81,5 +82,10 @@ class Reaper:
                 log.error("cannot write the journal: %s", e.strerror or e)
 
     def stop(self, timeout: float) -> None:
-        self.queue.put(None)
+        self.queue.put(None)  # counted as unfinished (the thread ends on it without marking it done)
+        self._stopping = True
         self.thread.join(timeout)
+
+    def left(self) -> int:
+        """Trash entries handed over and not deleted yet (after a stop: left for the next start)."""
+        return max(0, self.queue.unfinished_tasks - (1 if self._stopping else 0))

@@ -20,7 +20,7 @@ from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import Pipeline
 from ckptkeeper.inbox import Pending
 from ckptkeeper.metrics import Metrics, count_outcome
-from ckptkeeper.model import Outcome, OutcomeKind, Run, RunPlan
+from ckptkeeper.model import Outcome, OutcomeKind, Run, RunPlan, root_name
 from ckptkeeper.policy import RootPlan
 from ckptkeeper.pressure import FREEING
 from ckptkeeper.pressure_log import PressureLog
@@ -52,7 +52,7 @@ class Reconciler:
         self.metrics = metrics
         self.reaper = reaper
         self.stop_event = stop_event
-        self.pressure_log = PressureLog(metrics)
+        self.pressure_log = PressureLog(metrics, root_name(pipeline.root))
         # Pressure was left unjudged because the reaper was still deleting: judge it once the reaper is done.
         self.pressure_waits = False
         self.unseen = UnseenFrees()
@@ -79,6 +79,7 @@ class Reconciler:
         found = set(self.pipeline.find_runs()) if self.root.is_dir() else set()
         for gone in self.tracker.known_runs - found:
             self.tracker.forget(gone, run_path(self.root, gone))
+            self.decision_log.run_gone(run_path(self.root, gone))
         trusted = set() if not trusting else found - set(distrusted)
         self.reconcile_runs(sorted(found), time.time(), trusted)
 
@@ -141,8 +142,12 @@ class Reconciler:
         """The run as on disk now, and whether it changed since a pass that had nothing to do; None when it
         has no checkpoint left (the run is forgotten)."""
         [run] = self.pipeline.scan([run_dir], now, self.tracker.cache, trusting)
+        stale = self.pipeline.stale(run, now)
+        self.decision_log.stale(run.path, stale)
+        self.metrics.set_stale(run.path, len(stale))
         if not run.checkpoints:
             self.tracker.forget(run_dir, run.path)
+            self.decision_log.run_gone(run.path)
             self.tracker.recheck_at.pop(run_dir, None)
             self.metrics.set_run(run.path, seen=0, kept=0)
             return None

@@ -8,11 +8,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan
+from ckptkeeper.colour import PLAIN, Palette
+from ckptkeeper.model import (
+    Action,
+    Checkpoint,
+    Decision,
+    MixedRuns,
+    Outcome,
+    OutcomeKind,
+    Reason,
+    ReasonKind,
+    RunPlan,
+    Stale,
+    root_name,
+)
 from ckptkeeper.policy import Policy, RootPlan
 from ckptkeeper.pressure import NO_FIGURES, DiskPressure, figures_text
 from ckptkeeper.rules import format_metric, format_rules
-from ckptkeeper.units import human_bytes
+from ckptkeeper.units import count, human_bytes, human_duration
 
 if TYPE_CHECKING:
     from ckptkeeper.engine import Leftovers, PassResult
@@ -119,18 +132,18 @@ def pressure_line(p: DiskPressure) -> str:
         return f"{head} (reported only: --keep-under-pressure releases checkpoints)"
     if p.deferred:
         return f"{head}; nothing released: {p.deferred}"
-    n = _count(len(p.released), "checkpoint")
+    n = count(len(p.released), "checkpoint")
     if p.met:
         return f"{head}; releasing {n} frees {human_bytes(p.released_bytes)}"
     blocked = (
-        f"; {_count(p.archive_blocked, 'more checkpoint')} could be released, but --archive-to is on this same "
+        f"; {count(p.archive_blocked, 'more checkpoint')} could be released, but --archive-to is on this same "
         "filesystem, where archiving frees nothing"
         if p.archive_blocked
         else ""
     )
     if p.room_blocked:
         blocked += (
-            f"; {_count(p.room_blocked, 'more checkpoint')} could be released, but archiving it would take the "
+            f"; {count(p.room_blocked, 'more checkpoint')} could be released, but archiving it would take the "
             "archive's filesystem, where runs save too, below its own floor"
         )
     return (
@@ -138,10 +151,6 @@ def pressure_line(p: DiskPressure) -> str:
         f"{human_bytes(p.released_bytes)}, still {human_bytes(p.shortfall)} short{blocked}; protected checkpoints "
         "are never removed"
     )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def weights_only_resume_text(c: Checkpoint) -> str:
@@ -155,7 +164,32 @@ def weights_only_resume_text(c: Checkpoint) -> str:
 def run_warnings(plan: RunPlan) -> list[str]:
     """The warnings of one run, each a line of text."""
     found = [mixed_runs_text(plan.mixed_runs)] if plan.mixed_runs else []
-    return found + ([weights_only_resume_text(plan.weights_only_resume)] if plan.weights_only_resume else [])
+    found += [weights_only_resume_text(plan.weights_only_resume)] if plan.weights_only_resume else []
+    return found + [stale_text(s) for s in plan.stale]
+
+
+def stale_text(s: Stale) -> str:
+    """The warning for an incomplete checkpoint unchanged for longer than --stale-after (plan, prune, watch)."""
+    c = s.checkpoint
+    head = (
+        f"{c.name} is incomplete ({shown(c.incomplete_reason or 'unknown')}) and unchanged for "
+        f"{human_duration(s.unchanged_for)}: left by a crash?"
+    )
+    if s.resume_point:
+        head += " A resume starts from the highest step, complete or not (get_last_checkpoint), and would fail here;"
+    return f"{head} move it aside or remove it yourself (ckptkeeper never removes an incomplete checkpoint)"
+
+
+def stale_json(s: Stale) -> dict[str, Any]:
+    c = s.checkpoint
+    return {
+        "name": c.name,
+        "step": c.step,
+        "incomplete_reason": c.incomplete_reason,
+        "unchanged_seconds": round(s.unchanged_for, 3),
+        "resume_point": s.resume_point,
+        "text": stale_text(s),
+    }
 
 
 def mixed_runs_text(mixed: MixedRuns) -> str:
@@ -175,11 +209,15 @@ def _row(d: Decision, metrics: Sequence[str]) -> list[str]:
     return [c.name, str(c.step), epoch, *values, human_bytes(c.size_bytes), decision_text(d), reasons_text(d.reasons)]
 
 
-def _table(rows: list[list[str]], right_aligned: set[int]) -> list[str]:
+def _table(
+    rows: list[list[str]], right_aligned: set[int], roles: dict[tuple[int, int], str], palette: Palette
+) -> list[str]:
+    """Aligned columns; the cells in `roles` ((row, column) -> role) painted after padding."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
-    for r in rows:
+    for y, r in enumerate(rows):
         cells = [r[i].rjust(widths[i]) if i in right_aligned else r[i].ljust(widths[i]) for i in range(len(r))]
+        cells = [palette.paint(cell, roles[y, x]) if (y, x) in roles else cell for x, cell in enumerate(cells)]
         lines.append("  " + "  ".join(cells).rstrip())
     return lines
 
@@ -195,6 +233,7 @@ def plan_text(
     warnings: Sequence[str],
     archive_to: Path | None = None,
     max_depth: int = 4,
+    palette: Palette = PLAIN,
 ) -> str:
     metrics = policy.metrics()
     plans = plan.runs
@@ -203,7 +242,7 @@ def plan_text(
     if not plans:
         lines.append(no_runs_text(root, max_depth))
     for run_plan in plans:
-        lines += _run_lines(run_plan, metrics)
+        lines += _run_lines(run_plan, metrics, palette)
     if plan.pressure:
         lines += ["", *(pressure_line(p) for p in plan.pressure)]
     lines.append("")
@@ -211,12 +250,13 @@ def plan_text(
     return "\n".join(lines)
 
 
-def _run_lines(plan: RunPlan, metrics: Sequence[str]) -> list[str]:
-    count = len(plan.decisions)
-    lines = ["", f"run {shown(plan.run.path)}  ({count} checkpoint{'s' if count != 1 else ''})"]
+def _run_lines(plan: RunPlan, metrics: Sequence[str], palette: Palette) -> list[str]:
+    lines = ["", f"run {shown(plan.run.label)}  ({count(len(plan.decisions), 'checkpoint')})"]
     header = ["CHECKPOINT", "STEP", "EPOCH", *metrics, "SIZE", "DECISION", "REASONS"]
     rows = [header] + [_row(d, metrics) for d in plan.decisions]
-    lines += _table(rows, {1, 2, *range(3, 4 + len(metrics))})
+    column = len(header) - 2
+    roles = {(y, column): str(d.action) for y, d in enumerate(plan.decisions, start=1)}
+    lines += _table(rows, {1, 2, *range(3, 4 + len(metrics))}, roles, palette)
     if plan.refusal:
         lines.append(f"  REFUSED: {plan.refusal}")
     lines += [f"  warning: {w}" for w in run_warnings(plan)]
@@ -230,10 +270,10 @@ def summary_line(plans: Sequence[RunPlan]) -> str:
     runs = len(plans)
     kept_bytes = sum(d.checkpoint.size_bytes for d in kept)
     freed = sum(d.checkpoint.size_bytes for d in removed)
-    head = f"Summary: {total} checkpoint{'s' if total != 1 else ''} in {runs} run{'s' if runs != 1 else ''}: "
+    head = f"Summary: {count(total, 'checkpoint')} in {count(runs, 'run')}: "
     refused = sum(1 for p in plans if p.refusal)
     if refused:  # plan and prune refuse as a whole: no run is pruned, not even the ones not refused
-        where = f"{refused} run{'s' if refused != 1 else ''}"
+        where = count(refused, "run")
         return head + f"refused in {where} (see REFUSED above), so nothing is removed"
     slims = [d for p in plans for d in p.decisions if d.slims]
     line = f"keep {len(kept)} ({human_bytes(kept_bytes)}), remove {len(removed)} ({human_bytes(freed)} to free)"
@@ -256,6 +296,7 @@ def plan_json(
         {
             "run": plan.run.path,
             "refusal": plan.refusal,
+            "stale_incomplete": [stale_json(s) for s in plan.stale],
             "mixed_runs": None
             if plan.mixed_runs is None
             else {
@@ -298,7 +339,7 @@ def release_lines(plan: RootPlan) -> list[str]:
     """`released exp1/checkpoint-20 (delete): disk pressure: ..., was epoch 1`, one per release."""
     released = {(r.run, r.checkpoint) for p in plan.pressure for r in p.released}
     return [
-        f"released {location(run_plan.run.path, d.checkpoint.name)} ({d.action}): {reasons_text(d.reasons)}"
+        f"released {shown(run_plan.run.label)}/{d.checkpoint.name} ({d.action}): {reasons_text(d.reasons)}"
         for run_plan in plan.runs
         for d in run_plan.decisions
         if (run_plan.run.path, d.checkpoint.name) in released
@@ -335,11 +376,12 @@ def pressure_json(p: DiskPressure) -> dict[str, Any]:
 
 def _resume_warnings(plan: RootPlan) -> list[str]:
     """Runs whose resume point is weights-only: a warning for scripts too (the mixed-runs one has its own key)."""
-    return [
-        f"run {p.run.path}: {weights_only_resume_text(p.weights_only_resume)}"
+    resume = [
+        f"run {p.run.label}: {weights_only_resume_text(p.weights_only_resume)}"
         for p in plan.runs
         if p.weights_only_resume is not None
     ]
+    return resume + [f"run {p.run.label}: {stale_text(s)}" for p in plan.runs for s in p.stale]
 
 
 def _summary_json(plan: RootPlan) -> dict[str, Any]:
@@ -376,36 +418,143 @@ def past(kind: OutcomeKind) -> str:
     return _PAST[kind]
 
 
-def location(run: str, checkpoint: str) -> str:
-    """`run/checkpoint-N` for lines of text (just the checkpoint in the root's own run)."""
-    return checkpoint if run == "." else f"{shown(run)}/{checkpoint}"
+def run_name(run: str, root: str) -> str:
+    """A run for lines of text: its path below the root; the root's own run (".") by `root`, its name."""
+    return shown(root if run == "." else run)
 
 
-def outcome_line(o: Outcome) -> str:
-    where = location(o.run, o.checkpoint)
+def location(run: str, checkpoint: str, root: str) -> str:
+    """`run/checkpoint-N` for lines of text (`root` names the root's own run, as `run_name`)."""
+    return f"{run_name(run, root)}/{checkpoint}"
+
+
+_ROLE = {
+    OutcomeKind.DELETED: "delete",
+    OutcomeKind.WOULD_DELETE: "delete",
+    OutcomeKind.ARCHIVED: "archive",
+    OutcomeKind.WOULD_ARCHIVE: "archive",
+    OutcomeKind.SLIMMED: "weights-only",
+    OutcomeKind.WOULD_SLIM: "weights-only",
+    OutcomeKind.SKIPPED: "warning",
+    OutcomeKind.STOPPED: "warning",
+    OutcomeKind.ERROR: "error",
+}
+
+
+def outcome_role(kind: OutcomeKind) -> str:
+    """The colour role of an outcome (`colour.Palette`)."""
+    return _ROLE.get(kind, "")
+
+
+def outcome_line(o: Outcome, root: str, palette: Palette = PLAIN) -> str:
+    """`deleted       exp1/checkpoint-10  405.5 kB  no rule keeps it`: what happened, and why the plan said so."""
+    where = location(o.run, o.checkpoint, root)
     size = f"  {human_bytes(o.bytes)}" if o.bytes else ""
+    why = f"  {reasons_text(o.reasons)}" if o.reasons and (o.action.frees or o.action in DRY_RUN) else ""
     detail = f"  ({shown(o.detail)})" if o.detail else ""
-    return f"{_PAST[o.action]:<13} {where}{size}{detail}"
+    return f"{palette.paint(f'{_PAST[o.action]:<13}', outcome_role(o.action))} {where}{size}{why}{detail}"
 
 
-def totals_line(outcomes: Sequence[Outcome], dry_run: bool) -> str:
-    slims = [o for o in outcomes if o.action in (OutcomeKind.SLIMMED, OutcomeKind.WOULD_SLIM)]
-    slimmed = f", made {len(slims)} weights only" if slims else ""
+SAME_FILESYSTEM = "to the archive on the same filesystem, which frees no space"
+
+
+def totals_line(outcomes: Sequence[Outcome], dry_run: bool, archive_moves: bool = False) -> str:
+    """The last line of prune. `archive_moves`: --archive-to is on the root's filesystem (a dry run cannot
+    see how each archive would go; a real one knows from each outcome)."""
     if dry_run:
-        would = [o for o in outcomes if o.action in DRY_RUN]
-        freed = sum(o.bytes for o in would)
-        count = len(would) - len(slims)
-        return (
-            f"Dry run: would remove {count} checkpoints{slimmed.replace('made', 'make')} and free "
-            f"{human_bytes(freed)}; nothing was changed."
-        )
+        return _would_line(outcomes, archive_moves)
     done = [o for o in outcomes if o.action.frees]
+    slims = [o for o in done if o.action is OutcomeKind.SLIMMED]
+    moved = [o for o in done if o.moved]
     errors = [o for o in outcomes if o.action is OutcomeKind.ERROR]
-    removed = len(done) - len(slims)
-    line = f"Done: removed {removed} checkpoints{slimmed}, freed {human_bytes(sum(o.bytes for o in done))}"
+    freed = sum(o.bytes for o in done if not o.moved)
+    line = f"Done: removed {count(len(done) - len(slims), 'checkpoint')}"
+    line += f", made {len(slims)} weights only" if slims else ""
+    line += f", freed {human_bytes(freed)}" if freed or not moved else ""
+    if moved:
+        line += f"; moved {_moved_text(moved)}"
     if errors:
         line += f"; {len(errors)} failed (see above)"
     return line + "."
+
+
+def _moved_text(moved: Sequence[Outcome]) -> str:
+    return f"{count(len(moved), 'checkpoint')} ({human_bytes(sum(o.bytes for o in moved))}) {SAME_FILESYSTEM}"
+
+
+def _would_line(outcomes: Sequence[Outcome], archive_moves: bool) -> str:
+    would = [o for o in outcomes if o.action in DRY_RUN]
+    slims = [o for o in would if o.action is OutcomeKind.WOULD_SLIM]
+    moving = [o for o in would if archive_moves and o.action is OutcomeKind.WOULD_ARCHIVE]
+    freed = sum(o.bytes for o in would) - sum(o.bytes for o in moving)
+    line = f"Dry run: would remove {count(len(would) - len(slims), 'checkpoint')}"
+    line += f", make {len(slims)} weights only" if slims else ""
+    line += f" and free {human_bytes(freed)}" if freed or not moving else ""
+    if moving:
+        line += f"; would move {_moved_text(moving)}"
+    return line + "; nothing was changed."
+
+
+def outcome_json(o: Outcome) -> dict[str, Any]:
+    """One action of `prune --json`: `action` is the journal's word (`delete`, `archive`, `slim`, `would-delete`,
+    `vanished`, `skipped`, `stopped`, `error`)."""
+    return {
+        "run": o.run,
+        "checkpoint": o.checkpoint,
+        "step": o.step,
+        "action": str(o.action),
+        "bytes": o.bytes,
+        "bytes_freed": o.bytes if o.action.frees and not o.moved else 0,  # a dry run frees none
+        "detail": o.detail or None,
+        "reasons": [reason_json(r) for r in o.reasons],
+    }
+
+
+def prune_json(
+    root: str, policy: Policy, result: PassResult, dry_run: bool, archive_to: Path | None = None
+) -> dict[str, Any]:
+    """What `prune --json` prints once the pass is over (or refused)."""
+    outcomes = result.outcomes
+    done = [o for o in outcomes if o.action.frees]
+    kept = sum(len(p.kept) for p in result.plan.runs)
+    return {
+        "root": root,
+        "dry_run": dry_run,
+        "keep": format_rules(policy.rules),
+        "keep_weights": format_rules(policy.weight_rules),
+        "archive_to": str(archive_to) if archive_to else None,
+        "refused": [{"run": p.run.path, "refusal": p.refusal} for p in result.plan.refusals],
+        "leftovers": {"finished": list(result.leftovers.finished), "stuck": list(result.leftovers.stuck)},
+        "warnings": [*result.warnings, *(f"run {p.run.label}: {w}" for p in result.plan.runs for w in run_warnings(p))],
+        "disk_pressure": [pressure_json(p) for p in result.plan.pressure],
+        "actions": [outcome_json(o) for o in outcomes],
+        "summary": {
+            "removed": sum(o.action.removed for o in outcomes),
+            "deleted": sum(o.action is OutcomeKind.DELETED for o in outcomes),
+            "archived": sum(o.action is OutcomeKind.ARCHIVED for o in outcomes),
+            "made_weights_only": sum(o.action is OutcomeKind.SLIMMED for o in outcomes),
+            "would_remove": sum(o.action in (OutcomeKind.WOULD_DELETE, OutcomeKind.WOULD_ARCHIVE) for o in outcomes),
+            "would_make_weights_only": sum(o.action is OutcomeKind.WOULD_SLIM for o in outcomes),
+            "failed": sum(o.action is OutcomeKind.ERROR for o in outcomes),
+            "not_done": sum(o.action in (OutcomeKind.SKIPPED, OutcomeKind.STOPPED) for o in outcomes),
+            "bytes_freed": sum(o.bytes for o in done if not o.moved),
+            "bytes_moved": sum(o.bytes for o in done if o.moved),
+            "kept": kept,
+        },
+    }
+
+
+class QuietPruneReport:
+    """Says nothing as the pass goes (`prune --json` prints it all at the end)."""
+
+    def leftovers(self, leftovers: Leftovers) -> None:
+        pass
+
+    def planned(self, plan: RootPlan, warnings: Sequence[str]) -> None:
+        pass
+
+    def outcome(self, outcome: Outcome) -> None:
+        pass
 
 
 def refusal_text(plan: RootPlan) -> str:
@@ -416,11 +565,20 @@ class TextPruneReport:
     """What `prune` prints as it goes (engine.PruneReport): the policy first, then leftovers finished,
     warnings, one line per removal, and the totals."""
 
-    def __init__(self, echo: Callable[[str, bool], None], policy: Policy, root: Path, archive_to: Path | None) -> None:
+    def __init__(
+        self,
+        echo: Callable[[str, bool], None],
+        policy: Policy,
+        root: Path,
+        archive_to: Path | None,
+        palette: Palette = PLAIN,
+    ) -> None:
         self.echo = echo
         echo(describe_policy(policy, archive_to), False)
         echo(f"Root: {root}", False)
         self.root = root
+        self.name = root_name(root)
+        self.palette = palette
 
     def leftovers(self, leftovers: Leftovers) -> None:
         for name in leftovers.finished:
@@ -437,14 +595,14 @@ class TextPruneReport:
             self.echo(f"warning: {warning}", True)
         for run_plan in plan.runs:
             for warning in run_warnings(run_plan):
-                self.echo(f"warning: run {shown(run_plan.run.path)}: {warning}", True)
+                self.echo(f"warning: run {shown(run_plan.run.label)}: {warning}", True)
 
     def outcome(self, outcome: Outcome) -> None:
-        self.echo(outcome_line(outcome), False)
+        self.echo(outcome_line(outcome, self.name, self.palette), False)
 
-    def finished(self, result: PassResult, dry_run: bool, max_depth: int) -> None:
+    def finished(self, result: PassResult, dry_run: bool, max_depth: int, archive_moves: bool = False) -> None:
         """The last lines, when nothing was refused."""
         if not result.plan.runs:
             self.echo(no_runs_text(str(self.root), max_depth), False)
         kept = sum(len(p.kept) for p in result.plan.runs)
-        self.echo(totals_line(result.outcomes, dry_run) + f" Kept {kept}.", False)
+        self.echo(totals_line(result.outcomes, dry_run, archive_moves) + f" Kept {kept}.", False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ckptkeeper import weights
 from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_problem
-from ckptkeeper.model import Checkpoint, Run
+from ckptkeeper.model import Checkpoint, Run, root_name
 from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
 
 # ASCII digits only, no leading zero: `checkpoint-7` is the Trainer's name for step 7, and two directories
@@ -36,6 +36,7 @@ class ScanOptions:
 
     max_depth: int = DEFAULT_MAX_DEPTH
     settle: float = 0.0
+    stale_after: float = 3600.0  # an incomplete checkpoint unchanged this long is reported (`stale.py`)
 
 
 # Names ckptkeeper gives what it creates among a user's runs (the state directory, a run-local trash, the
@@ -496,7 +497,8 @@ def read_run(
         # Not trusted (or changed): every entry's lstat, and the files read again only if one differs.
         checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache))
     checkpoints.sort(key=lambda c: c.step)
-    return Run(run_path(root, directory), tuple(checkpoints))
+    path = run_path(root, directory)
+    return Run(path, tuple(checkpoints), root_name(root) if path == "." else path)
 
 
 def scan_root(

@@ -30,14 +30,17 @@ from ckptkeeper.engine import Pipeline, require_rules
 from ckptkeeper.inbox import Inbox, Pending
 from ckptkeeper.layout import Layout, default_state_dir
 from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_problem
+from ckptkeeper.model import root_name
 from ckptkeeper.observers import ObserverSupervisor, RootChange
 from ckptkeeper.policy import Policy
 from ckptkeeper.reaper import Reaper
 from ckptkeeper.reconcile import Reconciler
 from ckptkeeper.render import shown
 from ckptkeeper.scan import DEFAULT_MAX_DEPTH, ScanOptions
+from ckptkeeper.stale import DEFAULT_STALE_AFTER
 from ckptkeeper.state import LockHeld
 from ckptkeeper.tracker import RunTracker
+from ckptkeeper.units import count
 
 log = logging.getLogger("ckptkeeper")
 
@@ -62,10 +65,11 @@ class WatchOptions:
     metrics_host: str = "127.0.0.1"
     standby: bool = False  # wait for another instance's lock of the root instead of exiting 4
     max_depth: int = DEFAULT_MAX_DEPTH
+    stale_after: float = DEFAULT_STALE_AFTER
 
     @property
     def scan(self) -> ScanOptions:
-        return ScanOptions(self.max_depth, self.settle)
+        return ScanOptions(self.max_depth, self.settle, self.stale_after)
 
 
 @dataclass(frozen=True)
@@ -98,13 +102,14 @@ class Daemon:
         self.metrics = Metrics()
         self.reaper = Reaper(on_drained=self._wake)
         self.tracker = RunTracker()
-        self.decision_log = DecisionLog(options.settle)
+        self.decision_log = DecisionLog(options.settle, root_name(self.root))
         self.inbox = Inbox(self.root, options.max_depth)
         self.supervisor = ObserverSupervisor(self.root, self.inbox, options.poll)
         self.pipeline: Pipeline | None = None
         self.snapshot = HealthSnapshot()
         self.metrics_server: MetricsServer | None = None
         self._dead_watcher_seen = False
+        self._final_line = threading.Lock()  # taken by whoever says the last `stopped` line (any thread)
         if self.root.is_dir():  # checked now, so a bad combination fails at once; else once the root appears
             self._build_pipeline()
 
@@ -222,6 +227,21 @@ class Daemon:
             return self._loop()
         finally:
             self._shut_down()
+            if self.stop_event.is_set():
+                self._say_stopped()
+
+    def _say_stopped(self, grace_over: bool = False) -> None:
+        """The one last line of a stop, said by whichever comes first: the main loop done, or the grace timer."""
+        if not self._final_line.acquire(blocking=False):
+            return
+        if grace_over:
+            log.warning(
+                "stopped: the grace period (%g s) is over, exiting now; the next start finishes what was cut short",
+                self.options.grace,
+            )
+            return
+        left = self.reaper.left()
+        log.info("stopped%s", f"; {count(left, 'trash entry')} left for the next start to delete" if left else "")
 
     def _shut_down(self) -> None:
         self.supervisor.uninstall()
@@ -339,7 +359,6 @@ class Daemon:
             if time.monotonic() >= next_health:
                 self._check_health()
                 next_health = time.monotonic() + HEALTH_CHECK_SECONDS
-        log.info("stopped")
         return 0
 
     def _check_health(self) -> None:
@@ -412,15 +431,15 @@ class Daemon:
             first = not self.stop_event.is_set()
             self.request_stop(signum, frame)
             if first:
-                timer = threading.Timer(self.options.grace * 0.9, _grace_expired)
+                timer = threading.Timer(self.options.grace * 0.9, self._grace_expired)
                 timer.daemon = True
                 timer.start()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-
-def _grace_expired() -> None:
-    log.warning("the stop's grace period is over: exiting now; the next start finishes what was cut short")
-    logging.shutdown()
-    os._exit(0)
+    def _grace_expired(self) -> None:
+        """The grace timer's thread: the stop took too long (an fsync stuck on a dead NFS server)."""
+        self._say_stopped(grace_over=True)
+        logging.shutdown()
+        os._exit(0)

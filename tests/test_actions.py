@@ -424,7 +424,7 @@ def test_archive_on_the_same_filesystem_is_one_rename_to_archive_run_path_checkp
 
     target = archive / run_path / "checkpoint-5" if run_path != "." else archive / "checkpoint-5"
     assert [(o.checkpoint, o.action, o.detail) for o in totals.outcomes] == [
-        ("checkpoint-5", "archive", f"renamed to {target}")
+        ("checkpoint-5", "archive", f"moved to {target}")
     ]
     assert renames(fs_calls) == [(source, target)]
     assert not any(c[0] == "shutil.copytree" for c in fs_calls)
@@ -439,7 +439,7 @@ def test_archive_on_the_same_filesystem_is_one_rename_to_archive_run_path_checkp
     )
     assert entry["action"] == "archive" and entry["checkpoint"] == "checkpoint-5" and entry["bytes"] > 0
     assert start["bytes"] == entry["bytes"] and start["why"] == entry["why"]
-    assert entry["detail"] == f"renamed to {target}"
+    assert entry["detail"] == f"moved to {target}"
 
 
 def test_archive_to_another_filesystem_copies_under_a_temporary_name_then_renames_then_removes_the_source(

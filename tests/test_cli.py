@@ -172,10 +172,10 @@ def test_plan_on_a_real_run_prints_policy_table_and_summary(outputs_a: Path) -> 
     assert lines(result) == [POLICY_A, f"Root: {outputs_a}", "", *TABLE_A, "", SUMMARY_A]
 
 
-def test_plan_of_a_run_directory_itself_names_the_run_dot(outputs_a: Path) -> None:
+def test_plan_of_a_run_directory_itself_names_the_run_by_its_directory(outputs_a: Path) -> None:
     result = cli("plan", outputs_a / "A", "--keep", KEEP_A)
     assert result.exit_code == 0, result.output
-    assert lines(result)[3] == "run .  (8 checkpoints)"
+    assert lines(result)[3] == "run A  (8 checkpoints)"  # not `.`: the root's own run by the root's name
     assert lines(result)[4:-2] == TABLE_A[1:]
 
 
@@ -258,7 +258,7 @@ def test_plan_json_is_strict_json_with_the_documented_keys(sim_run: Callable[...
         [],
     )
     [entry] = data["runs"]
-    assert set(entry) == {"run", "refusal", "mixed_runs", "checkpoints"}
+    assert set(entry) == {"run", "refusal", "stale_incomplete", "mixed_runs", "checkpoints"}
     assert (entry["run"], entry["refusal"], entry["mixed_runs"]) == ("run", None, None)
     names = {"name", "step", "epoch", "complete", "incomplete_reason", "metrics", "size_bytes", "decision", "reasons"}
     for c in entry["checkpoints"]:
@@ -376,7 +376,7 @@ def test_prune_prints_each_action_and_the_totals(outputs_a: Path) -> None:
     assert lines(result) == [
         POLICY_A,
         f"Root: {outputs_a}",
-        *(f"deleted       A/checkpoint-{s}  {size}" for s, size in REMOVED_A.items()),
+        *(f"deleted       A/checkpoint-{s}  {size}  no rule keeps it" for s, size in REMOVED_A.items()),
         "Done: removed 4 checkpoints, freed 146.5 kB. Kept 4.",
     ]
     assert checkpoints(outputs_a / "A") == KEPT_A
@@ -407,7 +407,7 @@ def test_prune_dry_run_prints_would_delete_and_changes_nothing(outputs_a: Path) 
     assert lines(result) == [
         POLICY_A,
         f"Root: {outputs_a}",
-        *(f"would delete  A/checkpoint-{s}  {size}" for s, size in REMOVED_A.items()),
+        *(f"would delete  A/checkpoint-{s}  {size}  no rule keeps it" for s, size in REMOVED_A.items()),
         "Dry run: would remove 4 checkpoints and free 146.5 kB; nothing was changed. Kept 4.",
     ]
     assert snapshot(outputs_a) == before
@@ -422,10 +422,11 @@ def test_prune_archive_keeps_the_run_path_below_the_archive(outputs_a: Path, tmp
         POLICY_A.replace("delete the rest", f"archive to {archive} the rest"),
         f"Root: {outputs_a}",
         *(
-            f"archived      A/checkpoint-{s}  {size}  (renamed to {archive}/A/checkpoint-{s})"
+            f"archived      A/checkpoint-{s}  {size}  no rule keeps it  (moved to {archive}/A/checkpoint-{s})"
             for s, size in REMOVED_A.items()
         ),
-        "Done: removed 4 checkpoints, freed 146.5 kB. Kept 4.",
+        "Done: removed 4 checkpoints; moved 4 checkpoints (146.5 kB) to the archive on the same filesystem, which "
+        "frees no space. Kept 4.",
     ]
     assert checkpoints(outputs_a / "A") == KEPT_A
     assert sorted(p.name for p in archive.iterdir()) == ["A"]
@@ -439,7 +440,10 @@ def test_prune_archive_of_a_root_that_is_the_run_itself(outputs_a: Path, tmp_pat
     archive = tmp_path / "archive"
     result = cli("prune", outputs_a / "A", "--keep", KEEP_A, "--archive-to", archive)
     assert result.exit_code == 0, result.output
-    assert lines(result)[2] == f"archived      checkpoint-10  35.1 kB  (renamed to {archive}/checkpoint-10)"
+    assert (
+        lines(result)[2]
+        == f"archived      A/checkpoint-10  35.1 kB  no rule keeps it  (moved to {archive}/checkpoint-10)"
+    )
     assert checkpoints(archive) == set(REMOVED_A)
 
 
@@ -507,7 +511,7 @@ def test_an_archive_run_directory_that_cannot_be_made_is_a_failure_not_a_crash(o
         ),
         "Done: removed 0 checkpoints, freed 0 B; 4 failed (see above). Kept 4.",
     ]
-    assert result.stderr == "Error: 4 checkpoint(s) could not be removed (see the FAILED lines above)\n"
+    assert result.stderr == "Error: 4 checkpoints could not be removed (see the FAILED lines above)\n"
     assert checkpoints(outputs_a / "A") == {10, 20, 30, 40, 50, 60, 70, 78}
     assert snapshot(outputs_a / "A") == before
     assert (archive / "A").read_text() == "in the way"
@@ -669,11 +673,14 @@ def test_an_archive_copy_that_differs_is_a_failure_and_the_checkpoint_stays_whol
         f"FAILED        A/checkpoint-10  ({archive}/A/checkpoint-10 already exists and differs from {source}: "
     )
     assert out[3:6] == [
-        f"archived      A/checkpoint-{s}  {size}  (renamed to {archive}/A/checkpoint-{s})"
+        f"archived      A/checkpoint-{s}  {size}  no rule keeps it  (moved to {archive}/A/checkpoint-{s})"
         for s, size in list(REMOVED_A.items())[1:]
     ]
-    assert out[6] == "Done: removed 3 checkpoints, freed 111.4 kB; 1 failed (see above). Kept 4."
-    assert result.stderr == "Error: 1 checkpoint(s) could not be removed (see the FAILED lines above)\n"
+    assert out[6] == (
+        "Done: removed 3 checkpoints; moved 3 checkpoints (111.4 kB) to the archive on the same filesystem, which "
+        "frees no space; 1 failed (see above). Kept 4."
+    )
+    assert result.stderr == "Error: 1 checkpoint could not be removed (see the FAILED lines above)\n"
     assert snapshot(source) == before
     assert (archive / "A" / "checkpoint-10" / "notes.txt").read_text() == "someone else's"
 
@@ -712,7 +719,7 @@ def test_a_trash_entry_that_cannot_be_finished_is_a_warning_and_the_prune_goes_o
             f"warning: could not finish removing {left}: Operation not permitted; it stays in the trash\n"
         )
         assert result.stdout.splitlines()[2:] == [
-            *(f"deleted       A/checkpoint-{s}  {size}" for s, size in REMOVED_A.items()),
+            *(f"deleted       A/checkpoint-{s}  {size}  no rule keeps it" for s, size in REMOVED_A.items()),
             "Done: removed 4 checkpoints, freed 146.5 kB. Kept 4.",
         ]
         assert checkpoints(outputs_a / "A") == KEPT_A
@@ -756,9 +763,9 @@ def test_demo_watches_a_simulated_run_live_and_cleans_up() -> None:
     assert where is not None, out[0]
     root = Path(where.group(1))
     assert any(re.fullmatch(rf".* INFO +watching {re.escape(str(root))} \(inotify; settle 1 s;.*", x) for x in out)
-    deleted = [x for x in out if re.fullmatch(r".* INFO +checkpoint-\d+ deleted: freed .*", x)]
+    deleted = [x for x in out if re.fullmatch(r".* INFO +outputs/checkpoint-\d+ deleted: freed .*", x)]
     assert len(deleted) == 3  # the run the demo simulates: 10, 50 and 70 go (see the README)
-    slimmed = [x for x in out if re.fullmatch(r".* INFO +checkpoint-(20|40|60) made weights only: .*", x)]
+    slimmed = [x for x in out if re.fullmatch(r".* INFO +outputs/checkpoint-(20|40|60) made weights only: .*", x)]
     assert len(slimmed) == 3  # the milestones of epochs 1 to 3 (the later ones are among the last 5)
     assert any(x.endswith("exiting (--exit-when-done)") for x in out)
     assert f"Training finished. Left in {root}, and why:" in out
@@ -781,7 +788,7 @@ def test_demo_dir_keeps_what_is_left(tmp_path: Path) -> None:
     on_disk = {p.name for p in root.iterdir() if p.name.startswith("checkpoint-")}
     # last:2 keeps 110 and 120; the Trainer's best (checkpoint-30 in this simulated run) is protected too.
     assert listed == on_disk == {"checkpoint-30", "checkpoint-110", "checkpoint-120"}
-    deleted = [m.group(1) for x in out if (m := re.fullmatch(r".* (checkpoint-\d+) deleted: freed .*", x))]
+    deleted = [m.group(1) for x in out if (m := re.fullmatch(r".* outputs/(checkpoint-\d+) deleted: freed .*", x))]
     assert sorted(deleted) == sorted(f"checkpoint-{s}" for s in range(10, 101, 10) if s != 30)
     assert (root / "_ckptkeeper" / "journal.jsonl").exists()
     # A second demo in the same directory is refused: it would have to remove the first one's run

@@ -321,13 +321,19 @@ def test_prune_removes_exactly_what_is_released_and_journals_why(run: Path) -> N
     result = prune(run, floor)
     assert result.exit_code == 0, result.output
     pressure = f"disk pressure: {f.text}"
+    why = {
+        10: "no rule keeps it",
+        30: "no rule keeps it",
+        40: f"{pressure}, was last 4/4",
+        50: f"{pressure}, was last 3/4",
+    }
     assert lines(result.stdout) == [
         POLICY.format(floor=floor) + UNDER,
         f"Root: {run.parent}",
         f.releasing(),
         f"released run/checkpoint-40 (delete): {pressure}, was last 4/4",
         f"released run/checkpoint-50 (delete): {pressure}, was last 3/4",
-        *(f"deleted       run/checkpoint-{s}  {hb(n)}" for s, n in sizes.items()),
+        *(f"deleted       run/checkpoint-{s}  {hb(n)}  {why[s]}" for s, n in sizes.items()),
         f"Done: removed 4 checkpoints, freed {hb(sum(sizes.values()))}. Kept 3.",
     ]
     assert result.stderr == ""

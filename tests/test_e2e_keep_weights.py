@@ -396,13 +396,12 @@ def check_freed_reported(messages: list[str], slimmed: list[int], layout: Layout
     freed = {}
     for step in slimmed:
         resume_state = records[step]["resume_state"]
-        head = f"checkpoint-{step} made weights only: "
-        said = [m for m in messages if m.startswith(head)]
-        expected = f"{head}removed {', '.join(sorted(resume_state))}, freed {human(sum(resume_state.values()))}"
-        assert said == [expected], f"{said} != [{expected!r}]"
-        freed[step] = from_human(said[0].rsplit("freed ", 1)[1])
-        decided = [m for m in messages if m.startswith(f"checkpoint-{step} kept weights only: ")]
-        assert decided and layout.weights_only[step] in decided[0], (step, decided)
+        head = f"/checkpoint-{step} made weights only: "  # after the run's name (the output_dir's)
+        said = [m.split("/", 1)[1] for m in messages if head in m and "/" in m]
+        expected = f"{head[1:]}removed {', '.join(sorted(resume_state))}, freed {human(sum(resume_state.values()))} ("
+        assert len(said) == 1 and said[0].startswith(expected), f"{said} != [{expected!r}...]"
+        freed[step] = from_human(said[0].rsplit("freed ", 1)[1].split(" (", 1)[0])
+        assert layout.weights_only[step] in said[0], (step, said)  # why: the rule that keeps its weights
     recorded = sum(sum(records[s]["resume_state"].values()) for s in slimmed)
     assert math.isclose(sum(freed.values()), recorded, abs_tol=50 * len(slimmed)), (freed, recorded)
 

@@ -267,9 +267,13 @@ def check_journal(
         f"no checkpoint was removed while the Trainer was still saving (last save at {saves[-1]['t']}): "
         f"the daemon did not act live\n{entries}"
     )
-    daemon_messages = [str(e.get("message")) for e in daemon_entries]
+    # --log-format json: each deletion is a line with its structured fields, and its message says what it freed
+    deletions = {e.get("checkpoint"): e for e in daemon_entries if e.get("action") == "delete"}
     for step in removed:
-        assert any(m.startswith(f"checkpoint-{step} deleted: freed ") for m in daemon_messages), daemon_messages
+        entry = deletions.get(f"checkpoint-{step}")
+        assert entry is not None, daemon_entries
+        assert f"/checkpoint-{step} deleted: freed " in str(entry["message"]), entry
+        assert entry["step"] == step and entry["bytes"] > 0 and entry["reasons"], entry
 
 
 def check_kept_untouched(out: Path, survivors: dict[int, list[str]], saves: list[dict[str, Any]]) -> None:

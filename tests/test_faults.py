@@ -319,15 +319,15 @@ def test_prune_archive_to_a_full_disk_rolls_back_each_copy_and_keeps_the_source(
     assert done.returncode == 1, done.stdout + done.stderr
     out = done.stdout.splitlines()
     copied = re.escape(f"(copied to {archive}/run/checkpoint-1)")
-    assert re.fullmatch(rf"archived      run/checkpoint-1  [\d.]+ kB  {copied}", out[2]), out[2]
+    assert re.fullmatch(rf"archived      run/checkpoint-1  [\d.]+ kB  no rule keeps it  {copied}", out[2]), out[2]
     for line, step in zip(out[3:5], (2, 3), strict=True):
         source, target = run / f"checkpoint-{step}", archive / "run" / f"checkpoint-{step}"
         assert line.startswith(f"FAILED        run/checkpoint-{step}  (cannot archive {source} to {target}: "), line
         assert line.endswith(f": {ENOSPC})"), line  # one short reason, not one per file
-    assert out[5].startswith("Done: removed 1 checkpoints, freed ") and out[5].endswith(
+    assert out[5].startswith("Done: removed 1 checkpoint, freed ") and out[5].endswith(
         "; 2 failed (see above). Kept 1."
     )
-    assert done.stderr == "Error: 2 checkpoint(s) could not be removed (see the FAILED lines above)\n"
+    assert done.stderr == "Error: 2 checkpoints could not be removed (see the FAILED lines above)\n"
     # Rolled back: no partial copy under any name, the sources whole, nothing left in a trash.
     assert named(archive_fs, ARCHIVE_TEMP_PREFIX) == []
     assert sorted(os.listdir(archive / "run")) == ["checkpoint-1"]
@@ -381,7 +381,7 @@ def test_watch_archive_to_a_full_disk_keeps_running_retries_and_recovers(
 
     # A checkpoint written later is still noticed and decided on; the one it replaces fails the same way.
     add_checkpoint(run, 3, 4)
-    w.wait_log("run/checkpoint-4 kept: last 1/1, protected: newest")
+    w.wait_log("run/checkpoint-4 kept: newest")
     wait_until(lambda: starts(state_dir, "error", "checkpoint-3") >= 1, 20, w.describe)
     before[4] = manifest(run / "checkpoint-4")
 
@@ -422,7 +422,7 @@ def test_prune_a_checkpoint_that_cannot_be_removed_is_reported_the_others_go_and
         ["FAILED", "run/checkpoint-4"],
         ["deleted", "run/checkpoint-6"],
     ]
-    assert done.stderr == "Error: 1 checkpoint(s) could not be removed (see the FAILED lines above)\n"
+    assert done.stderr == "Error: 1 checkpoint could not be removed (see the FAILED lines above)\n"
     trash = root / "_ckptkeeper" / "trash"
     if what == "the checkpoint directory":
         # It cannot leave its name: it stays whole there.

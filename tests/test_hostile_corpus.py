@@ -38,6 +38,7 @@ from click.testing import CliRunner
 from ckptkeeper.cli import main
 from ckptkeeper.integrity import encode_safetensors
 from ckptkeeper.state import ROOT_LOCK_NAME
+from ckptkeeper.units import count
 
 Build = Callable[[Path], None]  # gets the root; the root's parent holds `outside/`
 Tree = dict[str, tuple[object, ...]]
@@ -1523,7 +1524,7 @@ def check_case(case: Case, base: Path) -> None:
     code, out, err = invoke(["prune", arg, "--keep", case.keep, *flags], case.process)
     assert code == case.exit_code, (out, err)
     deleted = [k for k, kind in case.expect.items() if kind == DELETE] if case.exit_code == 0 else []
-    assert f"removed {len(deleted)} checkpoints" in out or case.exit_code != 0, out
+    assert f"removed {count(len(deleted), 'checkpoint')}" in out or case.exit_code != 0, out
     after = snapshot(base, skip=state_dir)
     gone = {os.path.join("root", k) for k in deleted}
     loosened = {"root", *(os.path.dirname(g) for g in gone)}  # directories whose entries changed

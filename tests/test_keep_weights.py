@@ -598,8 +598,9 @@ def test_prune_slims_keeping_every_weight_file_and_the_directory_mtime(tmp_path:
     assert {p.name: tree(p) for p in whole} == whole_trees  # the whole ones are not touched at all
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-20", "checkpoint-50", "checkpoint-70", "checkpoint-78"]
     out = result.output.splitlines()
+    epochs = {"checkpoint-20": "epoch 1 (weights only)", "checkpoint-50": "epoch 2 (weights only)"}
     for p in slimmed:
-        line = f"weights only  run/{p.name}  {human_bytes(resume_bytes[p.name])}  ({SIM_REMOVED})"
+        line = f"weights only  run/{p.name}  {human_bytes(resume_bytes[p.name])}  {epochs[p.name]}  ({SIM_REMOVED})"
         assert line in out
     assert any(
         x.startswith("Done: removed 4 checkpoints, made 2 weights only, freed ") and x.endswith(" Kept 4.") for x in out
@@ -678,7 +679,8 @@ def test_a_slim_cut_short_is_finished_by_the_next_prune_and_the_recorded_mtime_r
 
     assert result.exit_code == 0, result.output
     assert (
-        f"weights only  run/checkpoint-20  {human_bytes(left)}  (removed rng_state.pth, scheduler.pt)" in result.output
+        f"weights only  run/checkpoint-20  {human_bytes(left)}  epoch 1 (weights only)  (removed rng_state.pth, "
+        "scheduler.pt)" in result.output
     )
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         MARKER,
@@ -788,8 +790,8 @@ def test_a_dry_run_changes_nothing_and_says_would_slim(tmp_path: Path) -> None:
     assert tree(root, skip="_ckptkeeper") == before
     assert not (root / "_ckptkeeper" / "journal.jsonl").exists()
     out = result.output.splitlines()
-    assert f"would slim    run/checkpoint-20  {human_bytes(resume)}" in out
-    assert f"would slim    run/checkpoint-50  {human_bytes(resume)}" in out
+    assert f"would slim    run/checkpoint-20  {human_bytes(resume)}  epoch 1 (weights only)" in out
+    assert f"would slim    run/checkpoint-50  {human_bytes(resume)}  epoch 2 (weights only)" in out
     assert any(x.startswith("Dry run: would remove 4 checkpoints, make 2 weights only and free ") for x in out)
 
 
@@ -996,7 +998,7 @@ def test_prune_of_an_fsdp_multi_rank_checkpoint(tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     removed = f"(removed {', '.join(gone)})"
-    assert f"weights only  run/checkpoint-10  {human_bytes(freed)}  {removed}" in result.output
+    assert f"weights only  run/checkpoint-10  {human_bytes(freed)}  epoch 1 (weights only)  {removed}" in result.output
     assert {rel: v for rel, v in stamps(old).items() if rel != MARKER} == {
         rel: v for rel, v in before.items() if rel.split("/")[0] not in gone
     }

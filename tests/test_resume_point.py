@@ -282,7 +282,7 @@ def test_plan_on_the_issues_directory(reused: Path) -> None:
         "delete the rest",
         f"Root: {reused}",
         "",
-        "run .  (3 checkpoints)",
+        "run outputs  (3 checkpoints)",
         "  CHECKPOINT       STEP  EPOCH     SIZE  DECISION  REASONS",
         "  checkpoint-10      10   1.00  13.1 kB  delete    no rule keeps it",
         "  checkpoint-20      20   2.00  13.4 kB  keep      protected: newest written",
@@ -408,7 +408,7 @@ def test_watch_never_removes_the_live_runs_newest_written_checkpoint(
     stale_checkpoint(root, 1000, tmp_path / "old-run", time.time() - 3 * DAY)
     w = Watch(root, ["--keep", "last:1", "--settle", "0.3"], tmp_path / "watch.log")
     watch_process.append(w)
-    w.wait_log("checkpoint-1000 kept: last 1/1, protected: newest")
+    w.wait_log("outputs/checkpoint-1000 kept: newest")
 
     # A new run in the same directory saves checkpoint-10, 20, ..., 60, one every ~0.8 s (longer than the settle
     # time, so a daemon that removed a settled checkpoint of the live run would leave it none for a while).
@@ -440,14 +440,14 @@ def test_watch_never_removes_the_live_runs_newest_written_checkpoint(
     warnings = [line for line in w.lines() if "mixes runs" in line]
     assert len(warnings) == 1, w.describe()  # once per run, not at every pass
     assert re.fullmatch(
-        r"\S+ \S+ WARNING run \.: this directory mixes runs: checkpoint-\d+ was written after checkpoint-1000 "
+        r"\S+ \S+ WARNING run outputs: this directory mixes runs: checkpoint-\d+ was written after checkpoint-1000 "
         rf"\(stale: checkpoint-1000\); {re.escape(WARNING_TAIL)}",
         warnings[0],
     ), warnings[0]
 
     # The user moves the stale checkpoint away, as the warning says: the daemon says so, once.
     os.rename(root / "checkpoint-1000", tmp_path / "checkpoint-1000")
-    w.wait_log("run .: the directory no longer mixes runs")
+    w.wait_log("run outputs: the directory no longer mixes runs")
     assert steps(root) == [60]
     assert len([line for line in w.lines() if "mixes runs" in line]) == 2, w.describe()
     assert " ERROR " not in w.log() and "Traceback" not in w.log(), w.describe()

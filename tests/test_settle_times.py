@@ -345,7 +345,7 @@ def test_exit_when_done_does_not_wait_for_the_clock_to_catch_up(tmp_path: Path, 
     assert w.wait_exit(30) == 0, w.describe()
     took = time.monotonic() - started
     assert took < 15, f"took {took:.1f} s to exit\n{w.describe()}"
-    assert "run/checkpoint-8 kept: last 1/1" in w.log(), w.describe()  # it counted, settled as seen
+    assert "run/checkpoint-8 kept: newest" in w.log(), w.describe()  # it counted, settled as seen
     assert 8 in steps(run) and not {2, 4} & set(steps(run))
     assert "exiting (--exit-when-done)" in w.log()
     warnings = SKEW_WARNING.findall(w.log())
@@ -361,7 +361,7 @@ def test_future_file_times_are_said_once_across_rescans(tmp_path: Path, watch: S
     _set_times_ahead(run / "checkpoint-8", FUTURE)
     w = watch(root, "--keep", "last:1", "--settle", "1", "--rescan-interval", "1", "--metrics-port", "0")
     url = _metrics_url(w)
-    w.wait_log("run/checkpoint-8 kept: last 1/1")  # it settled, by what the daemon saw
+    w.wait_log("run/checkpoint-8 kept: newest")  # it settled, by what the daemon saw
     seen = _full_rescans(url)
     wait_until(lambda: _full_rescans(url) >= seen + 3, 30, lambda: f"3 more full rescans\n{w.describe()}")
     assert len(SKEW_WARNING.findall(w.log())) == 1, w.describe()
@@ -464,7 +464,7 @@ def test_the_daemon_waits_for_the_last_ranks_file(tmp_path: Path, watch: StartWa
         assert f"run/checkpoint-8 waiting: incomplete: {EMPTY_REASON}" in w.log(), w.describe()
         last_rank.write(b"\1" * RNG_STATE_BYTES)
     wait_until(lambda: steps(run) == [8], 15, lambda: f"checkpoint-6 removed\n{w.describe()}")
-    w.wait_log("run/checkpoint-8 kept: last 1/1")
+    w.wait_log("run/checkpoint-8 kept: newest")
     _assert_no_failure_logged(w)
     assert w.terminate()[0] == 0
 

@@ -151,7 +151,7 @@ def test_a_checkpoint_renamed_into_place_is_noticed_and_applied(
     os.rename(staged, run / "checkpoint-6")
     wait_until(lambda: steps(run) == [4, 6], 10, w.describe)
     w.wait_log("run/checkpoint-2 deleted: freed ")
-    w.wait_log("run/checkpoint-6 kept: last 1/2")
+    w.wait_log("run/checkpoint-6 kept: newest")
     assert_no_failure_logged(w)
     assert w.terminate()[0] == 0
 
@@ -487,10 +487,10 @@ def test_dry_run_logs_would_delete_and_changes_nothing(tmp_path: Path, watch: St
     w = watch(root, "--keep", "last:1", *SETTLE, "--dry-run", *NO_RESCAN)
     w.wait_log("(dry run: nothing is removed)")
     for step in (2, 4, 6):
-        w.wait_log(f"run/checkpoint-{step} would delete (dry run)")
+        w.wait_log(f"run/checkpoint-{step} would delete (dry run; no rule keeps it")
     simulate_run(root / "late", SMALL)  # noticed by events, and still nothing is removed
     for step in (2, 4, 6):
-        w.wait_log(f"late/checkpoint-{step} would delete (dry run)")
+        w.wait_log(f"late/checkpoint-{step} would delete (dry run; no rule keeps it")
     before = manifest(root)
     assert w.terminate()[0] == 0
     assert manifest(root) == before
