@@ -37,10 +37,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Refused(click.ClickException):
-    exit_code = EXIT_REFUSED
+    """The message says it was refused and why (`refused: ...`, `refused in 2 runs; ...`)."""
 
-    def format_message(self) -> str:
-        return f"refused: {self.message}"
+    exit_code = EXIT_REFUSED
 
 
 class Locked(click.ClickException):
@@ -182,9 +181,12 @@ def _settings(flags: dict[str, Any]) -> Settings:
         raise ConfigProblem(str(e)) from None
 
 
-def _root(settings: Settings) -> Path:
+def _root(settings: Settings, config: str = "--config") -> Path:
+    """ROOT, from wherever it was given; `config` names the config file as the command takes it."""
     if settings.root is None:
-        raise click.UsageError("missing ROOT: the directory that holds your runs (or `root:` in --config)")
+        raise click.UsageError(
+            f"missing ROOT: the directory that holds your runs (or CKPTKEEPER_ROOT, or `root:` in {config})"
+        )
     return settings.root
 
 
@@ -198,7 +200,7 @@ def _domain_errors() -> Iterator[None]:
     try:
         yield
     except RetentionRefused as e:
-        raise Refused(str(e)) from None
+        raise Refused(f"refused: {e}") from None
     except (LayoutError, NotSupported) as e:
         raise ConfigProblem(str(e)) from None
     except LockHeld as e:
@@ -257,7 +259,7 @@ def plan(as_json: bool, **flags: Any) -> None:
     else:
         _echo(plan_text(root, pipeline.policy, result.plan, result.warnings, archive_to, settings.max_depth))
     if result.plan.refused_runs:
-        raise Refused(refusal_text(result.plan) + ". Nothing would be removed.")
+        raise Refused(refusal_text(result.plan, "nothing would be removed"))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -280,7 +282,7 @@ def prune(**flags: Any) -> None:
         report = TextPruneReport(_echo, pipeline.policy, pipeline.root, pipeline.layout.archive_to)
         result = pipeline.prune(now=time.time(), report=report)  # `now` makes --settle apply
     if result.plan.refused_runs:
-        raise Refused(refusal_text(result.plan) + ". Nothing was removed.")
+        raise Refused(refusal_text(result.plan, "nothing was removed"))
     report.finished(result, bool(settings.dry_run), settings.max_depth)
     if result.errors:
         raise Failed(f"{len(result.errors)} checkpoint(s) could not be removed (see the FAILED lines above)")
@@ -342,7 +344,8 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     """Watch ROOT and apply the rules as each checkpoint completes, until stopped.
 
     Runs beside a training job (another terminal, a tmux pane, a sidecar container). A checkpoint counts
-    once the SPEC's checks pass and nothing in it changed for --settle seconds. Logs go to stderr.
+    once it is complete (trainer_state.json written, weights whole, no save in progress) and nothing in it
+    changed for --settle seconds. Logs go to stderr.
 
     \b
     Example:
@@ -410,7 +413,7 @@ def history(root: Path | None, state_dir: Path | None, run_path: str | None, sin
     from ckptkeeper.layout import default_state_dir
 
     settings = _settings({"root": root, "state_dir": state_dir})
-    top = _root(settings)
+    top = _root(settings, config="the $CKPTKEEPER_CONFIG file")
     journal_path = (settings.state_dir or default_state_dir(top)) / "journal.jsonl"
     try:
         cutoff = parse_since(since, dt.datetime.now().astimezone()) if since is not None else None
