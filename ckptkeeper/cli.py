@@ -39,10 +39,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Refused(click.ClickException):
-    exit_code = EXIT_REFUSED
+    """The message says it was refused and why (`refused: ...`, `refused in 2 runs; ...`)."""
 
-    def format_message(self) -> str:
-        return f"refused: {self.message}"
+    exit_code = EXIT_REFUSED
 
 
 class Locked(click.ClickException):
@@ -207,9 +206,12 @@ def _settings(flags: dict[str, Any]) -> Settings:
         raise ConfigProblem(str(e)) from None
 
 
-def _root(settings: Settings) -> Path:
+def _root(settings: Settings, config: str = "--config") -> Path:
+    """ROOT, from wherever it was given; `config` names the config file as the command takes it."""
     if settings.root is None:
-        raise click.UsageError("missing ROOT: the directory that holds your runs (or `root:` in --config)")
+        raise click.UsageError(
+            f"missing ROOT: the directory that holds your runs (or CKPTKEEPER_ROOT, or `root:` in {config})"
+        )
     return settings.root
 
 
@@ -223,7 +225,7 @@ def _domain_errors() -> Iterator[None]:
     try:
         yield
     except RetentionRefused as e:
-        raise Refused(str(e)) from None
+        raise Refused(f"refused: {e}") from None
     except (LayoutError, NotSupported) as e:
         raise ConfigProblem(str(e)) from None
     except LockHeld as e:
@@ -283,7 +285,7 @@ def plan(as_json: bool, **flags: Any) -> None:
         plan, max_depth = result.plan, settings.max_depth
         _echo(plan_text(root, pipeline.policy, plan, result.warnings, archive_to, max_depth, _palette()))
     if result.plan.refused_runs:
-        raise Refused(refusal_text(result.plan) + ". Nothing would be removed.")
+        raise Refused(refusal_text(result.plan, "nothing would be removed"))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -315,7 +317,7 @@ def prune(as_json: bool, **flags: Any) -> None:
     if as_json:
         _echo(json.dumps(prune_json(str(pipeline.root), pipeline.policy, result, dry_run, archive_to), indent=2))
     if result.plan.refused_runs:
-        raise Refused(refusal_text(result.plan) + ". Nothing was removed.")
+        raise Refused(refusal_text(result.plan, "nothing was removed"))
     if isinstance(report, TextPruneReport):
         report.finished(result, dry_run, settings.max_depth, pipeline.archive_moves())
     if result.errors:
@@ -378,7 +380,8 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     """Watch ROOT and apply the rules as each checkpoint completes, until stopped.
 
     Runs beside a training job (another terminal, a tmux pane, a sidecar container). A checkpoint counts
-    once the SPEC's checks pass and nothing in it changed for --settle seconds. Logs go to stderr.
+    once it is complete (trainer_state.json written, weights whole, no save in progress) and nothing in it
+    changed for --settle seconds. Logs go to stderr.
 
     \b
     Example:
@@ -448,7 +451,7 @@ def history(root: Path | None, state_dir: Path | None, run_path: str | None, sin
     from ckptkeeper.model import root_name
 
     settings = _settings({"root": root, "state_dir": state_dir})
-    top = _root(settings)
+    top = _root(settings, config="the $CKPTKEEPER_CONFIG file")
     journal_path = (settings.state_dir or default_state_dir(top)) / "journal.jsonl"
     try:
         cutoff = parse_since(since, dt.datetime.now().astimezone()) if since is not None else None

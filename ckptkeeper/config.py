@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -143,13 +143,42 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _messages(error: ValidationError, source: str) -> str:
+Where = Callable[[tuple[int | str, ...]], str]  # what a setting is called where its value came from
+
+
+def _messages(error: ValidationError, where: Where, whole: str) -> str:
+    """One line per problem, each led by the name of the setting as it was given (`where`); `whole` leads a
+    problem between settings."""
     lines = []
     for e in error.errors():
         loc = tuple(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: {_location(loc) or 'settings'}: {msg}")
+        lines.append(f"{where(loc) if loc else whole}: {msg}")
     return "\n".join(dict.fromkeys(lines))
+
+
+def in_file(name: str) -> Where:
+    """A key of the config file `name`: `bad.yaml: keep[1]`."""
+    return lambda loc: f"{name}: {_location(loc)}"
+
+
+def in_environment(loc: tuple[int | str, ...]) -> str:
+    """The variable that gave the setting: `CKPTKEEPER_KEEP[1]`."""
+    rest = _location(loc[1:])
+    return env_var(str(loc[0])) + (rest if rest.startswith("[") else f".{rest}" if rest else "")
+
+
+def as_flag(loc: tuple[int | str, ...]) -> str:
+    """The flag that gave the setting (`max_depth` is `--max-depth`; `root`, the ROOT argument). A flag's
+    value is one whole (a repeated --keep is merged), so the rest of the location does not name a part of it."""
+    return flag_name(str(loc[0]))
+
+
+def flag_name(setting: str) -> str:
+    if setting == "root":
+        return "ROOT"
+    flag = "--" + setting.replace("_", "-")  # a key with a line break (given in code) stays on one line
+    return flag if flag.isprintable() else flag.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 # A config file is a few hundred bytes; reading stops here (`--config /dev/zero` would never end).
@@ -301,16 +330,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     try:
         Settings.model_validate(values)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            if not err["loc"]:  # a rule between settings (pressure rules need a floor)
-                lines.append(f"environment: {err['msg'].removeprefix('Value error, ')}")
-                continue
-            field = str(err["loc"][0])
-            rest = _location(tuple(err["loc"][1:]))
-            where = env_var(field) + (rest if rest.startswith("[") else f".{rest}" if rest else "")
-            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+        raise ConfigError(_messages(e, in_environment, "environment")) from None
     return values
 
 
@@ -325,17 +345,25 @@ def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[s
         try:
             Settings.model_validate(from_file)
         except ValidationError as e:
-            raise ConfigError(_messages(e, config.name)) from None
+            raise ConfigError(_messages(e, in_file(config.name), f"{config.name}: settings")) from None
     from_env = read_environment(environ)
     given = {k: v for k, v in flags.items() if v is not None}
+
+    def where(loc: tuple[int | str, ...]) -> str:
+        """Each setting named as it was given: the flag, the variable, or the file's key."""
+        field = str(loc[0])
+        if field in given:
+            return as_flag(loc)
+        return in_environment(loc) if field in from_env else in_file(config.name if config else "")(loc)
+
     try:
         settings = Settings.model_validate({**from_file, **from_env, **given})
-    except ValidationError as e:
-        raise ConfigError(_messages(e, "command line")) from None
+    except ValidationError as e:  # the file and the environment passed alone: a flag's value, as a rule
+        raise ConfigError(_messages(e, where, "command line")) from None
     # Checked on the merged settings: the floor may come from one place and the pressure rules from another.
     if settings.keep_under_pressure and settings.min_free is None:
         key = "keep_under_pressure"
-        source = "command line" if key in given else env_var(key) if key in from_env else config.name if config else ""
+        source = where((key,)) if key in given or key in from_env else config.name if config else ""
         raise ConfigError(f"{source}: {PRESSURE_NEEDS_A_FLOOR}")
     return settings
 

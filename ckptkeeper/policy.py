@@ -8,6 +8,7 @@ is a member that no rule can override; adding one is adding a class here and lis
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -140,11 +141,23 @@ def refusal(run: Run, rules: Sequence[AnyRule]) -> str | None:
         return None  # no eval yet: a best rule simply keeps nothing here yet
     for rule in rules:
         if rule.metric is not None and rule.metric not in present:
+            close = closest_metric(rule.metric, present)
+            meant = f"; did you mean {close}?" if close else ""
+            # The run is named where this is shown: its plan's table, its log line, its line of the error.
             return (
-                f"rule {format_rule(rule)!r}: no checkpoint of run {run.path!r} has {rule.metric}; "
-                f"the metrics it has are {', '.join(present)}"
+                f"rule {format_rule(rule)!r}: no checkpoint has {rule.metric}{meant} "
+                f"(the run's metrics: {', '.join(present)})"
             )
     return None
+
+
+def closest_metric(name: str, present: Sequence[str]) -> str | None:
+    """The metric of `present` that `name` most likely misspells, if one is close. Compared without the
+    `eval_` prefix, which every eval metric shares: `acuracy` finds eval_accuracy, `eval_los` eval_loss,
+    and `f1` does not find eval_loss for their common prefix."""
+    bare = {metric.removeprefix("eval_"): metric for metric in present}
+    close = difflib.get_close_matches(name.removeprefix("eval_"), list(bare), n=1)
+    return bare[close[0]] if close else None
 
 
 def _time(c: Checkpoint, by_state: bool) -> float | None:

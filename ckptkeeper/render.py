@@ -557,8 +557,16 @@ class QuietPruneReport:
         pass
 
 
-def refusal_text(plan: RootPlan) -> str:
-    return "; ".join(r.refusal or "" for r in plan.refusals)
+def refusal_text(plan: RootPlan, nothing: str) -> str:
+    """The error of a refused plan or prune, each refused run on its own line; `nothing` says what did not
+    happen ("nothing would be removed")."""
+    refused = plan.refusals
+    if not refused:  # refused only elsewhere (known to the watch daemon): no reason here to show
+        return f"refused in {', '.join(repr(r) for r in plan.refused_runs)}; {nothing}"
+    if len(refused) == 1:
+        return f"refused in run {refused[0].run.label!r}; {nothing}: {refused[0].refusal}"
+    lines = [f"refused in {len(refused)} runs; {nothing}:"]
+    return "\n".join(lines + [f"  {shown(p.run.label)}: {p.refusal}" for p in refused])
 
 
 class TextPruneReport:

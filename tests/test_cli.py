@@ -303,12 +303,14 @@ def test_plan_json_with_archive_and_a_refusal_is_still_json_on_stdout(outputs_a:
     data = _strict_json(result.stdout)
     assert isinstance(data, dict)
     assert data["archive_to"] == str(tmp_path / "arch")
-    assert data["runs"][0]["refusal"].startswith("rule 'best:1:eval_acuracy': no checkpoint of run 'A' has")
+    assert data["runs"][0]["refusal"].startswith(
+        "rule 'best:1:eval_acuracy': no checkpoint has eval_acuracy; did you mean eval_accuracy?"
+    )
     assert {c["decision"] for c in data["runs"][0]["checkpoints"]} == {"keep"}
     assert data["summary"]["refused"] is True
     assert data["summary"]["removed"] == 0
     assert data["summary"]["bytes_to_free"] == 0
-    assert result.stderr.startswith("Error: refused: rule 'best:1:eval_acuracy'")
+    assert result.stderr.startswith("Error: refused in run 'A'; nothing would be removed: rule 'best:1:eval_acuracy'")
 
 
 def test_plan_changes_nothing_on_disk(outputs_a: Path, sim_run: Callable[..., Path]) -> None:
@@ -557,25 +559,22 @@ def test_a_typo_in_a_metric_is_refused_and_nothing_is_removed_in_any_run(hf_run:
     runs = ("A", "B", "D2")
     before = {run: snapshot(root / run) for run in runs}
     metrics = "eval_accuracy, eval_loss, eval_runtime, eval_samples_per_second, eval_steps_per_second"
-    refusal = "; ".join(
-        f"rule 'best:1:eval_acuracy': no checkpoint of run '{run}' has eval_acuracy; the metrics it has are {metrics}"
-        for run in ("A", "B")
+    refusal = (
+        f"rule 'best:1:eval_acuracy': no checkpoint has eval_acuracy; did you mean eval_accuracy? "
+        f"(the run's metrics: {metrics})"
     )
+    each_run = "".join(f"  {run}: {refusal}\n" for run in ("A", "B"))
 
     pruned = cli("prune", root, "--keep", "best:1:acuracy,last:1")
     assert pruned.exit_code == 3
-    assert pruned.stderr == f"Error: refused: {refusal}. Nothing was removed.\n"
+    assert pruned.stderr == f"Error: refused in 2 runs; nothing was removed:\n{each_run}"
     assert {run: snapshot(root / run) for run in runs} == before
 
     planned = cli("plan", root, "--keep", "best:1:acuracy,last:1")
     assert planned.exit_code == 3
-    assert planned.stderr == f"Error: refused: {refusal}. Nothing would be removed.\n"
+    assert planned.stderr == f"Error: refused in 2 runs; nothing would be removed:\n{each_run}"
     out = planned.stdout.splitlines()
-    assert [line for line in out if line.startswith("  REFUSED: ")] == [
-        f"  REFUSED: rule 'best:1:eval_acuracy': no checkpoint of run '{run}' has eval_acuracy; "
-        f"the metrics it has are {metrics}"
-        for run in ("A", "B")
-    ]
+    assert [line for line in out if line.startswith("  REFUSED: ")] == [f"  REFUSED: {refusal}"] * 2
     assert out[-1] == "Summary: 14 checkpoints in 3 runs: refused in 2 runs (see REFUSED above), so nothing is removed"
     assert {run: snapshot(root / run) for run in runs} == before
 
@@ -597,7 +596,9 @@ def test_root_problems_are_usage_errors(tmp_path: Path) -> None:
     assert (result.exit_code, result.output) == (2, f"Error: root {a_file} is not a directory\n")
     result = cli("plan", "--keep", "last:1")
     assert result.exit_code == 2
-    assert lines(result)[-1] == "Error: missing ROOT: the directory that holds your runs (or `root:` in --config)"
+    assert lines(result)[-1] == (
+        "Error: missing ROOT: the directory that holds your runs (or CKPTKEEPER_ROOT, or `root:` in --config)"
+    )
     assert not missing.exists()
 
 

@@ -291,7 +291,8 @@ def test_a_refusal_in_the_pressure_rules_defers_and_removes_nothing(run: Path) -
     assert f.line(deferred) in lines(result.stdout)
     assert set(decisions(result.stdout).values()) == {"keep"}
     assert result.stderr.startswith(
-        "Error: refused: rule 'best:1:eval_acuracy': no checkpoint of run 'run' has eval_acuracy"
+        "Error: refused in run 'run'; nothing would be removed: "
+        "rule 'best:1:eval_acuracy': no checkpoint has eval_acuracy"
     )
     pruned = cli("prune", run.parent, "--keep", KEEP, "--min-free", floor, "--keep-under-pressure", "best:1:acuracy")
     assert pruned.exit_code == 3, pruned.output
@@ -514,9 +515,11 @@ def test_pressure_rules_without_a_floor_are_a_usage_error(run: Path, tmp_path: P
         env["CKPTKEEPER_KEEP_UNDER_PRESSURE"] = "last:1"
     result = cli(*args, env=env)
     assert result.exit_code == 2, result.output
-    source = {"flag": "command line", "config file": "config.yaml", "environment": "CKPTKEEPER_KEEP_UNDER_PRESSURE"}[
-        where
-    ]
+    source = {
+        "flag": "--keep-under-pressure",
+        "config file": "config.yaml",
+        "environment": "CKPTKEEPER_KEEP_UNDER_PRESSURE",
+    }[where]
     [message] = lines(result.output)
     assert message.startswith(f"Error: {source}: ")
     assert message.endswith(NEEDS_FLOOR)

@@ -354,8 +354,8 @@ def test_a_misspelt_metric_on_a_run_with_evals_is_refused_and_nothing_moves(
     root_plan = pipeline.survey(None).plan
     plans = root_plan.runs
     assert plans[0].refusal == (
-        "rule 'best:1:eval_acuracy': no checkpoint of run '.' has eval_acuracy; the metrics it has are "
-        "eval_accuracy, eval_loss, eval_runtime, eval_samples_per_second, eval_steps_per_second"
+        "rule 'best:1:eval_acuracy': no checkpoint has eval_acuracy; did you mean eval_accuracy? (the run's "
+        "metrics: eval_accuracy, eval_loss, eval_runtime, eval_samples_per_second, eval_steps_per_second)"
     )
     assert plans[0].removed == ()
     totals = apply_plan(pipeline, root_plan)

@@ -276,8 +276,7 @@ checkpoint-90  keep                 last 1/1, protected: newest
     # A misspelt metric in --keep-weights refuses the run: everything kept whole, nothing slimmed. (50 does not say
     # it is weights only here: see test_a_weights_only_checkpoint_in_a_refused_run_says_so.)
     "refused-metric-typo-in-keep-weights": """\
-refusal: rule 'best:1:eval_acuracy': no checkpoint of run 'run' has eval_acuracy
-refusal: the metrics it has are eval_loss, eval_runtime
+refusal: rule 'best:1:eval_acuracy': no checkpoint has eval_acuracy (the run's metrics: eval_loss, eval_runtime)
 checkpoint-10  keep                 refused: nothing is removed in this run
 checkpoint-20  keep                 protected: trainer best
 checkpoint-30  keep                 refused: nothing is removed in this run
@@ -292,7 +291,7 @@ checkpoint-90  keep                 last 1/2, protected: newest
 
 
 def render(plan: RunPlan) -> str:
-    lines = [f"refusal: {part}" for part in plan.refusal.split("; ")] if plan.refusal else []
+    lines = [f"refusal: {plan.refusal}"] if plan.refusal else []
     for d in plan.decisions:
         lines.append(f"{d.checkpoint.name}  {decision_text(d):<19}  {reasons_text(d.reasons)}")
         if d.slims:
@@ -381,7 +380,7 @@ def test_a_refusal_in_one_run_holds_the_weights_only_keeps_of_the_others(tmp_pat
     assert code == 3
     runs = {r["run"]: r for r in data["runs"]}
     assert runs["a"]["refusal"] is None
-    assert runs["b"]["refusal"].startswith("rule 'best:1:eval_accuracy': no checkpoint of run 'b' has eval_accuracy")
+    assert runs["b"]["refusal"].startswith("rule 'best:1:eval_accuracy': no checkpoint has eval_accuracy")
     assert [(c["name"], c["decision"], [r["text"] for r in c["reasons"]]) for c in runs["a"]["checkpoints"]] == [
         ("checkpoint-10", "keep", ["held: retention is refused in run 'b'"]),
         ("checkpoint-20", "keep", ["held: retention is refused in run 'b'"]),

@@ -215,8 +215,8 @@ def test_no_rules_is_refused_and_nothing_is_removed() -> None:
 def test_best_rule_on_a_missing_metric_is_refused_naming_the_metrics_that_exist() -> None:
     rules = parse_rules("last:2,best:1:acuracy")
     expected = (
-        "rule 'best:1:eval_acuracy': no checkpoint of run '.' has eval_acuracy; "
-        "the metrics it has are eval_a_loss, eval_accuracy, eval_b_loss, eval_loss"
+        "rule 'best:1:eval_acuracy': no checkpoint has eval_acuracy; did you mean eval_accuracy? "
+        "(the run's metrics: eval_a_loss, eval_accuracy, eval_b_loss, eval_loss)"
     )
     assert refusal(RUN, rules) == expected
     plan = plan_run(RUN, rules, removal=Action.ARCHIVE)
@@ -228,11 +228,12 @@ def test_best_rule_on_a_missing_metric_is_refused_naming_the_metrics_that_exist(
     assert tuple(reason_texts(by_step[10].reasons)) == ("refused: nothing is removed in this run",)
 
 
-def test_refusal_names_the_run() -> None:
+def test_a_refusal_without_a_close_metric_suggests_none() -> None:
+    """The run is named where the refusal is shown (its table, its log line, its line of the error)."""
     run = Run("sweep/lr-1e-4", RUN.checkpoints)
     assert refusal(run, (Best(1, "eval_f1", "max"),)) == (
-        "rule 'best:1:eval_f1': no checkpoint of run 'sweep/lr-1e-4' has eval_f1; "
-        "the metrics it has are eval_a_loss, eval_accuracy, eval_b_loss, eval_loss"
+        "rule 'best:1:eval_f1': no checkpoint has eval_f1 "
+        "(the run's metrics: eval_a_loss, eval_accuracy, eval_b_loss, eval_loss)"
     )
 
 

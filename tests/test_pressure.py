@@ -479,7 +479,7 @@ def test_a_typo_in_a_pressure_rule_metric_refuses_like_one_in_keep() -> None:
     losses = run("run", ck(10, loss=0.5), ck(20, loss=0.4), ck(30, loss=0.3))
     plan = plan_root([losses], policy("last:1", "1P", "best:1:acuracy"), space=space())
     assert plan.runs[0].refusal == (
-        "rule 'best:1:eval_acuracy': no checkpoint of run 'run' has eval_acuracy; the metrics it has are eval_loss"
+        "rule 'best:1:eval_acuracy': no checkpoint has eval_acuracy (the run's metrics: eval_loss)"
     )
     assert set(actions(plan).values()) == {Action.KEEP}
     assert (verdict(plan).released, verdict(plan).deferred) == (

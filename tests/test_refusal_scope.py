@@ -23,8 +23,8 @@ WITH_A = SimConfig(steps_per_epoch=10, epochs=2, save_steps=5, eval_steps=5, eva
 PLAIN = SimConfig(steps_per_epoch=10, epochs=2, save_steps=5, eval_steps=5)
 KEEP = "best:1:a_loss,last:1"  # fine for run a; refused for run b, which has evals but not eval_a_loss
 REFUSAL = (
-    "rule 'best:1:eval_a_loss': no checkpoint of run 'b' has eval_a_loss; the metrics it has are eval_accuracy, "
-    "eval_loss, eval_runtime, eval_samples_per_second, eval_steps_per_second"
+    "rule 'best:1:eval_a_loss': no checkpoint has eval_a_loss; did you mean eval_loss? (the run's metrics: "
+    "eval_accuracy, eval_loss, eval_runtime, eval_samples_per_second, eval_steps_per_second)"
 )
 
 
@@ -83,7 +83,7 @@ def test_one_refused_run_holds_the_whole_root_in_plan_prune_and_watch(tmp_path: 
 
     planned = ckptkeeper("plan", root, "--keep", KEEP)
     assert planned.returncode == 3, planned.stdout + planned.stderr
-    assert planned.stderr == f"Error: refused: {REFUSAL}. Nothing would be removed.\n"
+    assert planned.stderr == f"Error: refused in run 'b'; nothing would be removed: {REFUSAL}\n"
     rows = [line.split() for line in planned.stdout.splitlines() if line.startswith("  checkpoint-")]
     assert rows and all(row[-1] != "delete" and "keep" in row for row in rows), planned.stdout
     assert "held: retention is refused in run 'b'" in planned.stdout  # run a's would-be removals say why
@@ -106,12 +106,13 @@ def test_one_refused_run_holds_the_whole_root_in_plan_prune_and_watch(tmp_path: 
 
     pruned = ckptkeeper("prune", root, "--keep", KEEP)
     assert pruned.returncode == 3, pruned.stdout + pruned.stderr
-    assert pruned.stderr.endswith(f"Error: refused: {REFUSAL}. Nothing was removed.\n")
+    assert pruned.stderr.endswith(f"Error: refused in run 'b'; nothing was removed: {REFUSAL}\n")
     assert {run: steps(root / run) for run in ("a", "b")} == before
 
     watched = ckptkeeper("watch", root, "--keep", KEEP, "--settle", "0", "--exit-when-done", timeout=60)
     assert watched.returncode == 3, watched.stderr
     assert "run a: nothing is removed there: held: retention is refused in run 'b'" in watched.stderr
+    assert f"run b: refused, nothing is removed there: {REFUSAL}" in watched.stderr  # as plan and prune say it
     assert "every run has finished training, but retention was refused in b; exiting with code 3" in watched.stderr
     assert {run: steps(root / run) for run in ("a", "b")} == before  # run a lost nothing, as with prune
 
