@@ -749,7 +749,7 @@ class _CopyFailed(Exception):
 def _copier(stop: StopCheck | None) -> Callable[[str, str], object]:
     def copy_file(source: str, copy: str) -> object:
         if stop is not None and stop():
-            raise Stopped("stopped before the copy was complete; the checkpoint stays whole")
+            raise Stopped("the copy was not complete; the checkpoint stays whole")
         try:
             _copy_chunks(source, copy, stop)
             shutil.copystat(source, copy, follow_symlinks=False)
@@ -772,7 +772,7 @@ def _copy_chunks(source: str, copy: str, stop: StopCheck | None) -> None:
             while sent := _send(dst, src, offset):
                 offset += sent
                 if stop is not None and stop():
-                    raise Stopped("stopped before the copy was complete; the checkpoint stays whole")
+                    raise Stopped("the copy was not complete; the checkpoint stays whole")
         finally:
             os.close(dst)
     finally:

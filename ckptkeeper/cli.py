@@ -97,13 +97,17 @@ def _check_floor(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 def _check_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from ckptkeeper.units import DURATION_FORMS, parse_duration
+    from ckptkeeper.config import MAX_STALE_AFTER
+    from ckptkeeper.units import DURATION_FORMS, parse_seconds
 
     if value is None:
         return None
-    seconds = parse_duration(value)
-    if seconds is None or seconds <= 0:
-        raise click.BadParameter(f"{value!r} is not a duration: expected one such as {DURATION_FORMS}, more than 0")
+    seconds = parse_seconds(value)
+    if seconds is None or not 0 < seconds <= MAX_STALE_AFTER:
+        raise click.BadParameter(
+            f"{value!r} is not a duration: expected one such as {DURATION_FORMS}, or seconds "
+            "(more than 0, at most 365d)"
+        )
     return value
 
 

@@ -30,7 +30,7 @@ from ckptkeeper.pressure import PressurePolicy, parse_floor
 from ckptkeeper.rules import RuleError, parse_rule, parse_rules
 from ckptkeeper.scan import DEFAULT_MAX_DEPTH, ScanOptions
 from ckptkeeper.stale import DEFAULT_STALE_AFTER
-from ckptkeeper.units import DURATION_FORMS, parse_duration
+from ckptkeeper.units import DURATION_FORMS, parse_seconds
 
 
 class ConfigError(ValueError):
@@ -66,9 +66,9 @@ FloorText = Annotated[object, AfterValidator(_valid_floor)]
 
 
 def _valid_duration(value: object) -> str:
-    seconds = parse_duration(value) if isinstance(value, str) else None
+    seconds = parse_seconds(value)
     if seconds is None or seconds <= 0 or seconds > MAX_STALE_AFTER:
-        raise ValueError(f"expected a duration such as {DURATION_FORMS} (more than 0, at most 365d)")
+        raise ValueError(f"expected a duration such as {DURATION_FORMS}, or seconds (more than 0, at most 365d)")
     return value.strip() if isinstance(value, str) else str(value)
 
 
@@ -129,7 +129,7 @@ class Settings(BaseModel):
 
     def scan_options(self, default_settle: float = 0.0) -> ScanOptions:
         settle = default_settle if self.settle is None else self.settle
-        return ScanOptions(self.max_depth, settle, parse_duration(str(self.stale_after)) or DEFAULT_STALE_AFTER)
+        return ScanOptions(self.max_depth, settle, parse_seconds(self.stale_after) or DEFAULT_STALE_AFTER)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -66,6 +66,7 @@ class Said:
 
     word: str
     reasons: tuple[Reason, ...]
+    step: int
 
 
 class DecisionLog:
@@ -123,7 +124,7 @@ class DecisionLog:
         name, before = d.checkpoint.name, said.get(d.checkpoint.name)
         if d.slims and before is not None:
             return  # being made weights only: its outcome's line says so, and what it was kept for until now
-        said[name] = Said(word, d.reasons)
+        said[name] = Said(word, d.reasons, d.checkpoint.step)
         where = self._where(run, name)
         fields = event(word.replace(" ", "-"), run, name, d.checkpoint.step, reasons=d.reasons)
         if before is None:
@@ -221,7 +222,9 @@ class DecisionLog:
                 "%s made weights only: %s, freed %s (%s)", where, outcome.detail, human_bytes(outcome.bytes), why,
                 extra=fields,
             )  # fmt: skip
-            self.said.setdefault(outcome.run, {})[outcome.checkpoint] = Said(SLIMMED_WORD, outcome.reasons)
+            self.said.setdefault(outcome.run, {})[outcome.checkpoint] = Said(
+                SLIMMED_WORD, outcome.reasons, outcome.step or 0
+            )
         elif kind in (OutcomeKind.WOULD_DELETE, OutcomeKind.WOULD_ARCHIVE, OutcomeKind.WOULD_SLIM):
             if key not in self.dry_run_said:  # a dry run sees the same checkpoint at every pass: say it once
                 self.dry_run_said.add(key)
@@ -238,9 +241,10 @@ class DecisionLog:
         A release under disk pressure says what it was kept for already."""
         why = reasons_text(outcome.reasons) or "no reason recorded"
         said = self.said.get(outcome.run, {}).get(outcome.checkpoint)
-        if said is None or any(r.released for r in outcome.reasons):
-            return why
-        return f"{why}; was {kept_text(said.reasons)}"
+        was = "" if said is None else kept_text(said.reasons)
+        if not was or was == why or any(r.released for r in outcome.reasons):
+            return why  # a release under pressure says already what it was kept for
+        return f"{why}; was {was}"
 
     def _failed(self, where: str, key: tuple[str, str], detail: str, fields: dict[str, object]) -> None:
         """Retried at every pass until it works, but said once (again only if the reason changes)."""
@@ -271,7 +275,7 @@ class DecisionLog:
     def _vanished(self, run: str, present: set[str]) -> None:
         for name, said in sorted(self.said.get(run, {}).items()):
             if name not in present:
-                fields = event(str(OutcomeKind.VANISHED), run, name, reasons=said.reasons)
+                fields = event(str(OutcomeKind.VANISHED), run, name, said.step, reasons=said.reasons)
                 log.info(
                     "%s vanished: removed by something else (was %s)", self._where(run, name),
                     kept_text(said.reasons), extra=fields,

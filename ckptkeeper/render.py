@@ -177,7 +177,8 @@ def stale_text(s: Stale) -> str:
     )
     if s.resume_point:
         head += " A resume starts from the highest step, complete or not (get_last_checkpoint), and would fail here;"
-    return f"{head} move it aside or remove it yourself (ckptkeeper never removes an incomplete checkpoint)"
+    tail = "move it aside or remove it yourself (ckptkeeper never removes an incomplete checkpoint)"
+    return f"{head} {tail if s.resume_point else tail[0].upper() + tail[1:]}"
 
 
 def stale_json(s: Stale) -> dict[str, Any]:

@@ -37,6 +37,23 @@ def parse_duration(text: str) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
+def parse_seconds(value: object) -> float | None:
+    """A span of time given as a duration (`2h`) or a plain number of seconds (`3600`, as --settle takes)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            return parse_duration(text)
+    else:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
 def human_duration(seconds: float) -> str:
     """`45s`, `12m`, `3h12m`, `2d3h`: the two largest units, rounded down."""
     whole = max(0, int(seconds))

@@ -36,6 +36,7 @@ KEYS = (
     "max_depth",
     "protect_trainer_best",
     "settle",
+    "stale_after",
     "dry_run",
     "rescan_interval",
     "poll",
@@ -89,6 +90,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         "max_depth": 2,
         "protect_trainer_best": False,
         "settle": 0.5,
+        "stale_after": "1h30m",
         "dry_run": True,
         "rescan_interval": 30,
         "poll": 2.5,
@@ -112,6 +114,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         max_depth=2,
         protect_trainer_best=False,
         settle=0.5,
+        stale_after="1h30m",
         dry_run=True,
         rescan_interval=30.0,
         poll=2.5,
@@ -125,6 +128,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
     assert loaded.rules_text() == "best:1,last:5,epoch:all"
     # A settle from the file wins over every command's default.
     assert loaded.scan_options().settle == loaded.scan_options(default_settle=2.0).settle == 0.5
+    assert loaded.scan_options().stale_after == 5400.0
 
 
 def test_no_config_and_no_flags_gives_the_defaults() -> None:

@@ -166,6 +166,12 @@ plausible: dict[str, st.SearchStrategy[Any]] = {
     "exit_when_done": st.booleans(),
     "standby": st.booleans(),
     "settle": st.one_of(st.none(), floats),
+    "stale_after": st.one_of(
+        st.sampled_from(["1h", "90s", "1h30m", "3d", "0s", "0", "-1h", "1y", "366d", "", "1h 30m", "9" * 400 + "d"]),
+        ints,
+        floats,
+        st.text(max_size=8),
+    ),
     "rescan_interval": floats,
     "poll": st.one_of(st.none(), floats),
     "grace": floats,
@@ -408,7 +414,11 @@ def check_cli(args: list[str], text: str) -> str:
         assert "Invalid value for '--keep'" in result.stderr and "invalid rule" in result.stderr, result.stderr
     if result.exit_code == 3:
         # no rule at all, or a metric the run does not have (one run: one line)
-        refused = ("Error: refused: no keep rule given", "Error: refused in run 'run'; nothing would be removed: rule ")
+        nothing = "was" if args[0] == "prune" else "would be"  # a prune, dry run or not, says what it did
+        refused = (
+            "Error: refused: no keep rule given",
+            f"Error: refused in run 'run'; nothing {nothing} removed: rule ",
+        )
         assert result.stderr.startswith(refused), result.stderr
     return result.stdout
 
