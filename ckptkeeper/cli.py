@@ -470,7 +470,7 @@ def history(root: Path | None, state_dir: Path | None, run_path: str | None, sin
         return
     except OSError as e:
         raise Failed(f"cannot read the journal {journal_path}: {e.strerror or e}") from None
-    events = select(journal.events, run_path, cutoff, root_name(top))
+    events = select(journal.events, run_path, cutoff, root_name(top.resolve()))  # as prune named it
     if as_json:
         _echo(json.dumps(history_json(top, journal_path, journal, events), indent=2))
     else:

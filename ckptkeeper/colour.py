@@ -1,7 +1,7 @@
 """Colour for a person at a terminal: what is kept, deleted and archived stands out at a glance.
 
-None when the output is not a terminal (piped, a file, a log shipper), when `NO_COLOR` is set to anything
-(no-color.org), or on a dumb terminal. Text is padded before it is painted, so columns stay aligned."""
+None when the output is not a terminal (piped, a file, a log shipper), when `NO_COLOR` is set to a
+non-empty value (no-color.org), or on a dumb terminal. Text is padded before it is painted, so columns stay aligned."""
 
 from __future__ import annotations
 

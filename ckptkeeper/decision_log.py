@@ -77,6 +77,7 @@ class DecisionLog:
         self.root = root
         self.decisions: dict[str, dict[str, str]] = {}  # run -> checkpoint -> the decision last logged
         self.said: dict[str, dict[str, Said]] = {}  # run -> checkpoint -> what was said of it, kept
+        self.leaving: set[tuple[str, str]] = set()  # kept once, now planned for removal (not gone yet)
         self.refusals: dict[str, str] = {}  # run -> why its retention is refused (or held), as last logged
         self.mixed_runs_said: dict[str, tuple[str, ...]] = {}  # run -> the stale checkpoints last warned about
         self.skew_said: set[tuple[str, str]] = set()  # checkpoints whose future file times were logged
@@ -107,9 +108,12 @@ class DecisionLog:
         logged = self.decisions.setdefault(plan.run.path, {})
         for d in plan.decisions:
             word = _decision_word(d)
+            key = (plan.run.path, d.checkpoint.name)
             if not d.kept:
                 logged[d.checkpoint.name] = word
+                self.leaving.add(key)
                 continue  # the outcome's line says it, with its reasons
+            self.leaving.discard(key)
             if not d.checkpoint.complete:
                 if logged.get(d.checkpoint.name) != word:
                     log.debug("%s %s: %s", self._where(plan.run.path, d.checkpoint.name), word, reasons_text(d.reasons))
@@ -148,9 +152,9 @@ class DecisionLog:
             return
         if self.refusals.get(run) != why:
             if plan.refusal:
-                log.error("run %s: refused, nothing is removed there: %s", self._run(run), plan.refusal)
+                log.error("run %s: refused, nothing is removed there: %s", self._run(run), shown(plan.refusal))
             else:
-                log.warning("run %s: nothing is removed there: %s", self._run(run), why)
+                log.warning("run %s: nothing is removed there: %s", self._run(run), shown(why))
         self.refusals[run] = why
 
     def _weights_only_resume(self, plan: RunPlan) -> None:
@@ -216,12 +220,10 @@ class DecisionLog:
             log.info("%s deleted: freed %s (%s)", where, human_bytes(outcome.bytes), why, extra=fields)
         elif kind is OutcomeKind.ARCHIVED:
             size = human_bytes(outcome.bytes) if outcome.moved else f"freed {human_bytes(outcome.bytes)}"
-            log.info("%s archived: %s, %s (%s)", where, outcome.detail, size, why, extra=fields)
+            log.info("%s archived: %s, %s (%s)", where, shown(outcome.detail), size, why, extra=fields)
         elif kind is OutcomeKind.SLIMMED:
-            log.info(
-                "%s made weights only: %s, freed %s (%s)", where, outcome.detail, human_bytes(outcome.bytes), why,
-                extra=fields,
-            )  # fmt: skip
+            freed = human_bytes(outcome.bytes)
+            log.info("%s made weights only: %s, freed %s (%s)", where, shown(outcome.detail), freed, why, extra=fields)
             self.said.setdefault(outcome.run, {})[outcome.checkpoint] = Said(
                 SLIMMED_WORD, outcome.reasons, outcome.step or 0
             )
@@ -232,9 +234,9 @@ class DecisionLog:
         elif kind is OutcomeKind.ERROR:
             self._failed(where, key, outcome.detail, fields)
         elif kind is OutcomeKind.STOPPED:  # the daemon's one `stopped` line comes last
-            log.info("%s: cut short by the stop (%s)", where, outcome.detail, extra=fields)
+            log.info("%s: cut short by the stop (%s)", where, shown(outcome.detail), extra=fields)
         else:
-            log.info("%s %s: %s", where, kind, outcome.detail, extra=fields)
+            log.info("%s %s: %s", where, kind, shown(outcome.detail), extra=fields)
 
     def _why(self, outcome: Outcome) -> str:
         """Why it went: the plan's reasons, and what kept it until now (`no rule keeps it; was last 5/5`).
@@ -249,9 +251,9 @@ class DecisionLog:
     def _failed(self, where: str, key: tuple[str, str], detail: str, fields: dict[str, object]) -> None:
         """Retried at every pass until it works, but said once (again only if the reason changes)."""
         if self.failing.get(key) != detail:
-            log.error("%s could not be removed: %s (will retry at every rescan)", where, detail, extra=fields)
+            log.error("%s could not be removed: %s (will retry at every rescan)", where, shown(detail), extra=fields)
         else:
-            log.debug("%s still cannot be removed: %s", where, detail)
+            log.debug("%s still cannot be removed: %s", where, shown(detail))
         self.failing[key] = detail
 
     def after(self, result: RunResult) -> None:
@@ -265,6 +267,7 @@ class DecisionLog:
                 del said[name]
         for key in [k for k in self.failing if k[0] == run and k[1] not in names]:
             del self.failing[key]
+        self.leaving -= {(run, name) for name in ours - names}
 
     def run_gone(self, run: str) -> None:
         """The run has no checkpoint left (its directory removed or emptied by someone else)."""
@@ -274,12 +277,17 @@ class DecisionLog:
 
     def _vanished(self, run: str, present: set[str]) -> None:
         for name, said in sorted(self.said.get(run, {}).items()):
-            if name not in present:
-                fields = event(str(OutcomeKind.VANISHED), run, name, said.step, reasons=said.reasons)
+            if name in present:
+                continue
+            fields = event(str(OutcomeKind.VANISHED), run, name, said.step, reasons=said.reasons)
+            if (run, name) in self.leaving:  # no longer kept: "was" would claim what it is not
+                log.info("%s vanished: removed by something else first", self._where(run, name), extra=fields)
+            else:
                 log.info(
                     "%s vanished: removed by something else (was %s)", self._where(run, name),
                     kept_text(said.reasons), extra=fields,
                 )  # fmt: skip
+            self.leaving.discard((run, name))
 
     def finished(self, plan: RunPlan, dry_run: bool) -> None:
         run = self._run(plan.run.path)

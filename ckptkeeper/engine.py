@@ -341,8 +341,9 @@ class Pipeline:
         return replace(planned, runs=tuple(replace(p, stale=self.stale(p.run, now)) for p in planned.runs))
 
     def stale(self, run: Run, now: float) -> tuple[Stale, ...]:
-        """The run's incomplete checkpoints unchanged for longer than --stale-after."""
-        return stale_checkpoints(run, now, self.scan_options.stale_after)
+        """The run's incomplete checkpoints unchanged for longer than --stale-after (and than --settle: one
+        still settling is not stale, however short --stale-after is)."""
+        return stale_checkpoints(run, now, max(self.scan_options.stale_after, self.scan_options.settle))
 
     def measure(self, runs: Sequence[Run], freeing: bool = False) -> Space | None:
         """The free space of each filesystem holding one of these runs (None without --min-free). A run

@@ -148,8 +148,9 @@ def _event(r: dict[str, Any], what: str, start: dict[str, Any] | None = None) ->
 
 
 def select(events: Sequence[Event], run: str | None, since: dt.datetime | None, root: str = ".") -> list[Event]:
-    """The events of `run` (as the journal names it, or as a person does: the root's own run by `root`)."""
-    wanted = None if run is None else ({".", root} if run in (".", root) else {run})
+    """The events of `run` (as the journal names it, or as a person does: the root's own run by `root`, its
+    name, which `root_name` makes `.` where a nested run could have it too)."""
+    wanted = None if run is None else {"."} if run == root else {run}
     return [e for e in events if (wanted is None or e.run in wanted) and (since is None or e.time >= since)]
 
 
@@ -179,7 +180,7 @@ def history_text(root: Path, journal_path: Path, journal: Journal, events: Seque
     if not events:
         return "\n".join([*lines, "", "Nothing happened in that time." if journal.events else "Nothing yet."])
     header = ["WHEN", "RUN", "CHECKPOINT", "WHAT", "FREED", "WHY"]
-    name = root_name(root)
+    name = root_name(root.resolve())
     rows = [header] + [
         [_local(e.time), run_name(e.run, name), e.checkpoint, what_text(e), _freed_text(e), e.why] for e in events
     ]

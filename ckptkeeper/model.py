@@ -57,9 +57,12 @@ class Checkpoint:
 
 
 def root_name(root: str | os.PathLike[str]) -> str:
-    """The name a person gives the root's own run: the root directory's name (`/` for the filesystem root)."""
+    """The name a person gives the root's own run: the root directory's name (`/` for the filesystem root),
+    unless the root holds an entry of that name (a nested run `outputs/outputs` would be shown alike): then
+    `.`, the path the JSON gives it. `root` should be the real path (a symlink's name is not the run's)."""
     absolute = os.path.abspath(root)
-    return os.path.basename(absolute) or absolute
+    name = os.path.basename(absolute) or absolute
+    return "." if name != absolute and os.path.lexists(os.path.join(absolute, name)) else name
 
 
 @dataclass(frozen=True)

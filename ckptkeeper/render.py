@@ -259,7 +259,7 @@ def _run_lines(plan: RunPlan, metrics: Sequence[str], palette: Palette) -> list[
     roles = {(y, column): str(d.action) for y, d in enumerate(plan.decisions, start=1)}
     lines += _table(rows, {1, 2, *range(3, 4 + len(metrics))}, roles, palette)
     if plan.refusal:
-        lines.append(f"  REFUSED: {plan.refusal}")
+        lines.append(f"  REFUSED: {shown(plan.refusal)}")
     lines += [f"  warning: {w}" for w in run_warnings(plan)]
     return lines
 
@@ -565,9 +565,9 @@ def refusal_text(plan: RootPlan, nothing: str) -> str:
     if not refused:  # refused only elsewhere (known to the watch daemon): no reason here to show
         return f"refused in {', '.join(repr(r) for r in plan.refused_runs)}; {nothing}"
     if len(refused) == 1:
-        return f"refused in run {refused[0].run.label!r}; {nothing}: {refused[0].refusal}"
+        return f"refused in run {refused[0].run.label!r}; {nothing}: {shown(refused[0].refusal or '')}"
     lines = [f"refused in {len(refused)} runs; {nothing}:"]
-    return "\n".join(lines + [f"  {shown(p.run.label)}: {p.refusal}" for p in refused])
+    return "\n".join(lines + [f"  {shown(p.run.label)}: {shown(p.refusal or '')}" for p in refused])
 
 
 class TextPruneReport:

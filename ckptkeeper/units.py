@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 import re
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([smhd]))+")
-_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_DURATION = re.compile(r"(?:([0-9]+(?:\.[0-9]+)?)([smhd]))+")
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 DURATION_FORMS = "90s, 15m, 2h, 1h30m, 3d"
 
 
@@ -45,10 +46,9 @@ def parse_seconds(value: object) -> float | None:
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
+        if not _SECONDS.fullmatch(text):  # plain ASCII digits only: not `1_000`, `1e-300` or other scripts' digits
             return parse_duration(text)
+        seconds = float(text)
     else:
         return None
     return seconds if math.isfinite(seconds) else None

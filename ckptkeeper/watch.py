@@ -102,7 +102,7 @@ class Daemon:
         self.metrics = Metrics()
         self.reaper = Reaper(on_drained=self._wake)
         self.tracker = RunTracker()
-        self.decision_log = DecisionLog(options.settle, root_name(self.root))
+        self.decision_log = DecisionLog(options.settle, root_name(self.root))  # named again once resolved
         self.inbox = Inbox(self.root, options.max_depth)
         self.supervisor = ObserverSupervisor(self.root, self.inbox, options.poll)
         self.pipeline: Pipeline | None = None
@@ -159,6 +159,7 @@ class Daemon:
         on that path changed later is never followed."""
         layout = Layout.checked(self.root, self.state_dir, self.archive_to)
         self.root = layout.root
+        self.decision_log.root = root_name(self.root)  # as plan and prune name it: by the real path
         self.pipeline = Pipeline(
             layout,
             self.policy,
