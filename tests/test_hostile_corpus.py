@@ -785,7 +785,7 @@ SAFETENSORS_CASES = [
         "st-unknown-dtype",
         'dtype "Q7"',
         set_file("model.safetensors", safetensors_bytes({"a": {**F32x2, "dtype": "Q7"}}, bytes(8))),
-        "unknown variant `Q7`",
+        "unknown dtype 'Q7'",
     ),
     broken40(
         "st-empty",

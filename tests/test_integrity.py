@@ -103,7 +103,7 @@ def test_a_header_that_is_not_json(tmp_path: Path) -> None:
     n = header_length(data)
     garbled = data[:8] + b"x" * n + data[8 + n :]
     assert problem_of(tmp_path, garbled) == (
-        "model.safetensors: invalid safetensors (invalid JSON in header: expected value at line 1 column 1)"
+        "model.safetensors: invalid safetensors (invalid JSON in header: Expecting value: line 1 column 1 (char 0))"
     )
 
 
@@ -111,7 +111,7 @@ def test_a_header_that_is_json_but_not_an_object(tmp_path: Path) -> None:
     header = b"[1, 2]"
     assert problem_of(tmp_path, struct.pack("<Q", len(header)) + header) == (
         "model.safetensors: invalid safetensors "
-        "(invalid JSON in header: invalid type: sequence, expected struct HashMetadata at line 1 column 0)"
+        "(invalid JSON in header: not an object)"
     )
 
 
@@ -141,7 +141,7 @@ def test_files_too_small_for_a_header(tmp_path: Path, data: bytes) -> None:
 
 def test_a_zero_header_length(tmp_path: Path) -> None:
     assert problem_of(tmp_path, struct.pack("<Q", 0)) == (
-        "model.safetensors: invalid safetensors (invalid JSON in header: EOF while parsing a value at line 1 column 0)"
+        "model.safetensors: invalid safetensors (invalid JSON in header: Expecting value: line 1 column 1 (char 0))"
     )
 
 
