@@ -91,6 +91,7 @@ class DecisionLog:
         """The root was made anew: what was said of the old one's checkpoints says nothing of these."""
         self.decisions.clear()
         self.said.clear()
+        self.leaving.clear()
         self.mixed_runs_said.clear()
 
     def _where(self, run: str, checkpoint: str) -> str:
