@@ -21,6 +21,7 @@ REPORTS = {
     "actions": "",
     "trainer_block": "",
     "startup": "",
+    "prune": "## Remove every checkpoint but the newest",
 }
 
 
