@@ -110,8 +110,7 @@ def test_a_header_that_is_not_json(tmp_path: Path) -> None:
 def test_a_header_that_is_json_but_not_an_object(tmp_path: Path) -> None:
     header = b"[1, 2]"
     assert problem_of(tmp_path, struct.pack("<Q", len(header)) + header) == (
-        "model.safetensors: invalid safetensors "
-        "(invalid JSON in header: not an object)"
+        "model.safetensors: invalid safetensors (invalid JSON in header: not an object)"
     )
 
 
