@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize
+from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize, timed_process
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 TARGET_RATIO = 1.0
@@ -101,17 +100,6 @@ def steps(run: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("checkpoint-")) for p in run.glob("checkpoint-*"))
 
 
-def timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(
-        argv, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv[:4]} exited with {done.returncode}: {done.stderr.decode()[-500:]}")
-    return elapsed
-
-
 def one_rep(run: Path, work: Path, prune_first: bool) -> tuple[float, float]:
     """(prune s, rm -rf s) over two fresh copies of `run`."""
     ours, theirs = copy_of(run, work / "prune"), copy_of(run, work / "rm")
@@ -120,7 +108,7 @@ def one_rep(run: Path, work: Path, prune_first: bool) -> tuple[float, float]:
     prune = [sys.executable, "-m", "ckptkeeper", "prune", str(ours.parent), "--keep", "last:1"]
     prune.append("--no-protect-trainer-best")
     sides = [("prune", prune), ("rm", ["rm", "-rf", "--", *doomed])]
-    took = {name: timed(argv) for name, argv in (sides if prune_first else sides[::-1])}
+    took = {name: timed_process(argv) for name, argv in (sides if prune_first else sides[::-1])}
     if steps(ours) != steps(theirs) or len(steps(ours)) != 1:
         raise RuntimeError(f"the two sides left {steps(ours)} and {steps(theirs)}")
     shutil.rmtree(work / "prune")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, package_version, summarize
+from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, package_version, summarize, timed_process
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 TARGET_OVER_BASELINE = 0.25  # s, for --help and --version: printed, never asserted
@@ -70,25 +70,14 @@ def commands(root: Path) -> list[tuple[str, list[str]]]:
     return cmds
 
 
-def run_once(argv: list[str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(
-        argv, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv} exited with {done.returncode}")
-    return elapsed
-
-
 def measure(cmds: list[tuple[str, list[str]]], reps: int) -> dict[str, list[float]]:
     for _, argv in cmds:  # warm-up: page cache, .pyc files
-        run_once(argv)
+        timed_process(argv)
     times: dict[str, list[float]] = {label: [] for label, _ in cmds}
     for rep in range(reps):
         shift = rep % len(cmds)
         for label, argv in cmds[shift:] + cmds[:shift]:
-            times[label].append(run_once(argv))
+            times[label].append(timed_process(argv))
     return times
 
 

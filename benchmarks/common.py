@@ -158,6 +158,19 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 # ---- /proc ---------------------------------------------------------------------------------------
+def timed_process(argv: Sequence[str]) -> float:
+    """Wall seconds of one process, as a user runs it (fork, exec, imports, work, exit), output discarded;
+    a failure is an error (its stderr's tail in the message), never a figure."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        list(argv), check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{list(argv)[:4]} exited with {done.returncode}: {done.stderr.decode()[-500:]}")
+    return elapsed
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of `pid` so far, in seconds (resolution 1/CLK_TCK)."""
     with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
