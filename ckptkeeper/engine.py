@@ -37,13 +37,14 @@ from ckptkeeper.model import (
     Decision,
     Outcome,
     OutcomeKind,
+    Pin,
     Run,
     RunPlan,
     RunResult,
     Stale,
 )
 from ckptkeeper.paths import fd_path, identity
-from ckptkeeper.policy import NO_RULE, Policy, RootPlan, plan_root
+from ckptkeeper.policy import NO_RULE, PlanInputs, Policy, RootPlan, plan_root
 from ckptkeeper.pressure import Disk, Space
 from ckptkeeper.render import journal_reasons
 from ckptkeeper.rules import format_rules
@@ -335,10 +336,15 @@ class Pipeline:
         """Plan the runs together; with --min-free, on their filesystems' figures (`space`: as the caller measured
         and adjusted them; by default measured now). With `now`, each run's stale incomplete checkpoints are
         reported in its plan."""
-        planned = plan_root(runs, self.policy, refused_elsewhere, space if space is not None else self.measure(runs))
+        space = space if space is not None else self.measure(runs)
+        planned = plan_root(runs, self.policy, refused_elsewhere, space, PlanInputs(now, self.pins()))
         if now is None:
             return planned
         return replace(planned, runs=tuple(replace(p, stale=self.stale(p.run, now)) for p in planned.runs))
+
+    def pins(self) -> tuple[Pin, ...]:
+        """The root's pins, as the state directory holds them now (none yet: `ckptkeeper pin` is to come)."""
+        return ()
 
     def stale(self, run: Run, now: float) -> tuple[Stale, ...]:
         """The run's incomplete checkpoints unchanged for longer than --stale-after (and than --settle: one

@@ -104,6 +104,8 @@ class ReasonKind(StrEnum):
     HELD = "held"  # kept because retention is refused in another run of the root
     NO_RULE_KEEPS = "no-rule-keeps"  # the reason for a removal
     PRESSURE = "pressure"  # released under disk pressure (`--keep-under-pressure`): the reasons it had follow
+    PINNED = "pinned"  # `ckptkeeper pin`: kept until unpinned or its lease lapses
+    AWAITING = "awaiting"  # `--await NAME`: kept until the evaluation's metric arrives or its timeout passes
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ class Reason:
     detail: str | None = None
     weights_only: bool = False  # given by a `--keep-weights` rule: it keeps the weights only
     released: bool = False  # a reason it was kept for until disk pressure released it (`was last 4/5`)
+    # When it stops keeping the checkpoint (seconds since the epoch: a lease's expiry, an await's timeout), and
+    # how long that was after the time the plan was made for; None when it does not end by itself.
+    until: float | None = None
+    left: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,22 @@ class MixedRuns:
 
 
 @dataclass(frozen=True)
+class Pin:
+    """A checkpoint pinned by `ckptkeeper pin` (kept whatever the rules say): `run` is the run's path relative to
+    the root ("." for the root's own), `checkpoint` its directory's name. A lease (`--for`) has `expires_at`."""
+
+    run: str
+    checkpoint: str
+    pinned_at: float
+    note: str = ""
+    expires_at: float | None = None
+
+    def holds_at(self, now: float | None) -> bool:
+        """Whether it still protects at `now`; with no time given, a lease is taken to hold (the safe side)."""
+        return self.expires_at is None or now is None or now < self.expires_at
+
+
+@dataclass(frozen=True)
 class RunView:
     """What the keep rules and protections of one plan look at: the run, its complete checkpoints by step, and
     the complete checkpoints a resume may need (each with why), computed once per plan."""
@@ -165,6 +187,8 @@ class RunView:
     complete: tuple[Checkpoint, ...]
     resume_points: tuple[tuple[Checkpoint, Reason], ...] = ()
     mixed_runs: MixedRuns | None = None
+    now: float | None = None  # the time the plan is made for (None: unknown; what lapses by time then holds)
+    pins: Mapping[str, Pin] = field(default_factory=dict)  # this run's pins, by checkpoint name
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ckptkeeper import pressure
-from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Reason, ReasonKind, Run, RunPlan, RunView
+from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Pin, Reason, ReasonKind, Run, RunPlan, RunView
 from ckptkeeper.pressure import DiskPressure, PressurePolicy, Space
 from ckptkeeper.rules import AnyRule, format_rule
 
@@ -79,6 +79,27 @@ class TrainerBest:
 
 
 @dataclass(frozen=True)
+class Pinned:
+    """Every checkpoint pinned by `ckptkeeper pin`, until it is unpinned or its lease lapses at the plan's time."""
+
+    def keeps_in(self, view: RunView) -> dict[int, list[Reason]]:
+        present = {c.name: c.step for c in view.run.checkpoints}
+        return {
+            present[name]: [pinned_reason(pin, view.now)]
+            for name, pin in view.pins.items()
+            if name in present and pin.holds_at(view.now)
+        }
+
+    def describe(self) -> str:
+        return "pinned ones"
+
+
+def pinned_reason(pin: Pin, now: float | None) -> Reason:
+    left = None if pin.expires_at is None or now is None else pin.expires_at - now
+    return Reason(ReasonKind.PINNED, "protected:pinned", detail=pin.note or None, until=pin.expires_at, left=left)
+
+
+@dataclass(frozen=True)
 class Protections:
     """Which protections apply. The newest and the incomplete always do; the Trainer's best unless turned off."""
 
@@ -86,7 +107,7 @@ class Protections:
 
     @property
     def members(self) -> tuple[Keeper, ...]:
-        always: tuple[Keeper, ...] = (ResumePoints(), Incomplete())
+        always: tuple[Keeper, ...] = (ResumePoints(), Incomplete(), Pinned())
         return (*always, TrainerBest()) if self.trainer_best else always
 
 
@@ -120,8 +141,8 @@ class Policy:
     def every_rule(self) -> tuple[AnyRule, ...]:
         return (*self.rules, *self.weight_rules, *(self.pressure.rules if self.pressure else ()))
 
-    def plan(self, run: Run) -> RunPlan:
-        return plan_run(run, self.rules, self.protections, self.removal, self.weight_rules, self.every_rule)
+    def plan(self, run: Run, inputs: PlanInputs | None = None) -> RunPlan:
+        return plan_run(run, self.rules, self.protections, self.removal, self.weight_rules, self.every_rule, inputs)
 
     def metrics(self) -> list[str]:
         """The metrics the rules rank by, each once, in the rules' order."""
@@ -237,10 +258,24 @@ def _written_points(
     return points, mixed
 
 
-def view_of(run: Run) -> RunView:
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the planner is given besides the checkpoints, since it never looks anything up itself: the time the
+    plan is made for (None: unknown, and what would lapse by time holds) and the root's pins."""
+
+    now: float | None = None
+    pins: Sequence[Pin] = ()
+
+    def pins_of(self, run: str) -> dict[str, Pin]:
+        return {pin.checkpoint: pin for pin in self.pins if pin.run == run}
+
+
+def view_of(run: Run, inputs: PlanInputs | None = None) -> RunView:
     complete = tuple(sorted((c for c in run.checkpoints if c.complete), key=lambda c: c.step))
     points, mixed = resume_points(run)
-    return RunView(run, complete, tuple(points), mixed)
+    if inputs is None:
+        return RunView(run, complete, tuple(points), mixed)
+    return RunView(run, complete, tuple(points), mixed, inputs.now, inputs.pins_of(run.path))
 
 
 def plan_run(
@@ -250,13 +285,14 @@ def plan_run(
     removal: Action = Action.DELETE,
     weight_rules: Sequence[AnyRule] = (),
     checked_rules: Sequence[AnyRule] | None = None,
+    inputs: PlanInputs | None = None,
 ) -> RunPlan:
     """Each checkpoint: kept whole by a keep rule or a protection; else, in a refused run, kept; else kept
     weights-only by a `--keep-weights` rule; else removed. `checked_rules`: every rule a typo in a metric name
     refuses the run for (default: the keep and keep-weights rules)."""
     if removal not in (Action.DELETE, Action.ARCHIVE):
         raise ValueError("removal must be delete or archive")
-    view = view_of(run)
+    view = view_of(run, inputs)
     whole = AnyOf((*rules, *protections.members)).reasons(view)
     weights = AnyOf(tuple(weight_rules)).reasons(view)
     refused = refusal(run, (*rules, *weight_rules) if checked_rules is None else checked_rules)
@@ -303,7 +339,11 @@ class RootPlan:
 
 
 def plan_root(
-    runs: Sequence[Run], policy: Policy, refused_elsewhere: Collection[str] = (), space: Space | None = None
+    runs: Sequence[Run],
+    policy: Policy,
+    refused_elsewhere: Collection[str] = (),
+    space: Space | None = None,
+    inputs: PlanInputs | None = None,
 ) -> RootPlan:
     """Plan every run, then apply the refusal scope: **a refusal holds the whole root**. While any run's
     retention is refused (here, or in `refused_elsewhere`: runs of the same root the caller knows to be
@@ -313,16 +353,16 @@ def plan_root(
     those runs by the rest of a mistaken policy. `plan`, `prune` and `watch` all plan through here.
 
     With `--min-free` and the filesystems' figures (`space`), disk pressure is judged last (`pressure.py`)."""
-    plans = [policy.plan(run) for run in runs]
+    plans = [policy.plan(run, inputs) for run in runs]
     refused = tuple(dict.fromkeys([*(p.run.path for p in plans if p.refusal), *sorted(refused_elsewhere)]))
     if refused:
         first = next((p.run.label for p in plans if p.run.path == refused[0]), None)
         plans = [p if p.refusal else hold(p, refused, first) for p in plans]
     if policy.pressure is None or space is None:
         return RootPlan(tuple(plans), refused)
-    views = [view_of(run) for run in runs]
+    views = [view_of(run, inputs) for run in runs]
     never = AnyOf((*policy.pressure.rules, *policy.protections.members))  # never released
-    inputs = pressure.PressureInputs(
+    figures = pressure.PressureInputs(
         policy.pressure,
         space,
         still_kept=[never.reasons(view) for view in views],
@@ -330,7 +370,7 @@ def plan_root(
         removal=policy.removal,
         refused=bool(refused),
     )
-    released, verdicts = pressure.apply(plans, inputs)
+    released, verdicts = pressure.apply(plans, figures)
     return RootPlan(released, refused, verdicts)
 
 

@@ -128,7 +128,7 @@ class Reconciler:
         # earlier passes freed that the filesystem does not show yet counts as free (`unseen`).
         space = self.pipeline.measure(runs, freeing=self.reaper.busy())
         space = None if space is None else self.unseen.adjust(space, runs, now)
-        planned = self.pipeline.plan(runs, self._refused_outside(runs), space=space)
+        planned = self.pipeline.plan(runs, self._refused_outside(runs), space=space, now=now)
         if self.pipeline.policy.pressure is not None:
             self.pressure_log.planned(planned.pressure, planned.runs)
             self.pressure_waits = any(p.deferred == FREEING for p in planned.pressure)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,15 @@ def _held(r: Reason) -> str:
     return f"held: retention is refused in {where}"
 
 
+def _left(r: Reason) -> str:
+    return "" if r.left is None else f" ({human_duration(r.left)} left)"
+
+
+def _pinned(r: Reason) -> str:
+    note = "" if r.detail is None else f" {json.dumps(r.detail, ensure_ascii=False)}"
+    return f"protected: pinned{note}{_left(r)}"
+
+
 # How each kind of reason reads. A new rule or protection adds its kind here.
 REASON_TEXT: dict[ReasonKind, Callable[[Reason], str]] = {
     ReasonKind.LAST: lambda r: f"last {r.rank}/{r.of}",
@@ -59,6 +69,8 @@ REASON_TEXT: dict[ReasonKind, Callable[[Reason], str]] = {
     ReasonKind.WEIGHTS_INSIDE: lambda r: "kept whole: its weights exist only inside the resume state",
     ReasonKind.STAYS_WEIGHTS_ONLY: lambda r: "weights only, cannot be made whole again",
     ReasonKind.PRESSURE: lambda r: f"disk pressure: {r.detail}",
+    ReasonKind.PINNED: _pinned,
+    ReasonKind.AWAITING: lambda r: f"awaiting {r.metric}{_left(r)}",
 }
 
 
@@ -95,6 +107,7 @@ def reason_json(reason: Reason) -> dict[str, Any]:
         "rule": reason.rule,
         "rank": reason.rank,
         "released": reason.released,
+        "until": reason.until,
         "text": reason_text(reason),
     }
 

@@ -33,7 +33,7 @@ MAKE_RUN = (
     "simulate_run(Path('outputs/exp1'), SimConfig(steps_per_epoch=10, epochs=3, overfit_after=0.5))"
 )
 COMMAND = "ckptkeeper plan outputs --keep best:1,last:1 --json"
-REASON_KEYS = ["kind", "rule", "rank", "released", "text"]
+REASON_KEYS = ["kind", "rule", "rank", "released", "until", "text"]
 
 
 def example_block(readme: str) -> str:
@@ -127,6 +127,7 @@ def test_reason_objects_have_the_documented_keys(printed: str) -> None:
         "rule": "best:1",
         "rank": 1,
         "released": False,
+        "until": None,
         "text": "best eval_loss=0.5842 (1/1)",
     }
     assert by_kind["trainer-best"] == {
@@ -134,14 +135,16 @@ def test_reason_objects_have_the_documented_keys(printed: str) -> None:
         "rule": "protected:trainer-best",
         "rank": None,
         "released": False,
+        "until": None,
         "text": "protected: trainer best",
     }
-    assert by_kind["last"] == {"kind": "last", "rule": "last:1", "rank": 1, "released": False, "text": "last 1/1"}
+    assert by_kind["last"] == {"kind": "last", "rule": "last:1", "rank": 1, "released": False, "until": None, "text": "last 1/1"}
     assert by_kind["newest"] == {
         "kind": "newest",
         "rule": "protected:newest",
         "rank": None,
         "released": False,
+        "until": None,
         "text": "protected: newest",
     }
     assert by_kind["no-rule-keeps"] == {
@@ -149,6 +152,7 @@ def test_reason_objects_have_the_documented_keys(printed: str) -> None:
         "rule": None,
         "rank": None,
         "released": False,
+        "until": None,
         "text": "no rule keeps it",
     }
 
@@ -172,6 +176,7 @@ def test_refused_and_held_reasons_have_the_documented_keys(tmp_path: Path) -> No
         "rule": "refused",
         "rank": None,
         "released": False,
+        "until": None,
         "text": "refused: nothing is removed in this run",
     }
     assert by_kind["held"] == {
@@ -179,6 +184,7 @@ def test_refused_and_held_reasons_have_the_documented_keys(tmp_path: Path) -> No
         "rule": "refused",
         "rank": None,
         "released": False,
+        "until": None,
         "text": "held: retention is refused in run 'exp1'",
     }
     summary = json.loads(result.stdout)["summary"]

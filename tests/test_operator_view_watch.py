@@ -177,7 +177,7 @@ def test_a_stale_checkpoint_is_said_once_and_counted_and_a_vanished_one_is_said_
 
 # ---- --log-format json -----------------------------------------------------------------------------------------
 def reason(kind: str, rule: str | None, rank: int | None, text: str) -> dict[str, Any]:
-    return {"kind": kind, "rule": rule, "rank": rank, "released": False, "text": text}
+    return {"kind": kind, "rule": rule, "rank": rank, "released": False, "until": None, "text": text}
 
 
 def by_action(records: list[dict[str, Any]], action: str) -> list[dict[str, Any]]:
