@@ -84,6 +84,24 @@ def _check_keep(ctx: click.Context, param: click.Parameter, value: tuple[str, ..
     return ",".join(text for text in value if text.strip())
 
 
+def _check_metrics(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str] | None:
+    """Every `--metric NAME=SOURCE#POINTER`, as the `metrics` mapping; None when none is given."""
+    from ckptkeeper.metric_specs import MetricSpecError, parse_metric
+
+    if not value:
+        return None
+    found: dict[str, str] = {}
+    for text in value:
+        try:
+            spec = parse_metric(text)
+        except MetricSpecError as e:
+            raise click.BadParameter(str(e)) from None
+        if spec.name in found:
+            raise click.BadParameter(f"{spec.name} is defined twice; give each name once")
+        found[spec.name] = text.partition("=")[2]
+    return found
+
+
 def _check_floor(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     from ckptkeeper.pressure import FloorError, parse_floor
 
@@ -157,6 +175,24 @@ def _rule_options() -> list[Callable[[F], F]]:
             "--min-free. Protected checkpoints are never released.",
         ),
         click.option(
+            "--metric",
+            "metrics",
+            multiple=True,
+            callback=_check_metrics,
+            metavar="NAME=SOURCE#POINTER",
+            help="A metric an evaluation job writes, for rules to use by NAME (best:3:NAME). SOURCE: file:PATH (a "
+            "JSON file inside each checkpoint) or lm-eval:DIR (lm_eval's --output_path); POINTER: a JSON Pointer, "
+            "e.g. hellaswag=lm-eval:./evals#/results/hellaswag/acc_norm,none. Repeatable.",
+        ),
+        click.option(
+            "--await",
+            "await_",
+            multiple=True,
+            metavar="NAME[:TIMEOUT]",
+            help="Keep each complete checkpoint until its metric NAME arrives, or until TIMEOUT (default 24h; 90s, "
+            "15m, 2h, 1h30m) has passed since it was written. Repeatable.",
+        ),
+        click.option(
             "--protect-trainer-best/--no-protect-trainer-best",
             default=None,
             help="Always keep the checkpoint the Trainer calls best (default: on).",
@@ -204,6 +240,8 @@ def _settings(flags: dict[str, Any]) -> Settings:
     from ckptkeeper.config import ConfigError, load_settings
 
     config_file = flags.pop("config_file", None)
+    if "await_" in flags:  # the setting's name (`await` in a config file) is a Python keyword
+        flags["await"] = list(flags.pop("await_")) or None
     try:
         return load_settings(config_file, flags)
     except ConfigError as e:
@@ -283,11 +321,13 @@ def plan(as_json: bool, **flags: Any) -> None:
         pipeline = _pipeline(settings)
     result = pipeline.survey(now=time.time())  # `now` makes --settle apply
     root, archive_to = str(pipeline.root), pipeline.layout.archive_to
+    sources = pipeline.scan_options.metrics
     if as_json:
-        _echo(json.dumps(plan_json(root, pipeline.policy, result.plan, result.warnings, archive_to), indent=2))
+        printed = plan_json(root, pipeline.policy, result.plan, result.warnings, archive_to, sources)
+        _echo(json.dumps(printed, indent=2))
     else:
         plan, max_depth = result.plan, settings.max_depth
-        _echo(plan_text(root, pipeline.policy, plan, result.warnings, archive_to, max_depth, _palette()))
+        _echo(plan_text(root, pipeline.policy, plan, result.warnings, archive_to, max_depth, _palette(), sources))
     if result.plan.refused_runs:
         raise Refused(refusal_text(result.plan, "nothing would be removed"))
 

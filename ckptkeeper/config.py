@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
 )
 
+from ckptkeeper.metric_specs import AwaitSpec, MetricSpec, MetricSpecError, misspelt, parse_await, parse_metric
 from ckptkeeper.model import Action
 from ckptkeeper.policy import Policy, Protections
 from ckptkeeper.pressure import PressurePolicy, parse_floor
@@ -78,7 +79,7 @@ MAX_STALE_AFTER = 365 * 86400
 class Settings(BaseModel):
     """Every setting of plan, prune and watch; each key is also a flag (`max_depth` is `--max-depth`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     root: PathSetting | None = None
     keep: list[RuleText] = Field(default_factory=list)
@@ -89,6 +90,10 @@ class Settings(BaseModel):
     state_dir: PathSetting | None = None
     max_depth: StrictInt = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
     protect_trainer_best: StrictBool = True
+    # Named metrics from evaluation jobs: NAME -> SOURCE#POINTER (`--metric NAME=SOURCE#POINTER`)
+    metrics: dict[str, str] = Field(default_factory=dict)
+    # `--await NAME[:TIMEOUT]`: keep a complete checkpoint until its NAME arrives (or TIMEOUT passes)
+    await_: list[str] = Field(default_factory=list, alias="await")
     # None: the command's default (0 for plan and prune, 2 s for watch)
     settle: float | None = Field(None, ge=0, le=3600)
     stale_after: DurationText = "1h"  # an incomplete checkpoint unchanged this long is reported as stale
@@ -102,6 +107,27 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = "text"
     metrics_port: StrictInt | None = Field(None, ge=0, le=65535)  # None: no metrics server; 0: any free port
     metrics_host: str = "127.0.0.1"
+
+    @field_validator("metrics")
+    @classmethod
+    def _valid_metrics(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, source in value.items():
+            parse_metric(f"{name}={source}")
+        return value
+
+    @field_validator("await_", mode="before")
+    @classmethod
+    def _split_awaits(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p for p in (part.strip() for part in value.split(",")) if p]
+        return value
+
+    def metric_specs(self) -> tuple[MetricSpec, ...]:
+        return tuple(parse_metric(f"{name}={source}") for name, source in self.metrics.items())
+
+    def await_specs(self) -> tuple[AwaitSpec, ...]:
+        defined = {spec.name: spec for spec in self.metric_specs()}
+        return tuple(parse_await(text, defined) for text in self.await_)
 
     @field_validator("keep", "keep_weights", "keep_under_pressure", mode="before")
     @classmethod
@@ -118,17 +144,22 @@ class Settings(BaseModel):
         pressure = None
         if self.min_free is not None:
             pressure = PressurePolicy(parse_floor(str(self.min_free)), parse_rules(",".join(self.keep_under_pressure)))
+        defined = frozenset(self.metrics)
+        if pressure is not None:
+            pressure = PressurePolicy(pressure.floor, parse_rules(",".join(self.keep_under_pressure), defined))
         return Policy(
-            rules=parse_rules(self.rules_text()),
-            protections=Protections(trainer_best=self.protect_trainer_best),
-            weight_rules=parse_rules(",".join(self.keep_weights)),
+            rules=parse_rules(self.rules_text(), defined),
+            protections=Protections(trainer_best=self.protect_trainer_best, awaits=self.await_specs()),
+            weight_rules=parse_rules(",".join(self.keep_weights), defined),
             removal=Action.ARCHIVE if self.archive_to else Action.DELETE,
             pressure=pressure,
+            defined_metrics=defined,
         )
 
     def scan_options(self, default_settle: float = 0.0) -> ScanOptions:
         settle = default_settle if self.settle is None else self.settle
-        return ScanOptions(self.max_depth, settle, parse_seconds(self.stale_after) or DEFAULT_STALE_AFTER)
+        stale_after = parse_seconds(self.stale_after) or DEFAULT_STALE_AFTER
+        return ScanOptions(self.max_depth, settle, stale_after, self.metric_specs())
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -173,9 +204,12 @@ def as_flag(loc: tuple[int | str, ...]) -> str:
     return flag_name(str(loc[0]))
 
 
+_FLAGS = {"root": "ROOT", "metrics": "--metric", "await": "--await", "await_": "--await"}
+
+
 def flag_name(setting: str) -> str:
-    if setting == "root":
-        return "ROOT"
+    if setting in _FLAGS:
+        return _FLAGS[setting]
     flag = "--" + setting.replace("_", "-")  # a key with a line break (given in code) stays on one line
     return flag if flag.isprintable() else flag.encode("unicode_escape", "backslashreplace").decode("ascii")
 
@@ -261,6 +295,7 @@ _TEXT_SETTINGS = {
     "state_dir",
     "log_format",
     "metrics_host",
+    "await",
 }
 
 
@@ -271,7 +306,7 @@ def env_var(setting: str) -> str:
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings from `CKPTKEEPER_*` variables (an empty variable counts as unset). A misspelt variable
     is an error rather than a silently ignored setting."""
-    known = {env_var(name): name for name in Settings.model_fields}
+    known = {env_var(info.alias or name): info.alias or name for name, info in Settings.model_fields.items()}
     values: dict[str, Any] = {}
     problems = []
     for var, raw in sorted(environ.items()):
@@ -325,7 +360,33 @@ def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[s
         key = "keep_under_pressure"
         source = where((key,)) if key in given or key in from_env else config.name if config else ""
         raise ConfigError(f"{source}: {PRESSURE_NEEDS_A_FLOOR}")
+    _check_named_metrics(
+        settings, lambda key: where((key,)) if config is None or key in given or key in from_env else config.name
+    )
     return settings
+
+
+def _check_named_metrics(settings: Settings, where: Callable[[str], str]) -> None:
+    """Between settings: each `--await` names a defined metric, and no rule misspells one (`best:1:helaswag`
+    beside `--metric hellaswag=...` would keep nothing by that rule, with no Trainer metric to tell the typo)."""
+    try:
+        settings.await_specs()
+    except MetricSpecError as e:
+        raise ConfigError(f"{where('await')}: {str(e).partition(': ')[2] or e}") from None
+    defined = {spec.name: spec for spec in settings.metric_specs()}
+    if not defined:
+        return
+    for key in ("keep", "keep_weights", "keep_under_pressure"):
+        for rule in parse_rules(",".join(getattr(settings, key)), frozenset(defined)):
+            metric = rule.metric
+            if metric is None or metric in defined:
+                continue
+            close = misspelt(metric, defined)
+            if close is not None:
+                raise ConfigError(
+                    f"{where(key)}: rule {rule.format()!r}: {metric} is not a defined metric; did you mean {close}? "
+                    f"(defined: {', '.join(defined)})"
+                )
 
 
 PRESSURE_NEEDS_A_FLOOR = (

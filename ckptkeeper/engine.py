@@ -30,6 +30,7 @@ from ckptkeeper.actions import (
     open_run_dir,
 )
 from ckptkeeper.layout import Layout, LayoutError, default_state_dir
+from ckptkeeper.metric_sources import MetricSources
 from ckptkeeper.model import (
     MOVED_TO,
     Action,
@@ -250,6 +251,7 @@ class Pipeline:
         self.dispose = dispose
         self.stop = stop
         self.state = StateDir(layout.state_dir)
+        self.metric_sources = MetricSources(scan.metrics, layout.root) if scan.metrics else None
         # The root's (device, inode) when its lock was taken: a root that is another directory now (a link on
         # its path changed) is never acted in. Until then, the root as found now.
         self.root_identity: Identity | None = None
@@ -283,7 +285,8 @@ class Pipeline:
     @property
     def excluded(self) -> list[Path]:
         """ckptkeeper's own directories, never scanned as runs."""
-        return [self.layout.state_dir, *([self.layout.archive_to] if self.layout.archive_to else [])]
+        own = [self.layout.state_dir, *([self.layout.archive_to] if self.layout.archive_to else [])]
+        return own + (self.metric_sources.directories if self.metric_sources is not None else [])
 
     # ---- lock and leftovers -----------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -324,7 +327,14 @@ class Pipeline:
     ) -> list[Run]:
         """Read each run directory (`now` makes --settle apply; `cache`/`trusting` as in ContentCache)."""
         settle = self.scan_options.settle
-        return [read_run(self.root, d, now, settle, cache, trusting) for d in run_dirs]
+        runs = [read_run(self.root, d, now, settle, cache, trusting) for d in run_dirs]
+        if self.metric_sources is None:
+            return runs
+        return self.metric_sources.attach(runs, {run.path: os.fspath(d) for run, d in zip(runs, run_dirs, strict=True)})
+
+    def metric_warnings(self) -> list[str]:
+        """What the last scan could not tie to a checkpoint (results files of paths outside the root...)."""
+        return list(self.metric_sources.warnings) if self.metric_sources is not None else []
 
     def plan(
         self,
@@ -403,6 +413,7 @@ class Pipeline:
         """Scan and plan the whole root, without the lock: what `plan` shows."""
         warnings: list[str] = []
         runs = self.scan(self.find_runs(warnings=warnings), now)
+        warnings += self.metric_warnings()
         return PassResult(self.plan(runs, now=now), warnings=tuple(warnings))
 
     def prune(self, now: float | None, report: PruneReport) -> PassResult:
@@ -418,6 +429,7 @@ class Pipeline:
             leftovers = self.finish_leftovers(run_dirs)
             report.leftovers(leftovers)
             plan = self.plan(self.scan(run_dirs, now), now=now)
+            warnings += self.metric_warnings()
             report.planned(plan, warnings)
             results = self.act(plan, report.outcome)
             return PassResult(plan, results, tuple(warnings), leftovers)

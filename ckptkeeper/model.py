@@ -47,6 +47,10 @@ class Checkpoint:
     resume_bytes: int = 0
     weights_outside: bool = True
     weights_only: bool = False
+    # Named metrics (`--metric`): the file each value joined to `metrics` came from, and why each one that is
+    # not there is missing (no results yet, not a number, unreadable).
+    metric_origins: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    missing_metrics: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
     # Weights-only, but its directory's times are not yet those its marker recorded (a slim cut short after
     # its last move): the slim is finished by putting them back.
     times_to_restore: bool = False

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ckptkeeper import pressure
+from ckptkeeper.metric_specs import AwaitSpec
 from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Pin, Reason, ReasonKind, Run, RunPlan, RunView
 from ckptkeeper.pressure import DiskPressure, PressurePolicy, Space
 from ckptkeeper.rules import AnyRule, format_rule
@@ -91,7 +92,7 @@ class Pinned:
         }
 
     def describe(self) -> str:
-        return "pinned ones"
+        return ""  # not in the policy line: a pin is said where it is, by its checkpoint's reason
 
 
 def pinned_reason(pin: Pin, now: float | None) -> Reason:
@@ -100,15 +101,45 @@ def pinned_reason(pin: Pin, now: float | None) -> Reason:
 
 
 @dataclass(frozen=True)
+class Awaiting:
+    """`--await NAME[:TIMEOUT]`: a complete checkpoint without NAME is kept until NAME arrives, or until TIMEOUT
+    has passed since it was written (its newest file's mtime) at the plan's time. With no time given, or no
+    write time known, it is kept (the safe side)."""
+
+    spec: AwaitSpec
+
+    def keeps_in(self, view: RunView) -> dict[int, list[Reason]]:
+        kept = {}
+        for c in view.complete:
+            if self.spec.name in c.metrics:
+                continue
+            until = None if c.written_at is None else c.written_at + self.spec.timeout
+            if until is None or view.now is None or view.now < until:
+                left = None if until is None or view.now is None else until - view.now
+                kept[c.step] = [
+                    Reason(
+                        ReasonKind.AWAITING, f"await:{self.spec.name}", metric=self.spec.name, until=until, left=left
+                    )
+                ]
+        return kept
+
+    def describe(self) -> str:
+        return f"those awaiting {self.spec.name} (up to {self.spec.format().partition(':')[2]})"
+
+
+@dataclass(frozen=True)
 class Protections:
-    """Which protections apply. The newest and the incomplete always do; the Trainer's best unless turned off."""
+    """Which protections apply. The newest, the incomplete and the pinned always do; the Trainer's best unless
+    turned off; an evaluation's result where awaited (`--await`)."""
 
     trainer_best: bool = True
+    awaits: tuple[AwaitSpec, ...] = ()
 
     @property
     def members(self) -> tuple[Keeper, ...]:
         always: tuple[Keeper, ...] = (ResumePoints(), Incomplete(), Pinned())
-        return (*always, TrainerBest()) if self.trainer_best else always
+        best: tuple[Keeper, ...] = (TrainerBest(),) if self.trainer_best else ()
+        return (*always, *best, *(Awaiting(spec) for spec in self.awaits))
 
 
 @dataclass(frozen=True)
@@ -136,24 +167,36 @@ class Policy:
     removal: Action = Action.DELETE
     weight_rules: tuple[AnyRule, ...] = ()  # `--keep-weights`: what they alone keep is kept weights-only
     pressure: PressurePolicy | None = None  # `--min-free` and `--keep-under-pressure`
+    defined_metrics: frozenset[str] = frozenset()  # `--metric` names: a rule on one is no typo when none has it
 
     @property
     def every_rule(self) -> tuple[AnyRule, ...]:
         return (*self.rules, *self.weight_rules, *(self.pressure.rules if self.pressure else ()))
 
     def plan(self, run: Run, inputs: PlanInputs | None = None) -> RunPlan:
-        return plan_run(run, self.rules, self.protections, self.removal, self.weight_rules, self.every_rule, inputs)
+        return plan_run(
+            run,
+            self.rules,
+            self.protections,
+            self.removal,
+            self.weight_rules,
+            self.every_rule,
+            inputs,
+            self.defined_metrics,
+        )
 
     def metrics(self) -> list[str]:
-        """The metrics the rules rank by, each once, in the rules' order."""
-        return list(dict.fromkeys(r.metric for r in self.every_rule if r.metric is not None))
+        """The metrics the rules rank by, then those awaited, each once, in the rules' order."""
+        ranked = [r.metric for r in self.every_rule if r.metric is not None]
+        return list(dict.fromkeys([*ranked, *(a.name for a in self.protections.awaits)]))
 
 
-def refusal(run: Run, rules: Sequence[AnyRule]) -> str | None:
+def refusal(run: Run, rules: Sequence[AnyRule], defined: Collection[str] = ()) -> str | None:
     """Why this run must not be pruned at all, or None.
 
     A `best` rule whose metric no checkpoint has, in a run that does have eval metrics, is almost always
-    a typo (`best:1:acuracy`); followed literally it would keep nothing and let everything else go.
+    a typo (`best:1:acuracy`); followed literally it would keep nothing and let everything else go. A metric
+    defined by `--metric` is no typo though none has it yet: its evaluation job has not run.
     """
     if not rules:
         return NO_RULE
@@ -161,8 +204,8 @@ def refusal(run: Run, rules: Sequence[AnyRule]) -> str | None:
     if not present:
         return None  # no eval yet: a best rule simply keeps nothing here yet
     for rule in rules:
-        if rule.metric is not None and rule.metric not in present:
-            close = closest_metric(rule.metric, present)
+        if rule.metric is not None and rule.metric not in present and rule.metric not in defined:
+            close = closest_metric(rule.metric, [*present, *defined])
             meant = f"; did you mean {close}?" if close else ""
             # The run is named where this is shown: its plan's table, its log line, its line of the error.
             return (
@@ -286,6 +329,7 @@ def plan_run(
     weight_rules: Sequence[AnyRule] = (),
     checked_rules: Sequence[AnyRule] | None = None,
     inputs: PlanInputs | None = None,
+    defined_metrics: Collection[str] = (),
 ) -> RunPlan:
     """Each checkpoint: kept whole by a keep rule or a protection; else, in a refused run, kept; else kept
     weights-only by a `--keep-weights` rule; else removed. `checked_rules`: every rule a typo in a metric name
@@ -295,7 +339,7 @@ def plan_run(
     view = view_of(run, inputs)
     whole = AnyOf((*rules, *protections.members)).reasons(view)
     weights = AnyOf(tuple(weight_rules)).reasons(view)
-    refused = refusal(run, (*rules, *weight_rules) if checked_rules is None else checked_rules)
+    refused = refusal(run, (*rules, *weight_rules) if checked_rules is None else checked_rules, defined_metrics)
     decisions = []
     for c in sorted(run.checkpoints, key=lambda c: c.step):
         if c.step in whole:

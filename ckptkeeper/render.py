@@ -30,6 +30,7 @@ from ckptkeeper.units import count, human_bytes, human_duration
 
 if TYPE_CHECKING:
     from ckptkeeper.engine import Leftovers, PassResult
+    from ckptkeeper.metric_specs import MetricSpec
 
 
 def shown(path: str) -> str:
@@ -118,7 +119,7 @@ def describe_policy(policy: Policy, archive_to: Path | None = None) -> str:
     weights = ", ".join(r.describe() for r in policy.weight_rules)
     if weights:
         whole += f"keep the weights only of {weights} ({format_rules(policy.weight_rules)}); "
-    protected = [p.describe() for p in policy.protections.members]
+    protected = [said for p in policy.protections.members if (said := p.describe())]
     removal = f"archive to {archive_to}" if archive_to else "delete"
     return f"Policy: {whole}always keep {', '.join(protected)}; {removal} the rest{_pressure_policy(policy)}"
 
@@ -248,10 +249,11 @@ def plan_text(
     archive_to: Path | None = None,
     max_depth: int = 4,
     palette: Palette = PLAIN,
+    sources: Sequence[MetricSpec] = (),
 ) -> str:
     metrics = policy.metrics()
     plans = plan.runs
-    lines = [describe_policy(policy, archive_to), f"Root: {root}"]
+    lines = [describe_policy(policy, archive_to), *metric_source_lines(sources), f"Root: {root}"]
     lines += [f"warning: {w}" for w in warnings]
     if not plans:
         lines.append(no_runs_text(root, max_depth))
@@ -273,8 +275,26 @@ def _run_lines(plan: RunPlan, metrics: Sequence[str], palette: Palette) -> list[
     lines += _table(rows, {1, 2, *range(3, 4 + len(metrics))}, roles, palette)
     if plan.refusal:
         lines.append(f"  REFUSED: {shown(plan.refusal)}")
+    lines += [f"  {line}" for line in missing_metric_lines(plan)]
     lines += [f"  warning: {w}" for w in run_warnings(plan)]
     return lines
+
+
+def metric_source_lines(sources: Sequence[MetricSpec]) -> list[str]:
+    """`Metric hellaswag: lm-eval:/data/evals#/results/hellaswag/acc_norm,none`, one per `--metric`."""
+    return [f"Metric {spec.name}: {shown(spec.source)}" for spec in sources]
+
+
+def missing_metric_lines(plan: RunPlan) -> list[str]:
+    """Why complete checkpoints lack a named metric, one line per metric and reason (`acc: not evaluated yet
+    (no results in /data/evals): checkpoint-40, checkpoint-80`)."""
+    lacking: dict[tuple[str, str], list[str]] = {}
+    for d in plan.decisions:
+        c = d.checkpoint
+        if c.complete:
+            for name, why in sorted(c.missing_metrics.items()):
+                lacking.setdefault((name, why), []).append(c.name)
+    return [f"{name} missing: {shown(why)}: {', '.join(names)}" for (name, why), names in lacking.items()]
 
 
 def summary_line(plans: Sequence[RunPlan]) -> str:
@@ -303,7 +323,12 @@ def _finite_or_text(value: float) -> float | str:
 
 
 def plan_json(
-    root: str, policy: Policy, plan: RootPlan, warnings: Sequence[str], archive_to: Path | None = None
+    root: str,
+    policy: Policy,
+    plan: RootPlan,
+    warnings: Sequence[str],
+    archive_to: Path | None = None,
+    sources: Sequence[MetricSpec] = (),
 ) -> dict[str, Any]:
     plans = plan.runs
     runs = [
@@ -326,6 +351,8 @@ def plan_json(
                     "complete": d.checkpoint.complete,
                     "incomplete_reason": d.checkpoint.incomplete_reason,
                     "metrics": {k: _finite_or_text(v) for k, v in sorted(d.checkpoint.metrics.items())},
+                    "metric_sources": dict(sorted(d.checkpoint.metric_origins.items())),
+                    "missing_metrics": dict(sorted(d.checkpoint.missing_metrics.items())),
                     "size_bytes": d.checkpoint.size_bytes,
                     "decision": str(d.action),
                     "reasons": [reason_json(r) for r in d.reasons],
@@ -342,6 +369,8 @@ def plan_json(
         "archive_to": str(archive_to) if archive_to else None,
         "min_free": policy.pressure.floor.text if policy.pressure else None,
         "keep_under_pressure": format_rules(policy.pressure.rules) if policy.pressure else "",
+        "metrics_defined": {spec.name: spec.source for spec in sources},
+        "await": [a.format() for a in policy.protections.awaits],
         "warnings": [*warnings, *_resume_warnings(plan)],
         "runs": runs,
         "disk_pressure": [pressure_json(p) for p in plan.pressure],

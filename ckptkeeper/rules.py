@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Self
 
@@ -252,14 +252,25 @@ def parse_rule(text: str) -> AnyRule:
     return _parse_one(text.strip())
 
 
-def parse_rules(text: str) -> tuple[AnyRule, ...]:
-    """Parse a `--keep` value such as `best:1,last:5,epoch:all`. An empty value gives no rules."""
+def parse_rules(text: str, defined: Collection[str] = ()) -> tuple[AnyRule, ...]:
+    """Parse a `--keep` value such as `best:1,last:5,epoch:all`. An empty value gives no rules. `defined`: the
+    names of metrics defined by `--metric`, which a `best` rule takes as they are (no `eval_` prefix)."""
     pieces = [p.strip() for p in text.split(",")]
     if all(p == "" for p in pieces):
         return ()
     if any(p == "" for p in pieces):
         raise RuleError(f"invalid rules {text!r}: an empty rule between commas. Valid forms: {VALID_FORMS}.")
-    return tuple(_parse_one(p) for p in pieces)
+    return tuple(_named(_parse_one(p), p, defined) for p in pieces)
+
+
+def _named(rule: AnyRule, text: str, defined: Collection[str]) -> AnyRule:
+    parts = text.split(":")
+    if not isinstance(rule, Best) or len(parts) < 3 or parts[2] not in defined:
+        return rule
+    direction: Direction = (
+        "min" if parts[3:] == ["min"] else "max" if parts[3:] == ["max"] else default_direction(parts[2])
+    )
+    return Best(rule.count, parts[2], direction)
 
 
 def format_rule(rule: AnyRule) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ckptkeeper import weights
 from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_problem
+from ckptkeeper.metric_specs import MetricSpec
 from ckptkeeper.model import Checkpoint, Run, root_name
 from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
 
@@ -37,6 +38,7 @@ class ScanOptions:
     max_depth: int = DEFAULT_MAX_DEPTH
     settle: float = 0.0
     stale_after: float = 3600.0  # an incomplete checkpoint unchanged this long is reported (`stale.py`)
+    metrics: tuple[MetricSpec, ...] = ()  # named metrics read from evaluation jobs' files (`--metric`)
 
 
 # Names ckptkeeper gives what it creates among a user's runs (the state directory, a run-local trash, the

@@ -248,8 +248,8 @@ def test_plan_json_is_strict_json_with_the_documented_keys(sim_run: Callable[...
     data = _strict_json(result.stdout)
     assert isinstance(data, dict)
     assert set(data) == {
-        "root", "keep", "keep_weights", "archive_to", "min_free", "keep_under_pressure", "warnings", "runs",
-        "disk_pressure", "summary",
+        "root", "keep", "keep_weights", "archive_to", "min_free", "keep_under_pressure", "metrics_defined",
+        "await", "warnings", "runs", "disk_pressure", "summary",
     }  # fmt: skip
     assert (data["root"], data["keep"], data["archive_to"], data["warnings"]) == (
         str(run.parent),
@@ -260,7 +260,10 @@ def test_plan_json_is_strict_json_with_the_documented_keys(sim_run: Callable[...
     [entry] = data["runs"]
     assert set(entry) == {"run", "refusal", "stale_incomplete", "mixed_runs", "checkpoints"}
     assert (entry["run"], entry["refusal"], entry["mixed_runs"]) == ("run", None, None)
-    names = {"name", "step", "epoch", "complete", "incomplete_reason", "metrics", "size_bytes", "decision", "reasons"}
+    names = {
+        "name", "step", "epoch", "complete", "incomplete_reason", "metrics", "metric_sources", "missing_metrics",
+        "size_bytes", "decision", "reasons",
+    }  # fmt: skip
     for c in entry["checkpoints"]:
         assert set(c) == names
         assert c["complete"] is True and c["incomplete_reason"] is None

@@ -35,6 +35,8 @@ KEYS = (
     "state_dir",
     "max_depth",
     "protect_trainer_best",
+    "metrics",
+    "await",
     "settle",
     "stale_after",
     "dry_run",
@@ -62,6 +64,8 @@ def toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(value)  # strings and numbers are written alike in TOML and JSON
 
 
@@ -89,6 +93,8 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         "state_dir": str(tmp_path / "state"),
         "max_depth": 2,
         "protect_trainer_best": False,
+        "metrics": {"mmlu": "file:eval_results.json#/results/mmlu/acc,none"},
+        "await": ["mmlu:2h"],
         "settle": 0.5,
         "stale_after": "1h30m",
         "dry_run": True,
@@ -101,7 +107,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         "metrics_port": 9100,
         "metrics_host": "0.0.0.0",
     }
-    assert set(values) == set(KEYS) == set(Settings.model_fields)
+    assert set(values) == set(KEYS) == {info.alias or name for name, info in Settings.model_fields.items()}
     loaded = load_settings(write_config(tmp_path / name, values), {})
     assert loaded == Settings(
         root=tmp_path / "outputs",
@@ -113,6 +119,8 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         state_dir=tmp_path / "state",
         max_depth=2,
         protect_trainer_best=False,
+        metrics={"mmlu": "file:eval_results.json#/results/mmlu/acc,none"},
+        await_=["mmlu:2h"],
         settle=0.5,
         stale_after="1h30m",
         dry_run=True,

@@ -138,7 +138,14 @@ def test_reason_objects_have_the_documented_keys(printed: str) -> None:
         "until": None,
         "text": "protected: trainer best",
     }
-    assert by_kind["last"] == {"kind": "last", "rule": "last:1", "rank": 1, "released": False, "until": None, "text": "last 1/1"}
+    assert by_kind["last"] == {
+        "kind": "last",
+        "rule": "last:1",
+        "rank": 1,
+        "released": False,
+        "until": None,
+        "text": "last 1/1",
+    }
     assert by_kind["newest"] == {
         "kind": "newest",
         "rule": "protected:newest",

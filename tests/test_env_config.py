@@ -30,6 +30,11 @@ ONE_PER_SETTING: dict[str, tuple[str, Any]] = {
     "CKPTKEEPER_STATE_DIR": ("/var/lib/ckptkeeper", Path("/var/lib/ckptkeeper")),
     "CKPTKEEPER_MAX_DEPTH": ("7", 7),
     "CKPTKEEPER_PROTECT_TRAINER_BEST": ("false", False),
+    "CKPTKEEPER_METRICS": (
+        "{mmlu: 'file:eval_results.json#/results/mmlu/acc'}",
+        {"mmlu": "file:eval_results.json#/results/mmlu/acc"},
+    ),
+    "CKPTKEEPER_AWAIT": ("mmlu:2h, mmlu", ["mmlu:2h", "mmlu"]),
     "CKPTKEEPER_SETTLE": ("2.5", 2.5),
     "CKPTKEEPER_STALE_AFTER": ("2h", "2h"),
     "CKPTKEEPER_DRY_RUN": ("true", True),
@@ -45,16 +50,20 @@ ONE_PER_SETTING: dict[str, tuple[str, Any]] = {
 
 
 def test_every_setting_has_a_variable_in_the_table() -> None:
-    assert set(ONE_PER_SETTING) == {env_var(name) for name in Settings.model_fields}
+    assert set(ONE_PER_SETTING) == {env_var(info.alias or name) for name, info in Settings.model_fields.items()}
 
 
 @pytest.mark.parametrize(("var", "raw", "expected"), [(v, *t) for v, t in ONE_PER_SETTING.items()])
 def test_each_variable_sets_its_setting(var: str, raw: str, expected: Any) -> None:
     name = var.removeprefix("CKPTKEEPER_").lower()
+    name = "await_" if name == "await" else name  # a Python keyword: the field's name differs
     default = getattr(Settings(), name)
     assert default != expected  # the variable must change something
-    # Pressure rules need a floor (alone they are an error, tested below): the one other variable set here.
-    needed = {"CKPTKEEPER_MIN_FREE": "10%"} if var == "CKPTKEEPER_KEEP_UNDER_PRESSURE" else {}
+    # Pressure rules need a floor, an await a defined metric (alone they are errors): the other variables set here.
+    needed = {
+        "CKPTKEEPER_KEEP_UNDER_PRESSURE": {"CKPTKEEPER_MIN_FREE": "10%"},
+        "CKPTKEEPER_AWAIT": {"CKPTKEEPER_METRICS": "{mmlu: 'file:r.json#/acc'}"},
+    }.get(var, {})
     settings = load_settings(None, {}, {var: raw, **needed})
     value = getattr(settings, name)
     assert value == expected
@@ -192,16 +201,16 @@ def test_every_bad_variable_is_reported() -> None:
 
 
 KNOWN = (
-    "known: CKPTKEEPER_ARCHIVE_TO, CKPTKEEPER_DRY_RUN, CKPTKEEPER_EXIT_WHEN_DONE, CKPTKEEPER_GRACE, "
+    "known: CKPTKEEPER_ARCHIVE_TO, CKPTKEEPER_AWAIT, CKPTKEEPER_DRY_RUN, CKPTKEEPER_EXIT_WHEN_DONE, CKPTKEEPER_GRACE, "
     "CKPTKEEPER_KEEP, CKPTKEEPER_KEEP_UNDER_PRESSURE, CKPTKEEPER_KEEP_WEIGHTS, CKPTKEEPER_LOG_FORMAT, "
-    "CKPTKEEPER_MAX_DEPTH, CKPTKEEPER_METRICS_HOST, CKPTKEEPER_METRICS_PORT, CKPTKEEPER_MIN_FREE, CKPTKEEPER_POLL, "
+    "CKPTKEEPER_MAX_DEPTH, CKPTKEEPER_METRICS, CKPTKEEPER_METRICS_HOST, CKPTKEEPER_METRICS_PORT, CKPTKEEPER_MIN_FREE, CKPTKEEPER_POLL, "
     "CKPTKEEPER_PROTECT_TRAINER_BEST, CKPTKEEPER_RESCAN_INTERVAL, "
     "CKPTKEEPER_ROOT, CKPTKEEPER_SETTLE, CKPTKEEPER_STALE_AFTER, CKPTKEEPER_STANDBY, CKPTKEEPER_STATE_DIR, "
     "CKPTKEEPER_CONFIG"
 )
 
 
-@pytest.mark.parametrize("var", ["CKPTKEEPER_KEPP", "CKPTKEEPER_METRICS", "CKPTKEEPER_keep", "CKPTKEEPER_"])
+@pytest.mark.parametrize("var", ["CKPTKEEPER_KEPP", "CKPTKEEPER_METRIC", "CKPTKEEPER_keep", "CKPTKEEPER_"])
 def test_a_misspelt_variable_fails(var: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_settings(None, {}, {var: "last:1", "CKPTKEEPER_KEEP": "last:2"})
