@@ -442,6 +442,7 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     options = WatchOptions(
         settle=settings.scan_options(default_settle=2.0).settle,
         stale_after=settings.scan_options().stale_after,
+        metrics=settings.metric_specs(),
         max_depth=settings.max_depth,
         rescan_interval=settings.rescan_interval,
         poll=settings.poll,

@@ -179,8 +179,7 @@ def evaluation_of(document: object, file: str, mtime: float, specs: Sequence[Met
     if path is None:
         return None
     date = as_number(document.get("date"))
-    shown = os.path.basename(file)
-    values = {s.name: value_in(document, s, shown) for s in specs}
+    values = {s.name: value_in(document, s, file) for s in specs}
     return Evaluation(file, path, mtime if date is None else date, values)
 
 

@@ -94,6 +94,12 @@ class Metrics:
         self.checkpoints_kept = Gauge(
             "ckptkeeper_checkpoints_kept", "Checkpoints the rules and protections keep, per run", ["run"], registry=r
         )
+        self.awaiting = Gauge(
+            "ckptkeeper_awaiting_checkpoints",
+            "Complete checkpoints kept until an awaited evaluation (--await) arrives, per run",
+            ["run"],
+            registry=r,
+        )
         self.stale_incomplete = Gauge(
             "ckptkeeper_stale_incomplete_checkpoints",
             "Incomplete checkpoints unchanged for longer than --stale-after (left by a crash?), per run",
@@ -148,6 +154,9 @@ class Metrics:
     def set_run(self, run: str, seen: int, kept: int) -> None:
         self.checkpoints_seen.labels(run=run).set(seen)
         self.checkpoints_kept.labels(run=run).set(kept)
+
+    def set_awaiting(self, run: str, awaiting: int) -> None:
+        self.awaiting.labels(run=run).set(awaiting)
 
     def set_stale(self, run: str, stale: int) -> None:
         self.stale_incomplete.labels(run=run).set(stale)

@@ -205,6 +205,16 @@ class Stale:
 
 
 @dataclass(frozen=True)
+class Overdue:
+    """A complete checkpoint whose awaited metric (`--await`) did not arrive within its timeout: the rules now
+    judge it without that metric. Said once."""
+
+    checkpoint: Checkpoint
+    metric: str
+    timeout: float
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """The planner's answer for one run. A refused run keeps everything and says why."""
 
@@ -216,6 +226,7 @@ class RunPlan:
     # Trainer would resume with a fresh optimizer and say nothing. A warning only.
     weights_only_resume: Checkpoint | None = None
     stale: tuple[Stale, ...] = ()  # incomplete and unchanged for long (a crash's leftover?): a warning only
+    overdue: tuple[Overdue, ...] = ()  # awaited evaluations that never arrived: judged without them
 
     @property
     def live(self) -> Checkpoint | None:

@@ -15,7 +15,19 @@ from typing import Protocol
 
 from ckptkeeper import pressure
 from ckptkeeper.metric_specs import AwaitSpec
-from ckptkeeper.model import Action, Checkpoint, Decision, MixedRuns, Pin, Reason, ReasonKind, Run, RunPlan, RunView
+from ckptkeeper.model import (
+    Action,
+    Checkpoint,
+    Decision,
+    MixedRuns,
+    Overdue,
+    Pin,
+    Reason,
+    ReasonKind,
+    Run,
+    RunPlan,
+    RunView,
+)
 from ckptkeeper.pressure import DiskPressure, PressurePolicy, Space
 from ckptkeeper.rules import AnyRule, format_rule
 
@@ -122,6 +134,18 @@ class Awaiting:
                     )
                 ]
         return kept
+
+    def overdue(self, view: RunView) -> list[Overdue]:
+        """The complete checkpoints whose evaluation did not arrive in time: judged without it now."""
+        if view.now is None:
+            return []
+        return [
+            Overdue(c, self.spec.name, self.spec.timeout)
+            for c in view.complete
+            if self.spec.name not in c.metrics
+            and c.written_at is not None
+            and view.now >= c.written_at + self.spec.timeout
+        ]
 
     def describe(self) -> str:
         return f"those awaiting {self.spec.name} (up to {self.spec.format().partition(':')[2]})"
@@ -351,7 +375,8 @@ def plan_run(
         else:
             decisions.append(Decision(c, removal, (NO_RULE_KEEPS,)))
     resume = next((c for c, _ in view.resume_points if c.weights_only), None)
-    return RunPlan(run, tuple(decisions), refused, view.mixed_runs, resume)
+    overdue = tuple(o for spec in protections.awaits for o in Awaiting(spec).overdue(view))
+    return RunPlan(run, tuple(decisions), refused, view.mixed_runs, resume, overdue=overdue)
 
 
 def _whole(c: Checkpoint, why: list[Reason]) -> Decision:

@@ -20,7 +20,7 @@ from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import Pipeline
 from ckptkeeper.inbox import Pending
 from ckptkeeper.metrics import Metrics, count_outcome
-from ckptkeeper.model import Outcome, OutcomeKind, Run, RunPlan, root_name
+from ckptkeeper.model import Outcome, OutcomeKind, ReasonKind, Run, RunPlan, root_name
 from ckptkeeper.policy import RootPlan
 from ckptkeeper.pressure import FREEING
 from ckptkeeper.pressure_log import PressureLog
@@ -129,6 +129,7 @@ class Reconciler:
         space = self.pipeline.measure(runs, freeing=self.reaper.busy())
         space = None if space is None else self.unseen.adjust(space, runs, now)
         planned = self.pipeline.plan(runs, self._refused_outside(runs), space=space, now=now)
+        self.decision_log.metric_warnings(self.pipeline.metric_warnings())
         if self.pipeline.policy.pressure is not None:
             self.pressure_log.planned(planned.pressure, planned.runs)
             self.pressure_waits = any(p.deferred == FREEING for p in planned.pressure)
@@ -158,6 +159,8 @@ class Reconciler:
         [result] = self.pipeline.act(RootPlan((plan,), root_plan.refused_runs), self._on_outcome)
         self.decision_log.after(result)
         self.metrics.set_run(plan.run.path, seen=len(result.after.checkpoints), kept=len(plan.kept))
+        awaiting = sum(1 for d in plan.decisions if any(r.kind is ReasonKind.AWAITING for r in d.reasons))
+        self.metrics.set_awaiting(plan.run.path, awaiting)
         if self.tracker.record(run_dir, result, now, self.pipeline.dry_run):
             self.decision_log.finished(plan, self.pipeline.dry_run)
         return True

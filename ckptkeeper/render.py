@@ -17,6 +17,7 @@ from ckptkeeper.model import (
     MixedRuns,
     Outcome,
     OutcomeKind,
+    Overdue,
     Reason,
     ReasonKind,
     RunPlan,
@@ -179,7 +180,18 @@ def run_warnings(plan: RunPlan) -> list[str]:
     """The warnings of one run, each a line of text."""
     found = [mixed_runs_text(plan.mixed_runs)] if plan.mixed_runs else []
     found += [weights_only_resume_text(plan.weights_only_resume)] if plan.weights_only_resume else []
-    return found + [stale_text(s) for s in plan.stale]
+    return found + [stale_text(s) for s in plan.stale] + overdue_lines(plan.overdue)
+
+
+def overdue_lines(overdue: Sequence[Overdue]) -> list[str]:
+    """`acc_norm never arrived within 6h for checkpoint-40, checkpoint-80: judged without it`, one per metric."""
+    by_metric: dict[tuple[str, float], list[str]] = {}
+    for o in overdue:
+        by_metric.setdefault((o.metric, o.timeout), []).append(o.checkpoint.name)
+    return [
+        f"{shown(metric)} never arrived within {human_duration(timeout)} for {', '.join(names)}: judged without it"
+        for (metric, timeout), names in by_metric.items()
+    ]
 
 
 def stale_text(s: Stale) -> str:

@@ -83,12 +83,18 @@ class RunTracker:
             # Incomplete only because it changed recently: look again when its settle time is up, since no
             # further event may come. Other incomplete checkpoints wait for events (and full rescans).
             self.recheck_at[run_dir] = min(settling) + SETTLE_MARGIN
+        lapsing = [r.until for d in plan.decisions for r in d.reasons if r.until is not None and r.until > now]
+        if lapsing:
+            # Kept by what lapses with time (an await's timeout, a pin's lease): plan again then, since no event
+            # may come; meanwhile the run is not quiet, so each pass plans it with the time of that pass.
+            due = min(lapsing) + SETTLE_MARGIN
+            self.recheck_at[run_dir] = min(self.recheck_at.get(run_dir, due), due)
         held = _held(plan)
         if held:
             self.held[plan.run.path] = run_dir
         else:
             self.held.pop(plan.run.path, None)
-        if not settling and not held and not result.unfinished:
+        if not settling and not lapsing and not held and not result.unfinished:
             self.quiet_runs[run_dir] = result.after.checkpoints
         pruned = dry_run or not result.unfinished
         live = plan.live

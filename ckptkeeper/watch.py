@@ -29,6 +29,7 @@ from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import Pipeline, require_rules
 from ckptkeeper.inbox import Inbox, Pending
 from ckptkeeper.layout import Layout, default_state_dir
+from ckptkeeper.metric_specs import MetricSpec
 from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_problem
 from ckptkeeper.model import root_name
 from ckptkeeper.observers import ObserverSupervisor, RootChange
@@ -66,10 +67,11 @@ class WatchOptions:
     standby: bool = False  # wait for another instance's lock of the root instead of exiting 4
     max_depth: int = DEFAULT_MAX_DEPTH
     stale_after: float = DEFAULT_STALE_AFTER
+    metrics: tuple[MetricSpec, ...] = ()  # `--metric`: named metrics from evaluation jobs
 
     @property
     def scan(self) -> ScanOptions:
-        return ScanOptions(self.max_depth, self.settle, self.stale_after)
+        return ScanOptions(self.max_depth, self.settle, self.stale_after, self.metrics)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,101 @@
+"""`watch` with named metrics and `--await`: results files that arrive later are acted on within one rescan,
+unchanged ones are not read again, and an await that lapses is acted on without any change on disk. The
+real lm-evaluation-harness fixture; the daemon in-process (reads counted) and as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ckptkeeper.config import load_settings
+from ckptkeeper.metric_sources import LmEvalSource
+from ckptkeeper.watch import Daemon, WatchOptions
+from tests.lmeval_fixture import ACC_NORM_POINTER, LmEvalFixture, copy_lmeval_fixture
+from tests.watchutil import steps, wait_until
+
+
+def _daemon(lm: LmEvalFixture, awaiting: str) -> Daemon:
+    settings = load_settings(
+        None,
+        {
+            "keep": "best:1:acc_norm,last:1",
+            "metrics": {"acc_norm": f"lm-eval:{lm.evals}#{ACC_NORM_POINTER}"},
+            "await": [awaiting],
+        },
+        {},
+    )
+    options = WatchOptions(settle=0.0, metrics=settings.metric_specs())
+    return Daemon(lm.run, settings.policy(), lm.root / "state", options)
+
+
+def _source(daemon: Daemon) -> LmEvalSource:
+    assert daemon.pipeline is not None and daemon.pipeline.metric_sources is not None
+    [source] = daemon.pipeline.metric_sources.lm_evals
+    return source
+
+
+def _touch_all(top: Path, when: float) -> None:
+    for path in top.rglob("*"):
+        os.utime(path, (when, when), follow_symlinks=False)
+
+
+def test_a_results_file_that_arrives_later_is_acted_on_and_unchanged_ones_are_not_read_again(tmp_path: Path) -> None:
+    lm = copy_lmeval_fixture(tmp_path / "lm")
+    _touch_all(lm.run, time.time())  # written just now: an await of a day holds what is not evaluated
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for step in (40, 80):
+        shutil.move(lm.evals / f"__tmp__lmeval-out__run__checkpoint-{step}", aside)
+    daemon = _daemon(lm, "acc_norm:1d")
+    daemon.reconcile_all()
+    assert steps(lm.run) == [40, 80, 240]  # 40 and 80 await their evaluation; 240 is best and newest
+    source = _source(daemon)
+    first = source.reads
+    assert first == len(list(lm.evals.rglob("*.json")))
+    assert daemon.metrics.awaiting.labels(run=".")._value.get() == 2
+
+    daemon.reconcile_all()
+    assert source.reads == first  # nothing changed: no results file is read again
+
+    shutil.move(aside / "__tmp__lmeval-out__run__checkpoint-40", lm.evals)
+    daemon.reconcile_all(trusting=True)  # a periodic rescan of an unchanged run directory
+    assert steps(lm.run) == [80, 240]
+    assert source.reads == first + 1  # only the new file
+
+
+def test_an_await_that_lapses_is_acted_on_with_no_change_on_disk(tmp_path: Path) -> None:
+    """The daemon as a real process: checkpoint-40 has no evaluation and was written just now; after the 3 s
+    timeout it is judged without it (removed) and the log says once that its evaluation never arrived."""
+    lm = copy_lmeval_fixture(tmp_path / "lm")
+    shutil.rmtree(lm.evals / "__tmp__lmeval-out__run__checkpoint-40")
+    old = time.time() - 86400
+    _touch_all(lm.run, old)
+    _touch_all(lm.run / "checkpoint-40", time.time())
+    os.utime(lm.run / "checkpoint-240" / "trainer_state.json", (time.time() + 1, time.time() + 1))
+    command = [
+        sys.executable, "-m", "ckptkeeper", "watch", str(lm.run), "--keep", "best:1:acc_norm,last:1",
+        "--metric", f"acc_norm=lm-eval:{lm.evals}#{ACC_NORM_POINTER}", "--await", "acc_norm:3s",
+        "--settle", "0", "--log-format", "json", "--state-dir", str(tmp_path / "state"),
+    ]  # fmt: skip
+    log = tmp_path / "log.jsonl"
+    with open(log, "w") as out:
+        daemon = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: steps(lm.run) == [40, 240], 20, lambda: f"{steps(lm.run)}\n{log.read_text()}")
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        kept = [e for e in lines if e.get("checkpoint") == "checkpoint-40" and e.get("action") == "kept"]
+        assert kept and "awaiting acc_norm" in kept[0]["message"]
+        wait_until(lambda: steps(lm.run) == [240], 20, lambda: f"{steps(lm.run)}\n{log.read_text()}")
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+    messages = [json.loads(line)["message"] for line in log.read_text().splitlines() if line.startswith("{")]
+    never = [m for m in messages if "never arrived" in m]
+    assert len(never) == 1 and "checkpoint-40" in never[0] and "no acc_norm within 3s" in never[0], messages
+    deleted = [m for m in messages if "checkpoint-40" in m and "deleted" in m]
+    assert deleted and "was awaiting acc_norm" in deleted[0], messages
