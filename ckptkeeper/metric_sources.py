@@ -312,7 +312,7 @@ def newest_values(evaluations: Sequence[Evaluation], specs: Sequence[MetricSpec]
         elif ordered:
             found[spec.name] = ordered[0].values[spec.name]
         else:
-            found[spec.name] = Found(None, None, f"not evaluated yet (no results in {spec.location})")
+            found[spec.name] = Found(None, None, f"not evaluated yet (no results for it in {spec.location})")
     return found
 
 

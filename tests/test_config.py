@@ -631,7 +631,12 @@ SHIPPED = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.*
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_every_shipped_config_loads_and_gives_a_policy(path: Path) -> None:
+def test_every_shipped_config_loads_and_gives_a_policy(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run where a user runs it: in a directory that holds what the config names (an eval job's `evals/`)."""
+    (tmp_path / "evals").mkdir()
+    monkeypatch.chdir(tmp_path)
     settings = load_settings(path, {}, environ={})
     assert settings.policy().rules, path
 

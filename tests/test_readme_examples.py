@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from lmeval_fixture import copy_lmeval_fixture
 from readme_examples import Block, Command, blocks, mismatch, readme
 from watchutil import TrainerThread, Watch
 
@@ -161,6 +162,21 @@ def stale(cwd: Path, mount: Mount) -> Sandbox:
     return sandbox
 
 
+def eval_metrics(cwd: Path, mount: Mount) -> Sandbox:
+    """The real lm-evaluation-harness fixture in cwd (run/, evals/), its file times as the real run left them,
+    except checkpoint-240: written just now, not evaluated yet. The copies of results files in checkpoint-80
+    and -240 go: they record the sandbox's path, whose length would change the sizes shown."""
+    lm = copy_lmeval_fixture(cwd)
+    for name in ("__tmp__lmeval-out__run__checkpoint-240", "checkpoint-240"):
+        shutil.rmtree(lm.evals / name)
+    for step in (80, 240):
+        (lm.run / f"checkpoint-{step}" / "eval_results.json").unlink()
+    now = time.time()
+    for path in (lm.run / "checkpoint-240").iterdir():
+        os.utime(path, (now, now))
+    return shown_as_data(cwd)
+
+
 def bad_config(cwd: Path, mount: Mount) -> Sandbox:
     (cwd / "bad.yaml").write_text("keep: [best:1, lastt:5]\nmax_depth: -1\n")
     return shown_as_data(cwd)
@@ -271,6 +287,7 @@ SCENARIOS: dict[str, Callable[[Path, Mount], Sandbox]] = {
     "mixed-runs": mixed_runs,
     "pressure": pressure,
     "bad-config": bad_config,
+    "eval-metrics": eval_metrics,
     "stale": stale,
     "nothing": nothing,
     "demo": demo,
