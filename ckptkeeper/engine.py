@@ -323,14 +323,32 @@ class Pipeline:
         return find_run_dirs(top, self.scan_options.max_depth - depth, self.excluded, found)
 
     def scan(
-        self, run_dirs: Sequence[Path], now: float | None, cache: ContentCache | None = None, trusting: bool = False
+        self,
+        run_dirs: Sequence[Path],
+        now: float | None,
+        cache: ContentCache | None = None,
+        trusting: bool = False,
+        refresh_metrics: bool = True,
     ) -> list[Run]:
-        """Read each run directory (`now` makes --settle apply; `cache`/`trusting` as in ContentCache)."""
+        """Read each run directory (`now` makes --settle apply; `cache`/`trusting` as in ContentCache), with the
+        named metrics joined, from their sources as they are now (or, without `refresh_metrics`, as they were at
+        the caller's last `refresh_metric_sources`: the daemon looks once per pass, then scans run by run)."""
         settle = self.scan_options.settle
         runs = [read_run(self.root, d, now, settle, cache, trusting) for d in run_dirs]
         if self.metric_sources is None:
             return runs
+        if refresh_metrics:
+            self.metric_sources.refresh()
         return self.metric_sources.attach(runs, {run.path: os.fspath(d) for run, d in zip(runs, run_dirs, strict=True)})
+
+    def refresh_metric_sources(self) -> None:
+        if self.metric_sources is not None:
+            self.metric_sources.refresh()
+
+    def forget_run(self, run: str) -> None:
+        """A run that is gone (the daemon forgets it)."""
+        if self.metric_sources is not None:
+            self.metric_sources.forget(run)
 
     def metric_warnings(self) -> list[str]:
         """What the last scan could not tie to a checkpoint (results files of paths outside the root...)."""

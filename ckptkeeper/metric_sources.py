@@ -191,9 +191,12 @@ class LmEvalSource:
         self.specs = tuple(specs)
         self._files: dict[str, tuple[FileKey, Evaluation | None]] = {}
         self.reads = 0  # files read so far (the benchmark and tests count them)
+        # Each recorded model path's (device, inode) as of the last refresh: stat once per pass, not per run.
+        self.located: dict[str, Identity | None] = {}
 
     def refresh(self) -> None:
         """Look at DIR again: new and changed files are read, vanished ones forgotten."""
+        self.located.clear()
         present: set[str] = set()
         for path, st in self._walk():
             present.add(path)
@@ -250,17 +253,15 @@ class Ties:
     warnings: list[str] = field(default_factory=list)
 
 
-def tie(
-    evaluations: Sequence[Evaluation],
-    root: Path,
-    identities: dict[Identity, tuple[str, str]],
-    known: dict[str, set[str]],
-) -> Ties:
-    """Tie each evaluation to a checkpoint below the root: (run path, checkpoint name)."""
+Where = tuple[str, str]  # (run path, checkpoint name)
+
+
+def tie(source: LmEvalSource, root: Path, identities: dict[Identity, Where], known: dict[str, set[str]]) -> Ties:
+    """Tie each evaluation of `source` to a checkpoint below the root."""
     ties = Ties()
     real_root = os.path.realpath(root)
-    for ev in evaluations:
-        where = _tied(ev.model_path, real_root, identities, known)
+    for ev in source.evaluations():
+        where = _tied(ev.model_path, real_root, identities, known, source.located)
         if isinstance(where, str):
             if where:
                 ties.warnings.append(f"{ev.file}: {where}; ignored")
@@ -270,19 +271,21 @@ def tie(
 
 
 def _tied(
-    model_path: str, real_root: str, identities: dict[Identity, tuple[str, str]], known: dict[str, set[str]]
-) -> tuple[str, str] | str:
+    model_path: str,
+    real_root: str,
+    identities: dict[Identity, Where],
+    known: dict[str, set[str]],
+    located: dict[str, Identity | None],
+) -> Where | str:
     """The checkpoint, or why none ("" for a checkpoint not (or no longer) there: nothing to say)."""
     path = model_path.rstrip("/")
     if os.path.isabs(path):
-        real = os.path.realpath(path)
-        if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+        if path not in located:
+            located[path] = _locate(path, real_root)
+        found = located[path]
+        if found is None:
             return f"evaluated {model_path}, which is outside the root {real_root}"
-        try:
-            st = os.stat(path)
-        except OSError:
-            return ""
-        return identities.get((st.st_dev, st.st_ino), "")
+        return identities.get(found, "")
     parts = [p for p in os.path.normpath(path).split("/") if p not in ("", ".", "..")]
     if not parts:
         return f"evaluated {model_path!r}, which names no checkpoint"
@@ -292,6 +295,18 @@ def _tied(
         shown = ", ".join(f"{run}/{name}" for run, name in sorted(matches))
         return f"evaluated the relative path {model_path!r}, which names {len(matches)} checkpoints ({shown})"
     return matches[0] if matches else ""
+
+
+def _locate(path: str, real_root: str) -> Identity | None:
+    """(device, inode) of the directory `path` leads to, through links; None outside the root, (0, 0) if gone."""
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return st.st_dev, st.st_ino
 
 
 def _ends_with(run: str, components: list[str]) -> bool:
@@ -339,27 +354,32 @@ class MetricSources:
         """The lm-eval directories (never scanned as runs)."""
         return [Path(s.directory) for s in self.lm_evals]
 
+    def refresh(self) -> None:
+        """Look at every lm-eval directory again (once per pass: each run of a pass is then joined from it)."""
+        self.warnings = []
+        for source in self.lm_evals:
+            source.refresh()
+
+    def forget(self, run: str) -> None:
+        """A run that is gone: none of its checkpoints can be named by a relative path any more."""
+        self.known.pop(run, None)
+
     def attach(self, runs: Sequence[Run], run_dir_of: dict[str, str]) -> list[Run]:
-        """The runs with each complete checkpoint's named metrics joined to its own; `run_dir_of` gives each
-        run's directory (absolute) by its path."""
+        """The runs with each complete checkpoint's named metrics joined to its own, from the lm-eval directories
+        as last refreshed; `run_dir_of` gives each run's directory (absolute) by its path."""
         for run in runs:
             self.known[run.path] = {c.name for c in run.checkpoints}
         self._joined = {k: v for k, v in self._joined.items() if k[1] in self.known.get(k[0], ())}
         identities = {c.identity: (run.path, c.name) for run in runs for c in run.checkpoints if c.identity is not None}
         evaluated: dict[tuple[str, str], dict[str, Found]] = {}
-        self.warnings = []
         for source in self.lm_evals:
-            source.refresh()
-            ties = tie(source.evaluations(), self.root, identities, self.known)
-            self.warnings += ties.warnings
+            ties = tie(source, self.root, identities, self.known)
+            self.warnings = list(dict.fromkeys([*self.warnings, *ties.warnings]))
             for run in runs:
                 for c in run.checkpoints:
                     found = newest_values(ties.by_checkpoint.get((run.path, c.name), []), source.specs)
                     evaluated.setdefault((run.path, c.name), {}).update(found)
         return [self._joined_run(run, run_dir_of[run.path], evaluated) for run in runs]
-
-    def forget(self, run: str) -> None:
-        self.known.pop(run, None)
 
     def _joined_run(self, run: Run, run_dir: str, evaluated: dict[tuple[str, str], dict[str, Found]]) -> Run:
         checkpoints = []

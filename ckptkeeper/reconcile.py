@@ -79,6 +79,7 @@ class Reconciler:
         found = set(self.pipeline.find_runs()) if self.root.is_dir() else set()
         for gone in self.tracker.known_runs - found:
             self.tracker.forget(gone, run_path(self.root, gone))
+            self.pipeline.forget_run(run_path(self.root, gone))
             self.decision_log.run_gone(run_path(self.root, gone))
         trusted = set() if not trusting else found - set(distrusted)
         self.reconcile_runs(sorted(found), time.time(), trusted)
@@ -91,6 +92,7 @@ class Reconciler:
         With --min-free, every known run takes part in every pass (the others scanned trusting the cache):
         pressure is judged over whole filesystems, and only from runs as they are now."""
         others = self._pressure_runs(run_dirs)
+        self.pipeline.refresh_metric_sources()  # once per pass: every run of it is joined from the same look
         scanned: list[tuple[Path, Run, bool]] = []
         for run_dir in [*run_dirs, *others]:
             if self.stop_event.is_set():
@@ -142,12 +144,13 @@ class Reconciler:
     def _scan(self, run_dir: Path, now: float, trusting: bool) -> tuple[Run, bool] | None:
         """The run as on disk now, and whether it changed since a pass that had nothing to do; None when it
         has no checkpoint left (the run is forgotten)."""
-        [run] = self.pipeline.scan([run_dir], now, self.tracker.cache, trusting)
+        [run] = self.pipeline.scan([run_dir], now, self.tracker.cache, trusting, refresh_metrics=False)
         stale = self.pipeline.stale(run, now)
         self.decision_log.stale(run.path, stale)
         self.metrics.set_stale(run.path, len(stale))
         if not run.checkpoints:
             self.tracker.forget(run_dir, run.path)
+            self.pipeline.forget_run(run.path)
             self.decision_log.run_gone(run.path)
             self.tracker.recheck_at.pop(run_dir, None)
             self.metrics.set_run(run.path, seen=0, kept=0)
