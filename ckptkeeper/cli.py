@@ -22,6 +22,7 @@ from ckptkeeper.units import count
 if TYPE_CHECKING:
     from ckptkeeper.config import Settings
     from ckptkeeper.engine import PassResult, Pipeline
+    from ckptkeeper.watch import WatchOptions
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -131,7 +132,7 @@ def _check_duration(ctx: click.Context, param: click.Parameter, value: str | Non
 
 def policy_options(command: F) -> F:
     """The options plan, prune and watch share: everything that decides what is kept."""
-    for decorator in reversed([*_rule_options(), *_path_options()]):
+    for decorator in reversed([*_rule_options(), *_metric_options(), *_path_options()]):
         command = decorator(command)
     return command
 
@@ -175,6 +176,16 @@ def _rule_options() -> list[Callable[[F], F]]:
             "--min-free. Protected checkpoints are never released.",
         ),
         click.option(
+            "--protect-trainer-best/--no-protect-trainer-best",
+            default=None,
+            help="Always keep the checkpoint the Trainer calls best (default: on).",
+        ),
+    ]
+
+
+def _metric_options() -> list[Callable[[F], F]]:
+    return [
+        click.option(
             "--metric",
             "metrics",
             multiple=True,
@@ -191,11 +202,6 @@ def _rule_options() -> list[Callable[[F], F]]:
             metavar="NAME[:TIMEOUT]",
             help="Keep each complete checkpoint until its metric NAME arrives, or until TIMEOUT (default 24h; 90s, "
             "15m, 2h, 1h30m) has passed since it was written. Repeatable.",
-        ),
-        click.option(
-            "--protect-trainer-best/--no-protect-trainer-best",
-            default=None,
-            help="Always keep the checkpoint the Trainer calls best (default: on).",
         ),
     ]
 
@@ -434,25 +440,12 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
         ckptkeeper watch /outputs --config /etc/ckptkeeper.yaml --exit-when-done --log-format json
     """
     from ckptkeeper.logs import configure_logging
-    from ckptkeeper.watch import Daemon, WatchOptions
+    from ckptkeeper.watch import Daemon
 
     settings = _settings(flags)
     root = _root(settings)
     configure_logging(settings.log_format, -1 if quiet else verbose)
-    options = WatchOptions(
-        settle=settings.scan_options(default_settle=2.0).settle,
-        stale_after=settings.scan_options().stale_after,
-        metrics=settings.metric_specs(),
-        max_depth=settings.max_depth,
-        rescan_interval=settings.rescan_interval,
-        poll=settings.poll,
-        dry_run=settings.dry_run,
-        exit_when_done=settings.exit_when_done,
-        grace=settings.grace,
-        metrics_port=settings.metrics_port,
-        metrics_host=settings.metrics_host,
-        standby=settings.standby,
-    )
+    options = _watch_options(settings)
     with _domain_errors():  # a root that exists has its paths checked now; one awaited, once it appears
         if root.exists() and not root.is_dir():
             raise ConfigProblem(f"root {root} is not a directory")
@@ -471,6 +464,25 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
         return
     if code:
         sys.exit(code)
+
+
+def _watch_options(settings: Settings) -> WatchOptions:
+    from ckptkeeper.watch import WatchOptions
+
+    return WatchOptions(
+        settle=settings.scan_options(default_settle=2.0).settle,
+        stale_after=settings.scan_options().stale_after,
+        metrics=settings.metric_specs(),
+        max_depth=settings.max_depth,
+        rescan_interval=settings.rescan_interval,
+        poll=settings.poll,
+        dry_run=settings.dry_run,
+        exit_when_done=settings.exit_when_done,
+        grace=settings.grace,
+        metrics_port=settings.metrics_port,
+        metrics_host=settings.metrics_host,
+        standby=settings.standby,
+    )
 
 
 @main.command(epilog=EXIT_CODES_HELP)

@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from ckptkeeper.metric_specs import AwaitSpec, MetricSpec, MetricSpecError, misspelt, parse_await, parse_metric
+from ckptkeeper.metric_specs import AwaitSpec, MetricSpec, MetricSpecError, parse_await, parse_metric
 from ckptkeeper.model import Action
 from ckptkeeper.policy import Policy, Protections
 from ckptkeeper.pressure import PressurePolicy, parse_floor
@@ -360,33 +360,17 @@ def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[s
         key = "keep_under_pressure"
         source = where((key,)) if key in given or key in from_env else config.name if config else ""
         raise ConfigError(f"{source}: {PRESSURE_NEEDS_A_FLOOR}")
-    _check_named_metrics(
-        settings, lambda key: where((key,)) if config is None or key in given or key in from_env else config.name
-    )
+    _check_named_metrics(settings, lambda key: where((key,)))
     return settings
 
 
 def _check_named_metrics(settings: Settings, where: Callable[[str], str]) -> None:
-    """Between settings: each `--await` names a defined metric, and no rule misspells one (`best:1:helaswag`
-    beside `--metric hellaswag=...` would keep nothing by that rule, with no Trainer metric to tell the typo)."""
+    """Between settings: each `--await` names a defined metric. (A rule that misspells one is refused when
+    planned, where the run's own metrics are known.)"""
     try:
         settings.await_specs()
     except MetricSpecError as e:
         raise ConfigError(f"{where('await')}: {str(e).partition(': ')[2] or e}") from None
-    defined = {spec.name: spec for spec in settings.metric_specs()}
-    if not defined:
-        return
-    for key in ("keep", "keep_weights", "keep_under_pressure"):
-        for rule in parse_rules(",".join(getattr(settings, key)), frozenset(defined)):
-            metric = rule.metric
-            if metric is None or metric in defined:
-                continue
-            close = misspelt(metric, defined)
-            if close is not None:
-                raise ConfigError(
-                    f"{where(key)}: rule {rule.format()!r}: {metric} is not a defined metric; did you mean {close}? "
-                    f"(defined: {', '.join(defined)})"
-                )
 
 
 PRESSURE_NEEDS_A_FLOOR = (

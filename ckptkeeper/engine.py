@@ -56,6 +56,7 @@ from ckptkeeper.scan import (
     find_run_dirs,
     read_checkpoint,
     read_run,
+    run_path,
 )
 from ckptkeeper.slimming import slim_checkpoint
 from ckptkeeper.stale import stale_checkpoints
@@ -338,12 +339,13 @@ class Pipeline:
         if self.metric_sources is None:
             return runs
         if refresh_metrics:
-            self.metric_sources.refresh()
+            self.metric_sources.refresh({run.path: os.fspath(d) for run, d in zip(runs, run_dirs, strict=True)})
         return self.metric_sources.attach(runs, {run.path: os.fspath(d) for run, d in zip(runs, run_dirs, strict=True)})
 
-    def refresh_metric_sources(self) -> None:
+    def refresh_metric_sources(self, run_dirs: Sequence[Path] = ()) -> None:
+        """Look at the metric sources once for a pass over the runs in `run_dirs` (every run of the root)."""
         if self.metric_sources is not None:
-            self.metric_sources.refresh()
+            self.metric_sources.refresh({run_path(self.root, d): os.fspath(d) for d in run_dirs})
 
     def forget_run(self, run: str) -> None:
         """A run that is gone (the daemon forgets it)."""

@@ -30,7 +30,10 @@ from ckptkeeper.metric_specs import MetricSpec, as_number, format_pointer, resol
 from ckptkeeper.model import Checkpoint, Run
 
 MAX_RESULTS_BYTES = 64 << 20  # a results file is ~10 kB; a bigger "results file" is not read into memory
-MAX_LM_EVAL_DEPTH = 4  # DIR/<model dir>/results_<ts>.json is depth 2; a little room for nesting
+MAX_LM_EVAL_DEPTH = 8  # DIR/<model dir>/results_<ts>.json is depth 2; deeper directories are warned of
+# An evaluation that started this long before its checkpoint was written is of an earlier checkpoint of that
+# name (a run started again in the same output_dir); the allowance covers an eval host's clock a little behind.
+EVALUATED_BEFORE_ALLOWANCE = 60.0
 FileKey = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
 Identity = tuple[int, int]
 
@@ -62,7 +65,7 @@ def _read_fd(fd: int, shown: str) -> object:
 
 
 def _open_flags() -> int:
-    return os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    return os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def read_json_at(directory: str, relative: str) -> tuple[FileKey, object]:
@@ -97,6 +100,11 @@ class Found:
     problem: str | None = None
     present: bool = True  # the pointer reached something (a number or not): this evaluation has the metric
 
+    @property
+    def unreachable(self) -> bool:
+        """A results file was read, and the pointer reaches nothing in it (a wrong pointer, or another task)."""
+        return not self.present and self.origin is not None
+
 
 def value_in(document: object, spec: MetricSpec, shown: str) -> Found:
     try:
@@ -121,10 +129,14 @@ class FileSource:
         checkpoint_dir = os.path.join(run_dir, name)
         seen = self._seen.setdefault(run_dir, {})
         try:
-            key = _key(os.lstat(os.path.join(checkpoint_dir, self.location)))
-        except OSError:
+            st = os.lstat(os.path.join(checkpoint_dir, self.location))
+        except (OSError, ValueError):
             seen.pop(name, None)
             return self._all(Found(None, None, f"no {self.location} in the checkpoint", present=False))
+        key = _key(st)
+        if not stat.S_ISREG(st.st_mode):  # never opened: a FIFO's writer or a device would notice
+            kind = "a symlink (not followed)" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            return self._all(Found(None, self.location, f"{self.location} is {kind}"))
         held = seen.get(name)
         if held is not None and held[0] == key:
             return held[1]
@@ -175,7 +187,10 @@ def evaluation_of(document: object, file: str, mtime: float, specs: Sequence[Met
     args = _model_args(document)
     if args is None:
         return None
-    path = next((p for p in (args.get("peft"), args.get("pretrained")) if isinstance(p, str) and p.strip()), None)
+    # The model the harness names its output after: the first of these it was given (an adapter or a delta
+    # is the checkpoint evaluated, not its base).
+    named = (args.get("peft"), args.get("delta"), args.get("pretrained"))
+    path = next((p for p in named if isinstance(p, str) and p.strip()), None)
     if path is None:
         return None
     date = as_number(document.get("date"))
@@ -191,14 +206,27 @@ class LmEvalSource:
         self.specs = tuple(specs)
         self._files: dict[str, tuple[FileKey, Evaluation | None]] = {}
         self.reads = 0  # files read so far (the benchmark and tests count them)
-        # Each recorded model path's (device, inode) as of the last refresh: stat once per pass, not per run.
-        self.located: dict[str, Identity | None] = {}
+        self.warnings: list[str] = []  # of the last refresh
+        # Each recorded model path as of the last refresh: its (device, inode) (None if it leads nowhere) and
+        # whether its real path lies outside the root; stat'ed once per pass, not once per run.
+        self.located: dict[str, tuple[Identity | None, bool]] = {}
 
     def refresh(self) -> None:
-        """Look at DIR again: new and changed files are read, vanished ones forgotten."""
+        """Look at DIR again: new and changed files are read, vanished ones forgotten. When DIR itself cannot be
+        listed (moved, unmounted, no permission), what was read before is kept and a warning says so: results
+        that vanish with their directory must not make every checkpoint look unevaluated."""
         self.located.clear()
+        self.warnings = []
+        try:
+            listed = list(self._walk())
+        except OSError as e:
+            self.warnings.append(
+                f"cannot list the lm-eval directory {self.directory}: {e.strerror or e}; "
+                f"using the {len(self.evaluations())} results read from it before"
+            )
+            return
         present: set[str] = set()
-        for path, st in self._walk():
+        for path, st in listed:
             present.add(path)
             key = _key(st)
             held = self._files.get(path)
@@ -223,21 +251,25 @@ class LmEvalSource:
         return evaluation_of(document, path, st.st_mtime, self.specs)
 
     def _walk(self) -> Iterator[tuple[str, os.stat_result]]:
-        pending = [(self.directory, 0)]
+        """Every regular `*.json` below DIR (links not followed); OSError if DIR itself cannot be listed."""
+        with os.scandir(self.directory) as it:
+            pending = [(list(it), 0)]
         while pending:
-            directory, depth = pending.pop()
-            try:
-                with os.scandir(directory) as it:
-                    entries = list(it)
-            except OSError:
-                continue
+            entries, depth = pending.pop()
             for e in entries:
                 try:
                     st = e.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if stat.S_ISDIR(st.st_mode) and depth < MAX_LM_EVAL_DEPTH:
-                    pending.append((e.path, depth + 1))
+                if stat.S_ISDIR(st.st_mode):
+                    if depth >= MAX_LM_EVAL_DEPTH:
+                        self.warnings.append(f"{e.path!r} is nested more than {MAX_LM_EVAL_DEPTH} deep: not searched")
+                        continue
+                    try:
+                        with os.scandir(e.path) as it:
+                            pending.append((list(it), depth + 1))
+                    except OSError:
+                        continue  # gone, or not ours to read: its results count for nothing
                 elif stat.S_ISREG(st.st_mode) and e.name.endswith(".json"):
                     yield e.path, st
 
@@ -275,45 +307,57 @@ def _tied(
     real_root: str,
     identities: dict[Identity, Where],
     known: dict[str, set[str]],
-    located: dict[str, Identity | None],
+    located: dict[str, tuple[Identity | None, bool]],
 ) -> Where | str:
     """The checkpoint, or why none ("" for a checkpoint not (or no longer) there: nothing to say)."""
     path = model_path.rstrip("/")
     if os.path.isabs(path):
         if path not in located:
             located[path] = _locate(path, real_root)
-        found = located[path]
-        if found is None:
-            return f"evaluated {model_path}, which is outside the root {real_root}"
-        return identities.get(found, "")
-    parts = [p for p in os.path.normpath(path).split("/") if p not in ("", ".", "..")]
-    if not parts:
+        found, outside = located[path]
+        if found is not None and found in identities:
+            return identities[found]  # by identity first: a bind mount of the root is no outside
+        return f"evaluated {model_path!r}, which is outside the root {real_root}" if outside else ""
+    try:
+        parts = [p for p in os.path.normpath(path).split("/") if p not in ("", ".", "..")]
+    except ValueError:
+        parts = []
+    if not parts or "\0" in path:
         return f"evaluated {model_path!r}, which names no checkpoint"
-    name, runs = parts[-1], parts[:-1]
-    matches = [(run, name) for run, names in known.items() if name in names and _ends_with(run, runs)]
+    name, above = parts[-1], parts[:-1]
+    matches = [(run, name) for run, names in known.items() if name in names and _ends_with(real_root, run, above)]
     if len(matches) > 1:
         shown = ", ".join(f"{run}/{name}" for run, name in sorted(matches))
         return f"evaluated the relative path {model_path!r}, which names {len(matches)} checkpoints ({shown})"
     return matches[0] if matches else ""
 
 
-def _locate(path: str, real_root: str) -> Identity | None:
-    """(device, inode) of the directory `path` leads to, through links; None outside the root, (0, 0) if gone."""
-    real = os.path.realpath(path)
-    if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
-        return None
+def _locate(path: str, real_root: str) -> tuple[Identity | None, bool]:
+    """(device, inode) of the directory `path` leads to, through links (None if none), and whether its real
+    path lies outside the root. A path no filesystem can hold (a NUL, a lone surrogate) leads nowhere."""
     try:
+        real = os.path.realpath(path)
         st = os.stat(path)
-    except OSError:
-        return (0, 0)
-    return st.st_dev, st.st_ino
+    except (OSError, ValueError):
+        try:
+            real = os.path.realpath(path)
+        except (OSError, ValueError):
+            return None, True
+        return None, not _below(real, real_root)
+    return (st.st_dev, st.st_ino), not _below(real, real_root)
 
 
-def _ends_with(run: str, components: list[str]) -> bool:
+def _below(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+
+def _ends_with(real_root: str, run: str, components: list[str]) -> bool:
+    """The run directory's path (the root's own path included, so `run/checkpoint-240` names the root's own
+    run when the root is `run`) ends with `components`."""
     if not components:
         return True
-    have = [] if run == "." else run.split("/")
-    return have[-len(components) :] == components if len(components) <= len(have) else False
+    have = [p for p in real_root.split("/") if p] + ([] if run == "." else run.split("/"))
+    return len(components) <= len(have) and have[-len(components) :] == components
 
 
 def newest_values(evaluations: Sequence[Evaluation], specs: Sequence[MetricSpec]) -> dict[str, Found]:
@@ -329,6 +373,27 @@ def newest_values(evaluations: Sequence[Evaluation], specs: Sequence[MetricSpec]
         else:
             found[spec.name] = Found(None, None, f"not evaluated yet (no results for it in {spec.location})")
     return found
+
+
+def _checkpoint_names(directory: str) -> set[str]:
+    from ckptkeeper.scan import checkpoint_step
+
+    try:
+        with os.scandir(directory) as it:
+            return {e.name for e in it if checkpoint_step(e.name) is not None}
+    except OSError:
+        return set()
+
+
+def _of_this_checkpoint(ev: Evaluation, c: Checkpoint) -> bool:
+    """The evaluation started after this checkpoint was written (its trainer_state.json, which the Trainer writes
+    last and nothing rewrites): one that started before is of an earlier checkpoint of that name."""
+    written = c.state_written_at if c.state_written_at is not None else c.written_at
+    return written is None or ev.date >= written - EVALUATED_BEFORE_ALLOWANCE
+
+
+def _before(found: Found, c: Checkpoint) -> Found:
+    return Found(None, None, f"not evaluated yet (the results for {c.name} are older than it: an earlier one?)", False)
 
 
 class MetricSources:
@@ -354,11 +419,16 @@ class MetricSources:
         """The lm-eval directories (never scanned as runs)."""
         return [Path(s.directory) for s in self.lm_evals]
 
-    def refresh(self) -> None:
-        """Look at every lm-eval directory again (once per pass: each run of a pass is then joined from it)."""
+    def refresh(self, run_dirs: dict[str, str] | None = None) -> None:
+        """Look at every lm-eval directory again (once per pass: each run of a pass is then joined from it).
+        `run_dirs` (run path -> directory): every run of the root, whose checkpoint names are listed now, so
+        that a relative recorded path is judged against all of them even when runs are scanned one by one."""
+        for run, directory in (run_dirs or {}).items():
+            self.known[run] = _checkpoint_names(directory)
         self.warnings = []
         for source in self.lm_evals:
             source.refresh()
+            self.warnings += source.warnings
 
     def forget(self, run: str) -> None:
         """A run that is gone: none of its checkpoints can be named by a relative path any more."""
@@ -377,7 +447,10 @@ class MetricSources:
             self.warnings = list(dict.fromkeys([*self.warnings, *ties.warnings]))
             for run in runs:
                 for c in run.checkpoints:
-                    found = newest_values(ties.by_checkpoint.get((run.path, c.name), []), source.specs)
+                    tied = ties.by_checkpoint.get((run.path, c.name), [])
+                    found = newest_values([e for e in tied if _of_this_checkpoint(e, c)], source.specs)
+                    if len(tied) > 0 and all(not _of_this_checkpoint(e, c) for e in tied):
+                        found = {n: _before(f, c) for n, f in found.items()}
                     evaluated.setdefault((run.path, c.name), {}).update(found)
         return [self._joined_run(run, run_dir_of[run.path], evaluated) for run in runs]
 
@@ -405,6 +478,7 @@ class MetricSources:
             metrics={**c.metrics, **{n: f.value for n, f in found.items() if f.value is not None}},
             metric_origins={n: f.origin for n, f in found.items() if f.value is not None and f.origin},
             missing_metrics={n: f.problem or "missing" for n, f in found.items() if f.value is None},
+            unreachable_metrics=frozenset(n for n, f in found.items() if f.unreachable),
         )
         self._joined[(run, c.name)] = (c, values, joined)
         return joined

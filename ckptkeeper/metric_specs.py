@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -184,10 +185,12 @@ def _undefined(name: str, defined: dict[str, MetricSpec], what: str) -> str:
     return f"{what}: {name!r} is not a defined metric{meant} (defined: {names})"
 
 
-def misspelt(name: str, defined: dict[str, MetricSpec]) -> str | None:
+def misspelt(name: str, defined: Collection[str]) -> str | None:
     """The defined metric that a rule's metric (not itself defined) most likely misspells, if any."""
     import difflib
 
     bare = name.removeprefix("eval_")
-    close = difflib.get_close_matches(bare, list(defined), n=1, cutoff=0.75)
+    if bare in defined:
+        return None  # `eval_loss` beside a defined `loss`: the Trainer's own, as written (`loss` would be the other)
+    close = difflib.get_close_matches(bare, list(defined), n=1, cutoff=0.85)
     return close[0] if close else None

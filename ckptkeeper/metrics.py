@@ -8,6 +8,7 @@ process (tests, the demo).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -94,12 +95,6 @@ class Metrics:
         self.checkpoints_kept = Gauge(
             "ckptkeeper_checkpoints_kept", "Checkpoints the rules and protections keep, per run", ["run"], registry=r
         )
-        self.awaiting = Gauge(
-            "ckptkeeper_awaiting_checkpoints",
-            "Complete checkpoints kept until an awaited evaluation (--await) arrives, per run",
-            ["run"],
-            registry=r,
-        )
         self.stale_incomplete = Gauge(
             "ckptkeeper_stale_incomplete_checkpoints",
             "Incomplete checkpoints unchanged for longer than --stale-after (left by a crash?), per run",
@@ -154,6 +149,15 @@ class Metrics:
     def set_run(self, run: str, seen: int, kept: int) -> None:
         self.checkpoints_seen.labels(run=run).set(seen)
         self.checkpoints_kept.labels(run=run).set(kept)
+
+    @functools.cached_property
+    def awaiting(self) -> Gauge:
+        return Gauge(
+            "ckptkeeper_awaiting_checkpoints",
+            "Complete checkpoints kept until an awaited evaluation (--await) arrives, per run",
+            ["run"],
+            registry=self.registry,
+        )
 
     def set_awaiting(self, run: str, awaiting: int) -> None:
         self.awaiting.labels(run=run).set(awaiting)

@@ -51,6 +51,8 @@ class Checkpoint:
     # not there is missing (no results yet, not a number, unreadable).
     metric_origins: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
     missing_metrics: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # Named metrics whose results file was read but holds nothing at the pointer (a wrong pointer?)
+    unreachable_metrics: frozenset[str] = field(default=frozenset(), compare=False)
     # Weights-only, but its directory's times are not yet those its marker recorded (a slim cut short after
     # its last move): the slim is finished by putting them back.
     times_to_restore: bool = False

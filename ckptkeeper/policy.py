@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ckptkeeper import pressure
-from ckptkeeper.metric_specs import AwaitSpec
+from ckptkeeper.metric_specs import AwaitSpec, misspelt
 from ckptkeeper.model import (
     Action,
     Checkpoint,
@@ -115,40 +115,48 @@ def pinned_reason(pin: Pin, now: float | None) -> Reason:
 @dataclass(frozen=True)
 class Awaiting:
     """`--await NAME[:TIMEOUT]`: a complete checkpoint without NAME is kept until NAME arrives, or until TIMEOUT
-    has passed since it was written (its newest file's mtime) at the plan's time. With no time given, or no
-    write time known, it is kept (the safe side)."""
+    has passed, at the plan's time, since it arrived (`arrived`). With no time given, or no write time known,
+    it is kept (the safe side)."""
 
     spec: AwaitSpec
 
+    def until(self, c: Checkpoint) -> float | None:
+        arrived = arrived_at(c)
+        return None if arrived is None else arrived + self.spec.timeout
+
     def keeps_in(self, view: RunView) -> dict[int, list[Reason]]:
         kept = {}
+        rule, name = f"await:{self.spec.name}", self.spec.name
         for c in view.complete:
-            if self.spec.name in c.metrics:
+            until = self.until(c)
+            if name in c.metrics or not (until is None or view.now is None or view.now < until):
                 continue
-            until = None if c.written_at is None else c.written_at + self.spec.timeout
-            if until is None or view.now is None or view.now < until:
-                left = None if until is None or view.now is None else until - view.now
-                kept[c.step] = [
-                    Reason(
-                        ReasonKind.AWAITING, f"await:{self.spec.name}", metric=self.spec.name, until=until, left=left
-                    )
-                ]
+            left = None if until is None or view.now is None else until - view.now
+            kept[c.step] = [Reason(ReasonKind.AWAITING, rule, metric=name, until=until, left=left)]
         return kept
 
     def overdue(self, view: RunView) -> list[Overdue]:
         """The complete checkpoints whose evaluation did not arrive in time: judged without it now."""
-        if view.now is None:
+        now = view.now
+        if now is None:
             return []
         return [
             Overdue(c, self.spec.name, self.spec.timeout)
             for c in view.complete
-            if self.spec.name not in c.metrics
-            and c.written_at is not None
-            and view.now >= c.written_at + self.spec.timeout
+            if self.spec.name not in c.metrics and (until := self.until(c)) is not None and now >= until
         ]
 
     def describe(self) -> str:
         return f"those awaiting {self.spec.name} (up to {self.spec.format().partition(':')[2]})"
+
+
+def arrived_at(c: Checkpoint) -> float | None:
+    """When a checkpoint arrived where it is: the newest modification time of its files (the contract's "became
+    complete"), or its newest change time where that is later: a checkpoint copied in by `cp -a` or `rsync -a`
+    keeps the old modification times, and would otherwise be overdue the moment it arrives."""
+    if c.written_at is None:
+        return None
+    return max(c.written_at, c.last_change)
 
 
 @dataclass(frozen=True)
@@ -215,27 +223,49 @@ class Policy:
         return list(dict.fromkeys([*ranked, *(a.name for a in self.protections.awaits)]))
 
 
-def refusal(run: Run, rules: Sequence[AnyRule], defined: Collection[str] = ()) -> str | None:
+def refusal(
+    run: Run, rules: Sequence[AnyRule], defined: Collection[str] = (), awaited: Collection[str] = ()
+) -> str | None:
     """Why this run must not be pruned at all, or None.
 
     A `best` rule whose metric no checkpoint has, in a run that does have eval metrics, is almost always
     a typo (`best:1:acuracy`); followed literally it would keep nothing and let everything else go. A metric
-    defined by `--metric` is no typo though none has it yet: its evaluation job has not run.
+    defined by `--metric` is no typo though none has it yet: its evaluation job has not run. But a rule's
+    metric that misses a defined name by a letter is one, Trainer metrics or not (`best:1:helaswag`); and a
+    defined metric whose results files were read and hold nothing at its pointer, in every checkpoint that
+    has any, is a wrong pointer (`#/results/x/acc` for lm-eval's `acc,none`): awaited, it would never arrive.
     """
     if not rules:
         return NO_RULE
+    wrong = _wrong_pointer(run, [*(r.metric for r in rules if r.metric in defined), *awaited])
+    if wrong:
+        return wrong
     present = sorted({name for c in run.checkpoints for name in c.metrics if name.startswith("eval_")})
-    if not present:
-        return None  # no eval yet: a best rule simply keeps nothing here yet
     for rule in rules:
-        if rule.metric is not None and rule.metric not in present and rule.metric not in defined:
-            close = closest_metric(rule.metric, [*present, *defined])
+        metric = rule.metric
+        if metric is None or metric in present or metric in defined:
+            continue
+        if present:
+            close = closest_metric(metric, [*present, *defined])
             meant = f"; did you mean {close}?" if close else ""
             # The run is named where this is shown: its plan's table, its log line, its line of the error.
-            return (
-                f"rule {format_rule(rule)!r}: no checkpoint has {rule.metric}{meant} "
-                f"(the run's metrics: {', '.join(present)})"
-            )
+            metrics = ", ".join(present)
+            return f"rule {format_rule(rule)!r}: no checkpoint has {metric}{meant} (the run's metrics: {metrics})"
+        close = misspelt(metric, defined)  # no eval yet: a best rule keeps nothing here yet, unless a typo
+        if close:
+            names = ", ".join(defined)
+            return f"rule {format_rule(rule)!r}: no checkpoint has {metric}; did you mean {close}? (defined: {names})"
+    return None
+
+
+def _wrong_pointer(run: Run, names: Sequence[str | None]) -> str | None:
+    for name in dict.fromkeys(n for n in names if n is not None):
+        if any(name in c.metrics for c in run.checkpoints):
+            continue
+        read = [c for c in run.checkpoints if name in c.unreachable_metrics]
+        if read:
+            why = read[-1].missing_metrics.get(name, "")
+            return f"metric {name}: no results file tied to this run holds its value ({why}): check the JSON pointer"
     return None
 
 
@@ -363,7 +393,8 @@ def plan_run(
     view = view_of(run, inputs)
     whole = AnyOf((*rules, *protections.members)).reasons(view)
     weights = AnyOf(tuple(weight_rules)).reasons(view)
-    refused = refusal(run, (*rules, *weight_rules) if checked_rules is None else checked_rules, defined_metrics)
+    checked = (*rules, *weight_rules) if checked_rules is None else checked_rules
+    refused = refusal(run, checked, defined_metrics, [a.name for a in protections.awaits])
     decisions = []
     for c in sorted(run.checkpoints, key=lambda c: c.step):
         if c.step in whole:

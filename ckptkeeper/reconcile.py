@@ -92,7 +92,8 @@ class Reconciler:
         With --min-free, every known run takes part in every pass (the others scanned trusting the cache):
         pressure is judged over whole filesystems, and only from runs as they are now."""
         others = self._pressure_runs(run_dirs)
-        self.pipeline.refresh_metric_sources()  # once per pass: every run of it is joined from the same look
+        # Once per pass: every run of it is joined from the same look, judged against every run of the root.
+        self.pipeline.refresh_metric_sources(sorted({*run_dirs, *self.tracker.known_runs}))
         scanned: list[tuple[Path, Run, bool]] = []
         for run_dir in [*run_dirs, *others]:
             if self.stop_event.is_set():

@@ -266,7 +266,7 @@ def plan_text(
     metrics = policy.metrics()
     plans = plan.runs
     lines = [describe_policy(policy, archive_to), *metric_source_lines(sources), f"Root: {root}"]
-    lines += [f"warning: {w}" for w in warnings]
+    lines += [f"warning: {shown(w)}" for w in warnings]
     if not plans:
         lines.append(no_runs_text(root, max_depth))
     for run_plan in plans:
@@ -355,22 +355,7 @@ def plan_json(
                 "highest_step": plan.mixed_runs.highest_step.name,
                 "stale": [c.name for c in plan.mixed_runs.stale],
             },
-            "checkpoints": [
-                {
-                    "name": d.checkpoint.name,
-                    "step": d.checkpoint.step,
-                    "epoch": d.checkpoint.epoch,
-                    "complete": d.checkpoint.complete,
-                    "incomplete_reason": d.checkpoint.incomplete_reason,
-                    "metrics": {k: _finite_or_text(v) for k, v in sorted(d.checkpoint.metrics.items())},
-                    "metric_sources": dict(sorted(d.checkpoint.metric_origins.items())),
-                    "missing_metrics": dict(sorted(d.checkpoint.missing_metrics.items())),
-                    "size_bytes": d.checkpoint.size_bytes,
-                    "decision": str(d.action),
-                    "reasons": [reason_json(r) for r in d.reasons],
-                }
-                for d in plan.decisions
-            ],
+            "checkpoints": [decision_json(d) for d in plan.decisions],
         }
         for plan in plans
     ]
@@ -387,6 +372,24 @@ def plan_json(
         "runs": runs,
         "disk_pressure": [pressure_json(p) for p in plan.pressure],
         "summary": _summary_json(plan),
+    }
+
+
+def decision_json(d: Decision) -> dict[str, Any]:
+    """One checkpoint of a plan for scripts: what was seen of it, and the decision with its reasons."""
+    c = d.checkpoint
+    return {
+        "name": c.name,
+        "step": c.step,
+        "epoch": c.epoch,
+        "complete": c.complete,
+        "incomplete_reason": c.incomplete_reason,
+        "metrics": {k: _finite_or_text(v) for k, v in sorted(c.metrics.items())},
+        "metric_sources": dict(sorted(c.metric_origins.items())),
+        "missing_metrics": dict(sorted(c.missing_metrics.items())),
+        "size_bytes": c.size_bytes,
+        "decision": str(d.action),
+        "reasons": [reason_json(r) for r in d.reasons],
     }
 
 
@@ -655,7 +658,7 @@ class TextPruneReport:
         for line in release_lines(plan):
             self.echo(line, False)
         for warning in warnings:
-            self.echo(f"warning: {warning}", True)
+            self.echo(f"warning: {shown(warning)}", True)
         for run_plan in plan.runs:
             for warning in run_warnings(run_plan):
                 self.echo(f"warning: run {shown(run_plan.run.label)}: {warning}", True)

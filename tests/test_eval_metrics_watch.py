@@ -5,11 +5,9 @@ real lm-evaluation-harness fixture; the daemon in-process (reads counted) and as
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ckptkeeper.config import load_settings
@@ -39,14 +37,8 @@ def _source(daemon: Daemon) -> LmEvalSource:
     return source
 
 
-def _touch_all(top: Path, when: float) -> None:
-    for path in top.rglob("*"):
-        os.utime(path, (when, when), follow_symlinks=False)
-
-
 def test_a_results_file_that_arrives_later_is_acted_on_and_unchanged_ones_are_not_read_again(tmp_path: Path) -> None:
-    lm = copy_lmeval_fixture(tmp_path / "lm")
-    _touch_all(lm.run, time.time())  # written just now: an await of a day holds what is not evaluated
+    lm = copy_lmeval_fixture(tmp_path / "lm")  # arrived just now (change times): a day's await holds 40 and 80
     aside = tmp_path / "aside"
     aside.mkdir()
     for step in (40, 80):
@@ -69,14 +61,10 @@ def test_a_results_file_that_arrives_later_is_acted_on_and_unchanged_ones_are_no
 
 
 def test_an_await_that_lapses_is_acted_on_with_no_change_on_disk(tmp_path: Path) -> None:
-    """The daemon as a real process: checkpoint-40 has no evaluation and was written just now; after the 3 s
-    timeout it is judged without it (removed) and the log says once that its evaluation never arrived."""
+    """The daemon as a real process: checkpoint-40 has no evaluation and arrived just now (the copy); after the
+    3 s timeout it is judged without it (removed) and the log says once that its evaluation never arrived."""
     lm = copy_lmeval_fixture(tmp_path / "lm")
     shutil.rmtree(lm.evals / "__tmp__lmeval-out__run__checkpoint-40")
-    old = time.time() - 86400
-    _touch_all(lm.run, old)
-    _touch_all(lm.run / "checkpoint-40", time.time())
-    os.utime(lm.run / "checkpoint-240" / "trainer_state.json", (time.time() + 1, time.time() + 1))
     command = [
         sys.executable, "-m", "ckptkeeper", "watch", str(lm.run), "--keep", "best:1:acc_norm,last:1",
         "--metric", f"acc_norm=lm-eval:{lm.evals}#{ACC_NORM_POINTER}", "--await", "acc_norm:3s",
