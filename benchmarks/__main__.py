@@ -27,6 +27,7 @@ BENCHMARKS = {
     "trainer_block": "benchmarks.bench_trainer_block",  # 6. training loop blocked by retention
     "startup": "benchmarks.bench_startup",  # 7. start-up: --help, --version, plan and prune of one checkpoint
     "prune": "benchmarks.bench_prune",  # issue #12: prune against rm -rf, whole commands
+    "metrics": "benchmarks.bench_metrics",  # issue #20: plan and a watch pass with lm-eval results, against none
 }
 
 

@@ -26,9 +26,10 @@ class Pending:
     subtrees: set[Path] = field(default_factory=set)
     full: bool = False
     trusting: bool = False  # a periodic full rescan: unchanged checkpoint directories are not walked
+    metrics: bool = False  # something changed in a metric source below the root (an evaluation's results)
 
     def __bool__(self) -> bool:
-        return self.full or bool(self.runs or self.subtrees)
+        return self.full or self.metrics or bool(self.runs or self.subtrees)
 
 
 class Inbox:
@@ -36,19 +37,25 @@ class Inbox:
     the signal handler's `wake`), `take` and `wait` on the main loop; `lock` guards `pending`, and nothing
     else is shared. `hint` is lexical and cheap: no I/O on watchdog's thread."""
 
-    def __init__(self, root: Path, max_depth: int, excluded: Sequence[Path] = ()) -> None:
+    def __init__(self, root: Path, max_depth: int, excluded: Sequence[Path] = (), sources: Sequence[Path] = ()) -> None:
         self.lock = threading.Lock()
         self.pending = Pending()
         self._wake = threading.Event()
         self.root = root
         self.max_depth = max_depth
         self.excluded_below_root = _below(root, excluded)
+        self.sources_below_root = _below(root, sources)  # lm-eval directories: never runs, but news for them
 
     def hint(self, path: Path) -> None:
         """Record which run a changed path belongs to (or, for a path above every run, which subtree)."""
         try:
             parts = path.relative_to(self.root).parts
         except ValueError:
+            return
+        if any(parts[: len(x)] == x for x in self.sources_below_root):
+            with self.lock:
+                self.pending.metrics = True
+            self._wake.set()
             return
         if any(parts[: len(x)] == x for x in self.excluded_below_root):
             return  # ckptkeeper's own (state directory, archive): by components, never by string prefix

@@ -442,6 +442,7 @@ class MetricSources:
         self._joined = {k: v for k, v in self._joined.items() if k[1] in self.known.get(k[0], ())}
         identities = {c.identity: (run.path, c.name) for run in runs for c in run.checkpoints if c.identity is not None}
         evaluated: dict[tuple[str, str], dict[str, Found]] = {}
+        older: list[str] = []
         for source in self.lm_evals:
             ties = tie(source, self.root, identities, self.known)
             self.warnings = list(dict.fromkeys([*self.warnings, *ties.warnings]))
@@ -451,7 +452,13 @@ class MetricSources:
                     found = newest_values([e for e in tied if _of_this_checkpoint(e, c)], source.specs)
                     if len(tied) > 0 and all(not _of_this_checkpoint(e, c) for e in tied):
                         found = {n: _before(f, c) for n, f in found.items()}
+                        older.append(f"{run.label}/{c.name}" if run.path != "." else c.name)
                     evaluated.setdefault((run.path, c.name), {}).update(found)
+        if older:
+            self.warnings.append(
+                f"the lm-eval results of {', '.join(older)} started before the checkpoint was written, so they are of "
+                "an earlier checkpoint of that name and not used (or the checkpoints were copied without their times)"
+            )
         return [self._joined_run(run, run_dir_of[run.path], evaluated) for run in runs]
 
     def _joined_run(self, run: Run, run_dir: str, evaluated: dict[tuple[str, str], dict[str, Found]]) -> Run:

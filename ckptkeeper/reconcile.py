@@ -67,6 +67,9 @@ class Reconciler:
             self.reaper.retry_stuck()
             self.reconcile_all(pending.trusting, pending.runs)
             return
+        if pending.metrics:  # new results may change any run's plan: all of them, trusting unchanged checkpoints
+            self.reconcile_all(trusting=True, distrusted=pending.runs)
+            return
         targets = set(pending.runs)
         for top in pending.subtrees:
             if top.is_dir() and not top.is_symlink():

@@ -99,7 +99,7 @@ class RunTracker:
         pruned = dry_run or not result.unfinished
         live = plan.live
         done = live is not None and live.training_stopped and not saving_after(result.after, live)
-        if done and pruned and not settling:
+        if done and pruned and not settling and not lapsing:  # an await still to come is not done
             newly = plan.run.path not in self.finished_runs
             self.finished_runs.add(plan.run.path)
             return newly

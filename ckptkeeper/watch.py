@@ -171,7 +171,8 @@ class Daemon:
             stop=self.stop_event.is_set,
         )
         self.reaper.state = self.pipeline.state
-        self.inbox = Inbox(self.root, self.options.max_depth, self.pipeline.excluded)
+        sources = self.pipeline.metric_sources.directories if self.pipeline.metric_sources is not None else []
+        self.inbox = Inbox(self.root, self.options.max_depth, self.pipeline.excluded, sources)
         self.supervisor = ObserverSupervisor(self.root, self.inbox, self.options.poll)
         self.supervisor.on_mode = self.metrics.set_mode
         self.reaper.on_drained = self._wake

@@ -22,6 +22,7 @@ REPORTS = {
     "trainer_block": "",
     "startup": "",
     "prune": "## Remove every checkpoint but the newest",
+    "metrics": "## `plan ROOT --json` with and without `--metric`",
 }
 
 

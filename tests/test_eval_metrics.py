@@ -337,3 +337,15 @@ def test_prune_with_await_removes_only_what_was_evaluated(lm: LmEvalFixture) -> 
     assert result.returncode == 0, result.stderr
     left = sorted(int(p.name.split("-")[1]) for p in lm.run.glob("checkpoint-*"))
     assert left == [120, 240]
+
+
+def test_results_older_than_their_checkpoint_are_not_used_and_said(lm: LmEvalFixture) -> None:
+    """A run started again in the same output_dir: checkpoint-80 is written anew after its old evaluation."""
+    state = lm.run / "checkpoint-80" / "trainer_state.json"
+    state.write_bytes(state.read_bytes())  # written now: every evaluation of checkpoint-80 started before
+    data = plan_json(lm.run, "--metric", acc_norm(lm), "--keep", "best:1:acc_norm,last:1", "--await", "acc_norm")
+    steps = by_step(data)
+    assert "acc_norm" not in steps[80]["metrics"]
+    assert "older than it" in steps[80]["missing_metrics"]["acc_norm"]
+    assert steps[80]["decision"] == "keep" and "awaiting" in kinds(steps[80])
+    assert any("checkpoint-80 started before the checkpoint was written" in w for w in data["warnings"])

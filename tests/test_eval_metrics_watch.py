@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ckptkeeper.config import load_settings
@@ -87,3 +88,54 @@ def test_an_await_that_lapses_is_acted_on_with_no_change_on_disk(tmp_path: Path)
     assert len(never) == 1 and "checkpoint-40" in never[0] and "no acc_norm within 3s" in never[0], messages
     deleted = [m for m in messages if "checkpoint-40" in m and "deleted" in m]
     assert deleted and "was awaiting acc_norm" in deleted[0], messages
+
+
+def _watch(lm: LmEvalFixture, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / "log.jsonl"
+    command = [
+        sys.executable, "-m", "ckptkeeper", "watch", str(lm.run), "--settle", "0", "--log-format", "json",
+        "--state-dir", str(tmp_path / "state"), *extra,
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT), log
+
+
+def test_exit_when_done_waits_for_what_is_awaited(tmp_path: Path) -> None:
+    """A finished run whose checkpoints still await their evaluation is not done: --exit-when-done waits."""
+    lm = copy_lmeval_fixture(tmp_path / "lm")
+    shutil.rmtree(lm.evals / "__tmp__lmeval-out__run__checkpoint-40")
+    metric = f"acc_norm=lm-eval:{lm.evals}#{ACC_NORM_POINTER}"
+    args = ("--metric", metric, "--keep", "best:1:acc_norm,last:1", "--await", "acc_norm:1h", "--exit-when-done")
+    final = json.loads((lm.run / "checkpoint-240" / "trainer_state.json").read_text())
+    assert final["stateful_callbacks"]["TrainerControl"]["args"]["should_training_stop"]  # the run has finished
+    daemon, log = _watch(lm, tmp_path, *args, "--rescan-interval", "1")
+    try:
+        wait_until(lambda: steps(lm.run) == [40, 240], 20, log.read_text)
+        time.sleep(3)  # three rescans: still running, since checkpoint-40 awaits
+        assert daemon.poll() is None, log.read_text()
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+
+
+def test_results_written_inside_the_root_are_acted_on_at_once(tmp_path: Path) -> None:
+    """The eval job's --output_path inside the root: its new results file is an event the daemon acts on, not
+    a run, and well before the next rescan (60 s here)."""
+    lm = copy_lmeval_fixture(tmp_path / "lm")
+    inside = lm.run / "evals"
+    shutil.move(lm.evals, inside)
+    aside = tmp_path / "aside"
+    shutil.move(inside / "__tmp__lmeval-out__run__checkpoint-40", aside)
+    metric = f"acc_norm=lm-eval:{inside}#{ACC_NORM_POINTER}"
+    daemon, log = _watch(lm, tmp_path, "--metric", metric, "--keep", "best:1:acc_norm,last:1", "--await", "acc_norm:1d")
+    try:
+        wait_until(lambda: steps(lm.run) == [40, 240], 20, log.read_text)
+        time.sleep(1)
+        shutil.copytree(aside, inside / "__tmp__lmeval-out__run__checkpoint-40")
+        started = time.monotonic()
+        wait_until(lambda: steps(lm.run) == [240], 20, log.read_text)
+        assert time.monotonic() - started < 10
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+    assert "evals" not in log.read_text().replace(str(inside), "")  # never taken for a run

@@ -6,13 +6,16 @@ that score it, for the end-to-end test with a real `lm_eval` (CPU only, fully of
 
 Adapted from ../shared/reference/eval_lm.py (which made tests/fixtures/lm-eval): a synthetic "world" where
 every person likes one fruit; training lines state these facts (20% noise) among filler sentences, so the
-harness's multiple-choice accuracy moves from checkpoint to checkpoint. A byte-level BPE tokenizer is trained
+harness's scores move from checkpoint to checkpoint. A byte-level BPE tokenizer is trained
 here (no hub access) and saved with every checkpoint (`processing_class`), so `lm_eval --model hf
 --model_args pretrained=CHECKPOINT` loads a checkpoint as it is. GPT-2 with 2 layers, n_embd 64 (133k
 parameters); the Trainer evaluates (eval_loss) and saves every `--save-steps` steps.
 
-Before training, TASK_DIR gets the harness task `synth_likes` (48 multiple-choice questions, "NAME VERB" ->
-the fruit, `dataset_path: json`, metrics acc and acc_norm) as lm_eval's `--include_path`. After each save
+Before training, TASK_DIR gets the harness task `synth_ppl` (loglikelihood_rolling over 32 true lines,
+`dataset_path: json`: word_perplexity, byte_perplexity, bits_per_byte) as lm_eval's `--include_path`. As in
+tests/fixtures/lm-eval, its perplexity does not follow the Trainer's eval_loss (probably because the harness
+puts EOS before each line and training never did; not investigated): the best checkpoints by it are early
+ones (here, steps 40 and 80 of 160). After each save
 (the Trainer has finished writing the checkpoint) one JSON line is appended to SAVES.jsonl: `{"step",
 "checkpoint", "t"}`; that is how the eval job of the test learns that a checkpoint is ready.
 """
@@ -49,23 +52,25 @@ N_TRAIN_LINES = 480  # batch 16 -> 30 optimizer steps per epoch
 N_EVAL_LINES = 64  # the Trainer's own eval set (-> eval_loss in trainer_state.json)
 
 TASK_YAML = """\
-task: synth_likes
+task: synth_ppl
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
-output_type: multiple_choice
+output_type: loglikelihood_rolling
 test_split: test
-doc_to_text: "{{{{name}}}} {{{{verb}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
 metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
 metadata:
   version: 1.0
 """
@@ -80,18 +85,12 @@ def make_line(rng: random.Random, fact_noise: float = 0.2) -> str:
 
 
 def write_tasks(task_dir: Path, seed: int = 7) -> None:
-    """The `synth_likes` task: 12 names x 4 verbs = 48 questions, 4 choices each, one of them the fact."""
+    """The `synth_ppl` task: the perplexity of 32 true lines of the synthetic world."""
     rng = random.Random(seed)
     task_dir.mkdir(parents=True, exist_ok=True)
-    data = task_dir / "synth_likes.jsonl"
-    with data.open("w", encoding="utf-8") as f:
-        for name in NAMES:
-            for verb in VERBS:
-                choices = [*rng.sample([x for x in FRUITS if x != FACT[name]], 3), FACT[name]]
-                rng.shuffle(choices)
-                doc = {"name": name, "verb": verb, "choices": choices, "label": choices.index(FACT[name])}
-                f.write(json.dumps(doc) + "\n")
-    (task_dir / "synth_likes.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
+    data = task_dir / "synth_ppl.jsonl"
+    data.write_text("".join(json.dumps({"text": make_line(rng, fact_noise=0.0)}) + "\n" for _ in range(32)))
+    (task_dir / "synth_ppl.yaml").write_text(TASK_YAML.format(data=data), encoding="utf-8")
 
 
 def build_tokenizer(lines: list[str]) -> Any:
@@ -100,13 +99,13 @@ def build_tokenizer(lines: list[str]) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # type: ignore[assignment]
-    tok.decoder = decoders.ByteLevel()  # type: ignore[assignment]
-    trainer = trainers.BpeTrainer(  # type: ignore[call-arg]
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
         vocab_size=1000, min_frequency=1, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS, model_max_length=64
     )
 
@@ -117,7 +116,7 @@ def rows(lines: list[str], tok: Any) -> list[dict[str, Any]]:
 
     out = []
     for line in lines:
-        ids = tok(line)["input_ids"][: SEQ_LEN - 1] + [tok.eos_token_id]
+        ids = [*tok(line)["input_ids"][: SEQ_LEN - 1], tok.eos_token_id]
         pad = SEQ_LEN - len(ids)
         out.append(
             {
@@ -170,7 +169,7 @@ def train(opts: argparse.Namespace) -> None:
     )  # fmt: skip
     trainer = Trainer(
         model=GPT2LMHeadModel(config), args=args, processing_class=tok,  # tokenizer files in every checkpoint
-        train_dataset=rows(train_lines, tok), eval_dataset=rows(eval_lines, tok),  # type: ignore[arg-type]
+        train_dataset=rows(train_lines, tok), eval_dataset=rows(eval_lines, tok),
         callbacks=callbacks(opts),
     )  # fmt: skip
     trainer.train()
