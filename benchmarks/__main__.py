@@ -27,6 +27,8 @@ BENCHMARKS = {
     "trainer_block": "benchmarks.bench_trainer_block",  # 6. training loop blocked by retention
     "startup": "benchmarks.bench_startup",  # 7. start-up: --help, --version, plan and prune of one checkpoint
     "prune": "benchmarks.bench_prune",  # issue #12: prune against rm -rf, whole commands
+    "plan": "benchmarks.bench_plan",  # issue #12: plan against a json.load loop, whole commands, warm and cold
+    "archive": "benchmarks.bench_archive",  # issue #12: prune --archive-to a tmpfs against cp -a && sync -f && rm -rf
 }
 
 

@@ -22,6 +22,8 @@ REPORTS = {
     "trainer_block": "",
     "startup": "",
     "prune": "## Remove every checkpoint but the newest",
+    "plan": "## Plan a whole root",
+    "archive": "## Archive every checkpoint but the newest",
 }
 
 
