@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize, timed_process
+from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize, timed_process_cpu
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 TARGET_RATIO = 1.0
@@ -100,15 +100,15 @@ def steps(run: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("checkpoint-")) for p in run.glob("checkpoint-*"))
 
 
-def one_rep(run: Path, work: Path, prune_first: bool) -> tuple[float, float]:
-    """(prune s, rm -rf s) over two fresh copies of `run`."""
+def one_rep(run: Path, work: Path, prune_first: bool) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((prune wall s, CPU s), (rm -rf wall s, CPU s)) over two fresh copies of `run`."""
     ours, theirs = copy_of(run, work / "prune"), copy_of(run, work / "rm")
     doomed = [str(theirs / f"checkpoint-{s}") for s in steps(theirs)[:-1]]
     os.sync()
     prune = [sys.executable, "-m", "ckptkeeper", "prune", str(ours.parent), "--keep", "last:1"]
     prune.append("--no-protect-trainer-best")
     sides = [("prune", prune), ("rm", ["rm", "-rf", "--", *doomed])]
-    took = {name: timed_process(argv) for name, argv in (sides if prune_first else sides[::-1])}
+    took = {name: timed_process_cpu(argv) for name, argv in (sides if prune_first else sides[::-1])}
     if steps(ours) != steps(theirs) or len(steps(ours)) != 1:
         raise RuntimeError(f"the two sides left {steps(ours)} and {steps(theirs)}")
     shutil.rmtree(work / "prune")
@@ -120,9 +120,16 @@ def measure(shape: Shape, reps: int, workdir: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ckptkeeper-bench-prune-", dir=workdir) as tmp:
         run = template(shape, Path(tmp))
         results = [one_rep(run, Path(tmp) / "rep", prune_first=rep % 2 == 0) for rep in range(reps)]
-    prune = [p for p, _ in results]
-    rm = [r for _, r in results]
-    return {"shape": shape.describe(), "prune_s": prune, "rm_rf_s": rm, "ratios": [p / r for p, r in results]}
+    prune = [p for (p, _), _ in results]
+    rm = [r for _, (r, _) in results]
+    cpu = {"prune_cpu_s": [c for (_, c), _ in results], "rm_rf_cpu_s": [c for _, (_, c) in results]}
+    return {
+        "shape": shape.describe(),
+        "prune_s": prune,
+        "rm_rf_s": rm,
+        "ratios": [p / r for p, r in zip(prune, rm, strict=True)],
+        **cpu,
+    }
 
 
 def row(figures: dict[str, Any]) -> list[str]:
@@ -130,7 +137,9 @@ def row(figures: dict[str, Any]) -> list[str]:
     ratio = prune.median / rm.median
     verdict = "met" if ratio <= TARGET_RATIO else "**missed**"
     spread = f"[{fmt(min(ratios), 2)}, {fmt(max(ratios), 2)}]"
-    return [figures["shape"], fmt_summary(rm), fmt_summary(prune), f"**{ratio:.2f}x** {spread}", verdict]
+    cpu_prune, cpu_rm = summarize(figures["prune_cpu_s"]), summarize(figures["rm_rf_cpu_s"])
+    cpu = f"{fmt(cpu_rm.median)} / {fmt(cpu_prune.median)} ({cpu_prune.median / max(cpu_rm.median, 1e-9):.2f}x)"
+    return [figures["shape"], fmt_summary(rm), fmt_summary(prune), f"**{ratio:.2f}x** {spread}", verdict, cpu]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## Remove every checkpoint but the newest ({reps} repetitions, alternating order, median [min, max])")
     print()
     headers = ["shape", "rm -rf, s", "ckptkeeper prune, s", "prune / rm -rf", f"target <= {TARGET_RATIO:g}x"]
+    headers.append("CPU s, rm -rf / prune (ratio)")
     print(markdown_table(headers, [row(f) for f in figures]))
     print()
     print(f"Total benchmark time: {time.monotonic() - started:.0f} s")

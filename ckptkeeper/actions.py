@@ -23,7 +23,6 @@ import stat
 import sys
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -479,6 +478,8 @@ def _fsync_tree(top: Path | str) -> None:
         return
     # One share of the paths per thread, not one task per path: on a filesystem where fsync costs nothing
     # (tmpfs), handing 3,000 tasks to a pool costs more than the fsyncs.
+    from concurrent.futures import ThreadPoolExecutor  # only for an archive copy: not at every start
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptkeeper-fsync") as pool:
         for _ in pool.map(_fsync_all, [paths[i::workers] for i in range(workers)]):
             pass
