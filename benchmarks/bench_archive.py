@@ -31,7 +31,15 @@ from typing import Any
 
 from benchmarks.bench_actions import tmpfs_mount
 from benchmarks.bench_prune import Shape, copy_of, steps, template
-from benchmarks.common import fmt, fmt_summary, load_average, machine_lines, markdown_table, summarize, timed_process
+from benchmarks.common import (
+    fmt,
+    fmt_summary,
+    load_average,
+    machine_lines,
+    markdown_table,
+    summarize,
+    timed_process_cpu,
+)
 
 TARGET_RATIO = 1.3
 BASELINE = 'dst="$1"; shift; cp -a "$@" "$dst/" && sync -f "$dst" && rm -rf "$@"'
@@ -41,8 +49,9 @@ def shape(quick: bool, big: bool) -> Shape:
     return Shape("small files", 3 if quick else 5, small_files=3000 if big else (200 if quick else 1000))
 
 
-def one_rep(run: Path, work: Path, archive: Path, prune_first: bool) -> tuple[float, float]:
-    """(prune s, baseline s) over two fresh copies of `run`, archiving to two directories of `archive`."""
+def one_rep(run: Path, work: Path, archive: Path, prune_first: bool) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((prune wall s, CPU s), (baseline wall s, CPU s)) over two fresh copies of `run`, archiving to two
+    directories of `archive`."""
     ours, theirs = copy_of(run, work / "prune"), copy_of(run, work / "cp")
     doomed = [str(theirs / f"checkpoint-{s}") for s in steps(theirs)[:-1]]
     (archive / "theirs" / "run").mkdir(parents=True)
@@ -51,7 +60,7 @@ def one_rep(run: Path, work: Path, archive: Path, prune_first: bool) -> tuple[fl
     prune += ["--no-protect-trainer-best", "--archive-to", str(archive / "ours")]
     baseline = ["sh", "-c", BASELINE, "sh", str(archive / "theirs" / "run"), *doomed]
     sides = [("prune", prune), ("baseline", baseline)]
-    took = {name: timed_process(argv) for name, argv in (sides if prune_first else sides[::-1])}
+    took = {name: timed_process_cpu(argv) for name, argv in (sides if prune_first else sides[::-1])}
     archived = {side: sorted(p.name for p in (archive / side / "run").iterdir()) for side in ("ours", "theirs")}
     if steps(ours) != steps(theirs) or len(steps(ours)) != 1 or archived["ours"] != archived["theirs"]:
         raise RuntimeError(f"the two sides differ: left {steps(ours)} / {steps(theirs)}, archived {archived}")
@@ -72,15 +81,17 @@ def measure(quick: bool, big: bool, reps: int, workdir: Path) -> dict[str, Any]:
     return {
         "shape": the_shape.describe(),
         "files": files,
-        "prune_s": [p for p, _ in results],
-        "baseline_s": [b for _, b in results],
-        "ratios": [p / b for p, b in results],
+        "prune_s": [p for (p, _), _ in results],
+        "baseline_s": [b for _, (b, _) in results],
+        "ratios": [p / b for (p, _), (b, _) in results],
+        "prune_cpu_s": [c for (_, c), _ in results],
+        "baseline_cpu_s": [c for _, (_, c) in results],
     }
 
 
 def row(figures: dict[str, Any]) -> list[str]:
     if "problem" in figures:
-        return [figures["shape"], "not measured", figures["problem"], "", ""]
+        return [figures["shape"], "not measured", figures["problem"], "", "", ""]
     prune, base, ratios = summarize(figures["prune_s"]), summarize(figures["baseline_s"]), summarize(figures["ratios"])
     verdict = "met" if ratios.median <= TARGET_RATIO else "**missed**"
     return [
@@ -89,6 +100,7 @@ def row(figures: dict[str, Any]) -> list[str]:
         fmt_summary(prune),
         f"**{fmt(ratios.median, 2)}x** [{fmt(ratios.minimum, 2)}, {fmt(ratios.maximum, 2)}]",
         f"<= {TARGET_RATIO:g}x: {verdict}",
+        f"{fmt(summarize(figures['baseline_cpu_s']).median)} / {fmt(summarize(figures['prune_cpu_s']).median)}",
     ]
 
 
@@ -119,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## Archive every checkpoint but the newest to a tmpfs ({reps} repetitions, alternating order)")
     print()
     headers = ["shape", "cp -a && sync -f && rm -rf, s", "ckptkeeper prune --archive-to, s", "ratio", "target"]
+    headers.append("CPU s, baseline / prune")
     print(markdown_table(headers, [row(figures)]))
     print()
     print(f"- load average (1, 5, 15 min) at the start: {load_start}; at the end: {load_average()}")

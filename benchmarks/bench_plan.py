@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_reconcile import build_tree
-from benchmarks.common import fmt, fmt_summary, load_average, machine_lines, markdown_table, summarize, timed_process
+from benchmarks.common import (
+    fmt,
+    fmt_summary,
+    load_average,
+    machine_lines,
+    markdown_table,
+    summarize,
+    timed_process,
+    timed_process_cpu,
+)
 
 TARGET_COLD = 0.8
 TARGET_WARM = 0.6
@@ -78,11 +87,14 @@ def measure_size(root: Path, runs: int, per_run: int, reps: int) -> dict[str, An
         "warm": {"baseline": [], "plan": []},
         "cold": {"baseline": [], "plan": []},
     }
+    cpu: dict[str, list[float]] = {"baseline": [], "plan": []}
     cold_ok = True
     for rep in range(reps):
         order = ["baseline", "plan"] if rep % 2 == 0 else ["plan", "baseline"]
         for side in order:
-            times["warm"][side].append(timed_process(argv[side]))
+            wall, used = timed_process_cpu(argv[side])
+            times["warm"][side].append(wall)
+            cpu[side].append(used)
         for side in order:
             cold_ok = cold_ok and drop_caches()
             if cold_ok:
@@ -94,6 +106,7 @@ def measure_size(root: Path, runs: int, per_run: int, reps: int) -> dict[str, An
         "built_seconds": built,
         "cold_available": cold_ok,
         "seconds": times,
+        "warm_cpu_seconds": cpu,
     }
 
 
@@ -101,10 +114,15 @@ def row(figures: dict[str, Any], cache: str) -> list[str]:
     base, plan = figures["seconds"][cache]["baseline"], figures["seconds"][cache]["plan"]
     target = TARGET_COLD if cache == "cold" else TARGET_WARM
     if not plan:
-        return [f"{figures['checkpoints']:,}", cache, "not measured: cannot drop the page cache here", "", "", ""]
+        return [f"{figures['checkpoints']:,}", cache, "not measured: cannot drop the page cache here", "", "", "", ""]
     ratios = [p / b for p, b in zip(plan, base, strict=True)]
     r = summarize(ratios)
     verdict = "met" if r.median <= target else "**missed**"
+    used = figures["warm_cpu_seconds"]
+    cpu = summarize([p / b for p, b in zip(used["plan"], used["baseline"], strict=True)])
+    cpu_cell = (
+        f"{fmt(summarize(used['baseline']).median)} / {fmt(summarize(used['plan']).median)} ({fmt(cpu.median, 2)}x)"
+    )
     return [
         f"{figures['checkpoints']:,}",
         cache,
@@ -112,6 +130,7 @@ def row(figures: dict[str, Any], cache: str) -> list[str]:
         fmt_summary(summarize(plan)),
         f"**{fmt(r.median, 2)}x** [{fmt(r.minimum, 2)}, {fmt(r.maximum, 2)}]",
         f"<= {target:g}x: {verdict}",
+        cpu_cell if cache == "warm" else "",
     ]
 
 
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## Plan a whole root ({reps} repetitions, alternating order, median [min, max] s)")
     print()
     headers = ["checkpoints", "page cache", "json.load loop, s", "ckptkeeper plan, s", "plan / loop", "target"]
+    headers.append("CPU s, loop / plan (ratio)")
     print(markdown_table(headers, [row(f, cache) for f in figures for cache in ("warm", "cold")]))
     print()
     for f in figures:
