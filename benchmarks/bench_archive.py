@@ -32,11 +32,12 @@ from typing import Any
 from benchmarks.bench_actions import tmpfs_mount
 from benchmarks.bench_prune import Shape, copy_of, steps, template
 from benchmarks.common import (
+    command_parser,
     fmt,
     fmt_summary,
     load_average,
-    machine_lines,
     markdown_table,
+    start_report,
     summarize,
     timed_process_cpu,
 )
@@ -105,28 +106,21 @@ def row(figures: dict[str, Any]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_archive", description=(__doc__ or "").split("\n")[0]
-    )
-    parser.add_argument("--quick", action="store_true", help="3 checkpoints of 200 small files, 3 repetitions")
-    parser.add_argument("--big", action="store_true", help="3,000 small files per checkpoint (bench_actions' shape)")
-    parser.add_argument("--reps", type=int, help="repetitions (default 7; --quick: 3)")
-    parser.add_argument("--workdir", type=Path, help="where the runs are built (default: the temp directory)")
-    parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
-    return parser.parse_args(argv)
+    return command_parser(
+        "benchmarks.bench_archive",
+        __doc__,
+        quick="3 checkpoints of 200 small files, 3 repetitions",
+        reps="repetitions (default 7; --quick: 3)",
+        big="3,000 small files per checkpoint (bench_actions' shape)",
+    ).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     reps = opts.reps or (3 if opts.quick else 7)
-    workdir = opts.workdir or Path(tempfile.gettempdir())
-    workdir.mkdir(parents=True, exist_ok=True)
     started, load_start = time.monotonic(), load_average()
-    print("# `ckptkeeper prune --archive-to` a tmpfs against `cp -a && sync -f && rm -rf`, whole commands")
-    print()
-    print("Machine:")
-    print("\n".join(machine_lines(workdir)))
-    print()
+    title = "`ckptkeeper prune --archive-to` a tmpfs against `cp -a && sync -f && rm -rf`, whole commands"
+    workdir = start_report(title, opts.workdir)
     figures = measure(opts.quick, opts.big, reps, workdir)
     print(f"## Archive every checkpoint but the newest to a tmpfs ({reps} repetitions, alternating order)")
     print()

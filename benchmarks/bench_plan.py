@@ -30,11 +30,13 @@ from typing import Any
 
 from benchmarks.bench_reconcile import build_tree
 from benchmarks.common import (
+    command_parser,
     fmt,
     fmt_summary,
     load_average,
     machine_lines,
     markdown_table,
+    start_report,
     summarize,
     timed_process,
     timed_process_cpu,
@@ -135,26 +137,22 @@ def row(figures: dict[str, Any], cache: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_plan", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100 checkpoints, 2 repetitions (the smoke run)")
+    parser = command_parser(
+        "benchmarks.bench_plan",
+        __doc__,
+        quick="100 checkpoints, 2 repetitions (the smoke run)",
+        reps="repetitions (default 5; --quick: 2)",
+    )
     parser.add_argument("--full", action="store_true", help="1,000 and 10,000 checkpoints, as the issue says")
-    parser.add_argument("--reps", type=int, help="repetitions (default 5; --quick: 2)")
-    parser.add_argument("--workdir", type=Path, help="where the trees are built (default: the temp directory)")
-    parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     reps = opts.reps or (2 if opts.quick else 5)
-    workdir = opts.workdir or Path(tempfile.gettempdir())
-    workdir.mkdir(parents=True, exist_ok=True)
     started, load_start = time.monotonic(), load_average()
-    print("# `ckptkeeper plan` against a json.load loop, whole commands" + (" (--quick)" if opts.quick else ""))
-    print()
-    print("Machine:")
-    print("\n".join(machine_lines(workdir)))
-    print()
+    title = "`ckptkeeper plan` against a json.load loop, whole commands" + (" (--quick)" if opts.quick else "")
+    workdir = start_report(title, opts.workdir)
     figures = []
     for runs, per_run in sizes(opts.quick, opts.full):
         with tempfile.TemporaryDirectory(prefix="ckptkeeper-bench-plan-", dir=workdir) as tmp:

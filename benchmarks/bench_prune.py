@@ -31,7 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize, timed_process_cpu
+from benchmarks.common import (
+    command_parser,
+    fmt,
+    fmt_summary,
+    machine_lines,
+    markdown_table,
+    start_report,
+    summarize,
+    timed_process_cpu,
+)
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 TARGET_RATIO = 1.0
@@ -143,28 +152,21 @@ def row(figures: dict[str, Any]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_prune", description=(__doc__ or "").split("\n")[0]
-    )
-    parser.add_argument("--quick", action="store_true", help="small shapes, 3 repetitions (the smoke run)")
-    parser.add_argument("--big", action="store_true", help="the large shape with 1 GiB files, as the issue says")
-    parser.add_argument("--reps", type=int, help="repetitions per shape (default 7; --quick: 3)")
-    parser.add_argument("--workdir", type=Path, help="where the trees are built (default: the temp directory)")
-    parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
-    return parser.parse_args(argv)
+    return command_parser(
+        "benchmarks.bench_prune",
+        __doc__,
+        quick="small shapes, 3 repetitions (the smoke run)",
+        reps="repetitions per shape (default 7; --quick: 3)",
+        big="the large shape with 1 GiB files, as the issue says",
+    ).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     reps = opts.reps or (3 if opts.quick else 7)
-    workdir = opts.workdir or Path(tempfile.gettempdir())
-    workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    print("# `ckptkeeper prune` against `rm -rf`, whole commands" + (" (--quick)" if opts.quick else ""))
-    print()
-    print("Machine:")
-    print("\n".join(machine_lines(workdir)))
-    print()
+    title = "`ckptkeeper prune` against `rm -rf`, whole commands" + (" (--quick)" if opts.quick else "")
+    workdir = start_report(title, opts.workdir)
     figures = [measure(shape, reps, workdir) for shape in shapes(opts.quick, opts.big)]
     print(f"## Remove every checkpoint but the newest ({reps} repetitions, alternating order, median [min, max])")
     print()

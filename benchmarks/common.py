@@ -6,6 +6,7 @@ Linux only (/proc). Nothing here asserts a timing: the benchmarks print figures.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -46,6 +47,33 @@ def warm_bytecode(python: str = sys.executable) -> None:
     modules = "ckptkeeper.cli, ckptkeeper.config, ckptkeeper.engine, ckptkeeper.render, ckptkeeper.watch"
     subprocess.run([python, "-c", f"import {modules}"], env=command_env(), check=True, capture_output=True)
     _warmed.add(python)
+
+
+# ---- the options and header of a whole-command benchmark -------------------------------------------
+def command_parser(
+    module: str, doc: str | None, quick: str, reps: str, big: str | None = None
+) -> argparse.ArgumentParser:
+    """The options of a benchmark of whole commands: --quick, --reps, --workdir, --json (and --big)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    if big is not None:
+        parser.add_argument("--big", action="store_true", help=big)
+    parser.add_argument("--reps", type=int, help=reps)
+    parser.add_argument("--workdir", type=Path, help="where the trees are built (default: the temp directory)")
+    parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
+    return parser
+
+
+def start_report(title: str, workdir: Path | None) -> Path:
+    """Print the report's title and the machine; the directory to build trees in (made if missing)."""
+    where = workdir or Path(tempfile.gettempdir())
+    where.mkdir(parents=True, exist_ok=True)
+    print(f"# {title}")
+    print()
+    print("Machine:")
+    print("\n".join(machine_lines(where)))
+    print()
+    return where
 
 
 # ---- the machine ---------------------------------------------------------------------------------
