@@ -28,6 +28,8 @@ BENCHMARKS = {
     "startup": "benchmarks.bench_startup",  # 7. start-up: --help, --version, plan and prune of one checkpoint
     "prune": "benchmarks.bench_prune",  # issue #12: prune against rm -rf, whole commands
     "metrics": "benchmarks.bench_metrics",  # issue #20: plan and a watch pass with lm-eval results, against none
+    "plan": "benchmarks.bench_plan",  # issue #12: plan against a json.load loop, whole commands, warm and cold
+    "archive": "benchmarks.bench_archive",  # issue #12: prune --archive-to a tmpfs against cp -a && sync -f && rm -rf
 }
 
 

@@ -31,7 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize, timed_process
+from benchmarks.common import (
+    command_parser,
+    fmt,
+    fmt_summary,
+    machine_lines,
+    markdown_table,
+    start_report,
+    summarize,
+    timed_process_cpu,
+)
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 TARGET_RATIO = 1.0
@@ -100,15 +109,15 @@ def steps(run: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("checkpoint-")) for p in run.glob("checkpoint-*"))
 
 
-def one_rep(run: Path, work: Path, prune_first: bool) -> tuple[float, float]:
-    """(prune s, rm -rf s) over two fresh copies of `run`."""
+def one_rep(run: Path, work: Path, prune_first: bool) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((prune wall s, CPU s), (rm -rf wall s, CPU s)) over two fresh copies of `run`."""
     ours, theirs = copy_of(run, work / "prune"), copy_of(run, work / "rm")
     doomed = [str(theirs / f"checkpoint-{s}") for s in steps(theirs)[:-1]]
     os.sync()
     prune = [sys.executable, "-m", "ckptkeeper", "prune", str(ours.parent), "--keep", "last:1"]
     prune.append("--no-protect-trainer-best")
     sides = [("prune", prune), ("rm", ["rm", "-rf", "--", *doomed])]
-    took = {name: timed_process(argv) for name, argv in (sides if prune_first else sides[::-1])}
+    took = {name: timed_process_cpu(argv) for name, argv in (sides if prune_first else sides[::-1])}
     if steps(ours) != steps(theirs) or len(steps(ours)) != 1:
         raise RuntimeError(f"the two sides left {steps(ours)} and {steps(theirs)}")
     shutil.rmtree(work / "prune")
@@ -120,9 +129,16 @@ def measure(shape: Shape, reps: int, workdir: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ckptkeeper-bench-prune-", dir=workdir) as tmp:
         run = template(shape, Path(tmp))
         results = [one_rep(run, Path(tmp) / "rep", prune_first=rep % 2 == 0) for rep in range(reps)]
-    prune = [p for p, _ in results]
-    rm = [r for _, r in results]
-    return {"shape": shape.describe(), "prune_s": prune, "rm_rf_s": rm, "ratios": [p / r for p, r in results]}
+    prune = [p for (p, _), _ in results]
+    rm = [r for _, (r, _) in results]
+    cpu = {"prune_cpu_s": [c for (_, c), _ in results], "rm_rf_cpu_s": [c for _, (_, c) in results]}
+    return {
+        "shape": shape.describe(),
+        "prune_s": prune,
+        "rm_rf_s": rm,
+        "ratios": [p / r for p, r in zip(prune, rm, strict=True)],
+        **cpu,
+    }
 
 
 def row(figures: dict[str, Any]) -> list[str]:
@@ -130,36 +146,32 @@ def row(figures: dict[str, Any]) -> list[str]:
     ratio = prune.median / rm.median
     verdict = "met" if ratio <= TARGET_RATIO else "**missed**"
     spread = f"[{fmt(min(ratios), 2)}, {fmt(max(ratios), 2)}]"
-    return [figures["shape"], fmt_summary(rm), fmt_summary(prune), f"**{ratio:.2f}x** {spread}", verdict]
+    cpu_prune, cpu_rm = summarize(figures["prune_cpu_s"]), summarize(figures["rm_rf_cpu_s"])
+    cpu = f"{fmt(cpu_rm.median)} / {fmt(cpu_prune.median)} ({cpu_prune.median / max(cpu_rm.median, 1e-9):.2f}x)"
+    return [figures["shape"], fmt_summary(rm), fmt_summary(prune), f"**{ratio:.2f}x** {spread}", verdict, cpu]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_prune", description=(__doc__ or "").split("\n")[0]
-    )
-    parser.add_argument("--quick", action="store_true", help="small shapes, 3 repetitions (the smoke run)")
-    parser.add_argument("--big", action="store_true", help="the large shape with 1 GiB files, as the issue says")
-    parser.add_argument("--reps", type=int, help="repetitions per shape (default 7; --quick: 3)")
-    parser.add_argument("--workdir", type=Path, help="where the trees are built (default: the temp directory)")
-    parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
-    return parser.parse_args(argv)
+    return command_parser(
+        "benchmarks.bench_prune",
+        __doc__,
+        quick="small shapes, 3 repetitions (the smoke run)",
+        reps="repetitions per shape (default 7; --quick: 3)",
+        big="the large shape with 1 GiB files, as the issue says",
+    ).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     reps = opts.reps or (3 if opts.quick else 7)
-    workdir = opts.workdir or Path(tempfile.gettempdir())
-    workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    print("# `ckptkeeper prune` against `rm -rf`, whole commands" + (" (--quick)" if opts.quick else ""))
-    print()
-    print("Machine:")
-    print("\n".join(machine_lines(workdir)))
-    print()
+    title = "`ckptkeeper prune` against `rm -rf`, whole commands" + (" (--quick)" if opts.quick else "")
+    workdir = start_report(title, opts.workdir)
     figures = [measure(shape, reps, workdir) for shape in shapes(opts.quick, opts.big)]
     print(f"## Remove every checkpoint but the newest ({reps} repetitions, alternating order, median [min, max])")
     print()
     headers = ["shape", "rm -rf, s", "ckptkeeper prune, s", "prune / rm -rf", f"target <= {TARGET_RATIO:g}x"]
+    headers.append("CPU s, rm -rf / prune (ratio)")
     print(markdown_table(headers, [row(f) for f in figures]))
     print()
     print(f"Total benchmark time: {time.monotonic() - started:.0f} s")

@@ -6,7 +6,9 @@ against `python -c pass`.
 Each command runs as a new process, the way a user runs it: the `ckptkeeper` console script that sits
 beside sys.executable (its shebang names the same interpreter), and `python -m ckptkeeper`. The baseline is
 the same interpreter running `python -c pass`, so the interpreter's own start-up (and the site-packages
-.pth files every process of this environment reads) is measured once and subtracted. Each repetition runs
+.pth files every process of this environment reads) is measured once and subtracted. Every command runs with
+Python's bytecode cache, as after `pip install` (benchmarks.common.command_env); one row shows `plan` without it
+(PYTHONDONTWRITEBYTECODE=1, as this project's development machines run everything). Each repetition runs
 every command once, in a rotated order; a warm-up run of each comes first (page cache). The clock is
 time.perf_counter() around subprocess.run (fork, exec, imports, output, exit), stdout and stderr to
 /dev/null. Figures: median [min, max], and median - baseline median (target: at most 0.25 s more).
@@ -31,13 +33,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, package_version, summarize, timed_process
+from benchmarks.common import (
+    command_env,
+    fmt,
+    fmt_summary,
+    machine_lines,
+    markdown_table,
+    package_version,
+    summarize,
+    timed_process,
+    timed_process_cpu,
+)
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 TARGET_OVER_BASELINE = 0.25  # s, for --help and --version: printed, never asserted
 TARGET_WORK_OVER_BASELINE = 0.15  # s, for a command that does work (issue #12): printed, never asserted
 WORK_PLAN = "ckptkeeper plan ROOT (1 checkpoint)"
 WORK_PRUNE = "ckptkeeper prune ROOT (1 checkpoint)"
+WORK_PLAN_UNCACHED = "ckptkeeper plan ROOT (1 checkpoint), no bytecode cache"
+# As this project's development machines ran every command before the benchmarks gave them a bytecode cache
+# (common.command_env): ckptkeeper's modules compiled from source at every start. (`env` costs an exec.)
+UNCACHED = ["env", "-u", "PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE=1"]
 IMPORTTIME_RUNS = 3
 
 
@@ -62,6 +78,7 @@ def commands(root: Path) -> list[tuple[str, list[str]]]:
         cmds += [
             (WORK_PLAN, [str(script), "plan", *work]),
             (WORK_PRUNE, [str(script), "prune", *work]),
+            (WORK_PLAN_UNCACHED, [*UNCACHED, str(script), "plan", *work]),
         ]
     cmds += [
         ("python -m ckptkeeper --help", [py, "-m", "ckptkeeper", "--help"]),
@@ -70,15 +87,19 @@ def commands(root: Path) -> list[tuple[str, list[str]]]:
     return cmds
 
 
-def measure(cmds: list[tuple[str, list[str]]], reps: int) -> dict[str, list[float]]:
+def measure(cmds: list[tuple[str, list[str]]], reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds (user + system of the process and its children) of every command, per repetition."""
     for _, argv in cmds:  # warm-up: page cache, .pyc files
         timed_process(argv)
     times: dict[str, list[float]] = {label: [] for label, _ in cmds}
+    cpu: dict[str, list[float]] = {label: [] for label, _ in cmds}
     for rep in range(reps):
         shift = rep % len(cmds)
         for label, argv in cmds[shift:] + cmds[:shift]:
-            times[label].append(timed_process(argv))
-    return times
+            wall, used = timed_process_cpu(argv)
+            times[label].append(wall)
+            cpu[label].append(used)
+    return times, cpu
 
 
 # ---- python -X importtime -------------------------------------------------------------------------
@@ -98,6 +119,7 @@ def parse_importtime(stderr: str) -> list[tuple[str, int, int]]:
 def importtime_rows(args: list[str]) -> list[tuple[str, int, int]]:
     done = subprocess.run(
         [sys.executable, "-X", "importtime", *args],
+        env=command_env(),
         check=False,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -170,27 +192,32 @@ def print_header(quick: bool) -> Path | None:
     return script
 
 
-def wall_time_rows(cmds: list[tuple[str, list[str]]], times: dict[str, list[float]]) -> list[list[str]]:
-    """One row per command: its wall time, and (but for the first, the baseline) how much more it takes."""
+def wall_time_rows(
+    cmds: list[tuple[str, list[str]]], times: dict[str, list[float]], cpu: dict[str, list[float]]
+) -> list[list[str]]:
+    """One row per command: its wall time, and (but for the first, the baseline) how much more it takes; the
+    same for CPU time (steadier where other processes share the machine)."""
     baseline_label = cmds[0][0]
-    baseline = summarize(times[baseline_label])
+    baseline, baseline_cpu = summarize(times[baseline_label]), summarize(cpu[baseline_label])
     rows = []
     for label, _ in cmds:
-        s = summarize(times[label])
+        s, c = summarize(times[label]), summarize(cpu[label])
         if label == baseline_label:
-            rows.append([label, fmt_summary(s), "-", "-"])
+            rows.append([label, fmt_summary(s), "-", "-", fmt_summary(c), "-"])
             continue
         over = s.median - baseline.median
-        target = TARGET_WORK_OVER_BASELINE if label in (WORK_PLAN, WORK_PRUNE) else TARGET_OVER_BASELINE
+        target = TARGET_WORK_OVER_BASELINE if label.startswith((WORK_PLAN, WORK_PRUNE)) else TARGET_OVER_BASELINE
         verdict = "met" if over <= target else "**missed**"
-        rows.append([label, fmt_summary(s), f"+{fmt(over)}", f"<= +{target:g} s: {verdict}"])
+        cpu_over = f"+{fmt(c.median - baseline_cpu.median)}"
+        rows.append([label, fmt_summary(s), f"+{fmt(over)}", f"<= +{target:g} s: {verdict}", fmt_summary(c), cpu_over])
     return rows
 
 
 def print_wall_times(rows: list[list[str]], reps: int, script: Path | None) -> None:
     print(f"## Wall time per process start, s ({reps} repetitions each, median [min, max])")
     print()
-    print(markdown_table(["command", "wall s", "median - baseline", "target"], rows))
+    headers = ["command", "wall s", "median - baseline", "target", "CPU s", "CPU median - baseline"]
+    print(markdown_table(headers, rows))
     print()
     if script is not None:
         print(f"- console script: {script}")
@@ -239,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         simulate_run(root, SimConfig(steps_per_epoch=10, epochs=1))
         cmds = commands(root)
         script = print_header(opts.quick)
-        times = measure(cmds, reps)
-    print_wall_times(wall_time_rows(cmds, times), reps, script)
+        times, cpu = measure(cmds, reps)
+    print_wall_times(wall_time_rows(cmds, times, cpu), reps, script)
     importtime = importtime_part()
     print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
 
@@ -251,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_lines(Path(sys.executable).parent),
             "commands": dict(cmds),
             "seconds": times,
+            "cpu_seconds": cpu,
             "baseline": cmds[0][0],
             "target_over_baseline_s": TARGET_OVER_BASELINE,
             "importtime": importtime,

@@ -1,6 +1,7 @@
 """Benchmark `ckptkeeper watch`: how fast it reacts to a finished checkpoint, and what it costs while idle.
 
-    python -m benchmarks.bench_watch [--quick] [--workdir DIR] [--json FILE] [--only reaction|idle]
+    python -m benchmarks.bench_watch [--quick] [--workdir DIR] [--json FILE] [--only reaction|idle|idle-poll]
+                                     [--window S] [--reps N]
 
 1. Reaction time. A simulated trainer (ckptkeeper.simtrainer) saves a checkpoint every settle + 1 s into a
    run watched by `ckptkeeper watch ROOT --keep last:2 --settle S` (a real subprocess). The clock starts
@@ -12,7 +13,10 @@
    all kept by `--keep last:1000`. After the startup reconcile is done (the "watching" line, one "kept" line per
    checkpoint, then no log line and no CPU for a while), the daemon's CPU seconds (utime + stime from
    /proc/<pid>/stat) are measured over a window (60 s; --quick: 5 s, 3 repetitions), then VmRSS and VmHWM. Each
-   repetition is a fresh daemon. Baseline: the same daemon watching an empty root.
+   repetition is a fresh daemon. Baseline: the same daemon watching an empty root. `--only idle-poll`: only
+   `--poll 5`, over the tree and over an empty root (issue #12, target 4: under 1 % of a core).
+
+Every daemon is a real `python -m ckptkeeper watch` process (whole-process figures).
 
 Figures are printed as markdown tables with the machine. Nothing is asserted.
 """
@@ -332,7 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer saves, a small tree, 3 x 5 s idle windows")
     parser.add_argument("--workdir", type=Path, help="where to build the trees (default: a new temp dir)")
     parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
-    parser.add_argument("--only", choices=["reaction", "idle"], help="run one part only")
+    parser.add_argument("--only", choices=["reaction", "idle", "idle-poll"], help="run one part only")
+    parser.add_argument("--window", type=float, help="idle window in seconds (default 60; --quick: 5)")
+    parser.add_argument("--reps", type=int, help="idle repetitions (default 5; --quick: 3)")
     parser.add_argument("--keep-files", action="store_true", help="leave the trees behind")
     return parser.parse_args(argv)
 
@@ -368,8 +374,11 @@ def reaction_part(workdir: Path, saves: int) -> list[dict[str, Any]]:
     return [asdict(r) for r in reactions]
 
 
-def idle_part(workdir: Path, quick: bool, window: float, reps: int, raw: dict[str, Any]) -> None:
-    """Measure and report the idle cost (into `raw`: "idle" and "full_scan_cpu_seconds")."""
+def idle_part(
+    workdir: Path, quick: bool, window: float, reps: int, raw: dict[str, Any], poll_only: bool = False
+) -> None:
+    """Measure and report the idle cost (into `raw`: "idle" and "full_scan_cpu_seconds"); `poll_only`: only
+    polling every IDLE_POLL s, over the tree and over an empty root."""
     part_started = time.monotonic()
     tree = workdir / "idle-tree"
     runs, checkpoints = IDLE_SHAPE_QUICK if quick else IDLE_SHAPE
@@ -378,12 +387,16 @@ def idle_part(workdir: Path, quick: bool, window: float, reps: int, raw: dict[st
     empty.mkdir()
     files = sum(len(f) for _, _, f in os.walk(tree))
     shape = f"{runs} x {checkpoints}"
-    idle = [
-        measure_idle(empty, "inotify (baseline)", "empty root", None, window, reps, 0),
-        measure_idle(tree, "inotify", shape, None, window, reps, runs * checkpoints),
-        measure_idle(tree, f"polling {IDLE_POLL:g} s", shape, IDLE_POLL, window, reps, runs * checkpoints),
-    ]
-    cold, warm = full_scan_cpu(tree, reps)
+    polling = f"polling {IDLE_POLL:g} s"
+    if poll_only:
+        idle = [measure_idle(empty, f"{polling} (baseline)", "empty root", IDLE_POLL, window, reps, 0)]
+    else:
+        idle = [
+            measure_idle(empty, "inotify (baseline)", "empty root", None, window, reps, 0),
+            measure_idle(tree, "inotify", shape, None, window, reps, runs * checkpoints),
+        ]
+    idle.append(measure_idle(tree, polling, shape, IDLE_POLL, window, reps, runs * checkpoints))
+    cold, warm = full_scan_cpu(tree, 1 if poll_only else reps)
     print(
         f"## Idle cost (`--keep last:1000`: everything kept; settle {SETTLE:g} s; full rescan every 60 s, the default)"
     )
@@ -411,8 +424,8 @@ def idle_part(workdir: Path, quick: bool, window: float, reps: int, raw: dict[st
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     saves = 6 if opts.quick else 24
-    window = 5.0 if opts.quick else 60.0
-    reps = 3 if opts.quick else 5
+    window = opts.window or (5.0 if opts.quick else 60.0)
+    reps = opts.reps or (3 if opts.quick else 5)
     workdir = Path(tempfile.mkdtemp(prefix="ckptkeeper-bench-", dir=opts.workdir))
     load_start = load_average()
     started = time.monotonic()
@@ -421,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.only in (None, "reaction"):
             raw["reaction"] = reaction_part(workdir, saves)
-        if opts.only in (None, "idle"):
-            idle_part(workdir, opts.quick, window, reps, raw)
+        if opts.only in (None, "idle", "idle-poll"):
+            idle_part(workdir, opts.quick, window, reps, raw, poll_only=opts.only == "idle-poll")
         print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
         print(f"Load average (1, 5, 15 min) at the start: {load_start}, at the end: {load_average()}")
         if opts.json:

@@ -6,6 +6,7 @@ Linux only (/proc). Nothing here asserts a timing: the benchmarks print figures.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -14,6 +15,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -21,6 +23,57 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Where measured commands keep Python's bytecode (see command_env).
+PYCACHE = Path(tempfile.gettempdir()) / "ckptkeeper-bench-pycache"
+_warmed: set[str] = set()
+
+
+def command_env() -> dict[str, str]:
+    """The environment a measured command runs in: this one, with Python's bytecode cache, as a user has it
+    after `pip install` (which compiles every module). Where PYTHONDONTWRITEBYTECODE is set (this
+    project's development machines set it), every start would otherwise compile ckptkeeper's modules from
+    source, about 45 ms that no installed copy pays. The cache is kept under PYCACHE
+    (PYTHONPYCACHEPREFIX), so nothing is written beside the sources."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    return env
+
+
+def warm_bytecode(python: str = sys.executable) -> None:
+    """Compile, once per benchmark process and interpreter, what a command imports into PYCACHE (the first
+    run with a new cache prefix compiles every module, third-party ones included)."""
+    if python in _warmed:
+        return
+    modules = "ckptkeeper.cli, ckptkeeper.config, ckptkeeper.engine, ckptkeeper.render, ckptkeeper.watch"
+    subprocess.run([python, "-c", f"import {modules}"], env=command_env(), check=True, capture_output=True)
+    _warmed.add(python)
+
+
+# ---- the options and header of a whole-command benchmark -------------------------------------------
+def command_parser(
+    module: str, doc: str | None, quick: str, reps: str, big: str | None = None
+) -> argparse.ArgumentParser:
+    """The options of a benchmark of whole commands: --quick, --reps, --workdir, --json (and --big)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    if big is not None:
+        parser.add_argument("--big", action="store_true", help=big)
+    parser.add_argument("--reps", type=int, help=reps)
+    parser.add_argument("--workdir", type=Path, help="where the trees are built (default: the temp directory)")
+    parser.add_argument("--json", type=Path, help="also write every raw figure to this file")
+    return parser
+
+
+def start_report(title: str, workdir: Path | None) -> Path:
+    """Print the report's title and the machine; the directory to build trees in (made if missing)."""
+    where = workdir or Path(tempfile.gettempdir())
+    where.mkdir(parents=True, exist_ok=True)
+    print(f"# {title}")
+    print()
+    print("Machine:")
+    print("\n".join(machine_lines(where)))
+    print()
+    return where
 
 
 # ---- the machine ---------------------------------------------------------------------------------
@@ -160,15 +213,31 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 # ---- /proc ---------------------------------------------------------------------------------------
 def timed_process(argv: Sequence[str]) -> float:
     """Wall seconds of one process, as a user runs it (fork, exec, imports, work, exit), output discarded;
-    a failure is an error (its stderr's tail in the message), never a figure."""
+    a failure is an error (its stderr's tail in the message), never a figure. Run in `command_env()`: with
+    Python's bytecode cache, as after `pip install`."""
+    warm_bytecode()
+    env = command_env()
     started = time.perf_counter()
     done = subprocess.run(
-        list(argv), check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        list(argv), check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
     )
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{list(argv)[:4]} exited with {done.returncode}: {done.stderr.decode()[-500:]}")
     return elapsed
+
+
+def timed_process_cpu(argv: Sequence[str]) -> tuple[float, float]:
+    """(wall s, CPU s) of one process as `timed_process` runs it; CPU is the user + system time of the process
+    and of its own children (getrusage of the children waited for), which the load of other processes on a
+    shared machine disturbs far less than the wall time."""
+    import resource
+
+    warm_bytecode()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = timed_process(argv)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -197,7 +266,8 @@ class WatchProcess:
 
     def __init__(self, args: Sequence[str], cwd: Path | None = None) -> None:
         self.command = [sys.executable, "-m", "ckptkeeper", "watch", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        warm_bytecode()
+        env = {**command_env(), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             self.command,
             cwd=cwd,

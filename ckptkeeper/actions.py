@@ -23,12 +23,20 @@ import stat
 import sys
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptkeeper.integrity import safetensors_problem
-from ckptkeeper.paths import Relation, checkpoint_component, fd_path, place_of, place_of_fd, read_mounts, relation
+from ckptkeeper.paths import (
+    Relation,
+    checkpoint_component,
+    fd_path,
+    place_of,
+    place_of_fd,
+    read_mounts,
+    real_path_at,
+    relation,
+)
 from ckptkeeper.scan import checkpoint_step
 from ckptkeeper.state import TRASH_ENTRY, StateDir
 
@@ -158,7 +166,7 @@ def _guard_at(run_fd: int, checkpoint: Path, expected: Identity | None, verb: st
         raise ActionError(f"refusing to {verb} {checkpoint}: it is not a directory")
     if expected is not None and (st.st_dev, st.st_ino) != expected:
         raise Changed(f"{checkpoint} is another directory than the one judged; left for the next pass")
-    mounts = mount_points_below(Path(fd_path(run_fd, checkpoint.parent)) / name)
+    mounts = mount_points_below(real_path_at(run_fd, name, checkpoint.parent), real=True)
     if mounts:
         raise ActionError(f"refusing to {verb} {checkpoint}: a filesystem is mounted inside it, at {mounts[0]}")
     return st
@@ -184,10 +192,12 @@ def removal_guard(root: Path, checkpoint: Path) -> str | None:
     return None
 
 
-def mount_points_below(directory: Path) -> list[str]:
-    """Mount points strictly inside `directory`, bind mounts of the same filesystem included (their st_dev
-    is the parent's, so only the kernel's mount table tells). Empty where there is no mount table."""
-    top = os.path.realpath(directory).rstrip("/") + "/"
+def mount_points_below(directory: Path | str, real: bool = False) -> list[str]:
+    """Mount points strictly inside `directory` (`real`: given as its real path already), bind mounts of the
+    same filesystem included (their st_dev is the parent's, so only the kernel's mount table tells). Empty
+    where there is no mount table. The table is read again whenever it changed (`paths.MountTable`), so a
+    mount made a moment ago is seen."""
+    top = (os.fspath(directory) if real else os.path.realpath(directory)).rstrip("/") + "/"
     found = ["/" + "/".join(m.point) for m in read_mounts()]
     return sorted(p for p in found if p.startswith(top))
 
@@ -308,7 +318,7 @@ def delete_entry(entry: TrashEntry) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry.name, dir_fd=entry.dir_fd)
         return
-    mounts = mount_points_below(Path(where))
+    mounts = mount_points_below(real_path_at(entry.dir_fd, entry.name, entry.shown.parent), real=True)
     if mounts:  # mounted after the guard looked: never empty another filesystem
         raise OSError(errno.EBUSY, f"a filesystem is mounted inside it, at {mounts[0]}")
     try:
@@ -468,6 +478,8 @@ def _fsync_tree(top: Path | str) -> None:
         return
     # One share of the paths per thread, not one task per path: on a filesystem where fsync costs nothing
     # (tmpfs), handing 3,000 tasks to a pool costs more than the fsyncs.
+    from concurrent.futures import ThreadPoolExecutor  # only for an archive copy: not at every start
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptkeeper-fsync") as pool:
         for _ in pool.map(_fsync_all, [paths[i::workers] for i in range(workers)]):
             pass

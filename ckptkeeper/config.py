@@ -7,7 +7,6 @@ config file are taken from the current directory, like the same paths given as f
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -247,6 +246,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def _parse_toml(name: str, text: str) -> Any:
+    import tomllib  # only for a TOML config file: not at every start
+
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

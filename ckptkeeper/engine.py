@@ -54,6 +54,7 @@ from ckptkeeper.scan import (
     ContentCache,
     ScanOptions,
     find_run_dirs,
+    lstat_signature,
     read_checkpoint,
     read_run,
     run_path,
@@ -471,9 +472,9 @@ class Pipeline:
         if self.dry_run:
             return Outcome(run, c.name, OutcomeKind.would(decision.action), removal.freed(c))
         path = self.root / run / c.name if run != "." else self.root / c.name
-        now_seen = self._recheck(run, path, c)
-        if isinstance(now_seen, Outcome):
-            return now_seen
+        checked = self._recheck(run, path, c)
+        if isinstance(checked, Outcome):
+            return checked
         entry = {
             "run": run,
             "checkpoint": c.name,
@@ -487,13 +488,16 @@ class Pipeline:
             self.state.record({"action": f"start-{removal.verb}", **entry})
         except OSError as e:
             return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"cannot write the journal {self._journal()}: {_why(e)}")
-        outcome = self._remove(run, path, decision, removal, now_seen.identity)
+        outcome = self._remove(run, path, decision, removal, checked)
         return self._journaled(outcome, entry)
 
-    def _recheck(self, run: str, path: Path, planned: Checkpoint) -> Checkpoint | Outcome:
-        """The checkpoint as it is now, if it is still the very one judged; else the outcome. The plan was made
-        from an earlier look at the disk; this one goes through the run directory reached without following
-        links (the same way the removal reaches it)."""
+    def _recheck(self, run: str, path: Path, planned: Checkpoint) -> Identity | Outcome | None:
+        """The checkpoint directory's identity now, if it is still the very one judged, with the very entries
+        and contents; else the outcome. The plan was made from an earlier look at the disk; this one goes
+        through the run directory reached without following links (the same way the removal reaches it).
+        It compares a fresh lstat signature with the one the scan took (`scan.lstat_signature` says why an
+        unchanged one means unchanged contents); where that signature cannot vouch for it (written a moment
+        before the scan), it reads the checkpoint again in full."""
         try:
             run_fd = open_run_dir(self.root, path, "remove", self.root_identity)
         except Vanished:
@@ -501,14 +505,12 @@ class Pipeline:
         except ActionError as e:
             return Outcome(run, planned.name, OutcomeKind.ERROR, 0, str(e))
         try:
-            now_seen = read_checkpoint(Path(fd_path(run_fd, path.parent)) / planned.name, planned.step)
+            where = Path(fd_path(run_fd, path.parent)) / planned.name
+            if planned.signature is not None and planned.signature_vouches:
+                return _compare_signature(run, where, planned)
+            return _read_again(run, where, planned)
         finally:
             os.close(run_fd)
-        if now_seen.incomplete_reason == VANISHED_WHILE_READING:
-            return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
-        if not now_seen.complete or now_seen.size_bytes != planned.size_bytes or not _same(planned, now_seen):
-            return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
-        return now_seen
 
     def _remove(self, run: str, path: Path, decision: Decision, removal: Removal, expected: Identity | None) -> Outcome:
         """Carry out one removal; every failure is an Outcome, never an exception."""
@@ -571,11 +573,35 @@ def _why(e: OSError) -> str:
     return str(e.strerror or e)
 
 
+def _compare_signature(run: str, where: Path, planned: Checkpoint) -> Identity | Outcome:
+    """The re-check by signature: the directory reached as `where` has the identity and lstat signature the
+    scan saw (no entry added, removed, renamed, replaced or written since)."""
+    try:
+        now_identity, now_signature = lstat_signature(where)
+    except FileNotFoundError:
+        return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
+    except OSError:
+        return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
+    if now_identity != planned.identity or now_signature != planned.signature:
+        return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
+    return now_identity
+
+
+def _read_again(run: str, where: Path, planned: Checkpoint) -> Identity | Outcome | None:
+    """The re-check by a full read: still complete, the same size, identity and signature."""
+    now_seen = read_checkpoint(where, planned.step)
+    if now_seen.incomplete_reason == VANISHED_WHILE_READING:
+        return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
+    if not now_seen.complete or now_seen.size_bytes != planned.size_bytes or not _same(planned, now_seen):
+        return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
+    return now_seen.identity
+
+
 def _same(planned: Checkpoint, now_seen: Checkpoint) -> bool:
     """The very directory judged, with the very files: same identity, and no entry added, removed, renamed
-    or written since (every entry's inode, size, mtime and ctime)."""
+    or written since (every entry's type, inode, size, mtime and ctime)."""
     same_identity = planned.identity is None or planned.identity == now_seen.identity
-    return same_identity and (planned.fingerprint is None or planned.fingerprint == now_seen.fingerprint)
+    return same_identity and (planned.signature is None or planned.signature == now_seen.signature)
 
 
 def _result(plan: RunPlan, outcomes: Sequence[Outcome]) -> RunResult:

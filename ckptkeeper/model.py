@@ -7,6 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+# One entry of a checkpoint's lstat signature: (path relative to the checkpoint, file type (S_IFMT), inode,
+# size, mtime_ns, ctime_ns); "." is the checkpoint directory itself.
+SignatureEntry = tuple[str, int, int, int, int, int]
+Signature = tuple[SignatureEntry, ...]
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -32,9 +37,12 @@ class Checkpoint:
     # The modification time of its trainer_state.json (written last by the Trainer, rewritten by nothing
     # else); None where it has none or unknown.
     state_written_at: float | None = field(default=None, compare=False)
-    # An lstat signature of the directory and everything in it, as scanned: a removal acts only if it is
-    # unchanged (a run resumed into an existing checkpoint rewrites its files in place, sizes and all).
-    fingerprint: int | None = field(default=None, compare=False)
+    # An lstat signature of the directory and everything in it, as scanned (`scan.lstat_signature`): a removal
+    # acts only if it is unchanged (a run resumed into an existing checkpoint rewrites its files in place, sizes
+    # and all). `signature_vouches`: the newest change in it was older than the scan's look by more than the
+    # filesystem's timestamp step, so no later change can leave the signature as it was (see the docstring).
+    signature: Signature | None = field(default=None, compare=False, repr=False)
+    signature_vouches: bool = field(default=False, compare=False)
     # The file times lie in the future (a writer's clock ahead of this machine's): they order nothing.
     times_in_future: bool = field(default=False, compare=False)
     # When it counts as settled if nothing changes (watch re-checks then); None if not waiting to settle.

@@ -9,8 +9,11 @@ which is the same for every mount of one directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import select
+import threading
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -54,19 +57,93 @@ def _parts(path: str) -> tuple[str, ...]:
     return tuple(p for p in path.split("/") if p)
 
 
-def read_mounts() -> list[Mount]:
-    """Every mount, in the table's order (a later one at the same point hides an earlier one)."""
-    try:
-        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
-            table = f.read()
-    except OSError:
-        return []
+def _parse_mounts(table: str) -> list[Mount]:
     mounts = []
     for line in table.splitlines():
         fields = line.split(" ")
         if len(fields) > 4:
             mounts.append(Mount(fields[2], _parts(_unescape(fields[3])), _parts(_unescape(fields[4]))))
     return mounts
+
+
+class MountTable:
+    """The kernel's mount table, read again only when it has changed since the last read.
+
+    The table is held open; the kernel marks an open /proc/<pid>/mountinfo readable with POLLPRI | POLLERR
+    once any mount or unmount changes the process's mount namespace after the last poll (proc(5): "this file
+    can be monitored for changes"), so a zero-timeout poll before each use tells whether the copy read before
+    may still be used. A change during a read is seen by the next poll, never lost: the poll compares the
+    namespace's event count with the one it saw last. Where the table cannot be held open or polled, it is
+    read anew at every use, as before. Thread-safe (the daemon's reaper thread asks too)."""
+
+    def __init__(self, path: str = MOUNTINFO) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._poll: select.poll | None = None
+        self._mounts: list[Mount] = []
+        self.reads = 0  # how many times the table was read (for tests and benchmarks)
+
+    def mounts(self) -> list[Mount]:
+        """Every mount, in the table's order (a later one at the same point hides an earlier one)."""
+        with self._lock:
+            if self._fd is not None and not self._changed():
+                return list(self._mounts)
+            self._close()
+            self._mounts = self._read()
+            return list(self._mounts)
+
+    def _changed(self) -> bool:
+        assert self._poll is not None
+        try:
+            events = self._poll.poll(0)
+        except OSError:
+            return True
+        return any(bits & (select.POLLPRI | select.POLLERR | select.POLLNVAL) for _, bits in events)
+
+    def _read(self) -> list[Mount]:
+        """Open the table, start watching it, read it; [] where there is none (the fd stays closed then)."""
+        self.reads += 1
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return []
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+            poller.poll(0)  # what changed before this open is in what is read below
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        except OSError:
+            os.close(fd)
+            return []
+        self._fd, self._poll = fd, poller
+        return _parse_mounts(b"".join(chunks).decode("utf-8", errors="surrogateescape"))
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._poll = None, None
+
+    def forget_in_child(self) -> None:
+        """After fork: the table held is the parent's /proc/<pid>/mountinfo; the child reads its own."""
+        self._lock = threading.Lock()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self._poll = None, None
+
+
+MOUNT_TABLE = MountTable()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=MOUNT_TABLE.forget_in_child)
+
+
+def read_mounts() -> list[Mount]:
+    """Every mount, in the table's order (a later one at the same point hides an earlier one); read again
+    only when it changed (`MountTable`)."""
+    return MOUNT_TABLE.mounts()
 
 
 def _mount_of(real: tuple[str, ...], mounts: list[Mount]) -> Mount | None:
@@ -144,6 +221,20 @@ def fd_path(fd: int, fallback: Path | str) -> str:
     /proc/self/fd), or `fallback` where the system has none."""
     magic = f"/proc/self/fd/{fd}"
     return magic if os.path.isdir(magic) else os.fspath(fallback)
+
+
+def real_path_at(dir_fd: int, name: str, fallback: Path | str) -> str:
+    """The real path of `name` in the directory open as `dir_fd`, as the kernel names that directory now
+    (one readlink of /proc/self/fd, where os.path.realpath would lstat every component); `name` itself is
+    not followed. Where the kernel cannot say (no /proc, a directory since removed), the real path of
+    `fallback`/`name`."""
+    try:
+        where = os.readlink(f"/proc/self/fd/{dir_fd}")
+    except OSError:
+        where = ""
+    if not where.startswith("/") or where.endswith(" (deleted)"):
+        return os.path.join(os.path.realpath(fallback), name)
+    return os.path.join(where, name)
 
 
 def place_of_fd(fd: int, mounts: list[Mount] | None = None) -> Place | None:

@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from ckptkeeper import weights
 from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_problem
 from ckptkeeper.metric_specs import MetricSpec
-from ckptkeeper.model import Checkpoint, Run, root_name
+from ckptkeeper.model import Checkpoint, Run, Signature, root_name
 from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
 
 # ASCII digits only, no leading zero: `checkpoint-7` is the Trainer's name for step 7, and two directories
@@ -127,12 +128,47 @@ def _walk_files(directory: Path) -> tuple[list[tuple[str, os.stat_result]], list
     return walked, names
 
 
-Signature = tuple[tuple[str, int, int, int, int], ...]
 DirKey = tuple[int, int, int, int]  # the checkpoint directory's own inode, mtime, ctime (ns) and link count
 
 
 def _dir_key(st: os.stat_result) -> DirKey:
     return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+
+
+# How far a kernel's file times may lag its clock: they are taken from a clock read once per tick (1-10 ms;
+# 0.1 s leaves room for a coarser one). A change within this of a look may get the very times the look saw.
+TIMESTAMP_TICK = 0.1
+
+
+def signature_of(walked: list[tuple[str, os.stat_result]]) -> Signature:
+    """The lstat signature of one walk of a checkpoint: every entry's path, type, inode, size, mtime and ctime."""
+    return tuple(
+        sorted(
+            (rel, stat.S_IFMT(st.st_mode), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in walked
+        )
+    )
+
+
+def lstat_signature(directory: Path) -> tuple[tuple[int, int], Signature]:
+    """(device, inode) of `directory` and its lstat signature now: the directory and every entry below it,
+    subdirectories such as DeepSpeed's `global_step*/` included, no link followed. FileNotFoundError when
+    it, or a directory inside it, vanished meanwhile.
+
+    Why an unchanged signature means unchanged contents (what lets a removal compare signatures instead of
+    reading the checkpoint again): every change to a file's bytes (write, truncate), to its metadata
+    (chmod, chown, a hard link made or removed) or to a directory's entries (an entry made, removed or
+    renamed in or out) sets the inode's ctime to the kernel's clock, and no system call lets a writer set
+    ctime (utime sets atime and mtime only, and itself moves ctime). A file replaced by another (the
+    safetensors writer renames its temporary file into place) has another inode; an entry made or removed
+    changes the list of paths. So the same paths with the same types, inodes, sizes, mtimes and ctimes are
+    the same bytes, with one exception: a change made within the same tick of the file-time clock as the
+    look that took the signature may be given the very times that look saw (on a filesystem with 1 s
+    timestamps, within the same second). `Checkpoint.signature_vouches` is set only where the newest change
+    was older than the look by more than the timestamp step and TIMESTAMP_TICK; elsewhere (a checkpoint
+    written a moment before, file times in the future) the caller reads the checkpoint again in full."""
+    walked, _ = _walk_files(directory)
+    top = walked[0][1]
+    return (top.st_dev, top.st_ino), signature_of(walked)
 
 
 @dataclass(frozen=True)
@@ -226,10 +262,21 @@ def _read_trainer_state(path: Path) -> bytes:
             raise TrainerStateError(
                 f"{TRAINER_STATE} is larger than {MAX_TRAINER_STATE_BYTES >> 20} MiB ({st.st_size} bytes)"
             )
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_TRAINER_STATE_BYTES + 1)
+        return _read_up_to(fd, st.st_size, MAX_TRAINER_STATE_BYTES + 1)
     finally:
         os.close(fd)
+
+
+def _read_up_to(fd: int, expected: int, limit: int) -> bytes:
+    """At most `limit` bytes of `fd` to its end, read in one call for a file of the `expected` size (asking
+    for `limit` bytes at once would allocate all of them: half a gigabyte per trainer_state.json)."""
+    chunks: list[bytes] = []
+    total, want = 0, min(expected + 1, limit)
+    while total < limit and (chunk := os.read(fd, min(want, limit - total))):
+        chunks.append(chunk)
+        total += len(chunk)
+        want = 1 << 20
+    return b"".join(chunks)
 
 
 def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
@@ -359,13 +406,14 @@ def read_checkpoint(
     name = directory.name
     run_dir = os.fspath(directory.parent)
     held = cache.get(run_dir, name) if cache is not None else None
+    looked_at = time.time()
     try:
         walked, names = _walk_files(directory)
     except FileNotFoundError:
         return Checkpoint(name, step, complete=False, incomplete_reason=VANISHED_WHILE_READING)
     except OSError as e:
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
-    look = _look_at(directory, step, walked, names, held, now)
+    look = _look_at(directory, step, walked, names, held, now, looked_at)
     checkpoint = _judge(name, step, look, now, settle)
     if cache is not None:
         trusted = checkpoint if checkpoint.complete else None
@@ -385,6 +433,7 @@ class _Look:
     contents: _Contents
     first_seen: float | None  # when these exact entries were first seen (the caller's clock)
     seen_changing: bool  # they replaced different ones seen at an earlier look
+    looked_at: float  # time.time() just before the walk
 
 
 def _look_at(
@@ -394,14 +443,13 @@ def _look_at(
     names: list[str],
     held: _Seen | None,
     now: float | None,
+    looked_at: float,
 ) -> _Look:
     """Read the checkpoint's files, unless the last look (`held`) saw exactly these entries."""
-    signature: Signature = tuple(
-        sorted((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for rel, st in walked)
-    )
+    signature = signature_of(walked)
     if held is not None and held.signature == signature:
-        return _Look(walked, signature, held.contents, held.first_seen, held.seen_changing)
-    return _Look(walked, signature, _read_contents(directory, step, names), now, held is not None)
+        return _Look(walked, signature, held.contents, held.first_seen, held.seen_changing, looked_at)
+    return _Look(walked, signature, _read_contents(directory, step, names), now, held is not None, looked_at)
 
 
 def _judge(name: str, step: int, look: _Look, now: float | None, settle: float) -> Checkpoint:
@@ -436,7 +484,8 @@ def _judge(name: str, step: int, look: _Look, now: float | None, settle: float) 
         last_change=newest_change,
         written_at=_written_at(walked),
         state_written_at=next((st.st_mtime for rel, st in walked if rel == TRAINER_STATE), None),
-        fingerprint=hash(look.signature),
+        signature=look.signature,
+        signature_vouches=_vouches(stats, newest_change, look.looked_at),
         times_in_future=in_future,
         settles_at=settles_at if settle_problem and not content_problems else None,
         identity=(stats[0].st_dev, stats[0].st_ino),
@@ -449,6 +498,11 @@ def _judge(name: str, step: int, look: _Look, now: float | None, settle: float) 
 
 
 _OWN_FILES = (weights.MARKER, weights.MARKER_TEMP)
+
+
+def _vouches(stats: list[os.stat_result], newest_change: float, looked_at: float) -> bool:
+    """The signature taken at `looked_at` would show any later change (see `lstat_signature`)."""
+    return newest_change < looked_at - timestamp_granularity(stats) - TIMESTAMP_TICK
 
 
 def _written_at(walked: list[tuple[str, os.stat_result]]) -> float:

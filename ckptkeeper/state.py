@@ -149,11 +149,17 @@ class StateDir:
         self.path = path
         self.trash = path / TRASH_NAME
         self.journal_path = path / JOURNAL_NAME
-        self._journal_lock = threading.Lock()  # the daemon's reaper thread records too
+        # The daemon's reaper thread records too; reentrant: record -> create -> close -> the journal's close.
+        self._journal_lock = threading.RLock()
         self._lock_fd: int | None = None
         self._root_lock_fds: list[int] = []
         self._fd: int | None = None  # the state directory itself, opened without following links
         self._trash_fd: int | None = None
+        # The journal, held open between lines (opened again when its name leads to another file): its
+        # (device, inode), and its size after this process's last whole line (-1: unknown).
+        self._journal_fd: int | None = None
+        self._journal_id: tuple[int, int] = (0, 0)
+        self._journal_end = -1
 
     def create(self) -> None:
         """Make (or claim) the state directory and its trash, and hold both open. Refuses a directory that is
@@ -304,6 +310,7 @@ class StateDir:
         return False
 
     def release_lock(self) -> None:
+        self._close_journal()
         for fd in (*self._root_lock_fds, self._lock_fd):
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -328,25 +335,27 @@ class StateDir:
         tried again) and made anew once there is room."""
         line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), **entry}
         with self._journal_lock:
+            dir_fd = self.dir_fd
             try:
-                self._append(line)
+                self._append(dir_fd, line)
             except OSError as e:
-                if e.errno != errno.ENOSPC or not self._give_up_reserve():
+                if e.errno != errno.ENOSPC or not self._give_up_reserve(dir_fd):
                     raise
-                self._append(line)
-            self._keep_reserve()
+                self._append(dir_fd, line)
+            self._keep_reserve(dir_fd)
 
-    def _give_up_reserve(self) -> bool:
+    def _give_up_reserve(self, dir_fd: int) -> bool:
         try:
-            os.unlink(RESERVE_NAME, dir_fd=self.dir_fd)
+            os.unlink(RESERVE_NAME, dir_fd=dir_fd)
         except OSError:
             return False
         return True
 
-    def _keep_reserve(self) -> None:
+    def _keep_reserve(self, dir_fd: int | None = None) -> None:
         """Make the reserve where it is missing; where there is no room for it, try again at the next line."""
+        dir_fd = self.dir_fd if dir_fd is None else dir_fd
         try:
-            os.stat(RESERVE_NAME, dir_fd=self.dir_fd, follow_symlinks=False)
+            os.stat(RESERVE_NAME, dir_fd=dir_fd, follow_symlinks=False)
             return
         except FileNotFoundError:
             pass
@@ -357,7 +366,7 @@ class StateDir:
                 RESERVE_NAME,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o600,
-                dir_fd=self.dir_fd,
+                dir_fd=dir_fd,
             )
         except OSError:
             return
@@ -365,20 +374,48 @@ class StateDir:
             os.posix_fallocate(fd, 0, RESERVE_BYTES)
         except OSError:
             with contextlib.suppress(OSError):
-                os.unlink(RESERVE_NAME, dir_fd=self.dir_fd)
+                os.unlink(RESERVE_NAME, dir_fd=dir_fd)
         finally:
             os.close(fd)
 
-    def _append(self, line: dict[str, Any]) -> None:
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(JOURNAL_NAME, flags, 0o644, dir_fd=self.dir_fd)
+    def _append(self, dir_fd: int, line: dict[str, Any]) -> None:
+        """Write one line at the journal's end. The journal is held open between lines, and opened again
+        whenever its name leads to another file than the one held (rotated, removed, replaced: as if it were
+        opened for every line, which it was before, without the open and close)."""
+        fd, size = self._journal_file(dir_fd)
+        # A crash may have cut the last line short: start on a fresh line, or this entry is lost with it. The
+        # last byte is known to be a newline when the file ends where this process's last whole line did.
+        cut_short = size > 0 and size != self._journal_end and os.pread(fd, 1, size - 1) != b"\n"
+        data = (("\n" if cut_short else "") + json.dumps(line, sort_keys=False) + "\n").encode()
+        self._journal_end = -1
+        written = os.write(fd, data)
+        if written == len(data):
+            self._journal_end = size + written
+
+    def _journal_file(self, dir_fd: int) -> tuple[int, int]:
+        """The journal, open for appending, and its size now (one lstat of its name when it is held)."""
         try:
-            # A crash may have cut the last line short: start on a fresh line, or this entry is lost with it.
-            size = os.fstat(fd).st_size
-            cut_short = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-            os.write(fd, (("\n" if cut_short else "") + json.dumps(line, sort_keys=False) + "\n").encode())
-        finally:
-            os.close(fd)
+            st: os.stat_result | None = os.stat(JOURNAL_NAME, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if self._journal_fd is not None and st is not None and (st.st_dev, st.st_ino) == self._journal_id:
+            return self._journal_fd, st.st_size
+        self._close_journal_fd()
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(JOURNAL_NAME, flags, 0o644, dir_fd=dir_fd)
+        st = os.fstat(fd)
+        self._journal_fd, self._journal_id, self._journal_end = fd, (st.st_dev, st.st_ino), -1
+        return fd, st.st_size
+
+    def _close_journal(self) -> None:
+        with self._journal_lock:
+            self._close_journal_fd()
+
+    def _close_journal_fd(self) -> None:
+        if self._journal_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._journal_fd)
+        self._journal_fd, self._journal_end = None, -1
 
     def read_journal(self) -> list[dict[str, Any]]:
         if not self.journal_path.exists():

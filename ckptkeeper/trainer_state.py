@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import operator
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,13 +73,19 @@ class TrainerState:
         return self.best_steps[0] if self.best_steps else None
 
     def metrics_at(self, step: int) -> dict[str, float]:
-        """The union of the eval entries logged at exactly `step` (several eval sets give several)."""
+        """The union of the eval entries logged at exactly `step` (several eval sets give several). The entries
+        are found by list.index over their steps (a loop in C: a Trainer's file holds hundreds of entries and
+        only a few are at one step), each then checked to be an int (a bool is not a step: True == 1)."""
         merged: dict[str, float] = {}
-        for entry in self.log_history:
-            at = entry.get("step")
-            if at == step and type(at) is int:  # a bool is not a step (True == 1)
-                merged.update(_eval_values(entry))
-        return merged
+        steps = list(map(_GET_STEP, self.log_history))
+        found = -1
+        while True:
+            try:
+                found = steps.index(step, found + 1)
+            except ValueError:
+                return merged
+            if type(steps[found]) is int:
+                merged.update(_eval_values(self.log_history[found]))
 
     @property
     def evals(self) -> tuple[tuple[int, dict[str, float]], ...]:
@@ -162,7 +169,12 @@ def _json_type(value: object) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
+_GET_STEP = operator.methodcaller("get", "step")
+
+
 def _history_problem(history: list[Any]) -> str | None:
+    if set(map(type, history)) <= {dict}:  # every entry a plain dict, found by a loop in C (the usual case)
+        return None
     for index, entry in enumerate(history):
         if not isinstance(entry, dict):
             return f"trainer_state.json: log_history.{index}: input should be a valid dictionary"

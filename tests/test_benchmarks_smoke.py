@@ -23,6 +23,8 @@ REPORTS = {
     "startup": "",
     "prune": "## Remove every checkpoint but the newest",
     "metrics": "## `plan ROOT --json` with and without `--metric`",
+    "plan": "## Plan a whole root",
+    "archive": "## Archive every checkpoint but the newest",
 }
 
 
