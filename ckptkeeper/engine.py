@@ -336,7 +336,8 @@ class Pipeline:
         named metrics joined, from their sources as they are now (or, without `refresh_metrics`, as they were at
         the caller's last `refresh_metric_sources`: the daemon looks once per pass, then scans run by run)."""
         settle = self.scan_options.settle
-        runs = [read_run(self.root, d, now, settle, cache, trusting) for d in run_dirs]
+        evaluations = frozenset(m.location for m in self.scan_options.metrics if m.kind == "file")
+        runs = [read_run(self.root, d, now, settle, cache, trusting, evaluations) for d in run_dirs]
         if self.metric_sources is None:
             return runs
         if refresh_metrics:

@@ -400,9 +400,11 @@ def read_checkpoint(
     now: float | None = None,
     settle: float = 0.0,
     cache: ContentCache | None = None,
+    evaluations: frozenset[str] = frozenset(),
 ) -> Checkpoint:
     """Judge one checkpoint directory. `now` and `settle` apply the watch's "unchanged for" check; with a
-    `cache`, files whose lstat has not changed since the last look are not read again."""
+    `cache`, files whose lstat has not changed since the last look are not read again. `evaluations`: files an
+    evaluation job puts in a checkpoint (`--metric file:PATH`), which are no write of the training run."""
     name = directory.name
     run_dir = os.fspath(directory.parent)
     held = cache.get(run_dir, name) if cache is not None else None
@@ -414,7 +416,7 @@ def read_checkpoint(
     except OSError as e:
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
     look = _look_at(directory, step, walked, names, held, now, looked_at)
-    checkpoint = _judge(name, step, look, now, settle)
+    checkpoint = _judge(name, step, look, now, settle, evaluations)
     if cache is not None:
         trusted = checkpoint if checkpoint.complete else None
         seen_at = look.first_seen if look.first_seen is not None else 0.0
@@ -452,7 +454,9 @@ def _look_at(
     return _Look(walked, signature, _read_contents(directory, step, names), now, held is not None, looked_at)
 
 
-def _judge(name: str, step: int, look: _Look, now: float | None, settle: float) -> Checkpoint:
+def _judge(
+    name: str, step: int, look: _Look, now: float | None, settle: float, evaluations: frozenset[str] = frozenset()
+) -> Checkpoint:
     """The Checkpoint of one look: its contents' problems, or else whether it has settled."""
     walked, contents = look.walked, look.contents
     stats = [st for _, st in walked]
@@ -482,7 +486,7 @@ def _judge(name: str, step: int, look: _Look, now: float | None, settle: float) 
         trainer_best_steps=contents.best_steps,
         training_stopped=contents.stopped,
         last_change=newest_change,
-        written_at=_written_at(walked),
+        written_at=_written_at(walked, evaluations),
         state_written_at=next((st.st_mtime for rel, st in walked if rel == TRAINER_STATE), None),
         signature=look.signature,
         signature_vouches=_vouches(stats, newest_change, look.looked_at),
@@ -505,10 +509,13 @@ def _vouches(stats: list[os.stat_result], newest_change: float, looked_at: float
     return newest_change < looked_at - timestamp_granularity(stats) - TIMESTAMP_TICK
 
 
-def _written_at(walked: list[tuple[str, os.stat_result]]) -> float:
+def _written_at(walked: list[tuple[str, os.stat_result]], evaluations: frozenset[str] = frozenset()) -> float:
     """When the writer last wrote a file here: ckptkeeper's own marker (written when it slims a checkpoint,
-    perhaps long after) does not count, or a slimmed milestone would look like the newest written."""
-    times = [st.st_mtime for rel, st in walked[1:] if not stat.S_ISDIR(st.st_mode) and rel not in _OWN_FILES]
+    perhaps long after) does not count, or a slimmed milestone would look like the newest written; nor does an
+    evaluation's results file copied in later (`--metric file:PATH`), or the checkpoint an evaluation job
+    finished last would look like the resume point of a directory that mixes runs."""
+    skipped = {*_OWN_FILES, *evaluations}
+    times = [st.st_mtime for rel, st in walked[1:] if not stat.S_ISDIR(st.st_mode) and rel not in skipped]
     return max(times, default=walked[0][1].st_mtime)
 
 
@@ -530,6 +537,7 @@ def read_run(
     settle: float = 0.0,
     cache: ContentCache | None = None,
     trusting: bool = False,
+    evaluations: frozenset[str] = frozenset(),
 ) -> Run:
     checkpoints = []
     try:
@@ -551,7 +559,7 @@ def read_run(
             except OSError:
                 pass  # gone or unreadable: read_checkpoint says which
         # Not trusted (or changed): every entry's lstat, and the files read again only if one differs.
-        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache))
+        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache, evaluations))
     checkpoints.sort(key=lambda c: c.step)
     path = run_path(root, directory)
     return Run(path, tuple(checkpoints), root_name(root) if path == "." else path)

@@ -349,3 +349,20 @@ def test_results_older_than_their_checkpoint_are_not_used_and_said(lm: LmEvalFix
     assert "older than it" in steps[80]["missing_metrics"]["acc_norm"]
     assert steps[80]["decision"] == "keep" and "awaiting" in kinds(steps[80])
     assert any("checkpoint-80 started before the checkpoint was written" in w for w in data["warnings"])
+
+
+def test_a_results_file_copied_into_an_older_checkpoint_does_not_make_it_the_newest_written(tmp_path: Path) -> None:
+    """The `file:` pattern (an eval job copies its results beside the weights, later): that copy is no write of
+    the training run, so the older checkpoint is not taken for the resume point of a directory that mixes runs."""
+    from ckptkeeper.simtrainer import SimConfig, simulate_run
+
+    run = tmp_path / "run"
+    simulate_run(run, SimConfig(steps_per_epoch=10, epochs=4))
+    time.sleep(0.05)
+    (run / "checkpoint-20" / "eval_results.json").write_text('{"results": {"t": {"acc,none": 0.5}}}')
+    metric = "acc=file:eval_results.json#/results/t/acc,none"
+    data = plan_json(run, "--metric", metric, "--keep", "best:1:acc,last:1")
+    assert data["warnings"] == [] and data["runs"][0]["mixed_runs"] is None
+    assert kinds(by_step(data)[20]) == ["best"]
+    without = plan_json(run, "--keep", "last:1")  # without --metric, the contract's measure: the newest file
+    assert without["runs"][0]["mixed_runs"] is not None
