@@ -100,6 +100,12 @@ class Metrics:
             ["run"],
             registry=r,
         )
+        self.pinned = Gauge(
+            "ckptkeeper_pinned_checkpoints",
+            "Checkpoints a pin keeps now (`ckptkeeper pin`), per run",
+            ["run"],
+            registry=r,
+        )
         self.removed = Counter("ckptkeeper_checkpoints_removed", "Checkpoints deleted, per run", ["run"], registry=r)
         self.archived = Counter("ckptkeeper_checkpoints_archived", "Checkpoints archived, per run", ["run"], registry=r)
         self.bytes_freed = Counter(
@@ -148,6 +154,9 @@ class Metrics:
     def set_run(self, run: str, seen: int, kept: int) -> None:
         self.checkpoints_seen.labels(run=run).set(seen)
         self.checkpoints_kept.labels(run=run).set(kept)
+
+    def set_pinned(self, run: str, pinned: int) -> None:
+        self.pinned.labels(run=run).set(pinned)
 
     def set_stale(self, run: str, stale: int) -> None:
         self.stale_incomplete.labels(run=run).set(stale)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from ckptkeeper.decision_log import DecisionLog
-from ckptkeeper.engine import Pipeline
+from ckptkeeper.engine import PinsUnreadable, Pipeline
 from ckptkeeper.inbox import Pending
 from ckptkeeper.metrics import Metrics, count_outcome
-from ckptkeeper.model import Outcome, OutcomeKind, Run, RunPlan, root_name
+from ckptkeeper.model import Outcome, OutcomeKind, ReasonKind, Run, RunPlan, root_name
 from ckptkeeper.policy import RootPlan
 from ckptkeeper.pressure import FREEING
 from ckptkeeper.pressure_log import PressureLog
@@ -150,6 +150,7 @@ class Reconciler:
             self.decision_log.run_gone(run.path)
             self.tracker.recheck_at.pop(run_dir, None)
             self.metrics.set_run(run.path, seen=0, kept=0)
+            self.metrics.set_pinned(run.path, 0)
             return None
         return run, not self.tracker.unchanged(run_dir, run)
 
@@ -158,6 +159,8 @@ class Reconciler:
         [result] = self.pipeline.act(RootPlan((plan,), root_plan.refused_runs), self._on_outcome)
         self.decision_log.after(result)
         self.metrics.set_run(plan.run.path, seen=len(result.after.checkpoints), kept=len(plan.kept))
+        pinned = sum(any(r.kind is ReasonKind.PINNED for r in d.reasons) for d in plan.kept)
+        self.metrics.set_pinned(plan.run.path, pinned)
         if self.tracker.record(run_dir, result, now, self.pipeline.dry_run):
             self.decision_log.finished(plan, self.pipeline.dry_run)
         return True
@@ -165,6 +168,10 @@ class Reconciler:
     def _safely(self, run_dir: Path, step: Callable[[], T]) -> T | None:
         try:
             return step()
+        except PinsUnreadable as e:  # said once, without a traceback; nothing is removed until it can be read
+            if self.tracker.crashed_once(run_dir, run_path(self.root, run_dir), str(e)):
+                log.error("%s", e)
+            return None
         except Exception as e:
             said = f"{type(e).__name__}: {e}"
             if self.tracker.crashed_once(run_dir, run_path(self.root, run_dir), said):
