@@ -119,7 +119,9 @@ def pin(checkpoint: Path, lease: str | None, note: str, root: Path | None, state
     with _errors():
         stored = pin_it(target, note, seconds)
     said = f': "{note}"' if note else ""
-    click.echo(f"pinned {target.shown} {_lease(stored.pin.expires_at, stored.pin.pinned_at)}{said}")
+    expires = stored.pin.expires_at
+    lease_text = "until unpinned" if expires is None or lease is None else f"for {lease} (until {when(expires)})"
+    click.echo(f"pinned {target.shown} {lease_text}{said}")
 
 
 @click.command()

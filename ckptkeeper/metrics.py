@@ -84,6 +84,12 @@ class DiskGauges:
         self.note = "\n".join(self.lines[name] for name in sorted(self.lines)) if self.lines else None
 
 
+def _pinned_gauge(r: CollectorRegistry) -> Gauge:
+    return Gauge(
+        "ckptkeeper_pinned_checkpoints", "Checkpoints a pin keeps now (`ckptkeeper pin`), per run", ["run"], registry=r
+    )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -100,12 +106,7 @@ class Metrics:
             ["run"],
             registry=r,
         )
-        self.pinned = Gauge(
-            "ckptkeeper_pinned_checkpoints",
-            "Checkpoints a pin keeps now (`ckptkeeper pin`), per run",
-            ["run"],
-            registry=r,
-        )
+        self.pinned = _pinned_gauge(r)
         self.removed = Counter("ckptkeeper_checkpoints_removed", "Checkpoints deleted, per run", ["run"], registry=r)
         self.archived = Counter("ckptkeeper_checkpoints_archived", "Checkpoints archived, per run", ["run"], registry=r)
         self.bytes_freed = Counter(

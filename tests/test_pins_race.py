@@ -230,7 +230,7 @@ def _cli_pin_later(chosen: list[Path], rng: random.Random) -> list[tuple[Path, s
 def _cli_results(started: list[tuple[Path, subprocess.Popen[str]]]) -> list[str]:
     lines = []
     for c, proc in started:
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
         if proc.returncode == 0:
             try:
                 entries = sorted(os.listdir(c))
@@ -267,30 +267,40 @@ def test_a_daemon_killed_mid_removal_then_a_pin_then_a_restart_loses_no_pinned_c
     killed_mid = 0
     try:
         for n in range(4):
-            root = fresh_root(template, tmp_path / f"kill-{n}")
-            state, archive = root / "_ckptkeeper", archive_top / f"round-{n}"
-            daemon = subprocess.Popen(watch_args(root, archive), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                wait_until(lambda: len(journal_starts(state)) > rng.randrange(4), 60, "removals to start")
-                time.sleep(rng.uniform(0, 0.05))
-            finally:
-                daemon.send_signal(signal.SIGKILL)
-                daemon.wait(10)
-            killed_mid += _mid_removal(state)
-            pinner.start(root, state, [(0.0, c) for c in checkpoints(root)])
-            pinned = tally.take(pinner.results())
-            tally.check(pinned, f"kill round {n}, after the kill")
-            again = subprocess.run(
-                watch_args(root, archive, "--exit-when-done"), capture_output=True, text=True, timeout=120, check=False
-            )
-            assert again.returncode == 0, again.stderr
-            tally.check(pinned, f"kill round {n}, after the restart")
-            shutil.rmtree(root.parent, ignore_errors=True)
+            killed_mid += _kill_round(n, template, pinner, tmp_path, archive_top / f"round-{n}", rng, tally)
     finally:
         shutil.rmtree(archive_top, ignore_errors=True)
     assert not tally.lost, f"seed {SEED}: " + "\n".join(tally.lost)
     print(f"killed mid-removal {killed_mid} of 4: {tally}")
     assert tally.pinned > 0, tally
+
+
+def _kill_round(
+    n: int, template: Path, pinner: Pinner, tmp_path: Path, archive: Path, rng: random.Random, tally: Tally
+) -> int:
+    """A watch archiving to another filesystem, SIGKILLed once some removals started; then every checkpoint
+    left is pinned, and a new watch runs until done. Returns 1 when the kill landed mid-removal."""
+    root = fresh_root(template, tmp_path / f"kill-{n}")
+    state = root / "_ckptkeeper"
+    daemon = subprocess.Popen(watch_args(root, archive), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = rng.randrange(4)
+    try:
+        wait_until(lambda: len(journal_starts(state)) > started, 60, "removals to start")
+        time.sleep(rng.uniform(0, 0.05))
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+    mid = _mid_removal(state)
+    pinner.start(root, state, [(0.0, c) for c in checkpoints(root)])
+    pinned = tally.take(pinner.results())
+    tally.check(pinned, f"kill round {n}, after the kill")
+    again = subprocess.run(
+        watch_args(root, archive, "--exit-when-done"), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert again.returncode == 0, again.stderr
+    tally.check(pinned, f"kill round {n}, after the restart")
+    shutil.rmtree(root.parent, ignore_errors=True)
+    return mid
 
 
 def _mid_removal(state: Path) -> int:
