@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from ckptkeeper.layout import Layout, default_state_dir
 from ckptkeeper.model import Pin
 from ckptkeeper.paths import identity
 from ckptkeeper.scan import DEFAULT_MAX_DEPTH, checkpoint_step, find_run_dirs, never_descended, run_path
-from ckptkeeper.state import OWNER_MARK, STATE_DIR_NAME, StateDir, ownership_problem
+from ckptkeeper.state import LOCK_NAME, OWNER_MARK, ROOT_LOCK_NAME, STATE_DIR_NAME, StateDir, ownership_problem
 from ckptkeeper.units import DURATION_FORMS, parse_duration
 
 Identity = tuple[int, int]
@@ -211,6 +213,7 @@ def pin(target: Target, note: str = "", seconds: float | None = None) -> pins.St
         pins.new_id(), Pin(target.run, target.checkpoint, now, note, None if seconds is None else now + seconds)
     )
 
+    _check_instance_uses(target)
     with _state(target) as dir_fd:
 
         def edit(current: pins.PinsFile) -> pins.PinsFile:
@@ -222,6 +225,40 @@ def pin(target: Target, note: str = "", seconds: float | None = None) -> pins.St
 
         pins.change(dir_fd, target.state_dir, edit)
     return stored
+
+
+def _live_holder(text: str) -> str | None:
+    """`pid N on HOST` from a lock file's first line, when that process is alive on this host."""
+    found = re.match(r"pid (\d+) on (\S+?)(,|$)", text)
+    if found is None or found.group(2) != socket.gethostname():
+        return None
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass  # alive, another user's
+    return f"pid {found.group(1)} on {found.group(2)}"
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(300).decode(errors="replace").split("\n", 1)[0]
+    except OSError:
+        return ""
+
+
+def _check_instance_uses(target: Target) -> None:
+    """A ckptkeeper running on the root with another state directory would never see this pin: refuse it. Read
+    from the lock files' "held by" lines (a killed holder's line names a dead process, and is ignored)."""
+    holder = _live_holder(_first_line(target.root / ROOT_LOCK_NAME))
+    if holder is None or _first_line(target.state_dir / LOCK_NAME).startswith(f"{holder},"):
+        return
+    raise PinProblem(
+        f"a ckptkeeper ({holder}) is working on {target.root} with another state directory than "
+        f"{target.state_dir}: it would not see this pin; name its state directory with --state-dir"
+    )
 
 
 def _check_not_removing(dir_fd: int, target: Target) -> None:

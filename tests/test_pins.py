@@ -356,3 +356,19 @@ def test_watch_removes_nothing_while_the_pins_file_is_unreadable_and_says_so_onc
     (root / "_ckptkeeper" / "pins.json").unlink()  # every pin dropped: the rules apply again
     daemon.wait_log("exp1/checkpoint-20 deleted")
     assert steps(root / "exp1") == [30]
+
+
+def test_a_pin_a_running_watch_with_another_state_directory_would_not_see_is_refused(
+    root: Path, tmp_path: Path, watch: StartWatch
+) -> None:
+    daemon = watch(root, "--keep", "last:3", "--state-dir", tmp_path / "elsewhere")
+    daemon.wait_log("watching ")
+    result = run_ckptkeeper("pin", "--root", root, ckpt(root, 10))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"Error: a ckptkeeper (pid {daemon.pid} on {os.uname().nodename}) is working on {root} with another state "
+        f"directory than {root / '_ckptkeeper'}: it would not see this pin; name its state directory with "
+        "--state-dir\n"
+    )
+    same = run_ckptkeeper("pin", "--root", root, "--state-dir", tmp_path / "elsewhere", ckpt(root, 10))
+    assert same.returncode == 0, same.stderr
