@@ -211,18 +211,36 @@ def _write_at(dir_fd: int, pins_file: PinsFile, shown: Path) -> None:
         raise PinsError(f"cannot write the pins file {shown / PINS_NAME}: {e.strerror or e}") from None
 
 
+LOCK_WAIT = 10.0  # seconds; the lock is held for milliseconds, so longer means a holder stopped (SIGSTOP, a hung fs)
+
+
 @contextlib.contextmanager
-def locked(dir_fd: int, shown: Path) -> Iterator[None]:
-    """The pins lock of the state directory open as `dir_fd`, held for the block (waits for it)."""
+def locked(dir_fd: int, shown: Path, wait: float = LOCK_WAIT) -> Iterator[None]:
+    """The pins lock of the state directory open as `dir_fd`, held for the block; PinsError when another process
+    holds it for longer than `wait` seconds (nothing is removed or pinned then)."""
     try:
         fd = os.open(PINS_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     except OSError as e:
         raise PinsError(f"cannot open the pins lock {shown / PINS_LOCK_NAME}: {e.strerror or e}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _take(fd, shown, wait)
         yield
     finally:
         os.close(fd)  # closing the descriptor lets go of the flock
+
+
+def _take(fd: int, shown: Path, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise PinsError(
+                    f"the pins lock {shown / PINS_LOCK_NAME} has been held by another process for over {wait:g} s"
+                ) from None
+            time.sleep(0.002)
 
 
 def removal_under_way(dir_fd: int) -> dict[str, Any] | None:

@@ -160,6 +160,17 @@ def test_the_environment_names_the_root(root: Path) -> None:
     assert "checkpoint-20" in (root / "_ckptkeeper" / "pins.json").read_text()
 
 
+def test_the_root_s_own_run_is_named_by_the_root(tmp_path: Path) -> None:
+    top = tmp_path / "output_dir"
+    simulate_run(top, CONFIG)  # a root that is itself a Trainer output_dir
+    assert cli("pin", "--root", top, top / "checkpoint-10").output == "pinned output_dir/checkpoint-10 until unpinned\n"
+    [stored] = json.loads((top / "_ckptkeeper" / "pins.json").read_text())["pins"]
+    assert (stored["run"], stored["checkpoint"]) == (".", "checkpoint-10")
+    assert cli("prune", top, "--keep", "last:1").exit_code == 0
+    assert steps(top) == [10, 30]
+    assert re.search(r"  output_dir  checkpoint-10 .* yes", cli("pins", top).output)
+
+
 def test_a_checkpoint_reached_through_a_link_is_found_by_identity(root: Path, tmp_path: Path) -> None:
     (tmp_path / "alias").symlink_to(root)
     result = cli("pin", "--root", root, tmp_path / "alias" / "exp1" / "checkpoint-10")

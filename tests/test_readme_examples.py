@@ -161,6 +161,11 @@ def stale(cwd: Path, mount: Mount) -> Sandbox:
     return sandbox
 
 
+def pins(cwd: Path, mount: Mount) -> Sandbox:
+    simulate_run(cwd / "outputs/exp1", SimConfig(steps_per_epoch=10, epochs=3))
+    return shown_as_data(cwd)
+
+
 def bad_config(cwd: Path, mount: Mount) -> Sandbox:
     (cwd / "bad.yaml").write_text("keep: [best:1, lastt:5]\nmax_depth: -1\n")
     return shown_as_data(cwd)
@@ -272,6 +277,7 @@ SCENARIOS: dict[str, Callable[[Path, Mount], Sandbox]] = {
     "pressure": pressure,
     "bad-config": bad_config,
     "stale": stale,
+    "pins": pins,
     "nothing": nothing,
     "demo": demo,
     "watch-live": watch_live,
