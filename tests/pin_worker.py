@@ -11,11 +11,15 @@ checkpoint (no lease), then answers one line per checkpoint:
     REFUSED <path> <message>      (a removal under way, or it is gone)
     PROBLEM <path> <message>      (not there any more when looked up, and the like)
 
-and "END" after the last one. Imports are paid once, at start ("READY").
+and "END" after the last one. Or {"chase": JOURNAL, "stop": STOP_FILE, "root": ROOT, "state": STATE_DIR}: until
+STOP_FILE exists, it follows the journal and pins each checkpoint the moment its `start-*` line appears (the
+engine writes it once the removal is under way, so such a pin must fail), answering as above. Imports are paid
+once, at start ("READY").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -44,12 +48,37 @@ def pin_one(path: str, root: Path, state: Path) -> str:
     return f"PINNED {path} {json.dumps(entries)}"
 
 
+def chase(journal: Path, stop: Path, root: Path, state: Path) -> None:
+    """Pin each checkpoint whose removal the journal says has started, as soon as it says so."""
+    seen = 0
+    while True:
+        stopping = stop.exists()  # read the journal once more after the stop: its last lines count too
+        try:
+            lines = journal.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines[seen:]:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if str(entry.get("action", "")).startswith("start-"):
+                    run, name = str(entry["run"]), str(entry["checkpoint"])
+                    emit(pin_one(str(root / name if run == "." else root / run / name), root, state))
+        seen = max(seen, len(lines))
+        if stopping:
+            return
+        time.sleep(0.001)
+
+
 def main() -> int:
     emit("READY")
     for line in sys.stdin:
         command = json.loads(line)
         started = time.monotonic()
         root, state = Path(command["root"]), Path(command["state"])
+        if "chase" in command:
+            chase(Path(command["chase"]), Path(command["stop"]), root, state)
+            emit("END")
+            continue
         for delay, path in command["pins"]:
             pause = started + float(delay) - time.monotonic()
             if pause > 0:
