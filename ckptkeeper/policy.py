@@ -91,7 +91,7 @@ class Pinned:
         }
 
     def describe(self) -> str:
-        return "pinned ones"
+        return ""  # not in the policy line: a pin is said where it is, by its checkpoint's reason
 
 
 def pinned_reason(pin: Pin, now: float | None) -> Reason:

@@ -118,7 +118,7 @@ def describe_policy(policy: Policy, archive_to: Path | None = None) -> str:
     weights = ", ".join(r.describe() for r in policy.weight_rules)
     if weights:
         whole += f"keep the weights only of {weights} ({format_rules(policy.weight_rules)}); "
-    protected = [p.describe() for p in policy.protections.members]
+    protected = [said for p in policy.protections.members if (said := p.describe())]
     removal = f"archive to {archive_to}" if archive_to else "delete"
     return f"Policy: {whole}always keep {', '.join(protected)}; {removal} the rest{_pressure_policy(policy)}"
 
