@@ -250,15 +250,22 @@ def _first_line(path: Path) -> str:
 
 
 def _check_instance_uses(target: Target) -> None:
-    """A ckptkeeper running on the root with another state directory would never see this pin: refuse it. Read
-    from the lock files' "held by" lines (a killed holder's line names a dead process, and is ignored)."""
+    """A ckptkeeper running on the root with another state directory, or on a root above it (whose runs hold
+    this checkpoint too), would never see this pin: refuse it. Read from the lock files' "held by" lines (a
+    killed holder's line names a dead process, and is ignored)."""
     holder = _live_holder(_first_line(target.root / ROOT_LOCK_NAME))
-    if holder is None or _first_line(target.state_dir / LOCK_NAME).startswith(f"{holder},"):
-        return
-    raise PinProblem(
-        f"a ckptkeeper ({holder}) is working on {target.root} with another state directory than "
-        f"{target.state_dir}: it would not see this pin; name its state directory with --state-dir"
-    )
+    if holder is not None and not _first_line(target.state_dir / LOCK_NAME).startswith(f"{holder},"):
+        raise PinProblem(
+            f"a ckptkeeper ({holder}) is working on {target.root} with another state directory than "
+            f"{target.state_dir}: it would not see this pin; name its state directory with --state-dir"
+        )
+    for above in target.root.parents:
+        holder = _live_holder(_first_line(above / ROOT_LOCK_NAME))
+        if holder is not None:
+            raise PinProblem(
+                f"a ckptkeeper ({holder}) is working on {above}, above the root {target.root}: it would not see "
+                f"this pin; pin with --root {above}"
+            )
 
 
 def _check_not_removing(dir_fd: int, target: Target) -> None:

@@ -383,3 +383,16 @@ def test_a_pin_a_running_watch_with_another_state_directory_would_not_see_is_ref
     )
     same = run_ckptkeeper("pin", "--root", root, "--state-dir", tmp_path / "elsewhere", ckpt(root, 10))
     assert same.returncode == 0, same.stderr
+
+
+def test_a_pin_under_a_root_below_the_one_a_running_watch_holds_is_refused(root: Path, watch: StartWatch) -> None:
+    daemon = watch(root, "--keep", "last:3")
+    daemon.wait_log("watching ")
+    inner = root / "exp1"
+    result = run_ckptkeeper("pin", "--root", inner, inner / "checkpoint-10")  # a root of its own: wrong store
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"Error: a ckptkeeper (pid {daemon.pid} on {os.uname().nodename}) is working on {root}, above the root "
+        f"{inner}: it would not see this pin; pin with --root {root}\n"
+    )
+    assert run_ckptkeeper("pin", inner / "checkpoint-10").returncode == 0  # the nearest state directory: root's
