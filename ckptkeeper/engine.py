@@ -9,6 +9,7 @@ so it never scans or plans again to find out. `plan` surveys without the lock (`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -92,7 +93,7 @@ PINS_UNREADABLE = "nothing is removed until it can be read (fix it, or remove it
 
 def pinned_since_plan(pin: Pin) -> str:
     """The detail of a removal a pin stopped: pinned after the plan was made."""
-    note = f" ({pin.note})" if pin.note else ""
+    note = f": {json.dumps(pin.note, ensure_ascii=False)}" if pin.note else ""
     return f"pinned since the plan was made{note}; kept"
 
 

@@ -328,6 +328,7 @@ class Daemon:
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     def _loop(self) -> int:
+        self._pins_changed()  # the pins the first pass plans with: a change from here on is planned again
         self._work(Pending(full=True))
         next_full = time.monotonic() + self.options.rescan_interval
         periodic_rescans = 0

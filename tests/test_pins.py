@@ -22,14 +22,16 @@ from click.testing import CliRunner, Result
 
 import ckptkeeper
 from ckptkeeper.cli import main
+from ckptkeeper.engine import Pipeline
 from ckptkeeper.model import Action, Pin
 from ckptkeeper.pinning import PinRefused
 from ckptkeeper.policy import PlanInputs, Policy, plan_root
+from ckptkeeper.render import outcome_line
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import read_run
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from tests.cliutil import ckptkeeper as run_ckptkeeper
-from tests.watchutil import StartWatch, steps, wait_until
+from tests.watchutil import StartWatch, journal, steps, wait_until
 
 CONFIG = SimConfig(steps_per_epoch=10, epochs=3)
 
@@ -118,6 +120,24 @@ def test_the_planner_keeps_a_pinned_checkpoint_until_its_lease_lapses_at_the_pla
     assert actions(1999.0) == {"checkpoint-10": keep, "checkpoint-20": keep, "checkpoint-30": keep}
     assert actions(2000.0) == {"checkpoint-10": delete, "checkpoint-20": keep, "checkpoint-30": keep}
     assert actions(None)["checkpoint-10"] is keep  # no time given: a lease holds (the safe side)
+
+
+def test_a_removal_planned_before_a_pin_is_skipped_and_says_so(root: Path) -> None:
+    pipeline = Pipeline.checked(root, Policy(parse_rules("last:1")))
+    pipeline.acquire()
+    try:
+        plan = pipeline.plan(pipeline.scan(pipeline.find_runs(), None))
+        assert [d.checkpoint.name for d in plan.runs[0].acted_on] == ["checkpoint-10", "checkpoint-20"]
+        assert cli("pin", "--root", root, "--note", "eval", ckpt(root, 10)).exit_code == 0  # after the plan
+        [result] = pipeline.act(plan)
+    finally:
+        pipeline.release()
+    lines = [outcome_line(o, "outputs") for o in result.outcomes]
+    assert lines[0] == 'skipped       exp1/checkpoint-10  (pinned since the plan was made: "eval"; kept)'
+    assert lines[1].startswith("deleted       exp1/checkpoint-20")
+    assert steps(root / "exp1") == [10, 30]
+    started = [e["checkpoint"] for e in journal(root / "_ckptkeeper") if e["action"].startswith("start-")]
+    assert started == ["checkpoint-20"]
 
 
 def test_pins_live_in_the_state_directory_and_never_touch_the_checkpoint(root: Path) -> None:
