@@ -12,16 +12,17 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from ckptkeeper.pinning import PinProblem, PinRefused, lease
+    from ckptkeeper.pins import PinsError
 
-_LAZY = {"lease", "PinProblem", "PinRefused"}
+_LAZY = {"lease": "pinning", "PinProblem": "pinning", "PinRefused": "pinning", "PinsError": "pins"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from ckptkeeper import pinning
+        import importlib
 
-        return getattr(pinning, name)
+        return getattr(importlib.import_module(f"ckptkeeper.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'ckptkeeper' has no attribute {name!r}")
 
 
-__all__ = ["PinProblem", "PinRefused", "__version__", "lease"]
+__all__ = ["PinProblem", "PinRefused", "PinsError", "__version__", "lease"]

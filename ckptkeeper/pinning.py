@@ -331,7 +331,8 @@ def lease(
 
     Raises PinRefused when a removal of it is under way (or it is gone), PinProblem when it is not a checkpoint
     of a run below a root with a state directory (`root`, `state_dir`, CKPTKEEPER_ROOT, CKPTKEEPER_STATE_DIR, or
-    the nearest `_ckptkeeper` above it). The pin is durable before the block starts."""
+    the nearest `_ckptkeeper` above it), PinsError when the pins file cannot be read or written. The pin is
+    durable before the block starts."""
     seconds = parse_lease(for_)
     root_path = Path(root) if root is not None else _from_env("CKPTKEEPER_ROOT")
     state_path = Path(state_dir) if state_dir is not None else _from_env("CKPTKEEPER_STATE_DIR")
