@@ -36,13 +36,15 @@ WORKER = Path(__file__).with_name("pin_worker.py")
 BIG = 24 << 20  # bytes of optimizer.pt in the large checkpoints: an archive copy of one takes tens of ms
 SMALL_FILES = 120  # extra files in every checkpoint: a recheck, a copy and a delete each take a while
 SEED = int(os.environ.get("CKPTKEEPER_PIN_RACE_SEED", "0")) or random.randrange(1 << 30)
+# What the commands run with: this test's own CKPTKEEPER_* variables are not ckptkeeper settings (it refuses them).
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("CKPTKEEPER_")}
 
 
 class Pinner:
     """tests/pin_worker.py, started once: pins checkpoints at the given moments, and says how each went."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), *sys.path])}
+        env = {**ENV, "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), *sys.path])}
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
@@ -161,7 +163,9 @@ def prune_args(root: Path, mode: str, archive: Path) -> list[str]:
 
 def start_prune(args: list[str]) -> tuple[subprocess.Popen[str], str]:
     """A prune, once it has printed its first line (the plan is made: its removals start now)."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=ENV
+    )
     assert proc.stdout is not None
     return proc, proc.stdout.readline()
 
@@ -238,11 +242,12 @@ def _cli_pin_later(chosen: list[Path], rng: random.Random) -> list[tuple[Path, s
     started = []
     for c in rng.sample(chosen, min(2, len(chosen))):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ckptkeeper", "pin", "--note", "cli", str(c)],
+            [sys.executable, "-m", "ckptkeeper", "pin", "--root", str(c.parent.parent), "--note", "cli", str(c)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
+            env=ENV,
         )
         started.append((c, proc))
     return started
@@ -303,7 +308,7 @@ def _kill_round(
     left is pinned, and a new watch runs until done. Returns 1 when the kill landed mid-removal."""
     root = fresh_root(template, tmp_path / f"kill-{n}")
     state = root / "_ckptkeeper"
-    daemon = subprocess.Popen(watch_args(root, archive), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(watch_args(root, archive), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     started = rng.randrange(4)
     try:
         wait_until(lambda: len(journal_starts(state)) > started, 60, "removals to start")
@@ -316,7 +321,7 @@ def _kill_round(
     pinned = tally.take(pinner.results())
     tally.check(pinned, f"kill round {n}, after the kill")
     again = subprocess.run(
-        watch_args(root, archive, "--exit-when-done"), capture_output=True, text=True, timeout=120, check=False
+        watch_args(root, archive, "--exit-when-done"), capture_output=True, text=True, timeout=120, check=False, env=ENV
     )
     assert again.returncode == 0, again.stderr
     tally.check(pinned, f"kill round {n}, after the restart")
