@@ -8,6 +8,7 @@ process (tests, the demo).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -84,12 +85,6 @@ class DiskGauges:
         self.note = "\n".join(self.lines[name] for name in sorted(self.lines)) if self.lines else None
 
 
-def _pinned_gauge(r: CollectorRegistry) -> Gauge:
-    return Gauge(
-        "ckptkeeper_pinned_checkpoints", "Checkpoints a pin keeps now (`ckptkeeper pin`), per run", ["run"], registry=r
-    )
-
-
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -106,7 +101,6 @@ class Metrics:
             ["run"],
             registry=r,
         )
-        self.pinned = _pinned_gauge(r)
         self.removed = Counter("ckptkeeper_checkpoints_removed", "Checkpoints deleted, per run", ["run"], registry=r)
         self.archived = Counter("ckptkeeper_checkpoints_archived", "Checkpoints archived, per run", ["run"], registry=r)
         self.bytes_freed = Counter(
@@ -155,6 +149,15 @@ class Metrics:
     def set_run(self, run: str, seen: int, kept: int) -> None:
         self.checkpoints_seen.labels(run=run).set(seen)
         self.checkpoints_kept.labels(run=run).set(kept)
+
+    @functools.cached_property
+    def pinned(self) -> Gauge:
+        return Gauge(
+            "ckptkeeper_pinned_checkpoints",
+            "Checkpoints a pin keeps now (`ckptkeeper pin`), per run",
+            ["run"],
+            registry=self.registry,
+        )
 
     def set_pinned(self, run: str, pinned: int) -> None:
         self.pinned.labels(run=run).set(pinned)
