@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ckptkeeper import __version__
+from ckptkeeper.cli_pins import PIN_COMMANDS
 from ckptkeeper.colour import Palette
 from ckptkeeper.units import count
 
@@ -309,6 +310,10 @@ def main() -> None:
     """
 
 
+for _command in PIN_COMMANDS:  # pin, unpin, pins (cli_pins.py)
+    main.add_command(_command)
+
+
 @main.command(epilog=EXIT_CODES_HELP)
 @policy_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON for scripts.")
@@ -325,7 +330,7 @@ def plan(as_json: bool, **flags: Any) -> None:
     settings = _settings(flags)
     with _domain_errors():
         pipeline = _pipeline(settings)
-    result = pipeline.survey(now=time.time())  # `now` makes --settle apply
+        result = pipeline.survey(now=time.time())  # `now` makes --settle apply
     root, archive_to = str(pipeline.root), pipeline.layout.archive_to
     sources = pipeline.scan_options.metrics
     if as_json:

@@ -9,6 +9,7 @@ so it never scans or plans again to find out. `plan` surveys without the lock (`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from ckptkeeper import pins
 from ckptkeeper.actions import (
     RUN_TRASH_NAME,
     ActionError,
@@ -83,6 +85,19 @@ def require_rules(policy: Policy) -> None:
 
 class StateDirUnusable(Exception):
     """The state directory cannot be made or written (a read-only root); the message says which and why."""
+
+
+class PinsUnreadable(StateDirUnusable):
+    """The pins file cannot be read: nothing is removed while it cannot (a pin in it would be lost)."""
+
+
+PINS_UNREADABLE = "nothing is removed until it can be read (fix it, or remove it to drop every pin)"
+
+
+def pinned_since_plan(pin: Pin) -> str:
+    """The detail of a removal a pin stopped: pinned after the plan was made."""
+    note = f": {json.dumps(pin.note, ensure_ascii=False)}" if pin.note else ""
+    return f"pinned since the plan was made{note}; kept"
 
 
 @dataclass(frozen=True)
@@ -375,8 +390,21 @@ class Pipeline:
         return replace(planned, runs=tuple(replace(p, stale=self.stale(p.run, now)) for p in planned.runs))
 
     def pins(self) -> tuple[Pin, ...]:
-        """The root's pins, as the state directory holds them now (none yet: `ckptkeeper pin` is to come)."""
-        return ()
+        """The root's pins, as the state directory holds them now, one per checkpoint (read without a lock: the
+        engine reads them again under the pins lock before each removal). PinsUnreadable when they cannot be
+        read: nothing is removed then, since a pin in them would be lost."""
+        try:
+            return pins.effective(pins.read_pins(self.layout.state_dir))
+        except pins.PinsError as e:
+            raise PinsUnreadable(f"{e}; {PINS_UNREADABLE}") from None
+
+    def pins_seen(self, now: float) -> object:
+        """What of the pins a plan depends on at `now`: the pins that hold then (or why they cannot be read). When
+        it changes (a pin taken or dropped, a lease lapsed), the daemon plans every run again."""
+        try:
+            return frozenset(p for p in pins.read_pins(self.layout.state_dir) if p.holds_at(now))
+        except pins.PinsError as e:
+            return str(e)
 
     def stale(self, run: Run, now: float) -> tuple[Stale, ...]:
         """The run's incomplete checkpoints unchanged for longer than --stale-after (and than --settle: one
@@ -483,13 +511,22 @@ class Pipeline:
             "bytes": removal.freed(c),
             "why": f"{journal_reasons(decision.reasons)} ({self._rules_text()})",
         }
-        # Written before acting, so a crash mid-removal still leaves a record of what was being done and why;
-        # where the journal cannot be written, nothing is done.
+        # A pin taken since the plan keeps it; else the removal is marked under way (`pins.guarded_removal`) before
+        # it starts, so a `pin` of it from now on fails instead of succeeding on a checkpoint about to go.
         try:
-            self.state.record({"action": f"start-{removal.verb}", **entry})
-        except OSError as e:
-            return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"cannot write the journal {self._journal()}: {_why(e)}")
-        outcome = self._remove(run, path, decision, removal, checked)
+            with pins.guarded_removal(self.state.dir_fd, self.state.path, run, c.name) as pin:
+                if pin is not None:
+                    return Outcome(run, c.name, OutcomeKind.SKIPPED, 0, pinned_since_plan(pin))
+                # Written before acting, so a crash mid-removal still leaves a record of what was being done and
+                # why; where the journal cannot be written, nothing is done.
+                try:
+                    self.state.record({"action": f"start-{removal.verb}", **entry})
+                except OSError as e:
+                    why = f"cannot write the journal {self._journal()}: {_why(e)}"
+                    return Outcome(run, c.name, OutcomeKind.ERROR, 0, why)
+                outcome = self._remove(run, path, decision, removal, checked)
+        except pins.PinsError as e:
+            return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"{e}; {PINS_UNREADABLE}")
         return self._journaled(outcome, entry)
 
     def _recheck(self, run: str, path: Path, planned: Checkpoint) -> Identity | Outcome | None:
@@ -661,6 +698,7 @@ __all__ = [
     "Leftovers",
     "NotSupported",
     "PassResult",
+    "PinsUnreadable",
     "Pipeline",
     "PruneReport",
     "RetentionRefused",

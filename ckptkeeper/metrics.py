@@ -159,8 +159,20 @@ class Metrics:
             registry=self.registry,
         )
 
+    @functools.cached_property
+    def pinned(self) -> Gauge:
+        return Gauge(
+            "ckptkeeper_pinned_checkpoints",
+            "Checkpoints a pin keeps now (`ckptkeeper pin`), per run",
+            ["run"],
+            registry=self.registry,
+        )
+
     def set_awaiting(self, run: str, awaiting: int) -> None:
         self.awaiting.labels(run=run).set(awaiting)
+
+    def set_pinned(self, run: str, pinned: int) -> None:
+        self.pinned.labels(run=run).set(pinned)
 
     def set_stale(self, run: str, stale: int) -> None:
         self.stale_incomplete.labels(run=run).set(stale)

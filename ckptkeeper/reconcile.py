@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ckptkeeper.decision_log import DecisionLog
-from ckptkeeper.engine import Pipeline
+from ckptkeeper.engine import PinsUnreadable, Pipeline
 from ckptkeeper.inbox import Pending
 from ckptkeeper.metrics import Metrics, count_outcome
 from ckptkeeper.model import Outcome, OutcomeKind, ReasonKind, Run, RunPlan, root_name
@@ -158,6 +158,7 @@ class Reconciler:
             self.decision_log.run_gone(run.path)
             self.tracker.recheck_at.pop(run_dir, None)
             self.metrics.set_run(run.path, seen=0, kept=0)
+            self.metrics.set_pinned(run.path, 0)
             return None
         return run, not self.tracker.unchanged(run_dir, run)
 
@@ -168,6 +169,8 @@ class Reconciler:
         self.metrics.set_run(plan.run.path, seen=len(result.after.checkpoints), kept=len(plan.kept))
         awaiting = sum(1 for d in plan.decisions if any(r.kind is ReasonKind.AWAITING for r in d.reasons))
         self.metrics.set_awaiting(plan.run.path, awaiting)
+        pinned = sum(any(r.kind is ReasonKind.PINNED for r in d.reasons) for d in plan.kept)
+        self.metrics.set_pinned(plan.run.path, pinned)
         if self.tracker.record(run_dir, result, now, self.pipeline.dry_run):
             self.decision_log.finished(plan, self.pipeline.dry_run)
         return True
@@ -175,6 +178,10 @@ class Reconciler:
     def _safely(self, run_dir: Path, step: Callable[[], T]) -> T | None:
         try:
             return step()
+        except PinsUnreadable as e:  # said once, without a traceback; nothing is removed until it can be read
+            if self.tracker.crashed_once(run_dir, run_path(self.root, run_dir), str(e)):
+                log.error("%s", e)
+            return None
         except Exception as e:
             said = f"{type(e).__name__}: {e}"
             if self.tracker.crashed_once(run_dir, run_path(self.root, run_dir), said):

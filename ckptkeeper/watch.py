@@ -111,6 +111,7 @@ class Daemon:
         self.snapshot = HealthSnapshot()
         self.metrics_server: MetricsServer | None = None
         self._dead_watcher_seen = False
+        self._pins: object = None  # the pins as last seen (`Pipeline.pins_seen`)
         self._final_line = threading.Lock()  # taken by whoever says the last `stopped` line (any thread)
         if self.root.is_dir():  # checked now, so a bad combination fails at once; else once the root appears
             self._build_pipeline()
@@ -330,6 +331,7 @@ class Daemon:
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     def _loop(self) -> int:
+        self._pins_changed()  # the pins the first pass plans with: a change from here on is planned again
         self._work(Pending(full=True))
         next_full = time.monotonic() + self.options.rescan_interval
         periodic_rescans = 0
@@ -347,6 +349,8 @@ class Daemon:
                 break
             pending = self.inbox.take()
             pending.runs.update(self.tracker.due(time.time()))
+            if self._pins_changed():
+                pending.runs.update(self.tracker.known_runs)
             if self.reconciler.pressure_waits and not self.reaper.busy() and not pending and self.tracker.known_runs:
                 # The reaper is done: judge the disk pressure left waiting. One run is enough (with --min-free a
                 # pass takes in every known run), and not a full rescan, which would retry a stuck trash entry,
@@ -364,6 +368,17 @@ class Daemon:
                 self._check_health()
                 next_health = time.monotonic() + HEALTH_CHECK_SECONDS
         return 0
+
+    def _pins_changed(self) -> bool:
+        """A pin taken or dropped, or a lease lapsed, since the last look (no file of a run changes then): the runs
+        are planned again, none of them left quiet. A new pin is honoured before that anyway: the engine reads the
+        pins again before every removal."""
+        seen = self._pipe().pins_seen(time.time())
+        changed = self._pins is not None and seen != self._pins
+        self._pins = seen
+        if changed:
+            self.tracker.quiet_runs.clear()
+        return changed
 
     def _check_health(self) -> None:
         """Once a second: the root still the one watched, and a watcher that sees everything. A dead watcher is

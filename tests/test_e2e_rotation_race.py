@@ -77,6 +77,7 @@ from ckptkeeper.actions import RUN_TRASH_NAME, TrashEntry, finish_entry
 from ckptkeeper.cli import EXIT_LOCKED, main
 from ckptkeeper.engine import PassResult, Pipeline
 from ckptkeeper.model import Outcome
+from ckptkeeper.pins import PINS_LOCK_NAME, REMOVING_NAME
 from ckptkeeper.policy import Policy
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import ScanOptions
@@ -534,7 +535,7 @@ def check_root(name: str, root: Path, summary: dict[str, Any], expected: set[int
         )
     state_dir = root / STATE_DIR_NAME
     assert not os.listdir(state_dir / "trash"), f"{name}: the trash still holds {os.listdir(state_dir / 'trash')}"
-    own = {"journal.jsonl", "lock", "trash", "reserve", "CKPTKEEPER_STATE_DIR"}
+    own = {"journal.jsonl", "lock", "trash", "reserve", "CKPTKEEPER_STATE_DIR", PINS_LOCK_NAME, REMOVING_NAME}
     assert set(os.listdir(state_dir)) <= own, os.listdir(state_dir)
     assert not (root / RUN_TRASH_NAME).exists()
 

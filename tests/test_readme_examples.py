@@ -177,6 +177,11 @@ def eval_metrics(cwd: Path, mount: Mount) -> Sandbox:
     return shown_as_data(cwd)
 
 
+def pins(cwd: Path, mount: Mount) -> Sandbox:
+    simulate_run(cwd / "outputs/exp1", SimConfig(steps_per_epoch=10, epochs=3))
+    return shown_as_data(cwd)
+
+
 def bad_config(cwd: Path, mount: Mount) -> Sandbox:
     (cwd / "bad.yaml").write_text("keep: [best:1, lastt:5]\nmax_depth: -1\n")
     return shown_as_data(cwd)
@@ -289,6 +294,7 @@ SCENARIOS: dict[str, Callable[[Path, Mount], Sandbox]] = {
     "bad-config": bad_config,
     "eval-metrics": eval_metrics,
     "stale": stale,
+    "pins": pins,
     "nothing": nothing,
     "demo": demo,
     "watch-live": watch_live,
