@@ -99,6 +99,7 @@ def test_one_refused_run_holds_the_whole_root_in_plan_prune_and_watch(tmp_path: 
             "rule": "refused",
             "rank": None,
             "released": False,
+            "until": None,
             "text": "held: retention is refused in run 'b'",
         }
     ]
