@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,14 @@ def ckptkeeper(*args: str | Path, timeout: float = 120) -> subprocess.CompletedP
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def plan_json(*args: str | Path) -> dict[str, Any]:
+    """`ckptkeeper plan ARGS... --json`, which must succeed, as the document it prints."""
+    result = ckptkeeper("plan", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
 
 
 @contextlib.contextmanager

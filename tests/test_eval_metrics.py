@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ckptkeeper.metric_specs import MetricSpecError, format_pointer, parse_metric, parse_pointer, resolve
-from tests.cliutil import ckptkeeper
+from tests.cliutil import ckptkeeper, plan_json
 from tests.lmeval_fixture import ACC_NORM, ACC_NORM_POINTER, WORD_PERPLEXITY_POINTER, LmEvalFixture, copy_lmeval_fixture
 
 STEPS = [40, 80, 120, 160, 200, 240]
@@ -27,13 +27,6 @@ def lm(tmp_path: Path) -> LmEvalFixture:
 
 def acc_norm(fixture: LmEvalFixture) -> str:
     return f"acc_norm=lm-eval:{fixture.evals}#{ACC_NORM_POINTER}"
-
-
-def plan_json(*args: str | Path) -> dict[str, Any]:
-    result = ckptkeeper("plan", *args, "--json")
-    assert result.returncode == 0, result.stderr
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
 
 
 def by_step(data: dict[str, Any]) -> dict[int, dict[str, Any]]:

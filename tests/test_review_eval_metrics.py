@@ -19,7 +19,7 @@ import pytest
 
 from ckptkeeper.config import load_settings
 from ckptkeeper.watch import Daemon, WatchOptions
-from tests.cliutil import bind_mount, ckptkeeper
+from tests.cliutil import bind_mount, ckptkeeper, plan_json
 from tests.lmeval_fixture import ACC_NORM_POINTER, WORD_PERPLEXITY_POINTER, LmEvalFixture, copy_lmeval_fixture
 from tests.watchutil import steps
 
@@ -37,13 +37,6 @@ def acc_norm(evals: Path) -> str:
 
 def ppl(evals: Path) -> str:
     return f"ppl=lm-eval:{evals}#{WORD_PERPLEXITY_POINTER}"
-
-
-def plan_json(*args: str | Path) -> dict[str, Any]:
-    result = ckptkeeper("plan", *args, "--json")
-    assert result.returncode == 0, result.stderr
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
 
 
 def by_step(data: dict[str, Any], run: str = ".") -> dict[int, dict[str, Any]]:
