@@ -797,3 +797,46 @@ def _send(dst: int, src: int, offset: int) -> int:
 def _rmtree_quietly(path: str | Path) -> None:
     if os.path.lexists(path):
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- object stores
+def archive_to_store(
+    root: Path,
+    checkpoint: Path,
+    upload: Callable[[str], tuple[dict[str, int], str]],
+    state: StateDir,
+    dispose: Dispose | None = None,
+    expected: Identity | None = None,
+    root_identity: Identity | None = None,
+) -> str:
+    """Archive `checkpoint` to an object store, then remove it like a delete. `upload(source)` uploads, verifies
+    and commits the manifest (destination.archive) and returns the manifest's files (relative path -> size) and
+    how ("uploaded", "already archived"); it raises on any failure, and then nothing here is touched. The source
+    goes only once the manifest is committed, only if it is still the directory that was uploaded (same identity,
+    same file list and sizes once it has left its name), else it is put back."""
+    run_fd = open_run_dir(root, checkpoint, "archive", root_identity)
+    try:
+        checked = _guard_at(run_fd, checkpoint, expected, "archive")
+        source = os.path.join(fd_path(run_fd, checkpoint.parent), checkpoint.name)
+        archived, how = upload(source)
+        again = _guard_at(run_fd, checkpoint, (checked.st_dev, checked.st_ino))
+        entry = _into_trash(run_fd, checkpoint, again, state)
+        _check_uploaded(entry, run_fd, checkpoint, archived)
+    finally:
+        os.close(run_fd)
+    _dispose_or_finish(entry, checkpoint, dispose)
+    return how
+
+
+def _check_uploaded(entry: TrashEntry, run_fd: int, checkpoint: Path, archived: dict[str, int]) -> None:
+    """What left the run's name holds the files the manifest lists, with their sizes; else it goes back."""
+    trashed = os.path.join(fd_path(entry.dir_fd, entry.shown.parent), entry.name)
+    files = {rel.replace(os.sep, "/"): size for rel, (kind, size) in _listing(trashed).items() if kind == "file"}
+    if files == archived:
+        return
+    back = checkpoint.name
+    if _exists_at(run_fd, back):
+        back = f"{checkpoint.name}.ckptkeeper-returned-{uuid.uuid4().hex[:8]}"
+    os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
+    entry.close()
+    raise Changed(f"{checkpoint} changed while it was uploaded; it is back under its name, left for the next pass")

@@ -175,8 +175,18 @@ def _path_options() -> list[Callable[[F], F]]:
         ),
         click.option(
             "--archive-to",
-            type=click.Path(path_type=Path, file_okay=False),
-            help="Move removed checkpoints here (keeping the run's path) instead of deleting them.",
+            metavar="DIR|URL",
+            help="Move removed checkpoints here (keeping the run's path) instead of deleting them: a directory, or "
+            "an object store URL such as s3://bucket/prefix (pip install 'ckptkeeper[s3]'; credentials and endpoint "
+            "from the AWS environment variables and config files).",
+        ),
+        click.option(
+            "--archive-option",
+            "archive_options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            callback=lambda _ctx, _param, value: list(value) or None,
+            help="A storage option for an object store --archive-to, passed to fsspec (repeatable).",
         ),
         click.option(
             "--state-dir",
@@ -248,6 +258,7 @@ def _pipeline(settings: Settings, dry_run: bool = False) -> Pipeline:
         settings.state_dir,
         settings.archive_to,
         dry_run=dry_run,
+        archive_options=settings.archive_option_pairs(),
     )
 
 
@@ -282,7 +293,7 @@ def plan(as_json: bool, **flags: Any) -> None:
     with _domain_errors():
         pipeline = _pipeline(settings)
     result = pipeline.survey(now=time.time())  # `now` makes --settle apply
-    root, archive_to = str(pipeline.root), pipeline.layout.archive_to
+    root, archive_to = str(pipeline.root), pipeline.layout.archive
     if as_json:
         _echo(json.dumps(plan_json(root, pipeline.policy, result.plan, result.warnings, archive_to), indent=2))
     else:
@@ -311,7 +322,8 @@ def prune(as_json: bool, **flags: Any) -> None:
     dry_run = bool(settings.dry_run)
     with _domain_errors():
         pipeline = _pipeline(settings, dry_run=dry_run)
-        archive_to = pipeline.layout.archive_to
+        pipeline.check_destination()
+        archive_to = pipeline.layout.archive
         report = (
             QuietPruneReport()
             if as_json
@@ -415,7 +427,8 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     with _domain_errors():  # a root that exists has its paths checked now; one awaited, once it appears
         if root.exists() and not root.is_dir():
             raise ConfigProblem(f"root {root} is not a directory")
-        daemon = Daemon(root, settings.policy(), settings.state_dir, options, settings.archive_to)
+        archive = (settings.archive_to, settings.archive_option_pairs())
+        daemon = Daemon(root, settings.policy(), settings.state_dir, options, *archive)
     daemon.install_signal_handlers()
     try:
         with _domain_errors():

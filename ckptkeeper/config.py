@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -53,6 +54,33 @@ def _no_nul(path: Path) -> Path:
 PathSetting = Annotated[Path, AfterValidator(_no_nul)]
 
 
+def _archive_target(value: object) -> object:
+    """A URL (`s3://bucket/prefix`) stays text: a Path would fold its `//`. Anything else is a path."""
+    if isinstance(value, str) and "://" in value:
+        if "\0" in value:
+            raise ValueError("a URL cannot contain a NUL character")
+        return value
+    return _no_nul(Path(value)) if isinstance(value, (str, os.PathLike)) else value
+
+
+ArchiveSetting = Annotated[Path | str, BeforeValidator(_archive_target)]
+
+
+def _option_pairs(value: object) -> object:
+    """`archive_options` may be given as KEY=VALUE texts (flags, the environment: comma-separated) or a mapping."""
+    if isinstance(value, str):
+        value = [p for p in (part.strip() for part in value.split(",")) if p]
+    if isinstance(value, (list, tuple)):
+        pairs = {}
+        for item in value:
+            key, sep, raw = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            pairs[key.strip()] = _scalar(raw.strip())
+        return pairs
+    return value
+
+
 def _valid_floor(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("expected a size such as 50G or a percentage such as 10%")
@@ -85,7 +113,8 @@ class Settings(BaseModel):
     keep_weights: list[RuleText] = Field(default_factory=list)  # what these alone keep is kept weights-only
     min_free: FloorText | None = None  # free space to keep on each filesystem holding a run
     keep_under_pressure: list[RuleText] = Field(default_factory=list)  # what still stays below that floor
-    archive_to: PathSetting | None = None
+    archive_to: ArchiveSetting | None = None  # a directory, or an object store URL (s3://bucket/prefix)
+    archive_options: Annotated[dict[str, Any], BeforeValidator(_option_pairs)] = Field(default_factory=dict)
     state_dir: PathSetting | None = None
     max_depth: StrictInt = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
     protect_trainer_best: StrictBool = True
@@ -110,6 +139,9 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [p for p in (part.strip() for part in value.split(",")) if p] if value.strip() else []
         return value
+
+    def archive_option_pairs(self) -> tuple[tuple[str, Any], ...]:
+        return tuple(sorted(self.archive_options.items()))
 
     def rules_text(self) -> str:
         return ",".join(self.keep)
@@ -258,6 +290,7 @@ _TEXT_SETTINGS = {
     "keep_under_pressure",
     "min_free",
     "archive_to",
+    "archive_options",
     "state_dir",
     "log_format",
     "metrics_host",

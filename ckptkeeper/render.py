@@ -99,7 +99,7 @@ def reason_json(reason: Reason) -> dict[str, Any]:
     }
 
 
-def describe_policy(policy: Policy, archive_to: Path | None = None) -> str:
+def describe_policy(policy: Policy, archive_to: Path | str | None = None) -> str:
     parts = [r.describe() for r in policy.rules]
     whole = f"keep {', '.join(parts)} ({format_rules(policy.rules)}); " if parts else ""
     weights = ", ".join(r.describe() for r in policy.weight_rules)
@@ -232,7 +232,7 @@ def plan_text(
     policy: Policy,
     plan: RootPlan,
     warnings: Sequence[str],
-    archive_to: Path | None = None,
+    archive_to: Path | str | None = None,
     max_depth: int = 4,
     palette: Palette = PLAIN,
 ) -> str:
@@ -290,7 +290,7 @@ def _finite_or_text(value: float) -> float | str:
 
 
 def plan_json(
-    root: str, policy: Policy, plan: RootPlan, warnings: Sequence[str], archive_to: Path | None = None
+    root: str, policy: Policy, plan: RootPlan, warnings: Sequence[str], archive_to: Path | str | None = None
 ) -> dict[str, Any]:
     plans = plan.runs
     runs = [
@@ -512,7 +512,7 @@ def outcome_json(o: Outcome) -> dict[str, Any]:
 
 
 def prune_json(
-    root: str, policy: Policy, result: PassResult, dry_run: bool, archive_to: Path | None = None
+    root: str, policy: Policy, result: PassResult, dry_run: bool, archive_to: Path | str | None = None
 ) -> dict[str, Any]:
     """What `prune --json` prints once the pass is over (or refused)."""
     outcomes = result.outcomes
@@ -579,7 +579,7 @@ class TextPruneReport:
         echo: Callable[[str, bool], None],
         policy: Policy,
         root: Path,
-        archive_to: Path | None,
+        archive_to: Path | str | None,
         palette: Palette = PLAIN,
     ) -> None:
         self.echo = echo

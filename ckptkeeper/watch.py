@@ -24,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import Pipeline, require_rules
@@ -90,12 +91,19 @@ class Daemon:
     `reaper` (its own thread) and `snapshot` (replaced whole by the main loop, read by the HTTP thread)."""
 
     def __init__(
-        self, root: Path, policy: Policy, state_dir: Path | None, options: WatchOptions, archive_to: Path | None = None
+        self,
+        root: Path,
+        policy: Policy,
+        state_dir: Path | None,
+        options: WatchOptions,
+        archive_to: Path | str | None = None,
+        archive_options: tuple[tuple[str, Any], ...] = (),
     ) -> None:
         require_rules(policy)
         self.policy = policy
         self.options = options
         self.archive_to = archive_to
+        self.archive_options = archive_options
         self.root = Path(os.path.abspath(root))
         self.state_dir = Path(os.path.abspath(state_dir or default_state_dir(self.root)))
         self.stop_event = threading.Event()
@@ -157,7 +165,7 @@ class Daemon:
     def _build_pipeline(self) -> Pipeline:
         """Check the paths (LayoutError) and make the pipeline; from here on the root is its real path: a link
         on that path changed later is never followed."""
-        layout = Layout.checked(self.root, self.state_dir, self.archive_to)
+        layout = Layout.checked(self.root, self.state_dir, self.archive_to, self.archive_options)
         self.root = layout.root
         self.decision_log.root = root_name(self.root)  # as plan and prune name it: by the real path
         self.pipeline = Pipeline(
@@ -168,6 +176,7 @@ class Daemon:
             dispose=self.reaper.dispose,
             stop=self.stop_event.is_set,
         )
+        self.pipeline.check_destination()
         self.reaper.state = self.pipeline.state
         self.inbox = Inbox(self.root, self.options.max_depth, self.pipeline.excluded)
         self.supervisor = ObserverSupervisor(self.root, self.inbox, self.options.poll)
