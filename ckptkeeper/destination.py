@@ -113,7 +113,8 @@ def describe(error: BaseException) -> DestinationError:
 
 
 def _endpoint_text(text: str) -> str:
-    found = re.search(r'"(https?://[^"]+)"', text) or re.search(r"(https?://[^\s\"']+)", text)
+    """The server a connection error names (scheme, host and port only), or the start of the text."""
+    found = re.search(r"(https?://[^/\s\"']+)", text)
     return found.group(1) if found else text[:120]
 
 
@@ -504,11 +505,20 @@ def _send(store: ObjectStore, key: str, f: LocalFile, halted: StopCheck, progres
         if sent != f.size:
             raise DestinationError(f"{f.path} changed while it was uploaded ({sent} bytes read, {f.size} expected)")
     except BaseException:
-        with contextlib.suppress(Exception):
-            remote.discard()  # aborts the multipart upload: nothing half-sent stays behind
+        _abandon(remote)
         raise
     remote.close()
     return sha.hexdigest(), s3_etag(md5s, whole.digest() if f.size < psize else None)
+
+
+def _abandon(remote: Any) -> None:
+    """Abort the multipart upload (nothing half-sent stays behind; one a dead store keeps is aborted at the next
+    attempt), and never let the file object commit what it holds when it is garbage-collected (fsspec's
+    __del__ closes, and closing uploads and completes)."""
+    with contextlib.suppress(Exception):
+        remote.discard()
+    remote.buffer = None
+    remote.closed = True
 
 
 def _verify(store: ObjectStore, key: str, f: LocalFile, sha: str, etag: str) -> None:

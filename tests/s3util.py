@@ -5,6 +5,7 @@ environment variables (`AWS_ENDPOINT_URL` included), never a flag of ckptkeeper'
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import socket
@@ -41,7 +42,7 @@ class S3Server:
     handle: Any
 
     def client(self) -> Any:
-        import boto3
+        boto3 = importlib.import_module("boto3")  # no type stubs
 
         return boto3.client("s3", endpoint_url=self.endpoint, **_boto_credentials())
 

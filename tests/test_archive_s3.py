@@ -5,14 +5,20 @@ store that fails loses nothing and says so in one short line."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import os
 import shutil
-from collections.abc import Callable
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from s3util import Bucket, tree_digest
+from s3util import Bucket, S3Server, new_bucket, start_process, tree_digest
 
 from ckptkeeper.cli import main
 from ckptkeeper.destination import MANIFEST_SUFFIX
@@ -62,8 +68,7 @@ def test_prune_uploads_verifies_writes_the_manifest_and_removes_the_source(run: 
     assert out[0].endswith(f"; archive to {s3_bucket.url} the rest")
     for n in ("checkpoint-10", "checkpoint-20"):
         assert any(
-            line.startswith(f"archived      exp1/{n}  ")
-            and line.endswith(f"(uploaded to {s3_bucket.url}/exp1/{n})")
+            line.startswith(f"archived      exp1/{n}  ") and line.endswith(f"(uploaded to {s3_bucket.url}/exp1/{n})")
             for line in out
         ), out
         assert not (run / n).exists()
@@ -81,3 +86,188 @@ def test_prune_uploads_verifies_writes_the_manifest_and_removes_the_source(run: 
         ("start-archive", "checkpoint-20"), ("archive", "checkpoint-20"),
     ]  # fmt: skip
     assert s3_bucket.uploads() == []
+
+
+def test_a_dry_run_sends_nothing_to_the_store(run: Path, s3_bucket: Bucket) -> None:
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "would archive exp1/checkpoint-10" in " ".join(result.output.split())
+    assert s3_bucket.keys() == {}
+    assert (run / "checkpoint-10").is_dir()
+
+
+def test_an_upload_without_manifest_is_resumed_and_abandoned_parts_are_aborted(run: Path, s3_bucket: Bucket) -> None:
+    """What a killed upload leaves: some objects whole, one of the right size with other bytes, a multipart
+    upload begun and never completed. None of it counts; the next archive resumes it."""
+    ckpt, head = run / "checkpoint-10", "archive/exp1/checkpoint-10/"
+    digests = tree_digest(ckpt)
+    client = s3_bucket.server.client()
+    client.put_object(Bucket=s3_bucket.name, Key=head + "optimizer.pt", Body=(ckpt / "optimizer.pt").read_bytes())
+    wrong = bytes(len((ckpt / "model.safetensors").read_bytes()))
+    client.put_object(Bucket=s3_bucket.name, Key=head + "model.safetensors", Body=wrong)
+    begun = client.create_multipart_upload(Bucket=s3_bucket.name, Key=head + "scheduler.pt")
+    client.upload_part(
+        Bucket=s3_bucket.name, Key=head + "scheduler.pt", UploadId=begun["UploadId"], PartNumber=1, Body=b"x"
+    )
+    sent_before = client.head_object(Bucket=s3_bucket.name, Key=head + "optimizer.pt")["LastModified"]
+    plan = cli("plan", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url)
+    assert "archive" in plan.output  # objects without a manifest are not an archive: still to be done
+
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url)
+    assert result.exit_code == 0, result.output
+    document = manifest(s3_bucket, "exp1/checkpoint-10")
+    files = document["files"]
+    assert isinstance(files, list)
+    assert {f["path"]: f["sha256"] for f in files} == digests
+    assert {rel: hashlib.sha256(s3_bucket.get(head + rel)).hexdigest() for rel in digests} == digests
+    assert client.head_object(Bucket=s3_bucket.name, Key=head + "optimizer.pt")["LastModified"] == sent_before
+    assert s3_bucket.uploads() == []
+    assert not ckpt.exists()
+
+
+def test_a_complete_archive_that_matches_finishes_the_local_removal(run: Path, s3_bucket: Bucket) -> None:
+    """A kill after the manifest, before the source went: the next pass finds the archive complete and matching,
+    sends nothing, and removes the source."""
+    twin = run.parent.parent / "twin" / "exp1"
+    shutil.copytree(run, twin, symlinks=True)
+    first = cli("prune", twin.parent, "--keep", "last:1", "--archive-to", s3_bucket.url)
+    assert first.exit_code == 0, first.output
+    written = s3_bucket.server.client().head_object(
+        Bucket=s3_bucket.name, Key=f"archive/exp1/checkpoint-10{MANIFEST_SUFFIX}"
+    )["LastModified"]
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url)
+    assert result.exit_code == 0, result.output
+    assert f"(already archived to {s3_bucket.url}/exp1/checkpoint-10)" in result.output
+    assert not (run / "checkpoint-10").exists()
+    assert (
+        s3_bucket.server.client().head_object(
+            Bucket=s3_bucket.name, Key=f"archive/exp1/checkpoint-10{MANIFEST_SUFFIX}"
+        )["LastModified"]
+        == written
+    )
+
+
+def test_a_complete_archive_that_differs_is_never_overwritten_and_the_checkpoint_stays(
+    run: Path, s3_bucket: Bucket
+) -> None:
+    """Another run of the same name was archived there (same layout, other bytes): an error, both kept."""
+    twin = run.parent.parent / "twin" / "exp1"
+    shutil.copytree(run, twin, symlinks=True)
+    optimizer = twin / "checkpoint-10" / "optimizer.pt"
+    times = optimizer.stat()
+    optimizer.write_bytes(bytes(times.st_size))
+    os.utime(optimizer, ns=(times.st_atime_ns, times.st_mtime_ns))  # still the older checkpoint by its file times
+    assert cli("prune", twin.parent, "--keep", "last:1", "--archive-to", s3_bucket.url).exit_code == 0
+    stored = s3_bucket.get(f"archive/exp1/checkpoint-10{MANIFEST_SUFFIX}")
+    before = tree_digest(run / "checkpoint-10")
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url)
+    assert result.exit_code == 1, result.output
+    assert (
+        f"FAILED        exp1/checkpoint-10  (cannot archive {run}/checkpoint-10 to {s3_bucket.url}/exp1/checkpoint-10: "
+        f"{s3_bucket.url}/exp1/checkpoint-10 is archived already and differs from the checkpoint: optimizer.pt: "
+        "different size or content; both kept)"
+    ) in lines(result)
+    assert tree_digest(run / "checkpoint-10") == before
+    assert s3_bucket.get(f"archive/exp1/checkpoint-10{MANIFEST_SUFFIX}") == stored
+
+
+def test_a_bucket_that_does_not_exist_loses_nothing_and_says_so_briefly(run: Path, s3_bucket: Bucket) -> None:
+    url = f"s3://{s3_bucket.name}-missing/archive"
+    before = tree_digest(run)
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", url)
+    assert result.exit_code == 1, result.output
+    message = f"cannot archive to {url}: the bucket '{s3_bucket.name}-missing' does not exist"
+    assert [line for line in lines(result) if line.startswith("FAILED")] == [
+        f"FAILED        exp1/checkpoint-10  ({message})",
+        f"FAILED        exp1/checkpoint-20  ({message})",  # not tried again in the same pass: the store is down
+    ]
+    assert lines(result)[-1] == "Error: 2 checkpoints could not be removed (see the FAILED lines above)"
+    assert tree_digest(run) == before
+
+
+def test_no_credentials_at_all(run: Path, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    before = tree_digest(run)
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url)
+    assert result.exit_code == 1, result.output
+    assert (
+        f"FAILED        exp1/checkpoint-10  (cannot archive to {s3_bucket.url}: no credentials: set AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)"
+    ) in lines(result)
+    assert tree_digest(run) == before
+    assert s3_bucket.keys() == {}
+
+
+def test_a_protocol_whose_package_is_missing_names_the_package(run: Path) -> None:
+    pytest.importorskip("fsspec")
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", "gs://bucket/runs")
+    assert result.exit_code == 2, result.output
+    assert result.output == "Error: --archive-to gs://bucket/runs: needs gcsfs (pip install gcsfs)\n"
+    unknown = cli("prune", run.parent, "--keep", "last:1", "--archive-to", "nosuch://bucket/runs")
+    assert unknown.output == "Error: --archive-to nosuch://bucket/runs: fsspec knows no protocol 'nosuch'\n"
+    assert (run / "checkpoint-10").is_dir()
+
+
+@pytest.fixture
+def own_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Bucket]]:
+    """start(env) -> a bucket on a moto server of its own, in a child process (it can be killed)."""
+    pytest.importorskip("s3fs")
+    started: list[S3Server] = []
+
+    def start(env: dict[str, str] | None = None) -> Bucket:
+        server = start_process(env)
+        started.append(server)
+        return new_bucket(server, monkeypatch)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_wrong_credentials_are_refused_by_the_store_and_nothing_is_lost(
+    run: Path, own_server: Callable[..., Bucket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = own_server({"INITIAL_NO_AUTH_ACTION_COUNT": "1"})  # the bucket is made; then keys are checked
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    before = tree_digest(run)
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", bucket.url)
+    assert result.exit_code == 1, result.output
+    assert (
+        f"FAILED        exp1/checkpoint-10  (cannot archive to {bucket.url}: access denied: check the credentials)"
+    ) in lines(result)
+    assert tree_digest(run) == before
+
+
+def test_a_store_that_goes_away_mid_upload_loses_nothing(
+    sim_run: Callable[..., Path], own_server: Callable[..., Bucket]
+) -> None:
+    """The server is killed while a large file is being sent in parts: the prune fails with one short line per
+    checkpoint, the checkpoint stays whole, and no manifest exists."""
+    big = SimConfig(steps_per_epoch=10, epochs=2, save_steps=10, eval_steps=10, optimizer_bytes=96 << 20)
+    run = sim_run("exp1", big)
+    bucket = own_server()
+    before = tree_digest(run)
+    prune = subprocess.Popen(
+        [sys.executable, "-m", "ckptkeeper", "prune", str(run.parent), "--keep", "last:1", "--archive-to", bucket.url,
+         "--archive-option", "config_kwargs={retries: {max_attempts: 2}}"],  # botocore's retries: fewer, to be quick
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not bucket.uploads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bucket.uploads(), "the multipart upload never began"
+    bucket.server.stop()
+    out, _ = prune.communicate(timeout=120)
+    assert prune.returncode == 1, out
+    port = bucket.server.endpoint.rsplit(":", 1)[1]
+    assert (
+        f"FAILED        exp1/checkpoint-10  (cannot archive to {bucket.url}: cannot reach the store "
+        f"(http://127.0.0.1:{port}))"
+    ) in out.splitlines(), out
+    assert tree_digest(run) == before
