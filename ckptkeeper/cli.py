@@ -21,7 +21,7 @@ from ckptkeeper.units import count
 
 if TYPE_CHECKING:
     from ckptkeeper.config import Settings
-    from ckptkeeper.engine import PassResult, Pipeline
+    from ckptkeeper.engine import PassResult, Pipeline, ProgressSink
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -323,6 +323,8 @@ def prune(as_json: bool, **flags: Any) -> None:
     with _domain_errors():
         pipeline = _pipeline(settings, dry_run=dry_run)
         pipeline.check_destination()
+        if not as_json and sys.stderr.isatty():
+            pipeline.progress = _terminal_bar
         archive_to = pipeline.layout.archive
         report = (
             QuietPruneReport()
@@ -341,6 +343,15 @@ def prune(as_json: bool, **flags: Any) -> None:
     problem = _floor_problem(result)
     if problem:  # a trainer's low-disk hook must know that saving may still fail
         raise Failed(problem)
+
+
+def _terminal_bar(run: str, checkpoint: Path) -> ProgressSink:
+    """A progress bar on stderr while `prune` on a terminal uploads a checkpoint to an object store."""
+    from ckptkeeper.destination import tree_size
+    from ckptkeeper.progress import TerminalBar
+
+    what = f"{run}/{checkpoint.name}" if run != "." else checkpoint.name
+    return TerminalBar(f"uploading {what}", tree_size(str(checkpoint)))
 
 
 def _floor_problem(result: PassResult) -> str | None:

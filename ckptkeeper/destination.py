@@ -215,6 +215,14 @@ def local_tree(top: str) -> tuple[list[LocalFile], list[str], list[tuple[str, st
     return sorted(files, key=lambda f: f.path), sorted(dirs), sorted(links)
 
 
+def tree_size(top: str) -> int:
+    """The bytes of the regular files below `top` (0 if it cannot be read: progress only)."""
+    try:
+        return sum(f.size for f in local_tree(top)[0])
+    except (OSError, DestinationError):
+        return 0
+
+
 def part_size(size: int) -> int:
     """Parts of at least MIN_PART, large enough that a file needs at most MAX_PARTS; whole MiB."""
     needed = -(-size // MAX_PARTS)
@@ -550,7 +558,7 @@ class Backoff:
     """A store that failed as a whole (DestinationDown) is tried again after a growing interval, not at every
     pass: FIRST_WAIT, doubled at each failure, at most MAX_WAIT; reset by a success."""
 
-    first_wait: float = 10.0
+    first_wait: float = 5.0
     max_wait: float = 900.0
     wait: float = 0.0
     until: float = 0.0

@@ -214,7 +214,7 @@ class StoreArchival:
 
         shown = self.store.shown(run, checkpoint.name)
         step = checkpoint_step(checkpoint.name) or 0
-        progress = self.progress(run, checkpoint.name) if self.progress is not None else None
+        progress = self.progress(run, checkpoint) if self.progress is not None else None
 
         def upload(source: str) -> tuple[dict[str, int], str]:
             manifest, how = archive(self.store, source, run, checkpoint.name, step, self.stop, progress)
@@ -246,7 +246,7 @@ class ProgressSink(Protocol):
     def close(self) -> None: ...
 
 
-ProgressFactory = Callable[[str, str], ProgressSink]  # (run, checkpoint name) -> its sink
+ProgressFactory = Callable[[str, Path], ProgressSink]  # (run, checkpoint directory) -> its sink
 
 
 DEFAULT_SCAN = ScanOptions()

@@ -114,6 +114,20 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("ckptkeeper_errors", "Removals that failed (retried on later passes)", registry=r)
+        self.uploaded = Counter(
+            "ckptkeeper_archive_uploaded_bytes", "Bytes sent to an object store archive (--archive-to URL)", registry=r
+        )
+        self.store_failures = Counter(
+            "ckptkeeper_archive_store_failures",
+            "Archives to the object store that failed because the store did (unreachable, credentials, no bucket)",
+            registry=r,
+        )
+        self.store_retry_in = Gauge(
+            "ckptkeeper_archive_store_retry_seconds",
+            "Seconds until the failing object store is tried again (0 when it works)",
+            registry=r,
+        )
+        self._store_failures_seen = 0
         self.reconcile_seconds = Histogram(
             "ckptkeeper_reconcile_duration_seconds",
             "Time to rescan, plan and act on one run or the whole root",
@@ -148,6 +162,13 @@ class Metrics:
     def set_run(self, run: str, seen: int, kept: int) -> None:
         self.checkpoints_seen.labels(run=run).set(seen)
         self.checkpoints_kept.labels(run=run).set(kept)
+
+    def set_store(self, failures: int, retry_in: float) -> None:
+        """The object store's backoff as the pipeline has it: its failures so far, and the time to the next try."""
+        if failures > self._store_failures_seen:
+            self.store_failures.inc(failures - self._store_failures_seen)
+            self._store_failures_seen = failures
+        self.store_retry_in.set(retry_in)
 
     def set_stale(self, run: str, stale: int) -> None:
         self.stale_incomplete.labels(run=run).set(stale)

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 from ckptkeeper.decision_log import DecisionLog
+from ckptkeeper.destination import tree_size
 from ckptkeeper.engine import Pipeline, require_rules
 from ckptkeeper.inbox import Inbox, Pending
 from ckptkeeper.layout import Layout, default_state_dir
@@ -34,6 +35,7 @@ from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_prob
 from ckptkeeper.model import root_name
 from ckptkeeper.observers import ObserverSupervisor, RootChange
 from ckptkeeper.policy import Policy
+from ckptkeeper.progress import WATCH_INTERVAL, UploadProgress
 from ckptkeeper.reaper import Reaper
 from ckptkeeper.reconcile import Reconciler
 from ckptkeeper.render import shown
@@ -177,6 +179,7 @@ class Daemon:
             stop=self.stop_event.is_set,
         )
         self.pipeline.check_destination()
+        self.pipeline.progress = self._upload_progress
         self.reaper.state = self.pipeline.state
         self.inbox = Inbox(self.root, self.options.max_depth, self.pipeline.excluded)
         self.supervisor = ObserverSupervisor(self.root, self.inbox, self.options.poll)
@@ -186,6 +189,12 @@ class Daemon:
             self.pipeline, self.tracker, self.decision_log, self.metrics, self.reaper, self.stop_event
         )
         return self.pipeline
+
+    def _upload_progress(self, run: str, checkpoint: Path) -> UploadProgress:
+        """Logged every WATCH_INTERVAL seconds while a checkpoint goes to an object store; counted in the metrics."""
+        where = f"run {shown(run)}: {checkpoint.name}" if run != "." else f"{checkpoint.name}"
+        total = tree_size(str(checkpoint))
+        return UploadProgress(f"{where} uploading", total, log.info, WATCH_INTERVAL, on_bytes=self.metrics.uploaded.inc)
 
     def _pipe(self) -> Pipeline:
         return self.pipeline if self.pipeline is not None else self._build_pipeline()

@@ -9,16 +9,19 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 from s3util import Bucket, S3Server, new_bucket, start_process, tree_digest
+from watchutil import StartWatch, Watch, wait_until
 
 from ckptkeeper.cli import main
 from ckptkeeper.destination import MANIFEST_SUFFIX
@@ -271,3 +274,54 @@ def test_a_store_that_goes_away_mid_upload_loses_nothing(
         f"(http://127.0.0.1:{port}))"
     ) in out.splitlines(), out
     assert tree_digest(run) == before
+
+
+# ---------------------------------------------------------------------------------------------- watch
+def scrape(w: Watch) -> str:
+    found = wait_until(lambda: re.search(r"serving metrics on (http://\S+)/metrics", w.log()), 15, w.describe)
+    assert found is not None
+    with urllib.request.urlopen(found.group(1) + "/metrics", timeout=5) as response:
+        text: str = response.read().decode()
+        return text
+
+
+def metric(w: Watch, name: str) -> float:
+    found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", scrape(w), re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def journal_count(root: Path, action: str, checkpoint: str) -> int:
+    path = root / "_ckptkeeper" / "journal.jsonl"
+    entries = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return sum(1 for e in entries if e["action"] == action and e.get("checkpoint") == checkpoint)
+
+
+def test_watch_retries_a_failing_store_at_a_growing_interval_then_archives(
+    run: Path, s3_bucket: Bucket, watch: StartWatch
+) -> None:
+    """The bucket is missing at first: each archive fails, said once per checkpoint; the store is tried again
+    after 5 s, then 10 s, not at every rescan (every 0.3 s here); once the bucket exists, both are archived."""
+    root, name = run.parent, f"{s3_bucket.name}-late"
+    url = f"s3://{name}/archive"
+    before = tree_digest(run)
+    shutil.copytree(run / "checkpoint-10", root.parent / "sizes" / "10")
+    shutil.copytree(run / "checkpoint-20", root.parent / "sizes" / "20")
+    w = watch(root, "--keep", "last:1", "--archive-to", url, "--settle", "0", "--rescan-interval", "0.3",
+              "--metrics-port", "0")  # fmt: skip
+    message = f"cannot archive to {url}: the bucket '{name}' does not exist"
+    w.wait_log(f"exp1/checkpoint-10 could not be removed: {message} (the store is tried again at a growing interval)")
+    wait_until(lambda: journal_count(root, "start-archive", "checkpoint-10") >= 2, 20, w.describe)
+    rescans = metric(w, r'ckptkeeper_reconcile_duration_seconds_count\{scope="all"\}')
+    assert rescans >= 8, rescans  # many passes, two attempts: the second after the first wait (5 s)
+    assert journal_count(root, "start-archive", "checkpoint-10") == 2
+    wait_until(lambda: metric(w, "ckptkeeper_archive_store_failures_total") == 2, 10, w.describe)
+    assert tree_digest(run) == before
+    s3_bucket.server.client().create_bucket(Bucket=name)
+    wait_until(lambda: not (run / "checkpoint-10").exists() and not (run / "checkpoint-20").exists(), 30, w.describe)
+    for step in (10, 20):
+        assert len([x for x in w.lines() if f"checkpoint-{step} could not be removed" in x]) == 1, w.log()
+        w.wait_log(f"exp1/checkpoint-{step} archived: uploaded to {url}/exp1/checkpoint-{step}")
+    uploaded = sum(p.stat().st_size for p in (root.parent / "sizes").rglob("*") if p.is_file())
+    assert metric(w, "ckptkeeper_archive_uploaded_bytes_total") == uploaded
+    assert w.terminate()[0] == 0
+    assert "Traceback" not in w.log()
