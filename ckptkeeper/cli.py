@@ -554,6 +554,84 @@ def demo(ctx: click.Context, keep: str, keep_weights: str | None, directory: Pat
         raise click.BadParameter(str(e), param_hint="'--dir'") from None
 
 
+@main.group(epilog=EXIT_CODES_HELP)
+def archive() -> None:
+    """List or restore checkpoints archived to an object store (--archive-to s3://...).
+
+    \b
+    Example:
+        ckptkeeper archive ls s3://my-bucket/runs
+        ckptkeeper archive restore s3://my-bucket/runs/exp1/checkpoint-500 ./outputs/exp1
+    """
+
+
+def _store_options(values: tuple[str, ...]) -> dict[str, Any]:
+    from ckptkeeper.config import ConfigError, parse_archive_options
+
+    try:
+        return parse_archive_options(values)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="'--archive-option'") from None
+
+
+_ARCHIVE_OPTION = click.option(
+    "--archive-option",
+    "archive_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A storage option passed to fsspec (repeatable), as for prune and watch.",
+)
+
+
+@archive.command("ls", epilog=EXIT_CODES_HELP)
+@click.argument("url")
+@_ARCHIVE_OPTION
+def archive_ls(url: str, archive_options: tuple[str, ...]) -> None:
+    """Every checkpoint archived below URL: run, step, size, when, and whether it is complete.
+
+    \b
+    Example:
+        ckptkeeper archive ls s3://my-bucket/runs
+    """
+    from ckptkeeper.archives import archive_table, list_archive
+    from ckptkeeper.destination import DestinationError, ObjectStore, is_url, url_problem
+
+    problem = url_problem(url) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
+    if problem:
+        raise ConfigProblem(f"{url}: {problem}")
+    store = ObjectStore(url.rstrip("/"), _store_options(archive_options))
+    try:
+        store.check()
+        _echo(archive_table(url, list_archive(store)))
+    except DestinationError as e:
+        raise Failed(f"cannot list {url}: {e}") from None
+
+
+@archive.command("restore", epilog=EXIT_CODES_HELP)
+@click.argument("url")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@_ARCHIVE_OPTION
+def archive_restore(url: str, directory: Path, archive_options: tuple[str, ...]) -> None:
+    """Bring URL/RUN/checkpoint-N back into DIRECTORY (as DIRECTORY/checkpoint-N), verified against its manifest.
+
+    \b
+    Example:
+        ckptkeeper archive restore s3://my-bucket/runs/exp1/checkpoint-500 ./outputs/exp1
+    """
+    from ckptkeeper.archives import restore, restored_text
+    from ckptkeeper.destination import DestinationError, ObjectStore, is_url, url_problem
+
+    problem = url_problem(url) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
+    if problem:
+        raise ConfigProblem(f"{url}: {problem}")
+    try:
+        ObjectStore(url, {}).check()
+        target, manifest = restore(url, _store_options(archive_options), directory)
+    except DestinationError as e:
+        raise Failed(f"cannot restore {url}: {e}") from None
+    _echo(restored_text(target, manifest, url))
+
+
 def entry() -> None:
     main(prog_name="ckptkeeper")
 

@@ -367,4 +367,14 @@ PRESSURE_NEEDS_A_FLOOR = (
 )
 
 
+def parse_archive_options(values: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`--archive-option KEY=VALUE` texts as fsspec storage options (values read as YAML scalars)."""
+    try:
+        parsed = _option_pairs(list(values))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    assert isinstance(parsed, dict)
+    return parsed
+
+
 __all__ = ["ConfigError", "RuleError", "Settings", "load_settings"]

@@ -325,3 +325,68 @@ def test_watch_retries_a_failing_store_at_a_growing_interval_then_archives(
     assert metric(w, "ckptkeeper_archive_uploaded_bytes_total") == uploaded
     assert w.terminate()[0] == 0
     assert "Traceback" not in w.log()
+
+
+# ---------------------------------------------------------------------------------------------- archive ls, restore
+def test_archive_ls_and_restore_round_trip(run: Path, s3_bucket: Bucket, tmp_path: Path) -> None:
+    """ls lists complete and cut-short uploads; restore brings a checkpoint back byte for byte, and plan sees it
+    complete; a cut-short one is never restored."""
+    (run / "checkpoint-10" / "sub").mkdir()  # a nested directory and a link travel too
+    (run / "checkpoint-10" / "sub" / "notes.txt").write_text("nested\n")
+    (run / "checkpoint-10" / "latest").symlink_to("sub/notes.txt")
+    os.utime(run / "checkpoint-10", ns=(1, 1))
+    for p in (run / "checkpoint-10").rglob("*"):
+        os.utime(p, ns=(1, 1), follow_symlinks=False)
+    before = tree_digest(run / "checkpoint-10")
+    assert cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url).exit_code == 0
+    s3_bucket.server.client().put_object(Bucket=s3_bucket.name, Key="archive/other/checkpoint-5/model.bin", Body=b"12")
+
+    listed = cli("archive", "ls", s3_bucket.url)
+    assert listed.exit_code == 0, listed.output
+    rows = [" ".join(line.split()) for line in lines(listed)]
+    assert rows[0] == "RUN CHECKPOINT STEP SIZE WHEN STATE"
+    assert rows[1].startswith("exp1 checkpoint-10 10 ") and rows[1].endswith(" UTC complete")
+    assert rows[2].startswith("exp1 checkpoint-20 20 ") and rows[2].endswith(" UTC complete")
+    assert rows[3].startswith("other checkpoint-5 5 2 B ")
+    assert rows[3].endswith(" UTC incomplete (no manifest: an upload cut short)")
+    assert rows[4] == f"2 complete, 1 incomplete, in {s3_bucket.url}"
+
+    target = tmp_path / "restored" / "exp1"
+    restored = cli("archive", "restore", f"{s3_bucket.url}/exp1/checkpoint-10", target)
+    assert restored.exit_code == 0, restored.output
+    assert restored.output.startswith(f"Restored {s3_bucket.url}/exp1/checkpoint-10 to {target / 'checkpoint-10'}: ")
+    assert tree_digest(target / "checkpoint-10") == before
+    assert os.readlink(target / "checkpoint-10" / "latest") == "sub/notes.txt"
+    plan = cli("plan", target.parent, "--keep", "last:1", "--json")
+    decisions = json.loads(plan.output)["runs"][0]["checkpoints"]
+    assert [(d["name"], d["complete"]) for d in decisions] == [("checkpoint-10", True)]
+
+    again = cli("archive", "restore", f"{s3_bucket.url}/exp1/checkpoint-10", target)
+    assert again.exit_code == 1
+    assert again.output == (
+        f"Error: cannot restore {s3_bucket.url}/exp1/checkpoint-10: {target / 'checkpoint-10'} already exists: "
+        "restore into another directory, or move it away first\n"
+    )
+    partial = cli("archive", "restore", f"{s3_bucket.url}/other/checkpoint-5", tmp_path / "x")
+    assert partial.exit_code == 1
+    assert partial.output == (
+        f"Error: cannot restore {s3_bucket.url}/other/checkpoint-5: {s3_bucket.url}/other/checkpoint-5 has no "
+        "manifest: it is not a complete archive (an upload cut short?)\n"
+    )
+    assert not (tmp_path / "x" / "checkpoint-5").exists()
+
+
+def test_a_restore_that_finds_other_bytes_than_the_manifest_says_leaves_nothing(
+    run: Path, s3_bucket: Bucket, tmp_path: Path
+) -> None:
+    assert cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url).exit_code == 0
+    key = "archive/exp1/checkpoint-10/optimizer.pt"
+    size = len(s3_bucket.get(key))
+    s3_bucket.server.client().put_object(Bucket=s3_bucket.name, Key=key, Body=bytes(size))  # same size, other bytes
+    result = cli("archive", "restore", f"{s3_bucket.url}/exp1/checkpoint-10", tmp_path / "back")
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: cannot restore {s3_bucket.url}/exp1/checkpoint-10: optimizer.pt in the store differs from its "
+        "manifest (other bytes: its SHA-256 differs)\n"
+    )
+    assert list((tmp_path / "back").iterdir()) == []
