@@ -88,7 +88,7 @@ def archive_table(url: str, entries: list[Entry]) -> str:
         return f"No archived checkpoints in {url}."
     rows = [("RUN", "CHECKPOINT", "STEP", "SIZE", "WHEN", "STATE")]
     for e in entries:
-        when = dt.datetime.fromtimestamp(e.when, dt.UTC).strftime("%Y-%m-%d %H:%M UTC") if e.when else "-"
+        when = dt.datetime.fromtimestamp(e.when, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if e.when else "-"
         state = "complete" if e.complete else "incomplete (no manifest: an upload cut short)"
         rows.append((e.run, e.checkpoint, str(e.step), human_bytes(e.size), when, state))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]

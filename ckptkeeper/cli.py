@@ -438,8 +438,7 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     with _domain_errors():  # a root that exists has its paths checked now; one awaited, once it appears
         if root.exists() and not root.is_dir():
             raise ConfigProblem(f"root {root} is not a directory")
-        archive = (settings.archive_to, settings.archive_option_pairs())
-        daemon = Daemon(root, settings.policy(), settings.state_dir, options, *archive)
+        daemon = Daemon(root, settings.policy(), settings.state_dir, options, *settings.archive())
     daemon.install_signal_handlers()
     try:
         with _domain_errors():

@@ -143,6 +143,10 @@ class Settings(BaseModel):
     def archive_option_pairs(self) -> tuple[tuple[str, Any], ...]:
         return tuple(sorted(self.archive_options.items()))
 
+    def archive(self) -> tuple[Path | str | None, tuple[tuple[str, Any], ...]]:
+        """Where removed checkpoints go (a path, a URL or None) and the object store's options."""
+        return self.archive_to, self.archive_option_pairs()
+
     def rules_text(self) -> str:
         return ",".join(self.keep)
 
@@ -208,6 +212,8 @@ def as_flag(loc: tuple[int | str, ...]) -> str:
 def flag_name(setting: str) -> str:
     if setting == "root":
         return "ROOT"
+    if setting == "archive_options":
+        return "--archive-option"  # repeated, one KEY=VALUE each
     flag = "--" + setting.replace("_", "-")  # a key with a line break (given in code) stays on one line
     return flag if flag.isprintable() else flag.encode("unicode_escape", "backslashreplace").decode("ascii")
 

@@ -177,7 +177,7 @@ class Reconciler:
         count_outcome(self.metrics, outcome)
         if self.pipeline.store is not None:
             backoff = self.pipeline.backoff
-            self.metrics.set_store(backoff.failures, backoff.left(time.monotonic()))
+            self.metrics.store.set(backoff.failures, backoff.left(time.monotonic()))
         if outcome.action.frees and (
             outcome.action is not OutcomeKind.ARCHIVED or self.unseen.archive_frees(outcome.run)
         ):

@@ -194,7 +194,9 @@ class Daemon:
         """Logged every WATCH_INTERVAL seconds while a checkpoint goes to an object store; counted in the metrics."""
         where = f"run {shown(run)}: {checkpoint.name}" if run != "." else f"{checkpoint.name}"
         total = tree_size(str(checkpoint))
-        return UploadProgress(f"{where} uploading", total, log.info, WATCH_INTERVAL, on_bytes=self.metrics.uploaded.inc)
+        return UploadProgress(
+            f"{where} uploading", total, log.info, WATCH_INTERVAL, on_bytes=self.metrics.store.uploaded.inc
+        )
 
     def _pipe(self) -> Pipeline:
         return self.pipeline if self.pipeline is not None else self._build_pipeline()

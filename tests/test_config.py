@@ -32,6 +32,7 @@ KEYS = (
     "min_free",
     "keep_under_pressure",
     "archive_to",
+    "archive_options",
     "state_dir",
     "max_depth",
     "protect_trainer_best",
@@ -62,6 +63,8 @@ def toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(value)  # strings and numbers are written alike in TOML and JSON
 
 
@@ -86,6 +89,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         "min_free": "10%",
         "keep_under_pressure": "best:1,last:2",
         "archive_to": str(tmp_path / "archive"),
+        "archive_options": {"anon": True, "endpoint_url": "http://127.0.0.1:9000"},
         "state_dir": str(tmp_path / "state"),
         "max_depth": 2,
         "protect_trainer_best": False,
@@ -110,6 +114,7 @@ def test_a_config_file_holds_every_setting(tmp_path: Path, name: str, keep: list
         min_free="10%",
         keep_under_pressure=["best:1", "last:2"],
         archive_to=tmp_path / "archive",
+        archive_options={"anon": True, "endpoint_url": "http://127.0.0.1:9000"},
         state_dir=tmp_path / "state",
         max_depth=2,
         protect_trainer_best=False,
