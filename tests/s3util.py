@@ -108,7 +108,7 @@ class Bucket:
     def url(self) -> str:
         return f"s3://{self.name}/archive"
 
-    def keys(self, prefix: str = "") -> dict[str, int]:
+    def listing(self, prefix: str = "") -> dict[str, int]:
         """Every object (key -> size) below `prefix`."""
         found: dict[str, int] = {}
         pages = self.server.client().get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)

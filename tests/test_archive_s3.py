@@ -5,10 +5,12 @@ store that fails loses nothing and says so in one short line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import pty
 import re
 import shutil
 import subprocess
@@ -25,6 +27,7 @@ from watchutil import StartWatch, Watch, wait_until
 
 from ckptkeeper.cli import main
 from ckptkeeper.destination import MANIFEST_SUFFIX
+from ckptkeeper.progress import UploadProgress
 from ckptkeeper.simtrainer import SimConfig
 
 SMALL = SimConfig(steps_per_epoch=10, epochs=3, save_steps=10, eval_steps=10)
@@ -42,7 +45,7 @@ def lines(result: Result) -> list[str]:
 def checkpoint_keys(bucket: Bucket, prefix: str) -> dict[str, int]:
     """Objects of one archived checkpoint, by path relative to it."""
     head = f"archive/{prefix}/"
-    return {k[len(head) :]: size for k, size in bucket.keys(head).items()}
+    return {k[len(head) :]: size for k, size in bucket.listing(head).items()}
 
 
 def local_sizes(top: Path) -> dict[str, int]:
@@ -95,7 +98,7 @@ def test_a_dry_run_sends_nothing_to_the_store(run: Path, s3_bucket: Bucket) -> N
     result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url, "--dry-run")
     assert result.exit_code == 0, result.output
     assert "would archive exp1/checkpoint-10" in " ".join(result.output.split())
-    assert s3_bucket.keys() == {}
+    assert s3_bucket.listing() == {}
     assert (run / "checkpoint-10").is_dir()
 
 
@@ -202,7 +205,7 @@ def test_no_credentials_at_all(run: Path, s3_bucket: Bucket, monkeypatch: pytest
         "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)"
     ) in lines(result)
     assert tree_digest(run) == before
-    assert s3_bucket.keys() == {}
+    assert s3_bucket.listing() == {}
 
 
 def test_a_protocol_whose_package_is_missing_names_the_package(run: Path) -> None:
@@ -390,3 +393,70 @@ def test_a_restore_that_finds_other_bytes_than_the_manifest_says_leaves_nothing(
         "manifest (other bytes: its SHA-256 differs)\n"
     )
     assert list((tmp_path / "back").iterdir()) == []
+
+
+def test_sigterm_stops_an_upload_between_parts_within_the_grace_and_aborts_it(
+    sim_run: Callable[..., Path], own_server: Callable[..., Bucket], watch: StartWatch
+) -> None:
+    """A stop mid-upload: the daemon stops between two parts, aborts the multipart upload (no part stays billed
+    in the bucket), writes no manifest, keeps the checkpoint whole, and exits 0 within --grace."""
+    big = SimConfig(steps_per_epoch=10, epochs=2, save_steps=10, eval_steps=10, optimizer_bytes=160 << 20)
+    run = sim_run("exp1", big)
+    bucket = own_server()
+    before = tree_digest(run)
+    w = watch(run.parent, "--keep", "last:1", "--archive-to", bucket.url, "--settle", "0", "--grace", "8")
+    wait_until(bucket.uploads, 60, w.describe)
+    code, seconds = w.terminate(timeout=20)
+    assert code == 0, w.describe()
+    assert seconds < 8, seconds
+    w.wait_log("exp1/checkpoint-10: cut short by the stop (the upload was not complete; the checkpoint stays whole)")
+    assert tree_digest(run) == before
+    assert not any(k.endswith(MANIFEST_SUFFIX) for k in bucket.listing())
+    assert bucket.uploads() == []
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def test_upload_progress_says_bytes_rate_and_time_left_at_its_interval() -> None:
+    now = [100.0]
+    said: list[str] = []
+    progress = UploadProgress("exp1/checkpoint-20 uploading", 4_000_000_000, said.append, 10.0, lambda: now[0])
+    progress(500_000_000)  # at once: nothing yet
+    now[0] = 110.0
+    progress(350_000_000)
+    now[0] = 115.0
+    progress(100_000_000)  # within the interval: nothing
+    assert said == ["exp1/checkpoint-20 uploading: 850.0 MB of 4.0 GB (21%), 85.0 MB/s, about 37 s left"]
+
+
+def test_prune_draws_a_progress_bar_on_a_terminal_only(
+    sim_run: Callable[..., Path], s3_bucket: Bucket, tmp_path: Path
+) -> None:
+    big = SimConfig(steps_per_epoch=10, epochs=2, save_steps=10, eval_steps=10, optimizer_bytes=96 << 20)
+    run = sim_run("exp1", big)
+    twin = tmp_path / "twin" / "exp1"
+    shutil.copytree(run, twin)
+    command = [sys.executable, "-m", "ckptkeeper", "prune", "--keep", "last:1", "--archive-to"]
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [*command, s3_bucket.url, str(run.parent)],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            timeout=120,
+            check=False,
+        )
+        os.close(follower)
+        on_terminal = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(leader, 65536):
+                on_terminal += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0, done.stdout
+    assert re.search(rb"\r\[[#.]{24}\] uploading exp1/checkpoint-10: .* of 100\.\d MB \(\d+%\), ", on_terminal)
+    assert b"\r" not in done.stdout
+    piped = subprocess.run(
+        [*command, f"{s3_bucket.url}-2", str(twin.parent)], capture_output=True, timeout=120, check=False
+    )
+    assert piped.returncode == 0, piped.stdout
+    assert b"uploading" not in piped.stderr and b"\r" not in piped.stdout + piped.stderr

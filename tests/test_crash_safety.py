@@ -459,7 +459,7 @@ class StoreView:
         client, head = self.bucket.server.client(), self.prefix + "/"
         manifests: dict[Key, bytes] = {}
         objects: dict[Key, dict[str, int]] = {}
-        for key, size in self.bucket.keys(head).items():
+        for key, size in self.bucket.listing(head).items():
             rel = key[len(head) :]
             if rel.endswith(MANIFEST_SUFFIX):
                 run, _, name = rel.removesuffix(MANIFEST_SUFFIX).rpartition("/")
