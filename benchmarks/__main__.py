@@ -27,6 +27,7 @@ BENCHMARKS = {
     "trainer_block": "benchmarks.bench_trainer_block",  # 6. training loop blocked by retention
     "startup": "benchmarks.bench_startup",  # 7. start-up: --help, --version, plan and prune of one checkpoint
     "prune": "benchmarks.bench_prune",  # issue #12: prune against rm -rf, whole commands
+    "archive_s3": "benchmarks.bench_archive_s3",  # issue #14: archive to S3 against s3fs's put
 }
 
 

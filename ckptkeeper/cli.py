@@ -593,7 +593,8 @@ def archive_ls(url: str, archive_options: tuple[str, ...]) -> None:
         ckptkeeper archive ls s3://my-bucket/runs
     """
     from ckptkeeper.archives import archive_table, list_archive
-    from ckptkeeper.destination import DestinationError, ObjectStore, is_url, url_problem
+    from ckptkeeper.destination import DestinationError, ObjectStore
+    from ckptkeeper.urls import is_url, url_problem
 
     problem = url_problem(url) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
     if problem:
@@ -618,7 +619,8 @@ def archive_restore(url: str, directory: Path, archive_options: tuple[str, ...])
         ckptkeeper archive restore s3://my-bucket/runs/exp1/checkpoint-500 ./outputs/exp1
     """
     from ckptkeeper.archives import restore, restored_text
-    from ckptkeeper.destination import DestinationError, ObjectStore, is_url, url_problem
+    from ckptkeeper.destination import DestinationError, ObjectStore
+    from ckptkeeper.urls import is_url, url_problem
 
     problem = url_problem(url) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
     if problem:

@@ -33,13 +33,15 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptkeeper.urls import URL_FORM
+
 MANIFEST_SUFFIX = ".ckptkeeper-manifest.json"
 MANIFEST_FORMAT = "ckptkeeper-archive/1"
 MIN_PART = 8 << 20  # S3's smallest part is 5 MiB; 8 MiB parts keep memory low and requests few
 MAX_PARTS = 9000  # S3 allows 10,000 parts: larger files get larger parts
-FILES_IN_FLIGHT = 4  # files uploaded at once, one part each in flight: memory <= 4 parts (+ one read chunk each)
+FILES_IN_FLIGHT = 4  # files uploaded at once
+PARTS_IN_FLIGHT = 4  # parts of one file sent at once (S3): memory <= 4 x 4 parts, plus the one being read per file
 READ_CHUNK = 8 << 20
-URL_FORM = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 PACKAGES = {
     "s3": "s3fs (pip install 'ckptkeeper[s3]')",
     "s3a": "s3fs (pip install 'ckptkeeper[s3]')",
@@ -64,25 +66,6 @@ class DestinationDown(DestinationError):
 
 class StopRequested(DestinationError):
     """A stop was asked for between parts; nothing was committed."""
-
-
-def is_url(text: str | os.PathLike[str]) -> bool:
-    return isinstance(text, str) and URL_FORM.match(text) is not None
-
-
-def url_problem(url: str) -> str | None:
-    """Why `url` cannot be an archive destination, told without importing anything; None when it can."""
-    match = URL_FORM.match(url)
-    if match is None:
-        return "not a URL"
-    protocol, rest = match.groups()
-    if protocol in ("file", "local"):
-        return "give a local archive as a path, not a file:// URL"
-    if not rest.strip("/"):
-        return f"names no bucket (expected {protocol}://BUCKET/PREFIX)"
-    if "\0" in url:
-        return "a URL cannot contain a NUL character"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -490,10 +473,90 @@ def _upload_one(
         sha, etag, answered = _send_small(store, key, f, halted, progress)
         if answered == etag:
             return FileEntry(f.path, f.size, sha)
+    elif hasattr(store.fs, "call_s3"):  # S3: parts sent concurrently, PARTS_IN_FLIGHT at most
+        sha, etag, answered = _send_parts(store, key, f, halted, progress)
+        if answered == etag:
+            return FileEntry(f.path, f.size, sha)
     else:
         sha, etag = _send(store, key, f, halted, progress)
     _verify(store, key, f, sha, etag)
     return FileEntry(f.path, f.size, sha)
+
+
+class _Parts:
+    """One S3 multipart upload: parts read in order and hashed here, sent by a small pool, PARTS_IN_FLIGHT at a time
+    (so memory holds at most that many parts, plus the one being read)."""
+
+    def __init__(self, store: ObjectStore, key: str, progress: Progress | None) -> None:
+        self.fs = store.fs
+        self.bucket, self.key, _ = self.fs.split_path(key)
+        self.progress = progress
+        self.slots = threading.Semaphore(PARTS_IN_FLIGHT)
+        self.upload_id: str = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
+
+    def put(self, number: int, data: bytes) -> dict[str, Any]:
+        try:
+            out = self.fs.call_s3(
+                "upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=data
+            )
+        finally:
+            self.slots.release()
+        if self.progress is not None:
+            self.progress(len(data))
+        return {"PartNumber": number, "ETag": out["ETag"]}
+
+    def wait_slot(self, halted: StopCheck) -> None:
+        while not self.slots.acquire(timeout=0.2):
+            if halted():
+                raise StopRequested("stopped between parts; nothing was committed")
+
+    def complete(self, parts: list[dict[str, Any]]) -> str | None:
+        done = self.fs.call_s3(
+            "complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+            MultipartUpload={"Parts": parts},
+        )  # fmt: skip
+        return _etag(done)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # a dead store keeps it: aborted at the next attempt (abort_unfinished)
+            self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+
+
+def _send_parts(
+    store: ObjectStore, key: str, f: LocalFile, halted: StopCheck, progress: Progress | None
+) -> tuple[str, str, str | None]:
+    """Upload one file in parts of part_size(size): (SHA-256, the ETag S3 should give, the ETag it answered)."""
+    psize, sha, md5s, sent = part_size(f.size), hashlib.sha256(), [], 0
+    upload = _Parts(store, key, progress)
+    futures: list[Future[dict[str, Any]]] = []
+    try:
+        with (
+            ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="ckptkeeper-part") as pool,
+            open(f.full, "rb") as src,
+        ):
+            while True:
+                upload.wait_slot(halted)
+                chunk = src.read(psize)
+                failed = next((e for fu in futures if fu.done() and (e := fu.exception()) is not None), None)
+                if not chunk or failed is not None or halted():
+                    upload.slots.release()
+                    if failed is not None:
+                        raise failed
+                    if chunk:
+                        raise StopRequested("stopped between parts; nothing was committed")
+                    break
+                sha.update(chunk)
+                md5s.append(hashlib.md5(chunk).digest())
+                sent += len(chunk)
+                futures.append(pool.submit(upload.put, len(futures) + 1, chunk))
+            parts = [fu.result() for fu in futures]
+        if sent != f.size:
+            raise DestinationError(f"{f.path} changed while it was uploaded ({sent} bytes read, {f.size} expected)")
+        answered = upload.complete(parts)
+    except BaseException:
+        upload.abort()
+        raise
+    return sha.hexdigest(), s3_etag(md5s, None), answered
 
 
 def _send_small(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptkeeper.actions import (
     RUN_TRASH_NAME,
@@ -30,7 +30,6 @@ from ckptkeeper.actions import (
     empty_trash,
     open_run_dir,
 )
-from ckptkeeper.destination import Backoff, ObjectStore
 from ckptkeeper.layout import Layout, LayoutError, default_state_dir
 from ckptkeeper.model import (
     MOVED_TO,
@@ -61,6 +60,9 @@ from ckptkeeper.scan import (
 from ckptkeeper.slimming import slim_checkpoint
 from ckptkeeper.stale import stale_checkpoints
 from ckptkeeper.state import StateDir
+
+if TYPE_CHECKING:  # imported when an object store is used: plan and prune of local paths start without it
+    from ckptkeeper.destination import Backoff, ObjectStore
 
 Identity = tuple[int, int]
 OnOutcome = Callable[[Outcome], None]
@@ -312,8 +314,12 @@ class Pipeline:
         self.dispose = dispose
         self.stop = stop
         self.state = StateDir(layout.state_dir)
-        self.store = ObjectStore(layout.archive_url, dict(layout.archive_options)) if layout.archive_url else None
-        self.backoff = Backoff()
+        self.store: ObjectStore | None = None
+        self.backoff: Backoff | None = None
+        if layout.archive_url:
+            from ckptkeeper.destination import Backoff, ObjectStore
+
+            self.store, self.backoff = ObjectStore(layout.archive_url, dict(layout.archive_options)), Backoff()
         self.progress: ProgressFactory | None = None  # told how each upload to an object store goes
         # The root's (device, inode) when its lock was taken: a root that is another directory now (a link on
         # its path changed) is never acted in. Until then, the root as found now.
@@ -490,7 +496,7 @@ class Pipeline:
     def _removal(self, action: Action, c: Checkpoint) -> Removal:
         if action is Action.WEIGHTS_ONLY:
             return Slimming(self.root, c.resume_state, self.state, self.dispose, self.root_identity)
-        if action is Action.ARCHIVE and self.store is not None:
+        if action is Action.ARCHIVE and self.store is not None and self.backoff is not None:
             return StoreArchival(
                 self.root, self.store, self.backoff, self.state, self.dispose, self.stop, self.root_identity,
                 self.progress,
@@ -528,7 +534,7 @@ class Pipeline:
     def _held_back(self, run: str, c: Checkpoint, action: Action) -> Outcome | None:
         """An archive to an object store that failed as a whole waits for its backoff: the same error as the
         last attempt (so the daemon says it once), no journal line, nothing sent."""
-        if action is not Action.ARCHIVE or self.store is None or not self.backoff.left(time.monotonic()):
+        if action is not Action.ARCHIVE or self.backoff is None or not self.backoff.left(time.monotonic()):
             return None
         return Outcome(run, c.name, OutcomeKind.ERROR, 0, self.backoff.reason)
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptkeeper.destination import is_url, url_problem
 from ckptkeeper.paths import Place, Relation, checkpoint_component, place_of, read_mounts, relation
 from ckptkeeper.state import STATE_DIR_NAME, ownership_problem
+from ckptkeeper.urls import is_url, url_problem
 
 
 class LayoutError(ValueError):

@@ -175,8 +175,8 @@ class Reconciler:
 
     def _on_outcome(self, outcome: Outcome) -> None:
         count_outcome(self.metrics, outcome)
-        if self.pipeline.store is not None:
-            backoff = self.pipeline.backoff
+        backoff = self.pipeline.backoff
+        if backoff is not None:
             self.metrics.store.set(backoff.failures, backoff.left(time.monotonic()))
         if outcome.action.frees and (
             outcome.action is not OutcomeKind.ARCHIVED or self.unseen.archive_frees(outcome.run)

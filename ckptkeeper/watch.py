@@ -27,7 +27,6 @@ from types import FrameType
 from typing import Any
 
 from ckptkeeper.decision_log import DecisionLog
-from ckptkeeper.destination import tree_size
 from ckptkeeper.engine import Pipeline, require_rules
 from ckptkeeper.inbox import Inbox, Pending
 from ckptkeeper.layout import Layout, default_state_dir
@@ -192,6 +191,8 @@ class Daemon:
 
     def _upload_progress(self, run: str, checkpoint: Path) -> UploadProgress:
         """Logged every WATCH_INTERVAL seconds while a checkpoint goes to an object store; counted in the metrics."""
+        from ckptkeeper.destination import tree_size
+
         where = f"run {shown(run)}: {checkpoint.name}" if run != "." else f"{checkpoint.name}"
         total = tree_size(str(checkpoint))
         return UploadProgress(

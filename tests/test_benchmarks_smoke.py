@@ -22,6 +22,7 @@ REPORTS = {
     "trainer_block": "",
     "startup": "",
     "prune": "## Remove every checkpoint but the newest",
+    "archive_s3": "## Archive every checkpoint but the newest",
 }
 
 
