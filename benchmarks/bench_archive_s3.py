@@ -10,9 +10,9 @@ and `python -c "s3fs.S3FileSystem().put(dirs, 's3://bench/put-<rep>/', recursive
 checkpoints (s3fs's concurrent upload; nothing verified or removed). Each repetition copies the tree anew for
 ckptkeeper (it removes what it archived) and alternates which side goes first. Shapes:
 
-- trainer: 20 Trainer-like checkpoints of 12 small files each;
-- small files: 4 checkpoints that also hold 200 small files each;
-- large: 2 checkpoints whose optimizer.pt is 256 MiB (`--quick`: 16 MiB) of data.
+- trainer: 21 Trainer-like checkpoints of 12 small files each (as in bench_prune), 20 archived;
+- small files: 5 checkpoints that also hold 200 small files each, 4 archived;
+- large: 3 checkpoints whose optimizer.pt is 256 MiB (`--quick`: 16 MiB) of data, 2 archived.
 
 Figures: median [min, max] seconds per side, and the ratio ckptkeeper / s3fs put of the medians with the
 [min, max] of the per-repetition ratios (target: at most 1.2x). Nothing is asserted.
@@ -21,7 +21,6 @@ Figures: median [min, max] seconds per side, and the ratio ckptkeeper / s3fs put
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -31,13 +30,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_prune import allocate, steps
-from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize, timed_process
-from ckptkeeper.simtrainer import SimConfig, simulate_run
+from benchmarks.bench_prune import Shape, steps, template
+from benchmarks.common import finish_report, fmt, fmt_summary, machine_lines, summarize, timed_process
 
 TARGET_RATIO = 1.2
 BUCKET = "bench"
@@ -46,20 +43,6 @@ PUT = (
     "import sys, s3fs; fs = s3fs.S3FileSystem(); "
     "fs.put(sys.argv[2:], sys.argv[1], recursive=True)"  # every checkpoint directory, below the prefix
 )
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    checkpoints: int
-    small_files: int = 0
-    large_bytes: int = 0
-
-    def describe(self) -> str:
-        extra = f", {self.small_files} more small files each" if self.small_files else ""
-        if self.large_bytes:
-            extra += f", optimizer.pt of {self.large_bytes >> 20} MiB"
-        return f"{self.name}: {self.checkpoints - 1} checkpoints archived{extra}"
 
 
 def shapes(quick: bool) -> list[Shape]:
@@ -96,19 +79,6 @@ def s3_server() -> Iterator[dict[str, str]]:
     finally:
         child.kill()
         child.wait()
-
-
-def template(shape: Shape, where: Path) -> Path:
-    run = where / f"template-{shape.name.replace(' ', '-')}" / "run"
-    simulate_run(run, SimConfig(steps_per_epoch=10 * shape.checkpoints, epochs=1, save_steps=10, eval_steps=10))
-    for step in steps(run):
-        checkpoint = run / f"checkpoint-{step}"
-        if shape.small_files:
-            (checkpoint / "shards").mkdir()
-            for i in range(shape.small_files):
-                (checkpoint / "shards" / f"part-{i:05d}.json").write_text(f'{{"part": {i}}}\n')
-        allocate(checkpoint / "optimizer.pt", shape.large_bytes)
-    return run
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -179,16 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     with s3_server() as env:
         figures = [measure(shape, reps, workdir, env) for shape in shapes(opts.quick)]
-    print(f"## Archive every checkpoint but the newest ({reps} repetitions, alternating order, median [min, max])")
-    print()
+    title = f"Archive every checkpoint but the newest ({reps} repetitions, alternating order, median [min, max])"
     headers = ["shape", "MB", "s3fs put, s", "ckptkeeper prune, s", "ckptkeeper MB/s", "ckptkeeper / put",
                f"target <= {TARGET_RATIO:g}x"]  # fmt: skip
-    print(markdown_table(headers, [row(f) for f in figures]))
-    print()
-    print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
-    if opts.json:
-        raw = {"quick": opts.quick, "reps": reps, "machine": machine_lines(workdir), "shapes": figures}
-        opts.json.write_text(json.dumps(raw, indent=2) + "\n")
+    raw = {"quick": opts.quick, "reps": reps, "shapes": figures, "started": started, "json": opts.json}
+    finish_report(title, headers, [row(f) for f in figures], {**raw, "workdir": workdir})
     return 0
 
 

@@ -21,7 +21,6 @@ Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import fmt, fmt_summary, machine_lines, markdown_table, summarize, timed_process
+from benchmarks.common import finish_report, fmt, fmt_summary, machine_lines, summarize, timed_process
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 TARGET_RATIO = 1.0
@@ -157,15 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(machine_lines(workdir)))
     print()
     figures = [measure(shape, reps, workdir) for shape in shapes(opts.quick, opts.big)]
-    print(f"## Remove every checkpoint but the newest ({reps} repetitions, alternating order, median [min, max])")
-    print()
+    title = f"Remove every checkpoint but the newest ({reps} repetitions, alternating order, median [min, max])"
     headers = ["shape", "rm -rf, s", "ckptkeeper prune, s", "prune / rm -rf", f"target <= {TARGET_RATIO:g}x"]
-    print(markdown_table(headers, [row(f) for f in figures]))
-    print()
-    print(f"Total benchmark time: {time.monotonic() - started:.0f} s")
-    if opts.json:
-        raw = {"quick": opts.quick, "reps": reps, "machine": machine_lines(workdir), "shapes": figures}
-        opts.json.write_text(json.dumps(raw, indent=2) + "\n")
+    raw = {"quick": opts.quick, "reps": reps, "shapes": figures, "started": started, "json": opts.json}
+    finish_report(title, headers, [row(f) for f in figures], {**raw, "workdir": workdir})
     return 0
 
 

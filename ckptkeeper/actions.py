@@ -246,12 +246,19 @@ def _check_arrived(entry: TrashEntry, run_fd: int, checkpoint: Path, checked: os
     st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
     if (st.st_dev, st.st_ino) == (checked.st_dev, checked.st_ino):
         return
+    back = _put_back(entry, run_fd, checkpoint, "swapped")
+    raise Changed(f"{checkpoint} was replaced by another directory while it was being removed; put back as {back}")
+
+
+def _put_back(entry: TrashEntry, run_fd: int, checkpoint: Path, tag: str) -> str:
+    """Rename a trash entry back into its run directory: under its own name, or, if something took that name
+    meanwhile (never renamed over), under `<name>.<tag>-<random>`, which is not a checkpoint's. Returns the name."""
     back = checkpoint.name
     if _exists_at(run_fd, back):
-        back = f"{checkpoint.name}.swapped-{uuid.uuid4().hex[:8]}"
+        back = f"{checkpoint.name}.{tag}-{uuid.uuid4().hex[:8]}"
     os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
     entry.close()
-    raise Changed(f"{checkpoint} was replaced by another directory while it was being removed; put back as {back}")
+    return back
 
 
 def rename_to_trash(checkpoint: Path, state: StateDir, root: Path | None = None) -> Path:
@@ -635,11 +642,7 @@ def _check_copy_stayed(entry: TrashEntry, run_fd: int, parent_fd: int, checkpoin
             os.close(copy_fd)
     if stayed:
         return
-    back = checkpoint.name
-    if _exists_at(run_fd, back):  # never over what took the name meanwhile
-        back = f"{checkpoint.name}.ckptkeeper-returned-{uuid.uuid4().hex[:8]}"
-    os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
-    entry.close()
+    _put_back(entry, run_fd, checkpoint, "ckptkeeper-returned")
     raise ActionError(
         f"refusing to archive {checkpoint}: the archived copy {target} went away when the checkpoint left its "
         "name (the archive is the checkpoint itself, reached another way); it is back under its name"
@@ -834,9 +837,5 @@ def _check_uploaded(entry: TrashEntry, run_fd: int, checkpoint: Path, archived: 
     files = {rel.replace(os.sep, "/"): size for rel, (kind, size) in _listing(trashed).items() if kind == "file"}
     if files == archived:
         return
-    back = checkpoint.name
-    if _exists_at(run_fd, back):
-        back = f"{checkpoint.name}.ckptkeeper-returned-{uuid.uuid4().hex[:8]}"
-    os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
-    entry.close()
-    raise Changed(f"{checkpoint} changed while it was uploaded; it is back under its name, left for the next pass")
+    back = _put_back(entry, run_fd, checkpoint, "ckptkeeper-returned")
+    raise Changed(f"{checkpoint} changed while it was uploaded; it is back as {back}, left for the next pass")

@@ -57,6 +57,19 @@ def manifest(bucket: Bucket, prefix: str) -> dict[str, object]:
     return document
 
 
+def assert_store_failure(run: Path, url: str, message: str) -> None:
+    """prune fails each archive with `message` (one short line per checkpoint), exits 1, and changes nothing."""
+    before = tree_digest(run)
+    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", url)
+    assert result.exit_code == 1, result.output
+    assert [line for line in lines(result) if line.startswith("FAILED")] == [
+        f"FAILED        exp1/checkpoint-10  ({message})",
+        f"FAILED        exp1/checkpoint-20  ({message})",  # not tried again in the same pass: the store is down
+    ]
+    assert lines(result)[-1] == "Error: 2 checkpoints could not be removed (see the FAILED lines above)"
+    assert tree_digest(run) == before
+
+
 @pytest.fixture
 def run(sim_run: Callable[..., Path]) -> Path:
     """outputs/exp1 with checkpoint-10, 20, 30; `--keep last:1` archives 10 and 20."""
@@ -179,16 +192,7 @@ def test_a_complete_archive_that_differs_is_never_overwritten_and_the_checkpoint
 
 def test_a_bucket_that_does_not_exist_loses_nothing_and_says_so_briefly(run: Path, s3_bucket: Bucket) -> None:
     url = f"s3://{s3_bucket.name}-missing/archive"
-    before = tree_digest(run)
-    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", url)
-    assert result.exit_code == 1, result.output
-    message = f"cannot archive to {url}: the bucket '{s3_bucket.name}-missing' does not exist"
-    assert [line for line in lines(result) if line.startswith("FAILED")] == [
-        f"FAILED        exp1/checkpoint-10  ({message})",
-        f"FAILED        exp1/checkpoint-20  ({message})",  # not tried again in the same pass: the store is down
-    ]
-    assert lines(result)[-1] == "Error: 2 checkpoints could not be removed (see the FAILED lines above)"
-    assert tree_digest(run) == before
+    assert_store_failure(run, url, f"cannot archive to {url}: the bucket '{s3_bucket.name}-missing' does not exist")
 
 
 def test_no_credentials_at_all(run: Path, s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -197,14 +201,8 @@ def test_no_credentials_at_all(run: Path, s3_bucket: Bucket, monkeypatch: pytest
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    before = tree_digest(run)
-    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", s3_bucket.url)
-    assert result.exit_code == 1, result.output
-    assert (
-        f"FAILED        exp1/checkpoint-10  (cannot archive to {s3_bucket.url}: no credentials: set AWS_ACCESS_KEY_ID "
-        "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role)"
-    ) in lines(result)
-    assert tree_digest(run) == before
+    message = "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role"
+    assert_store_failure(run, s3_bucket.url, f"cannot archive to {s3_bucket.url}: {message}")
     assert s3_bucket.listing() == {}
 
 
@@ -241,13 +239,7 @@ def test_wrong_credentials_are_refused_by_the_store_and_nothing_is_lost(
 ) -> None:
     bucket = own_server({"INITIAL_NO_AUTH_ACTION_COUNT": "1"})  # the bucket is made; then keys are checked
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
-    before = tree_digest(run)
-    result = cli("prune", run.parent, "--keep", "last:1", "--archive-to", bucket.url)
-    assert result.exit_code == 1, result.output
-    assert (
-        f"FAILED        exp1/checkpoint-10  (cannot archive to {bucket.url}: access denied: check the credentials)"
-    ) in lines(result)
-    assert tree_digest(run) == before
+    assert_store_failure(run, bucket.url, f"cannot archive to {bucket.url}: access denied: check the credentials")
 
 
 def test_a_store_that_goes_away_mid_upload_loses_nothing(
