@@ -821,7 +821,10 @@ def archive_to_store(
     try:
         checked = _guard_at(run_fd, checkpoint, expected, "archive")
         source = os.path.join(fd_path(run_fd, checkpoint.parent), checkpoint.name)
+        before = _file_times(source)
         archived, how = upload(source)
+        if _file_times(source) != before:  # written to while it was uploaded: what the store holds may be stale
+            raise Changed(f"{checkpoint} changed while it was uploaded; it stays, left for the next pass")
         again = _guard_at(run_fd, checkpoint, (checked.st_dev, checked.st_ino))
         entry = _into_trash(run_fd, checkpoint, again, state)
         _check_uploaded(entry, run_fd, checkpoint, archived)
@@ -829,6 +832,16 @@ def archive_to_store(
         os.close(run_fd)
     _dispose_or_finish(entry, checkpoint, dispose)
     return how
+
+
+def _file_times(top: str) -> dict[str, tuple[int, int, int]]:
+    """Relative path -> (inode, size, mtime_ns) of every entry below `top`, links not followed."""
+    found: dict[str, tuple[int, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            found[os.path.relpath(os.path.join(dirpath, name), top)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return found
 
 
 def _check_uploaded(entry: TrashEntry, run_fd: int, checkpoint: Path, archived: dict[str, int]) -> None:

@@ -38,6 +38,7 @@ def list_archive(store: ObjectStore) -> list[Entry]:
     try:
         found: dict[str, dict[str, Any]] = store.fs.find(store.base, detail=True)
     except FileNotFoundError:
+        store.ensure_bucket()  # a bucket that does not exist says so; an empty prefix lists nothing
         return []
     except Exception as e:
         raise describe(e) from None

@@ -329,7 +329,10 @@ class ObjectStore:
         """The bucket exists and the credentials are good: one request, before anything is sent."""
         bucket = self.base.split("/", 1)[0]
         try:
-            self.fs.ls(bucket, detail=False, refresh=True)
+            if hasattr(self.fs, "call_s3"):  # S3: HEAD the bucket (listing it could mean many pages)
+                self.fs.call_s3("head_bucket", Bucket=bucket)
+            elif not self.fs.exists(bucket):
+                raise FileNotFoundError(bucket)
         except FileNotFoundError:
             raise DestinationDown(f"the bucket {bucket!r} does not exist") from None
 

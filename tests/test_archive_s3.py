@@ -452,3 +452,16 @@ def test_prune_draws_a_progress_bar_on_a_terminal_only(
     )
     assert piped.returncode == 0, piped.stdout
     assert b"uploading" not in piped.stderr and b"\r" not in piped.stdout + piped.stderr
+
+
+def test_archive_ls_of_a_missing_bucket_or_an_empty_prefix(s3_bucket: Bucket) -> None:
+    missing = cli("archive", "ls", f"s3://{s3_bucket.name}-none/runs")
+    assert missing.exit_code == 1
+    assert missing.output == (
+        f"Error: cannot list s3://{s3_bucket.name}-none/runs: the bucket '{s3_bucket.name}-none' does not exist\n"
+    )
+    empty = cli("archive", "ls", f"s3://{s3_bucket.name}/nothing-here")
+    assert (empty.exit_code, empty.output) == (0, f"No archived checkpoints in s3://{s3_bucket.name}/nothing-here.\n")
+    local = cli("archive", "ls", "/mnt/archive")
+    assert local.exit_code == 2
+    assert local.output == "Error: /mnt/archive: expected an object store URL such as s3://bucket/prefix\n"
