@@ -541,13 +541,14 @@ class Pipeline:
     def check_destination(self) -> None:
         """An object store archive has its fsspec backend installed (LayoutError naming the package otherwise);
         nothing is sent to the store."""
+        if self.store is None:
+            return
         from ckptkeeper.destination import DestinationError
 
-        if self.store is not None:
-            try:
-                self.store.check()
-            except DestinationError as e:
-                raise LayoutError(f"--archive-to {e}") from None
+        try:
+            self.store.check()
+        except DestinationError as e:
+            raise LayoutError(f"--archive-to {e}") from None
 
     def _recheck(self, run: str, path: Path, planned: Checkpoint) -> Checkpoint | Outcome:
         """The checkpoint as it is now, if it is still the very one judged; else the outcome. The plan was made
