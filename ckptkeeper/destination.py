@@ -42,6 +42,7 @@ MAX_PARTS = 9000  # S3 allows 10,000 parts: larger files get larger parts
 FILES_IN_FLIGHT = 4  # files uploaded at once
 PARTS_IN_FLIGHT = 4  # parts of one file sent at once (S3): memory <= 4 x 4 parts, plus the one being read per file
 READ_CHUNK = 8 << 20
+BUCKET_CHECKED_FOR = 300.0  # seconds a bucket found is not looked up again
 PACKAGES = {
     "s3": "s3fs (pip install 'ckptkeeper[s3]')",
     "s3a": "s3fs (pip install 'ckptkeeper[s3]')",
@@ -254,6 +255,7 @@ class ObjectStore:
     options: dict[str, Any] = field(default_factory=dict)
     _fs: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _bucket_seen_until: float = 0.0
 
     @property
     def protocol(self) -> str:
@@ -326,7 +328,10 @@ class ObjectStore:
         return {k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)}
 
     def ensure_bucket(self) -> None:
-        """The bucket exists and the credentials are good: one request, before anything is sent."""
+        """The bucket exists and the credentials are good: one request before anything is sent, once per
+        BUCKET_CHECKED_FOR seconds (a bucket that goes away later fails the uploads themselves)."""
+        if time.monotonic() < self._bucket_seen_until:
+            return
         bucket = self.base.split("/", 1)[0]
         try:
             if hasattr(self.fs, "call_s3"):  # S3: HEAD the bucket (listing it could mean many pages)
@@ -335,6 +340,18 @@ class ObjectStore:
                 raise FileNotFoundError(bucket)
         except FileNotFoundError:
             raise DestinationDown(f"the bucket {bucket!r} does not exist") from None
+        self._bucket_seen_until = time.monotonic() + BUCKET_CHECKED_FOR
+
+    def exists(self, key: str) -> bool:
+        """Whether the object `key` exists: one HEAD on S3 (fsspec's exists also lists, for a directory)."""
+        if hasattr(self.fs, "call_s3"):
+            bucket, path, _ = self.fs.split_path(key)
+            try:
+                self.fs.call_s3("head_object", Bucket=bucket, Key=path)
+            except FileNotFoundError:
+                return False
+            return True
+        return bool(self.fs.exists(key))
 
     def abort_unfinished(self, where: str) -> int:
         """Abort multipart uploads a killed instance left below `where` (S3 only); how many."""
@@ -413,7 +430,7 @@ def _objects_problem(store: ObjectStore, where: str, manifest: Manifest) -> str 
 def _commit(store: ObjectStore, where: str, shown: str, manifest: Manifest) -> None:
     """Write the manifest (never over another one), then read it back."""
     fs = store.fs
-    if fs.exists(where + MANIFEST_SUFFIX):
+    if store.exists(where + MANIFEST_SUFFIX):
         raise DestinationError(f"{shown}: another manifest appeared during the upload; left for the next pass")
     data = manifest.to_json()
     fs.pipe_file(where + MANIFEST_SUFFIX, data)
