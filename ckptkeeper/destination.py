@@ -75,7 +75,7 @@ class StopRequested(DestinationError):
 _DOWN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("NoCredentialsError", "Unable to locate credentials"),
      "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a role"),
-    (("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "PermissionError", "403"),
+    (("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "PermissionError"),
      "access denied: check the credentials"),
     (("NoSuchBucket",), "the bucket does not exist"),
     (("EndpointConnectionError", "ClientConnectorError", "ServerDisconnectedError", "ConnectionError",
