@@ -193,7 +193,7 @@ class Daemon:
         """Logged every WATCH_INTERVAL seconds while a checkpoint goes to an object store; counted in the metrics."""
         from ckptkeeper.destination import tree_size
 
-        where = f"run {shown(run)}: {checkpoint.name}" if run != "." else f"{checkpoint.name}"
+        where = f"{shown(run)}/{checkpoint.name}" if run != "." else checkpoint.name  # as the decision log says
         total = tree_size(str(checkpoint))
         return UploadProgress(
             f"{where} uploading", total, log.info, WATCH_INTERVAL, on_bytes=self.metrics.store.uploaded.inc
