@@ -1,6 +1,7 @@
 # ckptkeeper as a sidecar: watches a training job's output volume and prunes its checkpoints.
 #   docker build -t ckptkeeper .
 #   docker run --rm -v "$PWD/outputs:/outputs" ckptkeeper watch /outputs --keep best:1,last:5,epoch:all
+# It includes the s3 extra (s3fs): --archive-to s3://bucket/prefix works, with the AWS variables passed in.
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS build
@@ -11,7 +12,8 @@ RUN python3 -m venv /opt/build \
     && /opt/build/bin/pip install --no-cache-dir --quiet build==1.2.2.post1 \
     && /opt/build/bin/python -m build --wheel --outdir /dist . \
     && python3 -m venv /opt/ckptkeeper \
-    && /opt/ckptkeeper/bin/pip install --no-cache-dir --quiet /dist/*.whl \
+    && set -- /dist/*.whl \
+    && /opt/ckptkeeper/bin/pip install --no-cache-dir --quiet "$1[s3]" \
     && /opt/ckptkeeper/bin/pip uninstall --yes --quiet pip
 
 FROM ${BASE_IMAGE}

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "metrics": "benchmarks.bench_metrics",  # issue #20: plan and a watch pass with lm-eval results, against none
     "plan": "benchmarks.bench_plan",  # issue #12: plan against a json.load loop, whole commands, warm and cold
     "archive": "benchmarks.bench_archive",  # issue #12: prune --archive-to a tmpfs against cp -a && sync -f && rm -rf
+    "archive_s3": "benchmarks.bench_archive_s3",  # issue #14: archive to S3 against s3fs's put
 }
 
 

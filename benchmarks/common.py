@@ -7,6 +7,7 @@ Linux only (/proc). Nothing here asserts a timing: the benchmarks print figures.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -21,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Where measured commands keep Python's bytecode (see command_env).
@@ -365,3 +367,16 @@ class WatchProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def finish_report(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], raw: dict[str, Any]) -> None:
+    """A report's table under its `## title`, its total time (raw["started"], a monotonic time), and its raw
+    figures written to raw["json"] when given (with the machine's description from raw["workdir"])."""
+    print(f"## {title}")
+    print()
+    print(markdown_table(headers, rows))
+    print()
+    print(f"Total benchmark time: {time.monotonic() - raw.pop('started'):.0f} s")
+    json_path, workdir = raw.pop("json"), raw.pop("workdir")
+    if json_path:
+        json_path.write_text(json.dumps({**raw, "machine": machine_lines(workdir)}, indent=2) + "\n")

@@ -256,12 +256,19 @@ def _check_arrived(entry: TrashEntry, run_fd: int, checkpoint: Path, checked: os
     st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
     if (st.st_dev, st.st_ino) == (checked.st_dev, checked.st_ino):
         return
+    back = _put_back(entry, run_fd, checkpoint, "swapped")
+    raise Changed(f"{checkpoint} was replaced by another directory while it was being removed; put back as {back}")
+
+
+def _put_back(entry: TrashEntry, run_fd: int, checkpoint: Path, tag: str) -> str:
+    """Rename a trash entry back into its run directory: under its own name, or, if something took that name
+    meanwhile (never renamed over), under `<name>.<tag>-<random>`, which is not a checkpoint's. Returns the name."""
     back = checkpoint.name
     if _exists_at(run_fd, back):
-        back = f"{checkpoint.name}.swapped-{uuid.uuid4().hex[:8]}"
+        back = f"{checkpoint.name}.{tag}-{uuid.uuid4().hex[:8]}"
     os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
     entry.close()
-    raise Changed(f"{checkpoint} was replaced by another directory while it was being removed; put back as {back}")
+    return back
 
 
 def rename_to_trash(checkpoint: Path, state: StateDir, root: Path | None = None) -> Path:
@@ -647,11 +654,7 @@ def _check_copy_stayed(entry: TrashEntry, run_fd: int, parent_fd: int, checkpoin
             os.close(copy_fd)
     if stayed:
         return
-    back = checkpoint.name
-    if _exists_at(run_fd, back):  # never over what took the name meanwhile
-        back = f"{checkpoint.name}.ckptkeeper-returned-{uuid.uuid4().hex[:8]}"
-    os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
-    entry.close()
+    _put_back(entry, run_fd, checkpoint, "ckptkeeper-returned")
     raise ActionError(
         f"refusing to archive {checkpoint}: the archived copy {target} went away when the checkpoint left its "
         "name (the archive is the checkpoint itself, reached another way); it is back under its name"
@@ -809,3 +812,55 @@ def _send(dst: int, src: int, offset: int) -> int:
 def _rmtree_quietly(path: str | Path) -> None:
     if os.path.lexists(path):
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- object stores
+def archive_to_store(
+    root: Path,
+    checkpoint: Path,
+    upload: Callable[[str], tuple[dict[str, int], str]],
+    state: StateDir,
+    dispose: Dispose | None = None,
+    expected: Identity | None = None,
+    root_identity: Identity | None = None,
+) -> str:
+    """Archive `checkpoint` to an object store, then remove it like a delete. `upload(source)` uploads, verifies
+    and commits the manifest (destination.archive) and returns the manifest's files (relative path -> size) and
+    how ("uploaded", "already archived"); it raises on any failure, and then nothing here is touched. The source
+    goes only once the manifest is committed, only if it is still the directory that was uploaded (same identity,
+    same file list and sizes once it has left its name), else it is put back."""
+    run_fd = open_run_dir(root, checkpoint, "archive", root_identity)
+    try:
+        checked = _guard_at(run_fd, checkpoint, expected, "archive")
+        source = os.path.join(fd_path(run_fd, checkpoint.parent), checkpoint.name)
+        before = _file_times(source)
+        archived, how = upload(source)
+        if _file_times(source) != before:  # written to while it was uploaded: what the store holds may be stale
+            raise Changed(f"{checkpoint} changed while it was uploaded; it stays, left for the next pass")
+        again = _guard_at(run_fd, checkpoint, (checked.st_dev, checked.st_ino))
+        entry = _into_trash(run_fd, checkpoint, again, state)
+        _check_uploaded(entry, run_fd, checkpoint, archived)
+    finally:
+        os.close(run_fd)
+    _dispose_or_finish(entry, checkpoint, dispose)
+    return how
+
+
+def _file_times(top: str) -> dict[str, tuple[int, int, int]]:
+    """Relative path -> (inode, size, mtime_ns) of every entry below `top`, links not followed."""
+    found: dict[str, tuple[int, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            found[os.path.relpath(os.path.join(dirpath, name), top)] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _check_uploaded(entry: TrashEntry, run_fd: int, checkpoint: Path, archived: dict[str, int]) -> None:
+    """What left the run's name holds the files the manifest lists, with their sizes; else it goes back."""
+    trashed = os.path.join(fd_path(entry.dir_fd, entry.shown.parent), entry.name)
+    files = {rel.replace(os.sep, "/"): size for rel, (kind, size) in _listing(trashed).items() if kind == "file"}
+    if files == archived:
+        return
+    back = _put_back(entry, run_fd, checkpoint, "ckptkeeper-returned")
+    raise Changed(f"{checkpoint} changed while it was uploaded; it is back as {back}, left for the next pass")

@@ -22,7 +22,7 @@ from ckptkeeper.units import count
 
 if TYPE_CHECKING:
     from ckptkeeper.config import Settings
-    from ckptkeeper.engine import PassResult, Pipeline
+    from ckptkeeper.engine import PassResult, Pipeline, ProgressSink
     from ckptkeeper.watch import WatchOptions
 
 EXIT_OK = 0
@@ -218,8 +218,18 @@ def _path_options() -> list[Callable[[F], F]]:
         ),
         click.option(
             "--archive-to",
-            type=click.Path(path_type=Path, file_okay=False),
-            help="Move removed checkpoints here (keeping the run's path) instead of deleting them.",
+            metavar="DIR|URL",
+            help="Move removed checkpoints here (keeping the run's path) instead of deleting them: a directory, or "
+            "an object store URL such as s3://bucket/prefix (pip install 'ckptkeeper[s3]'; credentials and endpoint "
+            "from the AWS environment variables and config files).",
+        ),
+        click.option(
+            "--archive-option",
+            "archive_options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            callback=lambda _ctx, _param, value: list(value) or None,
+            help="A storage option for an object store --archive-to, passed to fsspec (repeatable).",
         ),
         click.option(
             "--state-dir",
@@ -293,6 +303,7 @@ def _pipeline(settings: Settings, dry_run: bool = False) -> Pipeline:
         settings.state_dir,
         settings.archive_to,
         dry_run=dry_run,
+        archive_options=settings.archive_option_pairs(),
     )
 
 
@@ -331,7 +342,7 @@ def plan(as_json: bool, **flags: Any) -> None:
     with _domain_errors():
         pipeline = _pipeline(settings)
         result = pipeline.survey(now=time.time())  # `now` makes --settle apply
-    root, archive_to = str(pipeline.root), pipeline.layout.archive_to
+    root, archive_to = str(pipeline.root), pipeline.layout.archive
     sources = pipeline.scan_options.metrics
     if as_json:
         printed = plan_json(root, pipeline.policy, result.plan, result.warnings, archive_to, sources)
@@ -362,7 +373,10 @@ def prune(as_json: bool, **flags: Any) -> None:
     dry_run = bool(settings.dry_run)
     with _domain_errors():
         pipeline = _pipeline(settings, dry_run=dry_run)
-        archive_to = pipeline.layout.archive_to
+        pipeline.check_destination()
+        if not as_json and sys.stderr.isatty():
+            pipeline.progress = _terminal_bar
+        archive_to = pipeline.layout.archive
         report = (
             QuietPruneReport()
             if as_json
@@ -380,6 +394,15 @@ def prune(as_json: bool, **flags: Any) -> None:
     problem = _floor_problem(result)
     if problem:  # a trainer's low-disk hook must know that saving may still fail
         raise Failed(problem)
+
+
+def _terminal_bar(run: str, checkpoint: Path) -> ProgressSink:
+    """A progress bar on stderr while `prune` on a terminal uploads a checkpoint to an object store."""
+    from ckptkeeper.destination import tree_size
+    from ckptkeeper.progress import TerminalBar
+
+    what = f"{run}/{checkpoint.name}" if run != "." else checkpoint.name
+    return TerminalBar(f"uploading {what}", tree_size(str(checkpoint)))
 
 
 def _floor_problem(result: PassResult) -> str | None:
@@ -454,7 +477,7 @@ def watch(verbose: int, quiet: bool, **flags: Any) -> None:
     with _domain_errors():  # a root that exists has its paths checked now; one awaited, once it appears
         if root.exists() and not root.is_dir():
             raise ConfigProblem(f"root {root} is not a directory")
-        daemon = Daemon(root, settings.policy(), settings.state_dir, options, settings.archive_to)
+        daemon = Daemon(root, settings.policy(), settings.state_dir, options, *settings.archive())
     daemon.install_signal_handlers()
     try:
         with _domain_errors():
@@ -586,6 +609,86 @@ def demo(ctx: click.Context, keep: str, keep_weights: str | None, directory: Pat
         run_demo(keep, directory, click.echo, pace, keep_weights)
     except DemoDirError as e:
         raise click.BadParameter(str(e), param_hint="'--dir'") from None
+
+
+@main.group(epilog=EXIT_CODES_HELP)
+def archive() -> None:
+    """List or restore checkpoints archived to an object store (--archive-to s3://...).
+
+    \b
+    Example:
+        ckptkeeper archive ls s3://my-bucket/runs
+        ckptkeeper archive restore s3://my-bucket/runs/exp1/checkpoint-500 ./outputs/exp1
+    """
+
+
+def _store_options(values: tuple[str, ...]) -> dict[str, Any]:
+    from ckptkeeper.config import ConfigError, parse_archive_options
+
+    try:
+        return parse_archive_options(values)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="'--archive-option'") from None
+
+
+_ARCHIVE_OPTION = click.option(
+    "--archive-option",
+    "archive_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A storage option passed to fsspec (repeatable), as for prune and watch.",
+)
+
+
+@archive.command("ls", epilog=EXIT_CODES_HELP)
+@click.argument("url")
+@_ARCHIVE_OPTION
+def archive_ls(url: str, archive_options: tuple[str, ...]) -> None:
+    """Every checkpoint archived below URL: run, step, size, when, and whether it is complete.
+
+    \b
+    Example:
+        ckptkeeper archive ls s3://my-bucket/runs
+    """
+    from ckptkeeper.archives import archive_table, list_archive
+    from ckptkeeper.destination import DestinationError, ObjectStore
+    from ckptkeeper.urls import is_url, url_problem
+
+    problem = url_problem(url) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
+    if problem:
+        raise ConfigProblem(f"{url}: {problem}")
+    store = ObjectStore(url.rstrip("/"), _store_options(archive_options))
+    try:
+        store.check()
+        _echo(archive_table(url, list_archive(store)))
+    except DestinationError as e:
+        raise Failed(f"cannot list {url}: {e}") from None
+
+
+@archive.command("restore", epilog=EXIT_CODES_HELP)
+@click.argument("url")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@_ARCHIVE_OPTION
+def archive_restore(url: str, directory: Path, archive_options: tuple[str, ...]) -> None:
+    """Bring URL/RUN/checkpoint-N back into DIRECTORY (as DIRECTORY/checkpoint-N), verified against its manifest.
+
+    \b
+    Example:
+        ckptkeeper archive restore s3://my-bucket/runs/exp1/checkpoint-500 ./outputs/exp1
+    """
+    from ckptkeeper.archives import restore, restored_text
+    from ckptkeeper.destination import DestinationError, ObjectStore
+    from ckptkeeper.urls import is_url, url_problem
+
+    problem = url_problem(url) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
+    if problem:
+        raise ConfigProblem(f"{url}: {problem}")
+    try:
+        ObjectStore(url, {}).check()
+        target, manifest = restore(url, _store_options(archive_options), directory)
+    except DestinationError as e:
+        raise Failed(f"cannot restore {url}: {e}") from None
+    _echo(restored_text(target, manifest, url))
 
 
 def entry() -> None:

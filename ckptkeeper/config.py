@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -53,6 +54,33 @@ def _no_nul(path: Path) -> Path:
 PathSetting = Annotated[Path, AfterValidator(_no_nul)]
 
 
+def _archive_target(value: object) -> object:
+    """A URL (`s3://bucket/prefix`) stays text: a Path would fold its `//`. Anything else is a path."""
+    if isinstance(value, str) and "://" in value:
+        if "\0" in value:
+            raise ValueError("a URL cannot contain a NUL character")
+        return value
+    return _no_nul(Path(value)) if isinstance(value, (str, os.PathLike)) else value
+
+
+ArchiveSetting = Annotated[Path | str, BeforeValidator(_archive_target)]
+
+
+def _option_pairs(value: object) -> object:
+    """`archive_options` may be given as KEY=VALUE texts (flags, the environment: comma-separated) or a mapping."""
+    if isinstance(value, str):
+        value = [p for p in (part.strip() for part in value.split(",")) if p]
+    if isinstance(value, (list, tuple)):
+        pairs = {}
+        for item in value:
+            key, sep, raw = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            pairs[key.strip()] = _scalar(raw.strip())
+        return pairs
+    return value
+
+
 def _valid_floor(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("expected a size such as 50G or a percentage such as 10%")
@@ -85,7 +113,8 @@ class Settings(BaseModel):
     keep_weights: list[RuleText] = Field(default_factory=list)  # what these alone keep is kept weights-only
     min_free: FloorText | None = None  # free space to keep on each filesystem holding a run
     keep_under_pressure: list[RuleText] = Field(default_factory=list)  # what still stays below that floor
-    archive_to: PathSetting | None = None
+    archive_to: ArchiveSetting | None = None  # a directory, or an object store URL (s3://bucket/prefix)
+    archive_options: Annotated[dict[str, Any], BeforeValidator(_option_pairs)] = Field(default_factory=dict)
     state_dir: PathSetting | None = None
     max_depth: StrictInt = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
     protect_trainer_best: StrictBool = True
@@ -135,6 +164,13 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [p for p in (part.strip() for part in value.split(",")) if p] if value.strip() else []
         return value
+
+    def archive_option_pairs(self) -> tuple[tuple[str, Any], ...]:
+        return tuple(sorted(self.archive_options.items()))
+
+    def archive(self) -> tuple[Path | str | None, tuple[tuple[str, Any], ...]]:
+        """Where removed checkpoints go (a path, a URL or None) and the object store's options."""
+        return self.archive_to, self.archive_option_pairs()
 
     def rules_text(self) -> str:
         return ",".join(self.keep)
@@ -203,7 +239,14 @@ def as_flag(loc: tuple[int | str, ...]) -> str:
     return flag_name(str(loc[0]))
 
 
-_FLAGS = {"root": "ROOT", "metrics": "--metric", "await": "--await", "await_": "--await"}
+# Settings whose flag is not `--` + the setting's name (a repeated flag of one item each, a keyword)
+_FLAGS = {
+    "root": "ROOT",
+    "metrics": "--metric",
+    "await": "--await",
+    "await_": "--await",
+    "archive_options": "--archive-option",
+}
 
 
 def flag_name(setting: str) -> str:
@@ -293,6 +336,7 @@ _TEXT_SETTINGS = {
     "keep_under_pressure",
     "min_free",
     "archive_to",
+    "archive_options",
     "state_dir",
     "log_format",
     "metrics_host",
@@ -378,6 +422,16 @@ PRESSURE_NEEDS_A_FLOOR = (
     "keep_under_pressure (--keep-under-pressure) needs min_free (--min-free): the floor that says when the disk "
     "is under pressure"
 )
+
+
+def parse_archive_options(values: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`--archive-option KEY=VALUE` texts as fsspec storage options (values read as YAML scalars)."""
+    try:
+        parsed = _option_pairs(list(values))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    assert isinstance(parsed, dict)
+    return parsed
 
 
 __all__ = ["ConfigError", "RuleError", "Settings", "load_settings"]

@@ -279,7 +279,9 @@ class DecisionLog:
     def _failed(self, where: str, key: tuple[str, str], detail: str, fields: dict[str, object]) -> None:
         """Retried at every pass until it works, but said once (again only if the reason changes)."""
         if self.failing.get(key) != detail:
-            log.error("%s could not be removed: %s (will retry at every rescan)", where, shown(detail), extra=fields)
+            store_down = detail.startswith("cannot archive to ") and "://" in detail.split(": ", 1)[0]
+            when = "the store is tried again at a growing interval" if store_down else "will retry at every rescan"
+            log.error("%s could not be removed: %s (%s)", where, shown(detail), when, extra=fields)
         else:
             log.debug("%s still cannot be removed: %s", where, shown(detail))
         self.failing[key] = detail

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptkeeper import pins
 from ckptkeeper.actions import (
@@ -27,6 +27,7 @@ from ckptkeeper.actions import (
     Stopped,
     Vanished,
     archive_checkpoint,
+    archive_to_store,
     delete_checkpoint,
     empty_trash,
     open_run_dir,
@@ -55,6 +56,7 @@ from ckptkeeper.scan import (
     VANISHED_WHILE_READING,
     ContentCache,
     ScanOptions,
+    checkpoint_step,
     find_run_dirs,
     lstat_signature,
     read_checkpoint,
@@ -64,6 +66,9 @@ from ckptkeeper.scan import (
 from ckptkeeper.slimming import slim_checkpoint
 from ckptkeeper.stale import stale_checkpoints
 from ckptkeeper.state import StateDir
+
+if TYPE_CHECKING:  # imported when an object store is used: plan and prune of local paths start without it
+    from ckptkeeper.destination import Backoff, ObjectStore
 
 Identity = tuple[int, int]
 OnOutcome = Callable[[Outcome], None]
@@ -205,6 +210,66 @@ class Archival:
         return f"{MOVED_TO}{target}" if how == "renamed" else f"{how} to {target}"
 
 
+@dataclass(frozen=True)
+class StoreArchival:
+    """Into an object store (`--archive-to s3://...`): upload, verify, manifest last (destination.archive), then
+    the source goes through the trash (actions.archive_to_store). A store that failed as a whole is tried again
+    only once its backoff has passed (`Pipeline._held_back`)."""
+
+    root: Path
+    store: ObjectStore
+    backoff: Backoff
+    state: StateDir
+    dispose: Dispose | None
+    stop: StopCheck | None
+    root_identity: Identity | None
+    progress: ProgressFactory | None = None
+    done: OutcomeKind = OutcomeKind.ARCHIVED
+    verb: str = "archive"
+
+    def freed(self, c: Checkpoint) -> int:
+        return c.size_bytes
+
+    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
+        from ckptkeeper.destination import DestinationDown, DestinationError, StopRequested, archive
+
+        shown = self.store.shown(run, checkpoint.name)
+        step = checkpoint_step(checkpoint.name) or 0
+        progress = self.progress(run, checkpoint) if self.progress is not None else None
+
+        def upload(source: str) -> tuple[dict[str, int], str]:
+            manifest, how = archive(self.store, source, run, checkpoint.name, step, self.stop, progress)
+            return {f.path: f.size for f in manifest.files}, how
+
+        try:
+            how = archive_to_store(
+                self.root, checkpoint, upload, self.state, self.dispose, expected, self.root_identity
+            )
+        except StopRequested:
+            raise Stopped("the upload was not complete; the checkpoint stays whole") from None
+        except DestinationDown as e:
+            self.backoff.failed(time.monotonic(), f"cannot archive to {self.store.url}: {e}")
+            raise ActionError(self.backoff.reason) from None
+        except DestinationError as e:
+            raise ActionError(f"cannot archive {checkpoint} to {shown}: {e}") from None
+        finally:
+            if progress is not None:
+                progress.close()
+        self.backoff.succeeded()
+        return f"{how} to {shown}"
+
+
+class ProgressSink(Protocol):
+    """Told the bytes sent as an upload goes (from upload threads), closed at its end."""
+
+    def __call__(self, sent: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[str, Path], ProgressSink]  # (run, checkpoint directory) -> its sink
+
+
 DEFAULT_SCAN = ScanOptions()
 KEEP_WEIGHTS_AND_ARCHIVE = (
     "--keep-weights cannot be combined with --archive-to yet: the resume state would be deleted, not archived"
@@ -257,9 +322,9 @@ class Pipeline:
         stop: StopCheck | None = None,
     ) -> None:
         require_rules(policy)
-        if policy.weight_rules and layout.archive_to is not None:
+        if policy.weight_rules and layout.archive is not None:
             raise NotSupported(KEEP_WEIGHTS_AND_ARCHIVE)
-        if (policy.removal is Action.ARCHIVE) != (layout.archive_to is not None):
+        if (policy.removal is Action.ARCHIVE) != (layout.archive is not None):
             raise ValueError("a policy that archives needs an archive in the layout, and only then")
         self.layout = layout
         self.policy = policy
@@ -269,6 +334,13 @@ class Pipeline:
         self.stop = stop
         self.state = StateDir(layout.state_dir)
         self.metric_sources = MetricSources(scan.metrics, layout.root) if scan.metrics else None
+        self.store: ObjectStore | None = None
+        self.backoff: Backoff | None = None
+        if layout.archive_url:
+            from ckptkeeper.destination import Backoff, ObjectStore
+
+            self.store, self.backoff = ObjectStore(layout.archive_url, dict(layout.archive_options)), Backoff()
+        self.progress: ProgressFactory | None = None  # told how each upload to an object store goes
         # The root's (device, inode) when its lock was taken: a root that is another directory now (a link on
         # its path changed) is never acted in. Until then, the root as found now.
         self.root_identity: Identity | None = None
@@ -280,11 +352,12 @@ class Pipeline:
         policy: Policy,
         scan: ScanOptions = DEFAULT_SCAN,
         state_dir: Path | None = None,
-        archive_to: Path | None = None,
+        archive_to: Path | str | None = None,
         *,
         dry_run: bool = False,
         dispose: Dispose | None = None,
         stop: StopCheck | None = None,
+        archive_options: tuple[tuple[str, Any], ...] = (),
     ) -> Pipeline:
         """The pipeline for these paths, once every rule between them holds (LayoutError otherwise)."""
         if not root.exists():
@@ -292,7 +365,7 @@ class Pipeline:
         if not root.is_dir():
             raise LayoutError(f"root {root} is not a directory")
         require_rules(policy)  # before the layout's checks, as the commands always said it
-        layout = Layout.checked(root, state_dir, archive_to)
+        layout = Layout.checked(root, state_dir, archive_to, archive_options)
         return cls(layout, policy, scan, dry_run=dry_run, dispose=dispose, stop=stop)
 
     @property
@@ -319,7 +392,8 @@ class Pipeline:
     def recheck_layout(self) -> None:
         """The root was deleted and made again: check the paths anew, and let go of the old root's lock."""
         self.state.close()
-        self.layout = Layout.checked(self.root, self.layout.state_dir, self.layout.archive_to)
+        layout = self.layout
+        self.layout = Layout.checked(self.root, layout.state_dir, layout.archive, layout.archive_options)
 
     def finish_leftovers(self, run_dirs: Sequence[Path]) -> Leftovers:
         """Complete removals an earlier, interrupted instance left in the trash (journaled)."""
@@ -490,6 +564,11 @@ class Pipeline:
     def _removal(self, action: Action, c: Checkpoint) -> Removal:
         if action is Action.WEIGHTS_ONLY:
             return Slimming(self.root, c.resume_state, self.state, self.dispose, self.root_identity)
+        if action is Action.ARCHIVE and self.store is not None and self.backoff is not None:
+            return StoreArchival(
+                self.root, self.store, self.backoff, self.state, self.dispose, self.stop, self.root_identity,
+                self.progress,
+            )  # fmt: skip
         if action is Action.ARCHIVE:
             assert self.layout.archive_to is not None
             return Archival(self.root, self.layout.archive_to, self.state, self.dispose, self.stop, self.root_identity)
@@ -501,7 +580,7 @@ class Pipeline:
         if self.dry_run:
             return Outcome(run, c.name, OutcomeKind.would(decision.action), removal.freed(c))
         path = self.root / run / c.name if run != "." else self.root / c.name
-        checked = self._recheck(run, path, c)
+        checked = self._held_back(run, c, decision.action) or self._recheck(run, path, c)
         if isinstance(checked, Outcome):
             return checked
         entry = {
@@ -528,6 +607,25 @@ class Pipeline:
         except pins.PinsError as e:
             return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"{e}; {PINS_UNREADABLE}")
         return self._journaled(outcome, entry)
+
+    def _held_back(self, run: str, c: Checkpoint, action: Action) -> Outcome | None:
+        """An archive to an object store that failed as a whole waits for its backoff: the same error as the
+        last attempt (so the daemon says it once), no journal line, nothing sent."""
+        if action is not Action.ARCHIVE or self.backoff is None or not self.backoff.left(time.monotonic()):
+            return None
+        return Outcome(run, c.name, OutcomeKind.ERROR, 0, self.backoff.reason)
+
+    def check_destination(self) -> None:
+        """An object store archive has its fsspec backend installed (LayoutError naming the package otherwise);
+        nothing is sent to the store."""
+        if self.store is None:
+            return
+        from ckptkeeper.destination import DestinationError
+
+        try:
+            self.store.check()
+        except DestinationError as e:
+            raise LayoutError(f"--archive-to {e}") from None
 
     def _recheck(self, run: str, path: Path, planned: Checkpoint) -> Identity | Outcome | None:
         """The checkpoint directory's identity now, if it is still the very one judged, with the very entries

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ckptkeeper.paths import Place, Relation, checkpoint_component, place_of, read_mounts, relation
 from ckptkeeper.state import STATE_DIR_NAME, ownership_problem
+from ckptkeeper.urls import is_url, url_problem
 
 
 class LayoutError(ValueError):
@@ -27,11 +29,34 @@ def default_state_dir(root: Path) -> Path:
 class Layout:
     root: Path
     state_dir: Path
-    archive_to: Path | None = None
+    archive_to: Path | None = None  # a local archive directory
+    archive_url: str | None = None  # or an object store (destination.ObjectStore): no identity to compare
+    archive_options: tuple[tuple[str, Any], ...] = ()  # fsspec storage options of archive_url
+
+    @property
+    def archive(self) -> Path | str | None:
+        """Where removed checkpoints go, as the user named it: a path, a URL, or None (they are deleted)."""
+        return self.archive_url if self.archive_url is not None else self.archive_to
 
     @classmethod
-    def checked(cls, root: Path, state_dir: Path | None = None, archive_to: Path | None = None) -> Layout:
-        """The layout, after every rule between the paths holds; else LayoutError. `root` must exist."""
+    def checked(
+        cls,
+        root: Path,
+        state_dir: Path | None = None,
+        archive_to: Path | str | None = None,
+        archive_options: tuple[tuple[str, Any], ...] = (),
+    ) -> Layout:
+        """The layout, after every rule between the paths holds; else LayoutError. `root` must exist. An
+        `archive_to` that is a URL is an object store: only its form is checked here (nothing is imported)."""
+        if isinstance(archive_to, str) and is_url(archive_to):
+            problem = url_problem(archive_to)
+            if problem:
+                raise LayoutError(f"--archive-to {archive_to}: {problem}")
+            local = cls.checked(root, state_dir)
+            return cls(local.root, local.state_dir, None, archive_to, archive_options)
+        if archive_options:
+            raise LayoutError("--archive-option is for an object store archive (--archive-to s3://...) only")
+        archive_to = Path(archive_to) if archive_to is not None else None
         root = Path(os.path.realpath(root))
         state = state_dir if state_dir is not None else default_state_dir(root)
         mounts = read_mounts()

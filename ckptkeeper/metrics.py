@@ -115,6 +115,7 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("ckptkeeper_errors", "Removals that failed (retried on later passes)", registry=r)
+        self.store = StoreGauges(r)
         self.reconcile_seconds = Histogram(
             "ckptkeeper_reconcile_duration_seconds",
             "Time to rescan, plan and act on one run or the whole root",
@@ -179,6 +180,33 @@ class Metrics:
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+class StoreGauges:
+    """An object store archive (--archive-to URL): bytes sent, failures of the store, time to its next try."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.uploaded = Counter(
+            "ckptkeeper_archive_uploaded_bytes", "Bytes sent to an object store archive (--archive-to URL)", registry=r
+        )
+        self.failures = Counter(
+            "ckptkeeper_archive_store_failures",
+            "Archives to the object store that failed because the store did (unreachable, credentials, no bucket)",
+            registry=r,
+        )
+        self.retry_in = Gauge(
+            "ckptkeeper_archive_store_retry_seconds",
+            "Seconds until the failing object store is tried again (0 when it works)",
+            registry=r,
+        )
+        self._failures_seen = 0
+
+    def set(self, failures: int, retry_in: float) -> None:
+        """The store's backoff as the pipeline has it: its failures so far, and the time to the next try."""
+        if failures > self._failures_seen:
+            self.failures.inc(failures - self._failures_seen)
+            self._failures_seen = failures
+        self.retry_in.set(retry_in)
 
 
 def count_outcome(metrics: Metrics, outcome: Outcome) -> None:

@@ -192,6 +192,9 @@ class Reconciler:
 
     def _on_outcome(self, outcome: Outcome) -> None:
         count_outcome(self.metrics, outcome)
+        backoff = self.pipeline.backoff
+        if backoff is not None:
+            self.metrics.store.set(backoff.failures, backoff.left(time.monotonic()))
         if outcome.action.frees and (
             outcome.action is not OutcomeKind.ARCHIVED or self.unseen.archive_frees(outcome.run)
         ):

@@ -114,7 +114,7 @@ def reason_json(reason: Reason) -> dict[str, Any]:
     }
 
 
-def describe_policy(policy: Policy, archive_to: Path | None = None) -> str:
+def describe_policy(policy: Policy, archive_to: Path | str | None = None) -> str:
     parts = [r.describe() for r in policy.rules]
     whole = f"keep {', '.join(parts)} ({format_rules(policy.rules)}); " if parts else ""
     weights = ", ".join(r.describe() for r in policy.weight_rules)
@@ -258,7 +258,7 @@ def plan_text(
     policy: Policy,
     plan: RootPlan,
     warnings: Sequence[str],
-    archive_to: Path | None = None,
+    archive_to: Path | str | None = None,
     max_depth: int = 4,
     palette: Palette = PLAIN,
     sources: Sequence[MetricSpec] = (),
@@ -339,7 +339,7 @@ def plan_json(
     policy: Policy,
     plan: RootPlan,
     warnings: Sequence[str],
-    archive_to: Path | None = None,
+    archive_to: Path | str | None = None,
     sources: Sequence[MetricSpec] = (),
 ) -> dict[str, Any]:
     plans = plan.runs
@@ -569,7 +569,7 @@ def outcome_json(o: Outcome) -> dict[str, Any]:
 
 
 def prune_json(
-    root: str, policy: Policy, result: PassResult, dry_run: bool, archive_to: Path | None = None
+    root: str, policy: Policy, result: PassResult, dry_run: bool, archive_to: Path | str | None = None
 ) -> dict[str, Any]:
     """What `prune --json` prints once the pass is over (or refused)."""
     outcomes = result.outcomes
@@ -636,7 +636,7 @@ class TextPruneReport:
         echo: Callable[[str, bool], None],
         policy: Policy,
         root: Path,
-        archive_to: Path | None,
+        archive_to: Path | str | None,
         palette: Palette = PLAIN,
     ) -> None:
         self.echo = echo

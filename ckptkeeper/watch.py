@@ -24,6 +24,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import Pipeline, require_rules
@@ -34,6 +35,7 @@ from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_prob
 from ckptkeeper.model import root_name
 from ckptkeeper.observers import ObserverSupervisor, RootChange
 from ckptkeeper.policy import Policy
+from ckptkeeper.progress import WATCH_INTERVAL, UploadProgress
 from ckptkeeper.reaper import Reaper
 from ckptkeeper.reconcile import Reconciler
 from ckptkeeper.render import shown
@@ -92,12 +94,19 @@ class Daemon:
     `reaper` (its own thread) and `snapshot` (replaced whole by the main loop, read by the HTTP thread)."""
 
     def __init__(
-        self, root: Path, policy: Policy, state_dir: Path | None, options: WatchOptions, archive_to: Path | None = None
+        self,
+        root: Path,
+        policy: Policy,
+        state_dir: Path | None,
+        options: WatchOptions,
+        archive_to: Path | str | None = None,
+        archive_options: tuple[tuple[str, Any], ...] = (),
     ) -> None:
         require_rules(policy)
         self.policy = policy
         self.options = options
         self.archive_to = archive_to
+        self.archive_options = archive_options
         self.root = Path(os.path.abspath(root))
         self.state_dir = Path(os.path.abspath(state_dir or default_state_dir(self.root)))
         self.stop_event = threading.Event()
@@ -160,7 +169,7 @@ class Daemon:
     def _build_pipeline(self) -> Pipeline:
         """Check the paths (LayoutError) and make the pipeline; from here on the root is its real path: a link
         on that path changed later is never followed."""
-        layout = Layout.checked(self.root, self.state_dir, self.archive_to)
+        layout = Layout.checked(self.root, self.state_dir, self.archive_to, self.archive_options)
         self.root = layout.root
         self.decision_log.root = root_name(self.root)  # as plan and prune name it: by the real path
         self.pipeline = Pipeline(
@@ -171,6 +180,8 @@ class Daemon:
             dispose=self.reaper.dispose,
             stop=self.stop_event.is_set,
         )
+        self.pipeline.check_destination()
+        self.pipeline.progress = self._upload_progress
         self.reaper.state = self.pipeline.state
         sources = self.pipeline.metric_sources.directories if self.pipeline.metric_sources is not None else []
         self.inbox = Inbox(self.root, self.options.max_depth, self.pipeline.excluded, sources)
@@ -181,6 +192,16 @@ class Daemon:
             self.pipeline, self.tracker, self.decision_log, self.metrics, self.reaper, self.stop_event
         )
         return self.pipeline
+
+    def _upload_progress(self, run: str, checkpoint: Path) -> UploadProgress:
+        """Logged every WATCH_INTERVAL seconds while a checkpoint goes to an object store; counted in the metrics."""
+        from ckptkeeper.destination import tree_size
+
+        where = f"{shown(run)}/{checkpoint.name}" if run != "." else checkpoint.name  # as the decision log says
+        total = tree_size(str(checkpoint))
+        return UploadProgress(
+            f"{where} uploading", total, log.info, WATCH_INTERVAL, on_bytes=self.metrics.store.uploaded.inc
+        )
 
     def _pipe(self) -> Pipeline:
         return self.pipeline if self.pipeline is not None else self._build_pipeline()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from s3util import Bucket, S3Server, new_bucket, server_iterator
 from watchutil import StartWatch, Watch
 
 from ckptkeeper.simtrainer import SimConfig, simulate_run
@@ -137,3 +138,18 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     for where in reversed(made):
         if subprocess.run(["umount", str(where)], capture_output=True, check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1, for the whole session (tests/s3util.py)."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    yield from server_iterator()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A fresh bucket, and the AWS environment (endpoint, credentials) pointing at it for this process and its
+    children."""
+    return new_bucket(s3_server, monkeypatch)

@@ -16,7 +16,8 @@ Two ways to run it:
         the ~0.5-1 s a fresh interpreter needs to import the engine (or the daemon, watchdog and pydantic).
 
 A job is a JSON object: root, state (the state directory), keep (rules), keep_weights (rules, default none:
-what they alone keep is made weights-only), archive (path or null), protect_best (bool, default true), and
+what they alone keep is made weights-only), archive (path, object store URL or null), env (variables set in the
+child first: the AWS endpoint and credentials of an object store), protect_best (bool, default true), and
 - kind "prune" (default): what `ckptkeeper prune` does, through the engine's Pipeline (lock, plan, finish
   leftovers, act); hold_after_lock (bool: take the lock, say LOCKED, then wait forever);
 - kind "watch": the `ckptkeeper watch` command itself (click entry point, settings, the Daemon with its
@@ -65,9 +66,8 @@ def policy_for(job: dict[str, Any]) -> Policy:
 
 def pipeline_for(job: dict[str, Any]) -> Pipeline:
     archive = job.get("archive")
-    return Pipeline.checked(
-        Path(job["root"]), policy_for(job), state_dir=Path(job["state"]), archive_to=Path(archive) if archive else None
-    )
+    target = archive if archive and "://" in archive else Path(archive) if archive else None  # a URL: object store
+    return Pipeline.checked(Path(job["root"]), policy_for(job), state_dir=Path(job["state"]), archive_to=target)
 
 
 def prune(job: dict[str, Any], say: bool = False) -> PassResult:
@@ -188,6 +188,7 @@ def watch(job: dict[str, Any]) -> int:
 
 
 def run_job(job: dict[str, Any]) -> int:
+    os.environ.update(job.get("env", {}))  # an object store's endpoint and credentials (the AWS variables)
     try:
         if job.get("kind", "prune") == "watch":
             return watch(job)

@@ -25,6 +25,7 @@ REPORTS = {
     "metrics": "## `plan ROOT --json` with and without `--metric`",
     "plan": "## Plan a whole root",
     "archive": "## Archive every checkpoint but the newest",
+    "archive_s3": "## Archive every checkpoint but the newest",
 }
 
 

@@ -130,7 +130,7 @@ def test_console_script_help_lists_commands_and_exit_codes() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Usage: ckptkeeper [OPTIONS] COMMAND [ARGS]...")
     commands = re.findall(r"^  (\w+)  ", done.stdout, flags=re.MULTILINE)
-    assert commands[:6] == ["demo", "history", "pin", "pins", "plan", "prune"]
+    assert commands[:7] == ["archive", "demo", "history", "pin", "pins", "plan", "prune"]
     assert "Exit codes: 0 done; 1 a failure while acting (prune: or a --min-free floor it cannot meet); 2 usage" in (
         " ".join(done.stdout.split())
     )

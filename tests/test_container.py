@@ -230,6 +230,19 @@ def check_stops_on_sigterm(sidecar: Sidecar, run: Path) -> None:
     assert steps(run) == KEPT
 
 
+def test_the_image_can_archive_to_s3(image: str) -> None:
+    """The s3 extra is installed: s3fs imports, and `--archive-to s3://` passes the start-up check (which names the
+    package to install when it is missing)."""
+    done = podman("run", "--rm", "--entrypoint", "python", image, "-c", "import s3fs; print(s3fs.__version__)")
+    assert done.stdout.strip(), done.stdout
+    dry = podman(
+        "run", "--rm", "--tmpfs", "/outputs", image, "prune", "/outputs", "--keep", "last:1", "--archive-to",
+        "s3://bucket/runs", "--dry-run", check=False,
+    )  # fmt: skip
+    assert "needs s3fs" not in dry.stdout + dry.stderr, dry.stdout + dry.stderr
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+
+
 def test_sidecar_prunes_serves_metrics_and_stops_on_sigterm(image: str, containers: list[str], tmp_path: Path) -> None:
     outputs = tmp_path / "outputs"
     outputs.mkdir()

@@ -12,6 +12,11 @@ round costs no data copy). Modes:
   thread), forked from the server, doing its initial reconcile of a root with removals to do: delete; delete
   with the state directory on another filesystem; archive to another filesystem. After the kill it is started
   again with --exit-when-done and must reconcile the root to the same end state on its own;
+- object store (`--archive-to s3://...`, moto's S3 server in a child process, tests/s3util.py): prune and daemon, as
+  above; a checkpoint counts as archived when its manifest lists exactly its files, sizes and SHA-256 and every
+  object is there with its size (in a tenth of the rounds every object is also read back and hashed); objects
+  without a manifest are an unfinished upload (never counted); after the restart no multipart upload is left
+  unfinished. Half the rounds of the other modes for prune, a quarter for the daemon (100 and 50 by default);
 - slim (`--keep last:1 --keep-weights every:4`, test_sigkill_while_slimming_...): the real engine on two runs whose
   checkpoints carry multi-file resume state beside their weights (optimizer.pt, scheduler.pt, rng_state.pth and 64
   rng_state_<rank>.pth; DeepSpeed's global_stepN/ and `latest`, or FSDP's optimizer_0/ beside the weights'
@@ -77,8 +82,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from s3util import Bucket, S3Server, environment, new_bucket, start_process
 
 from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX, RUN_TRASH_NAME
+from ckptkeeper.destination import MANIFEST_SUFFIX
 from ckptkeeper.engine import Pipeline
 from ckptkeeper.model import Action
 from ckptkeeper.scan import checkpoint_step
@@ -98,6 +105,7 @@ RUNS = {
     ),
 }
 SHARD_FILES = 48
+READ_BACK_SHARE = 0.1  # of the object-store rounds, this share reads every archived object back and hashes it
 DEADLINE = 60.0  # seconds any single step of the worker may take before the test gives up
 
 Key = tuple[str, str]  # (run path below the root or the archive, checkpoint name)
@@ -327,6 +335,17 @@ class Server:
 
 
 @pytest.fixture(scope="module")
+def campaign_s3() -> Iterator[S3Server]:
+    """moto's S3 server in a child process, for the object-store modes."""
+    pytest.importorskip("s3fs")
+    s3 = start_process()
+    try:
+        yield s3
+    finally:
+        s3.stop()
+
+
+@pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     s = Server()
     try:
@@ -339,7 +358,7 @@ def server() -> Iterator[Server]:
 @dataclass(frozen=True)
 class Mode:
     name: str
-    archive: str | None  # None, "same-fs" or "other-fs"
+    archive: str | None  # None, "same-fs", "other-fs" or "s3" (moto's S3 server, tests/s3util.py)
     state_on_other_fs: bool = False
     daemon: bool = False  # `ckptkeeper watch` (initial reconcile) instead of a prune
     keep: str = KEEP
@@ -359,6 +378,8 @@ MODES = [
         daemon=True,
     ),
     Mode("daemon reconcile (ckptkeeper watch), archive to another filesystem", "other-fs", daemon=True),
+    Mode("archive to an object store (S3)", "s3"),
+    Mode("daemon reconcile (ckptkeeper watch), archive to an object store (S3)", "s3", daemon=True),
 ]
 
 
@@ -369,13 +390,19 @@ class Layout:
     archive: Path | None
     log: Path  # the daemon's log lines (JSON), outside the root
     scratch: list[Path]
+    store: StoreView | None = None  # the object store archive (mode "s3"), instead of `archive`
+
+    @property
+    def archives(self) -> bool:
+        return self.archive is not None or self.store is not None
 
     def job(self, mode: Mode, **extra: Any) -> dict[str, Any]:
         return {
             "kind": "watch" if mode.daemon else "prune",
             "root": str(self.root),
             "state": str(self.state.path),
-            "archive": str(self.archive) if self.archive else None,
+            "archive": self.store.url if self.store else str(self.archive) if self.archive else None,
+            "env": self.store.env if self.store else {},
             "keep": mode.keep,
             "keep_weights": mode.keep_weights,
             "log": str(self.log),
@@ -390,7 +417,7 @@ class Layout:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def new_layout(mode: Mode, work: Path, template: Path, other: Path | None) -> Layout:
+def new_layout(mode: Mode, work: Path, template: Path, other: Path | None, bucket: Bucket | None = None) -> Layout:
     tag = uuid.uuid4().hex[:8]
     base = work / tag
     root = base / "root"
@@ -410,7 +437,80 @@ def new_layout(mode: Mode, work: Path, template: Path, other: Path | None) -> La
         assert other is not None
         archive = other / f"archive-{tag}"
         scratch.append(archive)
-    return Layout(root, StateDir(state_path), archive, base / "watch.log", scratch)
+    read_back = random.random() < READ_BACK_SHARE
+    store = StoreView(bucket, f"round-{tag}", read_back) if mode.archive == "s3" and bucket is not None else None
+    return Layout(root, StateDir(state_path), archive, base / "watch.log", scratch, store)
+
+
+class StoreView:
+    """One round's archive in the object store: `s3://<bucket>/<prefix>`, read with boto3 (not with ckptkeeper's
+    own code). A checkpoint is archived when its manifest is there, lists exactly the template's files with their
+    sizes and SHA-256, and every object it lists is there with its size; objects without a manifest are an
+    unfinished upload (never counted, never a problem)."""
+
+    def __init__(self, bucket: Bucket, prefix: str, read_back: bool = True) -> None:
+        self.bucket, self.prefix = bucket, prefix
+        self.read_back = read_back  # the final check reads every object back and hashes it (slow: some rounds)
+        self.url = f"s3://{bucket.name}/{prefix}"
+        self.env = environment(bucket.server.endpoint)
+
+    def _split(self) -> tuple[dict[Key, bytes], dict[Key, dict[str, int]]]:
+        """(manifests by checkpoint, objects by checkpoint: relative path -> size)."""
+        client, head = self.bucket.server.client(), self.prefix + "/"
+        manifests: dict[Key, bytes] = {}
+        objects: dict[Key, dict[str, int]] = {}
+        for key, size in self.bucket.listing(head).items():
+            rel = key[len(head) :]
+            if rel.endswith(MANIFEST_SUFFIX):
+                run, _, name = rel.removesuffix(MANIFEST_SUFFIX).rpartition("/")
+                manifests[(run or ".", name)] = client.get_object(Bucket=self.bucket.name, Key=key)["Body"].read()
+                continue
+            parts = rel.split("/")
+            at = next(i for i, p in enumerate(parts) if checkpoint_step(p) is not None)
+            objects.setdefault(("/".join(parts[:at]) or ".", parts[at]), {})["/".join(parts[at + 1 :])] = size
+        return manifests, objects
+
+    def look(self, expected: Expected) -> tuple[dict[Key, Path], set[Key]]:
+        manifests, objects = self._split()
+        whole = {k for k, data in manifests.items() if self._matches(k, data, objects.get(k, {}), expected) is None}
+        return {k: Path(f"{self.url}/{k[0]}/{k[1]}") for k in manifests}, whole
+
+    def _matches(self, key: Key, data: bytes, objects: dict[str, int], expected: Expected) -> str | None:
+        want = expected.manifests.get(key)
+        if want is None:
+            return "not a checkpoint of the template"
+        document = json.loads(data)
+        files = {f["path"]: ("file", f["size"], f["sha256"]) for f in document["files"]}
+        dirs = dict.fromkeys(document["dirs"], ("dir", 0, ""))
+        links = {x["path"]: ("link", len(x["target"]), x["target"]) for x in document["links"]}
+        if {**files, **dirs, **links} != want:
+            return "its manifest differs from the checkpoint"
+        if {rel: size for rel, (_, size, _) in files.items()} != objects:
+            return "its objects differ from its manifest"
+        return None
+
+    def begun(self) -> set[Key]:
+        """Checkpoints with objects (or a multipart upload) in the store."""
+        return set(self._split()[1]) | {self._key(k) for k in self.unfinished()}
+
+    def _key(self, object_key: str) -> Key:
+        parts = object_key[len(self.prefix) + 1 :].split("/")
+        at = next(i for i, p in enumerate(parts) if checkpoint_step(p) is not None)
+        return ("/".join(parts[:at]) or ".", parts[at])
+
+    def unfinished(self) -> list[str]:
+        return [k for k in self.bucket.uploads() if k.startswith(self.prefix + "/")]
+
+    def content_problems(self, expected: Expected) -> list[str]:
+        """Every object of every archived checkpoint, read back and hashed (after the restart only: slow)."""
+        problems = []
+        for key in sorted(self.look(expected)[1]):
+            for rel, (kind, _, digest) in expected.manifests[key].items():
+                if kind == "file":
+                    path = "/".join(p for p in (self.prefix, key[0], key[1], rel) if p != ".")
+                    if hashlib.sha256(self.bucket.get(path)).hexdigest() != digest:
+                        problems.append(f"{self.url}/{key[0]}/{key[1]}/{rel}: other bytes than the checkpoint's")
+        return problems
 
 
 # ---------------------------------------------------------------------------------------------- invariants
@@ -471,7 +571,11 @@ def look(layout: Layout, expected: Expected) -> Seen:
             if key in expected.manifests and tree_manifest(path, expected.digests) == expected.manifests[key]
         }
 
-    in_root, in_archive = checkpoint_dirs(layout.root), checkpoint_dirs(layout.archive)
+    in_root = checkpoint_dirs(layout.root)
+    if layout.store is not None:
+        in_store, whole_in_store = layout.store.look(expected)
+        return Seen(in_root, in_store, whole(in_root), whole_in_store)
+    in_archive = checkpoint_dirs(layout.archive)
     return Seen(in_root, in_archive, whole(in_root), whole(in_archive))
 
 
@@ -503,7 +607,7 @@ def common_problems(when: str, seen: Seen, layout: Layout, expected: Expected) -
     found.lost += [
         f"{when}: kept checkpoint {k} is not whole in the root" for k in sorted(expected.kept - seen.whole_root)
     ]
-    if layout.archive:
+    if layout.archives:
         lost = expected.removed - seen.whole_root - seen.whole_archive
         found.lost += [
             f"{when}: archived checkpoint {k} is whole neither at the source nor the target" for k in sorted(lost)
@@ -531,6 +635,12 @@ def final_state_problems(seen: Seen, layout: Layout, expected: Expected) -> Prob
         if set(seen.archive) != expected.removed:
             found.other.append(f"the archive holds {sorted(seen.archive)}, expected {sorted(expected.removed)}")
         found.other += [f"archive temp left: {p}" for p in entries_named(layout.archive, ARCHIVE_TEMP_PREFIX)]
+    if layout.store is not None:
+        if set(seen.archive) != expected.removed:
+            found.other.append(f"the store holds {sorted(seen.archive)}, expected {sorted(expected.removed)}")
+        if layout.store.read_back:
+            found.half_present += layout.store.content_problems(expected)
+        found.other += [f"a multipart upload was left unfinished: {k}" for k in layout.store.unfinished()]
     found.other += [f"trash not empty after the restart: {e}" for e in trash_entries(layout)]
     return found
 
@@ -548,8 +658,10 @@ def interrupted_step(seen: Seen, layout: Layout, expected: Expected) -> str | No
         return "mid-removal: renamed to the trash, not yet removed"
     if layout.archive and entries_named(layout.archive, ARCHIVE_TEMP_PREFIX):
         return "mid-removal: archive copy under its temporary name"
+    if layout.store is not None and layout.store.begun() - set(seen.archive):
+        return "mid-removal: upload begun, no manifest yet"
     if expected.removed & set(seen.root) & set(seen.archive):
-        return "mid-removal: archived copy in place, source not yet removed"
+        return "mid-removal: archived copy in place (a manifest in the store), source not yet removed"
     return None
 
 
@@ -592,8 +704,8 @@ def journal_gaps(layout: Layout, expected: Expected) -> JournalGaps:
     """How the journal accounts for each removal: an intent line (start-delete / start-archive) is written
     before acting, so a kill can cost a removal its outcome line but never leave it unrecorded."""
     entries = layout.state.read_journal()
-    start = "start-archive" if layout.archive else "start-delete"
-    outcome = "archive" if layout.archive else "delete"
+    start = "start-archive" if layout.archives else "start-delete"
+    outcome = "archive" if layout.archives else "delete"
     gaps = JournalGaps()
     finished = Counter(e["entry"].split(".", 1)[1] for e in entries if e.get("action") == "finish-trash")
     gaps.names_kept = sum((e.get("run"), e.get("checkpoint")) in expected.kept for e in entries)
@@ -722,11 +834,13 @@ class Timing:
             self.samples.append(seconds / removals)
 
 
-def calibrate(mode: Mode, server: Server, source: Path, expected: Expected, work: Path, other: Path | None) -> Timing:
+def calibrate(
+    mode: Mode, server: Server, source: Path, expected: Expected, work: Path, other: Path | None, bucket: Bucket | None
+) -> Timing:
     """Jobs run to completion, timed; each must leave exactly the final state."""
     applies, wholes = [], []
     for _ in range(3):
-        layout = new_layout(mode, work, source, other)
+        layout = new_layout(mode, work, source, other, bucket)
         began = time.monotonic()
         seconds, failed = run_to_completion(mode, layout, server)
         wholes.append(time.monotonic() - began)
@@ -792,16 +906,23 @@ def test_sigkill_at_random_moments_loses_nothing(
     rounds = campaign_rounds(request.config)
     assert rounds >= 1, "--crash-rounds / CKPTKEEPER_CRASH_ROUNDS must be at least 1"
     other = request.getfixturevalue("other_fs") if mode.archive == "other-fs" or mode.state_on_other_fs else None
+    bucket = None
+    if mode.archive == "s3":  # moto's server in a process of its own: not sharing this one's GIL with the restarts
+        bucket = new_bucket(request.getfixturevalue("campaign_s3"), request.getfixturevalue("monkeypatch"))
+    if bucket is not None:
+        # A round is ~3 s against moto (an upload is ~10x a local copy): 100 rounds of prune and 50 of the daemon
+        # by default (~4 min and ~3 min), to keep CI's time in bounds.
+        rounds = max(1, rounds // (4 if mode.daemon else 2))
     rng = random.Random(f"{SEED}-{mode.name}")
     figures = Figures(mode.name, SEED)
     problems: list[str] = []
     began = time.monotonic()
 
-    timing = calibrate(mode, server, source, expected, work, other)
+    timing = calibrate(mode, server, source, expected, work, other, bucket)
     figures.calibrated_apply_ms = timing.per_removal * len(expected.removed) * 1000
     figures.calibrated_job_ms = timing.whole_job * 1000
     for _ in range(rounds):
-        layout = new_layout(mode, work, source, other)
+        layout = new_layout(mode, work, source, other, bucket)
         found = one_round(mode, server, layout, expected, timing, rng, figures)
         problems += [f"round {figures.rounds} (seed {SEED}): {p}" for p in found.all()]
         layout.clear()

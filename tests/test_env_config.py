@@ -27,6 +27,10 @@ ONE_PER_SETTING: dict[str, tuple[str, Any]] = {
     "CKPTKEEPER_MIN_FREE": ("50G", "50G"),
     "CKPTKEEPER_KEEP_UNDER_PRESSURE": ("best:1, last:2", ["best:1", "last:2"]),
     "CKPTKEEPER_ARCHIVE_TO": ("/archive", Path("/archive")),
+    "CKPTKEEPER_ARCHIVE_OPTIONS": (
+        "anon=true, endpoint_url=http://minio:9000",
+        {"anon": True, "endpoint_url": "http://minio:9000"},
+    ),
     "CKPTKEEPER_STATE_DIR": ("/var/lib/ckptkeeper", Path("/var/lib/ckptkeeper")),
     "CKPTKEEPER_MAX_DEPTH": ("7", 7),
     "CKPTKEEPER_PROTECT_TRAINER_BEST": ("false", False),
@@ -201,7 +205,8 @@ def test_every_bad_variable_is_reported() -> None:
 
 
 KNOWN = (
-    "known: CKPTKEEPER_ARCHIVE_TO, CKPTKEEPER_AWAIT, CKPTKEEPER_DRY_RUN, CKPTKEEPER_EXIT_WHEN_DONE, CKPTKEEPER_GRACE, "
+    "known: CKPTKEEPER_ARCHIVE_OPTIONS, CKPTKEEPER_ARCHIVE_TO, CKPTKEEPER_AWAIT, CKPTKEEPER_DRY_RUN, "
+    "CKPTKEEPER_EXIT_WHEN_DONE, CKPTKEEPER_GRACE, "
     "CKPTKEEPER_KEEP, CKPTKEEPER_KEEP_UNDER_PRESSURE, CKPTKEEPER_KEEP_WEIGHTS, CKPTKEEPER_LOG_FORMAT, "
     "CKPTKEEPER_MAX_DEPTH, CKPTKEEPER_METRICS, CKPTKEEPER_METRICS_HOST, CKPTKEEPER_METRICS_PORT, "
     "CKPTKEEPER_MIN_FREE, CKPTKEEPER_POLL, "

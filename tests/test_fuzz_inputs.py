@@ -146,7 +146,16 @@ floats = st.one_of(
 ints = st.one_of(st.integers(-5, 70), st.integers(-(2**70), 2**70), st.sampled_from([65535, 65536, 0]))
 plausible: dict[str, st.SearchStrategy[Any]] = {
     "root": paths,
-    "archive_to": paths,
+    "archive_to": st.one_of(
+        paths, st.sampled_from(["s3://bucket/runs", "gs://b", "s3://", "nosuch://x/y", "s3://a\x00b"])
+    ),
+    "archive_options": st.one_of(
+        st.dictionaries(
+            st.text(max_size=6), st.one_of(st.none(), st.booleans(), ints, st.text(max_size=8)), max_size=3
+        ),
+        st.lists(st.one_of(st.text(max_size=10), st.sampled_from(["anon=true", "a=", "=b", "x=[1, 2"])), max_size=3),
+        st.text(max_size=12),
+    ),
     "state_dir": paths,
     "keep": st.one_of(keep_texts, st.lists(keep_texts, max_size=4)),
     "keep_weights": st.one_of(keep_texts, st.lists(keep_texts, max_size=4)),
@@ -252,6 +261,7 @@ def check_settings(load: Callable[[], Settings]) -> Settings | None:
     assert parse_rules(loaded.rules_text()) == policy.rules
     for path in (loaded.root, loaded.archive_to, loaded.state_dir):
         assert path is None or "\0" not in str(path)
+    assert all(isinstance(k, str) for k in loaded.archive_options)
     return loaded
 
 

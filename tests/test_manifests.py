@@ -27,6 +27,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 KUBERNETES = sorted((PROJECT / "configs" / "kubernetes").glob("*.yaml"))
 NATIVE = PROJECT / "configs" / "kubernetes" / "job-native-sidecar.yaml"
 PLAIN = PROJECT / "configs" / "kubernetes" / "job-sidecar-exit-when-done.yaml"
+S3_ARCHIVE = PROJECT / "configs" / "kubernetes" / "job-native-sidecar-s3-archive.yaml"
 COMPOSE = PROJECT / "configs" / "docker-compose.yaml"
 DOCKERFILE = PROJECT / "Dockerfile"
 UID = 10001
@@ -67,7 +68,7 @@ def settings_of(container: dict[str, Any]) -> Settings:
     flags.pop("verbose")
     flags.pop("quiet")
     config = flags.pop("config_file")
-    environ = {e["name"]: e["value"] for e in container.get("env", [])}
+    environ = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}  # not a Secret's
     return load_settings(config, flags, environ)
 
 
@@ -77,8 +78,20 @@ def test_kubernetes_manifest_is_valid(path: Path, version: str) -> None:
     kubernetes_validate.validate(load(path), version, strict=True)
 
 
-def test_there_are_two_kubernetes_manifests() -> None:
-    assert sorted([NATIVE, PLAIN]) == KUBERNETES
+def test_there_are_three_kubernetes_manifests() -> None:
+    assert sorted([NATIVE, PLAIN, S3_ARCHIVE]) == KUBERNETES
+
+
+def test_the_s3_archive_manifest_takes_its_credentials_from_a_secret() -> None:
+    container = sidecar(S3_ARCHIVE)
+    settings = settings_of(container)
+    assert settings.archive_to == "s3://my-bucket/runs"
+    env = {e["name"]: e for e in container["env"]}
+    for name, key in (("AWS_ACCESS_KEY_ID", "access-key-id"), ("AWS_SECRET_ACCESS_KEY", "secret-access-key")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "ckptkeeper-s3", "key": key}
+        assert "value" not in env[name]
+    native = {e["name"]: e.get("value") for e in sidecar(NATIVE)["env"]}
+    assert native == {k: e.get("value") for k, e in env.items() if k in native}  # the rest as in the native one
 
 
 def test_the_validator_rejects_a_broken_manifest() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from lmeval_fixture import copy_lmeval_fixture
 from readme_examples import Block, Command, blocks, mismatch, readme
+from s3util import S3Server, environment, start_threaded
 from watchutil import TrainerThread, Watch
 
 from ckptkeeper.simtrainer import SaveEvent, SimConfig, simulate_run
@@ -280,7 +281,29 @@ def standby(cwd: Path, mount: Mount) -> Sandbox:
     return Sandbox(cwd, shown=[(str(root), "/outputs")], watch=drive)
 
 
+S3_SERVERS: list[S3Server] = []  # moto's S3 servers the s3 scenario started, stopped at the end of the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_s3_servers() -> Iterator[None]:
+    yield
+    while S3_SERVERS:
+        S3_SERVERS.pop().stop()
+
+
+def s3_archive(cwd: Path, mount: Mount) -> Sandbox:
+    """One run (checkpoint-10, 20, 30) and an empty bucket `my-bucket` on moto's S3 server; the AWS variables
+    (endpoint, credentials) point at it, as they would at any S3-compatible store."""
+    pytest.importorskip("s3fs")
+    server = start_threaded()
+    S3_SERVERS.append(server)
+    server.client().create_bucket(Bucket="my-bucket")
+    simulate_run(cwd / "outputs/exp1", SimConfig(steps_per_epoch=10, epochs=3, model_floats=100000))
+    return Sandbox(cwd, shown=[(str(cwd), "/data")], env=environment(server.endpoint))
+
+
 SCENARIOS: dict[str, Callable[[Path, Mount], Sandbox]] = {
+    "s3-archive": s3_archive,
     "pressure-watch": pressure_watch,
     "standby": standby,
     "two-runs": two_runs,
