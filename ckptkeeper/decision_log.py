@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ckptkeeper.evaluation_log import EvaluationLog
 from ckptkeeper.logs import event
 from ckptkeeper.model import Action, Decision, Outcome, OutcomeKind, Reason, ReasonKind, RunPlan, RunResult, Stale
 from ckptkeeper.render import (
@@ -26,7 +27,7 @@ from ckptkeeper.render import (
     stale_text,
     weights_only_resume_text,
 )
-from ckptkeeper.units import human_bytes, human_duration
+from ckptkeeper.units import human_bytes
 
 log = logging.getLogger("ckptkeeper")
 
@@ -86,8 +87,7 @@ class DecisionLog:
         # run -> the weights-only resume point last warned of
         self.resume_said: dict[str, str | None] = {}
         self.failing: dict[tuple[str, str], str] = {}  # removals that failed, and the error last logged
-        self.overdue_said: set[tuple[str, str, str]] = set()  # (run, checkpoint, metric) whose evaluation never came
-        self.metric_warnings_said: set[str] = set()  # results files that could not be tied to a checkpoint
+        self.evaluations = EvaluationLog(self._where)  # what evaluation jobs' results bring (`--metric`, `--await`)
 
     def forget_root(self) -> None:
         """The root was made anew: what was said of the old one's checkpoints says nothing of these."""
@@ -104,7 +104,7 @@ class DecisionLog:
 
     # ---- plans -------------------------------------------------------------------------------------------------
     def planned(self, plan: RunPlan) -> None:
-        self._overdue(plan)
+        self.evaluations.overdue(plan)
         self._refusal(plan)
         self._times_in_future(plan)
         self._mixed_runs(plan)
@@ -124,30 +124,6 @@ class DecisionLog:
             else:
                 self._kept(plan.run.path, d, word)
             logged[d.checkpoint.name] = word
-
-    def _overdue(self, plan: RunPlan) -> None:
-        """Each awaited evaluation that never arrived, once (the checkpoint is judged without it from now on)."""
-        for o in plan.overdue:
-            key = (plan.run.path, o.checkpoint.name, o.metric)
-            if key in self.overdue_said:
-                continue
-            self.overdue_said.add(key)
-            where = self._where(plan.run.path, o.checkpoint.name)
-            fields = event("overdue", plan.run.path, o.checkpoint.name, o.checkpoint.step)
-            log.warning(
-                "%s: its evaluation never arrived: no %s within %s; judged without it",
-                where,
-                shown(o.metric),
-                human_duration(o.timeout),
-                extra=fields,
-            )
-
-    def metric_warnings(self, warnings: Sequence[str]) -> None:
-        """What a metric source could not tie to a checkpoint, each once."""
-        for text in warnings:
-            if text not in self.metric_warnings_said:
-                self.metric_warnings_said.add(text)
-                log.warning("%s", shown(text))
 
     def _kept(self, run: str, d: Decision, word: str) -> None:
         """A complete checkpoint kept: said once when first seen, again only when it gains or loses a reason

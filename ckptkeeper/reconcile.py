@@ -135,7 +135,7 @@ class Reconciler:
         space = self.pipeline.measure(runs, freeing=self.reaper.busy())
         space = None if space is None else self.unseen.adjust(space, runs, now)
         planned = self.pipeline.plan(runs, self._refused_outside(runs), space=space, now=now)
-        self.decision_log.metric_warnings(self.pipeline.metric_warnings())
+        self.decision_log.evaluations.warnings(self.pipeline.metric_warnings())
         if self.pipeline.policy.pressure is not None:
             self.pressure_log.planned(planned.pressure, planned.runs)
             self.pressure_waits = any(p.deferred == FREEING for p in planned.pressure)

@@ -35,7 +35,7 @@ BOUNDED = settings(
 )
 FEWER = settings(BOUNDED, max_examples=100)
 
-KEYS = sorted(Settings.model_fields)
+KEYS = sorted(info.alias or name for name, info in Settings.model_fields.items())  # as a user writes them
 
 # --- --keep: arbitrary and near-valid text ---------------------------------------------------------------------
 
@@ -186,6 +186,22 @@ plausible: dict[str, st.SearchStrategy[Any]] = {
     "grace": floats,
     "log_format": st.sampled_from(["text", "json", "JSON", "xml", "", 1]),
     "metrics_host": st.one_of(st.text(max_size=15), st.sampled_from(["0.0.0.0", "::1", "localhost"])),
+    "metrics": st.one_of(
+        st.dictionaries(
+            st.one_of(st.text(max_size=6), st.sampled_from(["acc", "eval_x", "a b", "1a"])),
+            st.one_of(
+                st.text(max_size=12),
+                st.sampled_from(["file:r.json#/acc", "lm-eval:/nonexistent#/r", "file:../x#/a", "file:r.json#a~2"]),
+            ),
+            max_size=3,
+        ),
+        st.text(max_size=12),
+        st.lists(st.text(max_size=6), max_size=2),
+    ),
+    "await": st.one_of(
+        st.lists(st.one_of(st.text(max_size=8), st.sampled_from(["acc", "acc:2h", "acc:0s", "acc:soon", ":1h"]))),
+        st.text(max_size=10),
+    ),
 }
 scalars = st.one_of(st.none(), st.booleans(), ints, floats, st.text(max_size=12))
 anything = st.recursive(
