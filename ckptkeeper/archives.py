@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,8 +34,9 @@ from ckptkeeper.units import human_bytes
 RESTORE_TEMP_PREFIX = ".ckptkeeper-tmp-"
 
 
-def list_archive(store: ObjectStore) -> list[Entry]:
-    """Every checkpoint below the store's URL: complete (a manifest) or not (objects only), by run and step."""
+def list_archive(store: ObjectStore, warn: Callable[[str], None] | None = None) -> list[Entry]:
+    """Every checkpoint below the store's URL: complete (a manifest) or not (objects only), by run and step. A
+    manifest that cannot be read is told to `warn` and its checkpoint listed as incomplete."""
     try:
         found: dict[str, dict[str, Any]] = store.fs.find(store.base, detail=True)
     except FileNotFoundError:
@@ -47,12 +49,10 @@ def list_archive(store: ObjectStore) -> list[Entry]:
     partial: dict[tuple[str, str], Entry] = {}
     for key, info in found.items():
         rel = key.removeprefix(head)
-        if rel.endswith(MANIFEST_SUFFIX):
-            manifest = store.read_manifest(key.removesuffix(MANIFEST_SUFFIX))
-            if manifest is not None:
-                run = _run_of(rel.removesuffix(MANIFEST_SUFFIX))
-                entry = Entry(run, manifest.checkpoint, manifest.step, manifest.size, manifest.archived_at, True)
-                complete[(run, manifest.checkpoint)] = entry
+        if _is_manifest(rel):
+            entry = _complete_entry(store, key, rel, warn)
+            if entry is not None:
+                complete[(entry.run, entry.checkpoint)] = entry
             continue
         where = _checkpoint_of(rel)
         if where is not None:
@@ -62,6 +62,32 @@ def list_archive(store: ObjectStore) -> list[Entry]:
             entry.when = max(entry.when, _timestamp(info))
     merged = {**partial, **complete}
     return sorted(merged.values(), key=lambda e: (e.run, e.step))
+
+
+def _is_manifest(rel: str) -> bool:
+    """A key is a manifest when it is `RUN/checkpoint-N` + the suffix and not inside another checkpoint (a file of
+    a checkpoint may be named like a manifest)."""
+    if not rel.endswith(MANIFEST_SUFFIX):
+        return False
+    stem = rel.removesuffix(MANIFEST_SUFFIX)
+    return checkpoint_step(stem.rpartition("/")[2]) is not None and _checkpoint_of(stem) is None
+
+
+def _complete_entry(store: ObjectStore, key: str, rel: str, warn: Callable[[str], None] | None) -> Entry | None:
+    """The entry of the checkpoint whose manifest is `key`; None (and a warning) when it cannot be read."""
+    stem = rel.removesuffix(MANIFEST_SUFFIX)
+    try:
+        manifest = store.read_manifest(key.removesuffix(MANIFEST_SUFFIX))
+    except DestinationError as e:
+        if warn is not None:
+            warn(f"{stem}: skipped, its manifest cannot be read ({e}); listed as incomplete")
+        return None
+    except Exception as e:
+        raise describe(e) from None
+    if manifest is None:  # gone since the listing
+        return None
+    name = stem.rpartition("/")[2]
+    return Entry(_run_of(stem), name, manifest.step, manifest.size, manifest.archived_at, True)
 
 
 def _run_of(rel: str) -> str:
@@ -117,17 +143,42 @@ def restore(source_url: str, options: dict[str, Any], directory: Path) -> tuple[
     target = directory / name
     if os.path.lexists(target):
         raise DestinationError(f"{target} already exists: restore into another directory, or move it away first")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _local_error(e, directory) from None
+    _check_paths(manifest)
+    _restore_into(store, manifest, directory, name)
+    return target, manifest
+
+
+def _restore_into(store: ObjectStore, manifest: Manifest, directory: Path, name: str) -> None:
+    """Download into a temporary directory beside the target, make it durable, rename it to `directory/name`."""
+    target = directory / name
     temp = directory / f"{RESTORE_TEMP_PREFIX}{name}.{uuid.uuid4().hex[:12]}"
     try:
         _download(store, manifest, temp)
         _fsync_tree(temp)
+        # Never over anything, not even an empty directory made meanwhile (os.rename would replace that one).
+        # Checked, then renamed: without renameat2(RENAME_NOREPLACE) one made in between is still replaced.
+        if os.path.lexists(target):
+            raise DestinationError(f"{target} appeared during the restore: move it away and restore again")
         os.rename(temp, target)
-        _fsync(directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _local_error(e, temp) from None
         raise
-    return target, manifest
+    try:
+        _fsync(directory)
+    except OSError as e:
+        raise _local_error(e, directory) from None
+
+
+def _local_error(error: OSError, fallback: Path) -> DestinationError:
+    """A failure on the local side, in one line naming the path."""
+    where = error.filename if isinstance(error.filename, (str, bytes)) else fallback
+    return DestinationError(f"cannot write {os.fsdecode(where)}: {error.strerror or error}")
 
 
 def _safe(rel: str) -> str:
@@ -136,6 +187,21 @@ def _safe(rel: str) -> str:
     if path.is_absolute() or ".." in path.parts or not path.parts:
         raise DestinationError(f"the manifest names a path outside the checkpoint: {rel!r}")
     return str(path)
+
+
+def _check_paths(manifest: Manifest) -> None:
+    """Refuse a manifest whose files and links are not distinct leaves: the same path twice, a file or link that
+    is also a directory, or one inside another file or link (written through a link, it could land anywhere)."""
+    leaves = [_safe(f.path) for f in manifest.files] + [_safe(rel) for rel, _ in manifest.links]
+    dirs = {_safe(d) for d in manifest.dirs}
+    parents = {str(p) for rel in [*leaves, *dirs] for p in PurePosixPath(rel).parents if str(p) != "."}
+    seen: set[str] = set()
+    for rel in leaves:
+        if rel in seen or rel in dirs:
+            raise DestinationError(f"the manifest names {rel!r} more than once (as a file, link or directory)")
+        if rel in parents:
+            raise DestinationError(f"the manifest names {rel!r} as a file or link and as a directory holding others")
+        seen.add(rel)
 
 
 def _download(store: ObjectStore, manifest: Manifest, temp: Path) -> None:

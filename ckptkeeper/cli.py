@@ -654,13 +654,16 @@ def archive_ls(url: str, archive_options: tuple[str, ...]) -> None:
     from ckptkeeper.destination import DestinationError, ObjectStore
     from ckptkeeper.urls import is_url, url_problem
 
-    problem = url_problem(url) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
+    problem = (
+        url_problem(url, writing=False) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
+    )
     if problem:
         raise ConfigProblem(f"{url}: {problem}")
     store = ObjectStore(url.rstrip("/"), _store_options(archive_options))
     try:
         store.check()
-        _echo(archive_table(url, list_archive(store)))
+        entries = list_archive(store, warn=lambda message: _echo(f"warning: {message}", err=True))
+        _echo(archive_table(url, entries))
     except DestinationError as e:
         raise Failed(f"cannot list {url}: {e}") from None
 
@@ -680,7 +683,9 @@ def archive_restore(url: str, directory: Path, archive_options: tuple[str, ...])
     from ckptkeeper.destination import DestinationError, ObjectStore
     from ckptkeeper.urls import is_url, url_problem
 
-    problem = url_problem(url) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
+    problem = (
+        url_problem(url, writing=False) if is_url(url) else "expected an object store URL such as s3://bucket/prefix"
+    )
     if problem:
         raise ConfigProblem(f"{url}: {problem}")
     try:

@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import re
+import socket
 import stat
 import threading
 import time
@@ -37,6 +38,9 @@ from ckptkeeper.urls import URL_FORM
 
 MANIFEST_SUFFIX = ".ckptkeeper-manifest.json"
 MANIFEST_FORMAT = "ckptkeeper-archive/1"
+# Beside the manifest while an upload is under way: which checkpoint is being sent there. Made only where none is
+# (If-None-Match), so two instances never send to the same keys at once (the second keeps its checkpoint).
+CLAIM_SUFFIX = ".ckptkeeper-upload.json"
 MIN_PART = 8 << 20  # S3's smallest part is 5 MiB; 8 MiB parts keep memory low and requests few
 MAX_PARTS = 9000  # S3 allows 10,000 parts: larger files get larger parts
 FILES_IN_FLIGHT = 4  # files uploaded at once
@@ -108,6 +112,9 @@ class FileEntry:
     path: str  # relative, "/"-separated
     size: int
     sha256: str
+    # The ETag the store gave the object when it was sent and verified: an object that no longer has it was
+    # written over since (another writer at this prefix), and the archive no longer holds these bytes.
+    etag: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,7 @@ class Manifest:
             "archived_at": self.archived_at,
             "source": self.source,
             "bytes": self.size,
-            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256, "etag": f.etag} for f in self.files],
             "dirs": list(self.dirs),
             "links": [{"path": p, "target": t} for p, t in self.links],
         }
@@ -146,7 +153,10 @@ class Manifest:
             d = json.loads(data)
             if d.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format {d.get('format')!r}")
-            files = tuple(FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in d["files"])
+            files = tuple(
+                FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"]), str(f.get("etag") or ""))
+                for f in d["files"]
+            )
             links = tuple((str(x["path"]), str(x["target"])) for x in d.get("links", []))
             return cls(
                 str(d["run"]), str(d["checkpoint"]), int(d["step"]), files, tuple(map(str, d.get("dirs", []))),
@@ -394,12 +404,69 @@ def _archive(
     if existing is not None:
         return _check_existing(store, where, shown, existing, files, links), "already archived"
     store.ensure_bucket()
-    store.abort_unfinished(where)
-    present = store.objects(where)
-    entries = _upload_all(store, where, files, present, stop, progress)
-    manifest = Manifest(run, name, step, entries, tuple(dirs), tuple(links), time.time(), source)
-    _commit(store, where, shown, manifest)
+    _check_keys(store, where, shown, files)
+    with _claimed(store, where, shown, source):
+        store.abort_unfinished(where)
+        present = store.objects(where)
+        entries = _upload_all(store, where, files, present, stop, progress)
+        manifest = Manifest(run, name, step, entries, tuple(dirs), tuple(links), time.time(), source)
+        _commit(store, where, shown, manifest)
     return manifest, "uploaded"
+
+
+@contextlib.contextmanager
+def _claimed(store: ObjectStore, where: str, shown: str, source: str) -> Iterator[None]:
+    """Claim the checkpoint's keys for this upload (S3: an object made only if none is there). A claim of the same
+    checkpoint directory (device and inode) is its own earlier attempt (killed): taken over. Any other is another
+    instance sending a checkpoint of the same path to this prefix: refused, the checkpoint kept. Let go at the
+    end, whatever happened (a kill leaves it: the next attempt on this checkpoint takes it over)."""
+    fs = store.fs
+    if not hasattr(fs, "call_s3"):
+        yield  # no conditional write: other stores get no claim (one root per prefix, as documented)
+        return
+    key = where + CLAIM_SUFFIX
+    st = os.stat(source)
+    me = f"{st.st_dev}:{st.st_ino}"
+    mine = json.dumps({"checkpoint": me, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
+    try:
+        fs.pipe_file(key, mine.encode(), mode="create")
+    except FileExistsError:
+        fs.invalidate_cache(key)
+        try:
+            held = json.loads(fs.cat_file(key))
+        except (ValueError, FileNotFoundError):
+            held = {}
+        if not isinstance(held, dict) or held.get("checkpoint") != me:
+            who = f"host {held.get('host')}, pid {held.get('pid')}" if isinstance(held, dict) else "unknown"
+            raise DestinationError(
+                f"{shown}: another ckptkeeper ({who}) is sending a checkpoint of this path to the store; the "
+                f"checkpoint is kept (one root per prefix; remove {key.rsplit('/', 1)[-1]} if it is gone)"
+            ) from None
+        fs.pipe_file(key, mine.encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            fs.rm_file(key)
+
+
+def _check_keys(store: ObjectStore, where: str, shown: str, files: list[LocalFile]) -> None:
+    """Each file has an object key of its own, as written: s3fs reads `?versionId=` in a key as a version, so
+    `notes?versionId=1` would be stored as `notes`, over another file."""
+    split = getattr(store.fs, "split_path", None)
+    if split is None:
+        return
+    seen: dict[str, str] = {}
+    for f in files:
+        intended = f"{where}/{f.path}"
+        bucket, key, version = split(intended)
+        stored = f"{bucket}/{key}"
+        if version or stored != intended or stored in seen:
+            raise DestinationError(
+                f"{shown}: {f.path!r} cannot be stored under its own name in this store (it would be {stored!r}); "
+                "the checkpoint is kept"
+            )
+        seen[stored] = f.path
 
 
 def _check_existing(
@@ -419,12 +486,28 @@ def _hashed(files: list[LocalFile]) -> tuple[FileEntry, ...]:
 
 
 def _objects_problem(store: ObjectStore, where: str, manifest: Manifest) -> str | None:
+    """Why the objects below `where` are not the bytes `manifest` lists, or None. Each object must have the size
+    and the ETag it was given when it was sent; where no ETag can tell (none recorded, or none given), the
+    object is read back and its SHA-256 compared."""
     present = store.objects(where)
     for f in manifest.files:
         info = present.get(f.path)
         if info is None or int(info.get("size", -1)) != f.size:
             return f"{f.path} is missing in the store or has another size"
+        if f.etag and _etag(info):
+            if _etag(info) != f.etag:
+                return f"{f.path} was written over in the store since it was archived (another writer at this prefix?)"
+        elif _read_back(store, f"{where}/{f.path}") != f.sha256:
+            return f"{f.path} in the store holds other bytes than the manifest says"
     return None
+
+
+def _read_back(store: ObjectStore, key: str) -> str:
+    digest = hashlib.sha256()
+    with store.fs.open(key, "rb", block_size=READ_CHUNK) as remote:
+        for chunk in iter_chunks(remote, READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _commit(store: ObjectStore, where: str, shown: str, manifest: Manifest) -> None:
@@ -433,10 +516,22 @@ def _commit(store: ObjectStore, where: str, shown: str, manifest: Manifest) -> N
     if store.exists(where + MANIFEST_SUFFIX):
         raise DestinationError(f"{shown}: another manifest appeared during the upload; left for the next pass")
     data = manifest.to_json()
-    fs.pipe_file(where + MANIFEST_SUFFIX, data)
+    try:  # S3: written only if no manifest is there (If-None-Match), so of two writers one commits
+        fs.pipe_file(where + MANIFEST_SUFFIX, data, **({"mode": "create"} if hasattr(fs, "call_s3") else {}))
+    except Exception as e:  # s3fs says FileExistsError ("pre-conditions ... did not hold")
+        if isinstance(e, FileExistsError) or "PreconditionFailed" in f"{type(e).__name__} {e!r}":
+            raise DestinationError(
+                f"{shown}: another manifest appeared during the upload; left for the next pass"
+            ) from None
+        raise
     fs.invalidate_cache(where + MANIFEST_SUFFIX)
     if fs.cat_file(where + MANIFEST_SUFFIX) != data:
         raise DestinationError(f"{shown}: the manifest read back differs from the one written")
+    # Every object still the one sent: a writer at the same keys (another instance archiving a checkpoint of the
+    # same path) could have written over one since it was verified. Then the source stays.
+    problem = _objects_problem(store, where, manifest)
+    if problem:
+        raise DestinationError(f"{shown}: {problem}; the checkpoint is kept")
 
 
 def _upload_all(
@@ -488,19 +583,19 @@ def _upload_one(
         if etag == _etag(present):  # sent whole by an upload cut short before its manifest: resumed
             if progress is not None:
                 progress(f.size)
-            return FileEntry(f.path, f.size, sha)
+            return FileEntry(f.path, f.size, sha, etag)
     if f.size < part_size(f.size):  # one request; S3 answers with the ETag of what it received
         sha, etag, answered = _send_small(store, key, f, halted, progress)
         if answered == etag:
-            return FileEntry(f.path, f.size, sha)
+            return FileEntry(f.path, f.size, sha, etag)
     elif hasattr(store.fs, "call_s3"):  # S3: parts sent concurrently, PARTS_IN_FLIGHT at most
         sha, etag, answered = _send_parts(store, key, f, halted, progress)
         if answered == etag:
-            return FileEntry(f.path, f.size, sha)
+            return FileEntry(f.path, f.size, sha, etag)
     else:
         sha, etag = _send(store, key, f, halted, progress)
-    _verify(store, key, f, sha, etag)
-    return FileEntry(f.path, f.size, sha)
+    stored = _verify(store, key, f, sha, etag)
+    return FileEntry(f.path, f.size, sha, stored)
 
 
 class _Parts:
@@ -634,22 +729,20 @@ def _abandon(remote: Any) -> None:
     remote.closed = True
 
 
-def _verify(store: ObjectStore, key: str, f: LocalFile, sha: str, etag: str) -> None:
+def _verify(store: ObjectStore, key: str, f: LocalFile, sha: str, etag: str) -> str:
     """The object has the file's size, and the MD5s sent (the ETag); where the ETag is no MD5 of ours (SSE-KMS,
-    another store), the object is read back and its SHA-256 compared."""
+    another store), the object is read back and its SHA-256 compared. Returns the ETag the store gives it."""
     fs = store.fs
     fs.invalidate_cache(key)
     info = fs.info(key)
     if int(info.get("size", -1)) != f.size:
         raise DestinationError(f"{f.path}: the store holds {info.get('size')} bytes, {f.size} were sent")
-    if _etag(info) == etag:
-        return
-    digest = hashlib.sha256()
-    with fs.open(key, "rb", block_size=READ_CHUNK) as remote:
-        for chunk in iter_chunks(remote, READ_CHUNK):
-            digest.update(chunk)
-    if digest.hexdigest() != sha:
+    stored = _etag(info) or ""
+    if stored == etag:
+        return stored
+    if _read_back(store, key) != sha:
         raise DestinationError(f"{f.path}: the object read back differs from the file sent")
+    return stored
 
 
 def iter_chunks(f: Any, size: int) -> Iterator[bytes]:

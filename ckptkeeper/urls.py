@@ -26,16 +26,23 @@ def url_problem(url: str, *, writing: bool = True) -> str | None:
     if match is None:
         return "not a URL"
     protocol, rest = match.groups()
-    if protocol in ("file", "local"):
-        return "give a local archive as a path, not a file:// URL"
+    problem = _protocol_problem(protocol.lower(), writing)
+    if problem:
+        return problem
     if not rest.split("/", 1)[0]:
         return f"names no bucket (expected {protocol}://BUCKET/PREFIX)"
-    if writing and protocol.lower() in READ_ONLY_PROTOCOLS:
-        return f"{protocol}:// is read-only (fsspec cannot write there): archive to an object store such as s3://"
-    if protocol.lower() == "memory":
-        return "memory:// lives only as long as this process: an archive there is lost when it exits"
     if "\0" in url:
         return "a URL cannot contain a NUL character"
+    return None
+
+
+def _protocol_problem(protocol: str, writing: bool) -> str | None:
+    if protocol in ("file", "local"):
+        return "give a local archive as a path, not a file:// URL"
+    if writing and protocol in READ_ONLY_PROTOCOLS:
+        return f"{protocol}:// is read-only (fsspec cannot write there): archive to an object store such as s3://"
+    if protocol == "memory":
+        return "memory:// lives only as long as this process: an archive there is lost when it exits"
     return None
 
 

@@ -85,7 +85,7 @@ import pytest
 from s3util import Bucket, S3Server, environment, new_bucket, start_process
 
 from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX, RUN_TRASH_NAME
-from ckptkeeper.destination import MANIFEST_SUFFIX
+from ckptkeeper.destination import CLAIM_SUFFIX, MANIFEST_SUFFIX
 from ckptkeeper.engine import Pipeline
 from ckptkeeper.model import Action
 from ckptkeeper.scan import checkpoint_step
@@ -461,6 +461,8 @@ class StoreView:
         objects: dict[Key, dict[str, int]] = {}
         for key, size in self.bucket.listing(head).items():
             rel = key[len(head) :]
+            if rel.endswith(CLAIM_SUFFIX):
+                continue  # an upload's claim, left by the kill: taken over by the next attempt from this source
             if rel.endswith(MANIFEST_SUFFIX):
                 run, _, name = rel.removesuffix(MANIFEST_SUFFIX).rpartition("/")
                 manifests[(run or ".", name)] = client.get_object(Bucket=self.bucket.name, Key=key)["Body"].read()
