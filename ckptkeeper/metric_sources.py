@@ -392,7 +392,8 @@ def _of_this_checkpoint(ev: Evaluation, c: Checkpoint) -> bool:
     return written is None or ev.date >= written - EVALUATED_BEFORE_ALLOWANCE
 
 
-def _before(found: Found, c: Checkpoint) -> Found:
+def _older_than(c: Checkpoint) -> Found:
+    """Why a checkpoint whose every evaluation started before it was written lacks the metric."""
     return Found(None, None, f"not evaluated yet (the results for {c.name} are older than it: an earlier one?)", False)
 
 
@@ -449,9 +450,10 @@ class MetricSources:
             for run in runs:
                 for c in run.checkpoints:
                     tied = ties.by_checkpoint.get((run.path, c.name), [])
-                    found = newest_values([e for e in tied if _of_this_checkpoint(e, c)], source.specs)
-                    if len(tied) > 0 and all(not _of_this_checkpoint(e, c) for e in tied):
-                        found = {n: _before(f, c) for n, f in found.items()}
+                    current = [e for e in tied if _of_this_checkpoint(e, c)]
+                    found = newest_values(current, source.specs)
+                    if tied and not current:
+                        found = dict.fromkeys(found, _older_than(c))
                         older.append(f"{run.label}/{c.name}" if run.path != "." else c.name)
                     evaluated.setdefault((run.path, c.name), {}).update(found)
         if older:
