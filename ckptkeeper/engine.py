@@ -429,9 +429,10 @@ class Pipeline:
         runs = [read_run(self.root, d, now, settle, cache, trusting, evaluations) for d in run_dirs]
         if self.metric_sources is None:
             return runs
+        dirs = {run.path: os.fspath(d) for run, d in zip(runs, run_dirs, strict=True)}
         if refresh_metrics:
-            self.metric_sources.refresh({run.path: os.fspath(d) for run, d in zip(runs, run_dirs, strict=True)})
-        return self.metric_sources.attach(runs, {run.path: os.fspath(d) for run, d in zip(runs, run_dirs, strict=True)})
+            self.metric_sources.refresh(dirs)
+        return self.metric_sources.attach(runs, dirs)
 
     def refresh_metric_sources(self, run_dirs: Sequence[Path] = ()) -> None:
         """Look at the metric sources once for a pass over the runs in `run_dirs` (every run of the root)."""
