@@ -473,14 +473,6 @@ class Pipeline:
         except pins.PinsError as e:
             raise PinsUnreadable(f"{e}; {PINS_UNREADABLE}") from None
 
-    def pins_seen(self, now: float) -> object:
-        """What of the pins a plan depends on at `now`: the pins that hold then (or why they cannot be read). When
-        it changes (a pin taken or dropped, a lease lapsed), the daemon plans every run again."""
-        try:
-            return frozenset(p for p in pins.read_pins(self.layout.state_dir) if p.holds_at(now))
-        except pins.PinsError as e:
-            return str(e)
-
     def stale(self, run: Run, now: float) -> tuple[Stale, ...]:
         """The run's incomplete checkpoints unchanged for longer than --stale-after (and than --settle: one
         still settling is not stale, however short --stale-after is)."""

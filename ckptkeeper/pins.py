@@ -141,6 +141,45 @@ def read_file(state_dir: Path) -> PinsFile:
         os.close(dir_fd)
 
 
+class PinsReader:
+    """The pins of one state directory, read again only when the pins file's lstat changed (the daemon looks every
+    second; reading and parsing the file each time was its idle path's largest cost). Owned by the daemon's main
+    thread.
+
+    The key is what every change to the file moves: `pin` and `unpin` replace it (another inode), and a write in
+    place sets its mtime and ctime. A file changed within a second of the read is not trusted to keep its key
+    (a second write in the same tick of the file-time clock would keep it too), so it is read again next time.
+    Only this change detector goes by name; the read itself is `read_file`'s, through descriptors."""
+
+    RECENT = 1.0  # s: a file changed this recently is read again at every look
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._key: tuple[int, ...] | None = None
+        self._pins: tuple[Pin, ...] = ()
+
+    def pins(self, now: float) -> tuple[Pin, ...]:
+        """The pins, lapsed leases included; PinsError when the file cannot be read."""
+        key = self._lstat_key(now)
+        if key is not None and key == self._key:
+            return self._pins
+        self._key = None
+        pins = read_pins(self.state_dir)
+        self._key, self._pins = key, pins
+        return pins
+
+    def _lstat_key(self, now: float) -> tuple[int, ...] | None:
+        try:
+            st = os.lstat(self.state_dir / PINS_NAME)
+        except FileNotFoundError:
+            return (0,)  # no pins file: no pins; one that appears has a key of its own
+        except OSError:
+            return None  # read it every time; read_file says what is wrong
+        if now - st.st_ctime < self.RECENT or now - st.st_mtime < self.RECENT:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def read_pins(state_dir: Path) -> tuple[Pin, ...]:
     """The pins held in `state_dir` (lapsed leases included: the planner judges them at its time)."""
     return tuple(stored.pin for stored in read_file(state_dir).pins)

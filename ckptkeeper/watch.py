@@ -34,6 +34,7 @@ from ckptkeeper.metric_specs import MetricSpec
 from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_problem
 from ckptkeeper.model import root_name
 from ckptkeeper.observers import ObserverSupervisor, RootChange
+from ckptkeeper.pins import PinsError, PinsReader
 from ckptkeeper.policy import Policy
 from ckptkeeper.progress import WATCH_INTERVAL, UploadProgress
 from ckptkeeper.reaper import Reaper
@@ -120,7 +121,8 @@ class Daemon:
         self.snapshot = HealthSnapshot()
         self.metrics_server: MetricsServer | None = None
         self._dead_watcher_seen = False
-        self._pins: object = None  # the pins as last seen (`Pipeline.pins_seen`)
+        self._pins: object = None  # the pins as last seen (`pins_holding`)
+        self._pins_reader: PinsReader | None = None
         self._final_line = threading.Lock()  # taken by whoever says the last `stopped` line (any thread)
         if self.root.is_dir():  # checked now, so a bad combination fails at once; else once the root appears
             self._build_pipeline()
@@ -394,7 +396,10 @@ class Daemon:
         """A pin taken or dropped, or a lease lapsed, since the last look (no file of a run changes then): the runs
         are planned again, none of them left quiet. A new pin is honoured before that anyway: the engine reads the
         pins again before every removal."""
-        seen = self._pipe().pins_seen(time.time())
+        pipeline = self._pipe()
+        if self._pins_reader is None or self._pins_reader.state_dir != pipeline.layout.state_dir:
+            self._pins_reader = PinsReader(pipeline.layout.state_dir)
+        seen = pins_holding(self._pins_reader, time.time())
         changed = self._pins is not None and seen != self._pins
         self._pins = seen
         if changed:
@@ -483,3 +488,12 @@ class Daemon:
         self._say_stopped(grace_over=True)
         logging.shutdown()
         os._exit(0)
+
+
+def pins_holding(reader: PinsReader, now: float) -> object:
+    """What of the pins a plan depends on at `now`: the pins that hold then (or why they cannot be read). When it
+    changes (a pin taken or dropped, a lease lapsed), the daemon plans every run again."""
+    try:
+        return frozenset(p for p in reader.pins(now) if p.holds_at(now))
+    except PinsError as e:
+        return str(e)

@@ -23,8 +23,10 @@ from click.testing import CliRunner, Result
 import ckptkeeper
 from ckptkeeper.cli import main
 from ckptkeeper.engine import Pipeline
+from ckptkeeper.layout import default_state_dir
 from ckptkeeper.model import Action, Pin
 from ckptkeeper.pinning import PinRefused
+from ckptkeeper.pins import PinsError, PinsReader
 from ckptkeeper.policy import PlanInputs, Policy, plan_root
 from ckptkeeper.render import outcome_line
 from ckptkeeper.rules import parse_rules
@@ -416,3 +418,64 @@ def test_a_pin_under_a_root_below_the_one_a_running_watch_holds_is_refused(root:
         f"{inner}: it would not see this pin; pin with --root {root}\n"
     )
     assert run_ckptkeeper("pin", inner / "checkpoint-10").returncode == 0  # the nearest state directory: root's
+
+
+# ---------------------------------------------------------------------------------------------- the daemon's look
+_OPENED: list[str] = []
+
+
+def _count_pins_opens(event: str, args: tuple[object, ...]) -> None:
+    if event == "open" and args and str(args[0]).endswith("pins.json"):
+        _OPENED.append(str(args[0]))
+
+
+sys.addaudithook(_count_pins_opens)
+
+
+def _aged(path: Path) -> None:
+    """Wait until the file's ctime is past the reader's `RECENT` window (ctime cannot be set back)."""
+    time.sleep(max(0.0, path.lstat().st_ctime + PinsReader.RECENT + 0.05 - time.time()))
+
+
+def test_the_daemon_s_pins_reader_reads_the_file_again_only_when_it_changed(root: Path) -> None:
+    state_dir = default_state_dir(root)
+    reader = PinsReader(state_dir)
+    assert reader.pins(time.time()) == ()
+    assert cli("pin", "--root", root, ckpt(root, 10), "--note", "first").exit_code == 0
+    pins_file = state_dir / "pins.json"
+    _aged(pins_file)
+    _OPENED.clear()
+    assert [p.note for p in reader.pins(time.time())] == ["first"]
+    assert [p.note for p in reader.pins(time.time())] == ["first"]
+    assert [p.note for p in reader.pins(time.time())] == ["first"]
+    assert len(_OPENED) == 1, _OPENED  # read once, then recognised by its lstat
+    assert cli("pin", "--root", root, ckpt(root, 20), "--note", "second").exit_code == 0
+    assert sorted(p.note for p in reader.pins(time.time())) == ["first", "second"]
+    assert cli("unpin", "--root", root, ckpt(root, 10)).exit_code == 0
+    assert [p.note for p in reader.pins(time.time())] == ["second"]
+
+
+def test_the_pins_reader_reads_a_file_changed_within_its_window_at_every_look(root: Path) -> None:
+    """A write in place within the same tick of the file-time clock may leave the key as it was (not reproducible on
+    demand): so a file changed less than `RECENT` ago is never recognised by its key; it is read at every look."""
+    state_dir = default_state_dir(root)
+    assert cli("pin", "--root", root, ckpt(root, 10), "--note", "old").exit_code == 0
+    reader = PinsReader(state_dir)
+    _OPENED.clear()
+    for _ in range(3):
+        assert [p.note for p in reader.pins(time.time())] == ["old"]
+    assert (state_dir / "pins.json").lstat().st_ctime > time.time() - PinsReader.RECENT, "too slow to test"
+    assert len(_OPENED) == 3, _OPENED
+
+
+def test_an_unreadable_pins_file_is_an_error_at_every_look_not_a_memory(root: Path) -> None:
+    state_dir = default_state_dir(root)
+    assert cli("pin", "--root", root, ckpt(root, 10)).exit_code == 0
+    reader = PinsReader(state_dir)
+    assert len(reader.pins(time.time())) == 1
+    pins_file = state_dir / "pins.json"
+    pins_file.unlink()
+    pins_file.write_text("{not json")
+    for _ in range(2):
+        with pytest.raises(PinsError):
+            reader.pins(time.time())
