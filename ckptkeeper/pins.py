@@ -168,6 +168,14 @@ class PinsReader:
         self._key, self._pins = key, pins
         return pins
 
+    def holding(self, now: float) -> object:
+        """What of the pins a plan depends on at `now`: the pins that hold then (or why they cannot be read). When
+        it changes (a pin taken or dropped, a lease lapsed), the daemon plans every run again."""
+        try:
+            return frozenset(p for p in self.pins(now) if p.holds_at(now))
+        except PinsError as e:
+            return str(e)
+
     def _lstat_key(self, now: float) -> tuple[int, ...] | None:
         try:
             st = os.lstat(self.state_dir / PINS_NAME)

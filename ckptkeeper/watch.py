@@ -34,7 +34,7 @@ from ckptkeeper.metric_specs import MetricSpec
 from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_problem
 from ckptkeeper.model import root_name
 from ckptkeeper.observers import ObserverSupervisor, RootChange
-from ckptkeeper.pins import PinsError, PinsReader
+from ckptkeeper.pins import PinsReader
 from ckptkeeper.policy import Policy
 from ckptkeeper.progress import WATCH_INTERVAL, UploadProgress
 from ckptkeeper.reaper import Reaper
@@ -121,7 +121,7 @@ class Daemon:
         self.snapshot = HealthSnapshot()
         self.metrics_server: MetricsServer | None = None
         self._dead_watcher_seen = False
-        self._pins: object = None  # the pins as last seen (`pins_holding`)
+        self._pins: object = None  # the pins as last seen (`PinsReader.holding`)
         self._pins_reader: PinsReader | None = None
         self._final_line = threading.Lock()  # taken by whoever says the last `stopped` line (any thread)
         if self.root.is_dir():  # checked now, so a bad combination fails at once; else once the root appears
@@ -399,7 +399,7 @@ class Daemon:
         pipeline = self._pipe()
         if self._pins_reader is None or self._pins_reader.state_dir != pipeline.layout.state_dir:
             self._pins_reader = PinsReader(pipeline.layout.state_dir)
-        seen = pins_holding(self._pins_reader, time.time())
+        seen = self._pins_reader.holding(time.time())
         changed = self._pins is not None and seen != self._pins
         self._pins = seen
         if changed:
@@ -488,12 +488,3 @@ class Daemon:
         self._say_stopped(grace_over=True)
         logging.shutdown()
         os._exit(0)
-
-
-def pins_holding(reader: PinsReader, now: float) -> object:
-    """What of the pins a plan depends on at `now`: the pins that hold then (or why they cannot be read). When it
-    changes (a pin taken or dropped, a lease lapsed), the daemon plans every run again."""
-    try:
-        return frozenset(p for p in reader.pins(now) if p.holds_at(now))
-    except PinsError as e:
-        return str(e)
