@@ -9,7 +9,10 @@ other files. Sizes: 1,000 checkpoints (10 runs x 100) by default; `--full` adds 
 issue's two sizes; `--quick` 100 (10 x 10). Both sides are new processes, timed around subprocess.run:
 
 - baseline: `python -c "for p in glob(ROOT/*/*/checkpoint-*/trainer_state.json): json.load(open(p, 'rb'))"`;
-- `ckptkeeper plan ROOT --keep last:1000` (everything kept; the table printed to /dev/null).
+- `ckptkeeper plan ROOT --keep last:1000` (everything kept; the table printed to /dev/null), a first look: its
+  `--state-dir` is an empty directory, so there is no scan memo (`ckptkeeper.scan_memo`) and every file is read;
+- the same after one `ckptkeeper prune ROOT --keep last:1000` (which removes nothing and writes the scan memo
+  into the root's state directory): what a user sees at every `plan` or `prune` after the first `prune`.
 
 Warm: both run once untimed, then each repetition times both in alternating order. Cold: before each timed
 side, `sync` and `echo 3 > /proc/sys/vm/drop_caches` (root only; where it cannot be written the cold rows
@@ -71,11 +74,23 @@ def drop_caches() -> bool:
     return True
 
 
+SIDES = ("baseline", "plan", "memo")
+
+
 def commands(root: Path) -> dict[str, list[str]]:
+    plan = [sys.executable, "-m", "ckptkeeper", "plan", str(root), "--keep", "last:1000"]
     return {
         "baseline": [sys.executable, "-c", BASELINE, str(root)],
-        "plan": [sys.executable, "-m", "ckptkeeper", "plan", str(root), "--keep", "last:1000"],
+        "plan": [*plan, "--state-dir", str(root.parent / "empty-state")],
+        "memo": plan,
     }
+
+
+def write_memo(root: Path) -> None:
+    """One `prune` that removes nothing: the scan memo the `memo` side reads."""
+    (root.parent / "empty-state").mkdir(exist_ok=True)
+    timed_process([sys.executable, "-m", "ckptkeeper", "prune", str(root), "--keep", "last:1000"])
+    assert (root / "_ckptkeeper" / "scan-memo.json").is_file(), "prune wrote no scan memo"
 
 
 def measure_size(root: Path, runs: int, per_run: int, reps: int) -> dict[str, Any]:
@@ -83,16 +98,14 @@ def measure_size(root: Path, runs: int, per_run: int, reps: int) -> dict[str, An
     checkpoints, state_bytes = build_tree(root, runs, per_run)
     built = time.monotonic() - started
     argv = commands(root)
+    write_memo(root)
     for command in argv.values():
         timed_process(command)  # warm-up: the tree, the interpreter and its modules in the page cache
-    times: dict[str, dict[str, list[float]]] = {
-        "warm": {"baseline": [], "plan": []},
-        "cold": {"baseline": [], "plan": []},
-    }
-    cpu: dict[str, list[float]] = {"baseline": [], "plan": []}
+    times: dict[str, dict[str, list[float]]] = {"warm": {s: [] for s in SIDES}, "cold": {s: [] for s in SIDES}}
+    cpu: dict[str, list[float]] = {s: [] for s in SIDES}
     cold_ok = True
     for rep in range(reps):
-        order = ["baseline", "plan"] if rep % 2 == 0 else ["plan", "baseline"]
+        order = list(SIDES[rep % 3 :] + SIDES[: rep % 3])
         for side in order:
             wall, used = timed_process_cpu(argv[side])
             times["warm"][side].append(wall)
@@ -112,8 +125,11 @@ def measure_size(root: Path, runs: int, per_run: int, reps: int) -> dict[str, An
     }
 
 
-def row(figures: dict[str, Any], cache: str) -> list[str]:
-    base, plan = figures["seconds"][cache]["baseline"], figures["seconds"][cache]["plan"]
+SIDE_NAMES = {"plan": "first look", "memo": "after a prune"}
+
+
+def row(figures: dict[str, Any], cache: str, side: str) -> list[str]:
+    base, plan = figures["seconds"][cache]["baseline"], figures["seconds"][cache][side]
     target = TARGET_COLD if cache == "cold" else TARGET_WARM
     if not plan:
         return [f"{figures['checkpoints']:,}", cache, "not measured: cannot drop the page cache here", "", "", "", ""]
@@ -121,13 +137,12 @@ def row(figures: dict[str, Any], cache: str) -> list[str]:
     r = summarize(ratios)
     verdict = "met" if r.median <= target else "**missed**"
     used = figures["warm_cpu_seconds"]
-    cpu = summarize([p / b for p, b in zip(used["plan"], used["baseline"], strict=True)])
-    cpu_cell = (
-        f"{fmt(summarize(used['baseline']).median)} / {fmt(summarize(used['plan']).median)} ({fmt(cpu.median, 2)}x)"
-    )
+    cpu = summarize([p / b for p, b in zip(used[side], used["baseline"], strict=True)])
+    loop_cpu, plan_cpu = summarize(used["baseline"]).median, summarize(used[side]).median
+    cpu_cell = f"{fmt(loop_cpu)} / {fmt(plan_cpu)} ({fmt(cpu.median, 2)}x)"
     return [
         f"{figures['checkpoints']:,}",
-        cache,
+        f"{cache}, {SIDE_NAMES[side]}",
         fmt_summary(summarize(base)),
         fmt_summary(summarize(plan)),
         f"**{fmt(r.median, 2)}x** [{fmt(r.minimum, 2)}, {fmt(r.maximum, 2)}]",
@@ -159,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             figures.append(measure_size(Path(tmp) / "root", runs, per_run, reps))
     print(f"## Plan a whole root ({reps} repetitions, alternating order, median [min, max] s)")
     print()
-    headers = ["checkpoints", "page cache", "json.load loop, s", "ckptkeeper plan, s", "plan / loop", "target"]
+    headers = ["checkpoints", "page cache, plan", "json.load loop, s", "ckptkeeper plan, s", "plan / loop", "target"]
     headers.append("CPU s, loop / plan (ratio)")
-    print(markdown_table(headers, [row(f, cache) for f in figures for cache in ("warm", "cold")]))
+    rows = [row(f, cache, side) for f in figures for cache in ("warm", "cold") for side in ("plan", "memo")]
+    print(markdown_table(headers, rows))
     print()
     for f in figures:
         print(

@@ -55,6 +55,7 @@ from ckptkeeper.rules import format_rules
 from ckptkeeper.scan import (
     VANISHED_WHILE_READING,
     ContentCache,
+    ContentsMemo,
     ScanOptions,
     checkpoint_step,
     find_run_dirs,
@@ -69,6 +70,7 @@ from ckptkeeper.state import StateDir
 
 if TYPE_CHECKING:  # imported when an object store is used: plan and prune of local paths start without it
     from ckptkeeper.destination import Backoff, ObjectStore
+    from ckptkeeper.scan_memo import ScanMemo
 
 Identity = tuple[int, int]
 OnOutcome = Callable[[Outcome], None]
@@ -420,13 +422,14 @@ class Pipeline:
         cache: ContentCache | None = None,
         trusting: bool = False,
         refresh_metrics: bool = True,
+        memo: ContentsMemo | None = None,
     ) -> list[Run]:
         """Read each run directory (`now` makes --settle apply; `cache`/`trusting` as in ContentCache), with the
         named metrics joined, from their sources as they are now (or, without `refresh_metrics`, as they were at
         the caller's last `refresh_metric_sources`: the daemon looks once per pass, then scans run by run)."""
         settle = self.scan_options.settle
         evaluations = frozenset(m.location for m in self.scan_options.metrics if m.kind == "file")
-        runs = [read_run(self.root, d, now, settle, cache, trusting, evaluations) for d in run_dirs]
+        runs = [read_run(self.root, d, now, settle, cache, trusting, evaluations, memo) for d in run_dirs]
         if self.metric_sources is None:
             return runs
         dirs = {run.path: os.fspath(d) for run, d in zip(runs, run_dirs, strict=True)}
@@ -529,9 +532,15 @@ class Pipeline:
     def survey(self, now: float | None) -> PassResult:
         """Scan and plan the whole root, without the lock: what `plan` shows."""
         warnings: list[str] = []
-        runs = self.scan(self.find_runs(warnings=warnings), now)
+        runs = self.scan(self.find_runs(warnings=warnings), now, memo=self.load_memo())
         warnings += self.metric_warnings()
         return PassResult(self.plan(runs, now=now), warnings=tuple(warnings))
+
+    def load_memo(self) -> ScanMemo:
+        """What the last `prune` read of each checkpoint (`scan_memo`); only `prune` writes it."""
+        from ckptkeeper.scan_memo import ScanMemo
+
+        return ScanMemo.load(self.layout.state_dir)
 
     def prune(self, now: float | None, report: PruneReport) -> PassResult:
         """One whole pass over the root under its lock: what `prune` does."""
@@ -545,10 +554,13 @@ class Pipeline:
             run_dirs = self.find_runs(warnings=warnings)
             leftovers = self.finish_leftovers(run_dirs)
             report.leftovers(leftovers)
-            plan = self.plan(self.scan(run_dirs, now), now=now)
+            memo = self.load_memo()
+            plan = self.plan(self.scan(run_dirs, now, memo=memo), now=now)
             warnings += self.metric_warnings()
             report.planned(plan, warnings)
             results = self.act(plan, report.outcome)
+            if not self.dry_run:
+                memo.save(self.state.dir_fd)
             return PassResult(plan, results, tuple(warnings), leftovers)
         finally:
             self.release()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ckptkeeper import weights
 from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_problem
@@ -172,7 +173,7 @@ def lstat_signature(directory: Path) -> tuple[tuple[int, int], Signature]:
 
 
 @dataclass(frozen=True)
-class _Contents:
+class Contents:
     """What reading a checkpoint's files found: everything but the settle check, which depends on the clock."""
 
     problems: tuple[str, ...]
@@ -183,13 +184,21 @@ class _Contents:
     marker: weights.Marker | None = None  # a weights-only marker of ckptkeeper's, as read
 
 
+class ContentsMemo(Protocol):
+    """What a checkpoint's files said at an earlier command, by the lstat signature of its entries (`scan_memo`)."""
+
+    def contents(self, run_dir: str, name: str, signature: Signature) -> Contents | None: ...
+
+    def saw(self, run_dir: str, name: str, signature: Signature, contents: Contents) -> None: ...
+
+
 @dataclass(frozen=True)
 class _Seen:
     """One look at a checkpoint: its directory's key, every entry's lstat, and what its files said."""
 
     dir_key: DirKey
     signature: Signature
-    contents: _Contents
+    contents: Contents
     # Complete and settled when seen: its Checkpoint, reused as it is while the directory is unchanged.
     trusted: Checkpoint | None
     # When this signature was first seen (the caller's clock): settling by observation when file times
@@ -279,7 +288,7 @@ def _read_up_to(fd: int, expected: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
+def _read_contents(directory: Path, step: int, names: list[str]) -> Contents:
     problems: list[str] = []
     if INCOMPLETE_MARKER in names:
         problems.append(f"{INCOMPLETE_MARKER} present (save in progress)")
@@ -314,7 +323,7 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> _Contents:
         problem = _safetensors_problem(directory, names)
         if problem:
             problems.append(problem)
-    return _Contents(tuple(problems), epoch, metrics, best_steps, stopped, _read_marker(directory, names))
+    return Contents(tuple(problems), epoch, metrics, best_steps, stopped, _read_marker(directory, names))
 
 
 def _read_marker(directory: Path, names: list[str]) -> weights.Marker | None:
@@ -401,9 +410,11 @@ def read_checkpoint(
     settle: float = 0.0,
     cache: ContentCache | None = None,
     evaluations: frozenset[str] = frozenset(),
+    memo: ContentsMemo | None = None,
 ) -> Checkpoint:
     """Judge one checkpoint directory. `now` and `settle` apply the watch's "unchanged for" check; with a
-    `cache`, files whose lstat has not changed since the last look are not read again. `evaluations`: files an
+    `cache`, files whose lstat has not changed since the last look are not read again; with a `memo`, the
+    same across commands (what it is told holds only signatures that vouch). `evaluations`: files an
     evaluation job puts in a checkpoint (`--metric file:PATH`), which are no write of the training run."""
     name = directory.name
     run_dir = os.fspath(directory.parent)
@@ -415,8 +426,13 @@ def read_checkpoint(
         return Checkpoint(name, step, complete=False, incomplete_reason=VANISHED_WHILE_READING)
     except OSError as e:
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
-    look = _look_at(directory, step, walked, names, held, now, looked_at)
+    if held is None and memo is not None:
+        look = _look_with_memo(directory, step, walked, names, memo, now, looked_at)
+    else:
+        look = _look_at(directory, step, walked, names, held, now, looked_at)
     checkpoint = _judge(name, step, look, now, settle, evaluations)
+    if memo is not None and checkpoint.signature_vouches:
+        memo.saw(run_dir, name, look.signature, look.contents)
     if cache is not None:
         trusted = checkpoint if checkpoint.complete else None
         seen_at = look.first_seen if look.first_seen is not None else 0.0
@@ -432,7 +448,7 @@ class _Look:
 
     walked: list[tuple[str, os.stat_result]]
     signature: Signature
-    contents: _Contents
+    contents: Contents
     first_seen: float | None  # when these exact entries were first seen (the caller's clock)
     seen_changing: bool  # they replaced different ones seen at an earlier look
     looked_at: float  # time.time() just before the walk
@@ -452,6 +468,23 @@ def _look_at(
     if held is not None and held.signature == signature:
         return _Look(walked, signature, held.contents, held.first_seen, held.seen_changing, looked_at)
     return _Look(walked, signature, _read_contents(directory, step, names), now, held is not None, looked_at)
+
+
+def _look_with_memo(
+    directory: Path,
+    step: int,
+    walked: list[tuple[str, os.stat_result]],
+    names: list[str],
+    memo: ContentsMemo,
+    now: float | None,
+    looked_at: float,
+) -> _Look:
+    """Read the checkpoint's files, unless an earlier command saw exactly these entries (`memo`)."""
+    signature = signature_of(walked)
+    contents = memo.contents(os.fspath(directory.parent), directory.name, signature)
+    if contents is None:
+        contents = _read_contents(directory, step, names)
+    return _Look(walked, signature, contents, now, False, looked_at)
 
 
 def _judge(
@@ -538,6 +571,7 @@ def read_run(
     cache: ContentCache | None = None,
     trusting: bool = False,
     evaluations: frozenset[str] = frozenset(),
+    memo: ContentsMemo | None = None,
 ) -> Run:
     checkpoints = []
     try:
@@ -559,7 +593,7 @@ def read_run(
             except OSError:
                 pass  # gone or unreadable: read_checkpoint says which
         # Not trusted (or changed): every entry's lstat, and the files read again only if one differs.
-        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache, evaluations))
+        checkpoints.append(read_checkpoint(Path(e.path), step, now, settle, cache, evaluations, memo))
     checkpoints.sort(key=lambda c: c.step)
     path = run_path(root, directory)
     return Run(path, tuple(checkpoints), root_name(root) if path == "." else path)
