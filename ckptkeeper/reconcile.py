@@ -8,6 +8,7 @@ log. Nothing is scanned or planned twice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -57,6 +58,9 @@ class Reconciler:
         self.pressure_waits = False
         self.unseen = UnseenFrees()
         self._freed: dict[str, int] = {}  # run -> bytes this pass's removals took out of it
+        # What the last prune or watch read of each checkpoint: the first look at an unchanged one reads no file.
+        self.memo = pipeline.load_memo()
+        self._memo_saved: tuple[int, int] = (0, -1)  # the cache (its id) and its `changes` when last saved
 
     @property
     def root(self) -> Path:
@@ -66,6 +70,7 @@ class Reconciler:
         if pending.full:
             self.reaper.retry_stuck()
             self.reconcile_all(pending.trusting, pending.runs)
+            self.save_memo()
             return
         if pending.metrics:  # new results may change any run's plan: all of them, trusting unchanged checkpoints
             self.reconcile_all(trusting=True, distrusted=pending.runs)
@@ -76,6 +81,16 @@ class Reconciler:
                 targets.update(self.pipeline.find_runs(top))
         present = [d for d in sorted(targets) if d.is_dir() or d in self.tracker.known_runs]
         self.reconcile_runs(present, time.time())
+
+    def save_memo(self) -> None:
+        """Write the memo for the next start (and for `plan`) after a full pass, when anything changed."""
+        cache = self.tracker.cache
+        if self.pipeline.dry_run or (id(cache), cache.changes) == self._memo_saved:
+            return
+        self.memo.take(cache)
+        with contextlib.suppress(OSError):  # the state directory gone: the next pass makes it again
+            if self.memo.save(self.pipeline.state.dir_fd):
+                self._memo_saved = (id(cache), cache.changes)
 
     def reconcile_all(self, trusting: bool = False, distrusted: Collection[Path] = ()) -> None:
         """Rescan every run; `trusting` as in ContentCache, except for the `distrusted` runs (events came)."""
@@ -148,7 +163,7 @@ class Reconciler:
     def _scan(self, run_dir: Path, now: float, trusting: bool) -> tuple[Run, bool] | None:
         """The run as on disk now, and whether it changed since a pass that had nothing to do; None when it
         has no checkpoint left (the run is forgotten)."""
-        [run] = self.pipeline.scan([run_dir], now, self.tracker.cache, trusting, refresh_metrics=False)
+        [run] = self.pipeline.scan([run_dir], now, self.tracker.cache, trusting, refresh_metrics=False, memo=self.memo)
         stale = self.pipeline.stale(run, now)
         self.decision_log.stale(run.path, stale)
         self.metrics.set_stale(run.path, len(stale))

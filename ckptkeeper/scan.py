@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -207,6 +207,8 @@ class _Seen:
     # These entries replaced different ones seen at an earlier look: the checkpoint was seen changing, so it
     # settles no sooner than `settle` after `first_seen`, whatever its file times say (a writer's clock behind).
     seen_changing: bool = False
+    # The signature could vouch for the contents when seen (`Checkpoint.signature_vouches`): a memo may keep them.
+    vouches: bool = False
 
 
 class ContentCache:
@@ -221,17 +223,30 @@ class ContentCache:
 
     def __init__(self) -> None:
         self._runs: dict[str, dict[str, _Seen]] = {}  # run directory -> checkpoint name -> last look
+        self.changes = 0  # counts every look that saw other entries (or could vouch where it could not), and every loss
 
     def get(self, run_dir: str, name: str) -> _Seen | None:
         return self._runs.get(run_dir, {}).get(name)
 
     def put(self, run_dir: str, name: str, seen: _Seen) -> None:
-        self._runs.setdefault(run_dir, {})[name] = seen
+        held = self._runs.setdefault(run_dir, {})
+        before = held.get(name)
+        if before is None or (before.signature, before.vouches) != (seen.signature, seen.vouches):
+            self.changes += 1
+        held[name] = seen
 
     def forget_missing(self, run_dir: Path, present: set[str]) -> None:
         held = self._runs.get(os.fspath(run_dir), {})
         for name in held.keys() - present:
             del held[name]
+            self.changes += 1
+
+    def vouched(self) -> Iterator[tuple[str, str, Signature, Contents]]:
+        """Every look whose signature vouched for its contents: what a memo may keep."""
+        for run_dir, held in self._runs.items():
+            for name, seen in held.items():
+                if seen.vouches:
+                    yield run_dir, name, seen.signature, seen.contents
 
     def __len__(self) -> int:
         return sum(len(held) for held in self._runs.values())
@@ -436,7 +451,10 @@ def read_checkpoint(
     if cache is not None:
         trusted = checkpoint if checkpoint.complete else None
         seen_at = look.first_seen if look.first_seen is not None else 0.0
-        seen = _Seen(_dir_key(walked[0][1]), look.signature, look.contents, trusted, seen_at, look.seen_changing)
+        seen = _Seen(
+            _dir_key(walked[0][1]), look.signature, look.contents, trusted, seen_at, look.seen_changing,
+            checkpoint.signature_vouches,
+        )  # fmt: skip
         cache.put(run_dir, name, seen)
     return checkpoint
 

@@ -12,8 +12,9 @@ judgement that depends on the clock (settling, staleness) is made afresh at ever
 
 What it never does: decide anything on its own. A memo that is missing, unreadable, too big, not JSON, of
 another version of ckptkeeper, or an entry of the wrong shape, is ignored, and the files are read. It is written
-by `prune` only (under the root's lock, through the state directory's descriptor, replaced whole), never by
-`plan`, which writes nothing.
+by `prune` after its pass and by `watch` after each full pass that saw a change (from its content cache), under
+the root's lock, through the state directory's descriptor, replaced whole, and never where the disk is nearly
+full; never by `plan`, which writes nothing.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from typing import Any
 
 from ckptkeeper import __version__, integrity, scan, trainer_state, weights
 from ckptkeeper.model import Signature
-from ckptkeeper.scan import Contents
+from ckptkeeper.scan import ContentCache, Contents
 from ckptkeeper.state import OWNER_MARK
 
 MEMO_NAME = "scan-memo.json"
 MEMO_TEMP = "scan-memo.json.part"
 MAX_MEMO_BYTES = 256 << 20
+MIN_ROOM_BYTES = 64 << 20  # never written where less is free than this and ten times its size
+MIN_ROOM_FACTOR = 10
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -90,11 +93,19 @@ class ScanMemo:
     def saw(self, run_dir: str, name: str, signature: Signature, contents: Contents) -> None:
         self._new[_key(run_dir, name)] = [digest(signature), _encode(contents)]
 
+    def take(self, cache: ContentCache) -> None:
+        """What the watch daemon's cache holds replaces what this memo was told (the daemon saves it so)."""
+        self._new = {_key(run_dir, name): [digest(sig), _encode(c)] for run_dir, name, sig, c in cache.vouched()}
+
     def save(self, state_dir_fd: int) -> bool:
         """Replace the memo with what this pass saw (entries of checkpoints gone since are dropped). False when
         it could not be written (a full disk, say): the next command reads the files, nothing more."""
         data = json.dumps({"code": code_version(), "entries": self._new}, separators=(",", ":")).encode()
         try:
+            room = os.statvfs(state_dir_fd)
+            if room.f_bavail * room.f_frsize < MIN_ROOM_FACTOR * len(data) + MIN_ROOM_BYTES:
+                return False  # a disk this full needs its space for the training run, not for a cache
+
             fd = os.open(MEMO_TEMP, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                          dir_fd=state_dir_fd)  # fmt: skip
             try:

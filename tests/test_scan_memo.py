@@ -11,17 +11,23 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
 from ckptkeeper.cli import main
+from ckptkeeper.policy import Policy
+from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import TIMESTAMP_TICK
 from ckptkeeper.scan_memo import MEMO_NAME, MEMO_TEMP
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import STATE_DIR_NAME
+from ckptkeeper.watch import Daemon, WatchOptions
+from tests.watchutil import wait_until
 
 CONFIG = SimConfig(steps_per_epoch=10, epochs=3, save_steps=5, eval_steps=5)  # checkpoints 5 .. 30
 KEEP_ALL = ("--keep", "last:100")
@@ -186,3 +192,63 @@ def test_prune_drops_the_entries_of_checkpoints_it_no_longer_sees(root: Path) ->
     pruned(root)
     held = json.loads(memo_path(root).read_bytes())["entries"]
     assert sorted(Path(k).name for k in held) == ["checkpoint-25", "checkpoint-30"]
+
+
+# ---------------------------------------------------------------------------------------------- the watch daemon
+class Watching:
+    """A real Daemon on a thread of this process (its opens seen by the audit hook), until `stop`."""
+
+    def __init__(self, root: Path, dry_run: bool = False) -> None:
+        options = WatchOptions(settle=0.0, rescan_interval=3600.0, dry_run=dry_run)
+        self.daemon = Daemon(root, Policy(parse_rules("last:100")), root / STATE_DIR_NAME, options)
+        self.thread = threading.Thread(target=self.daemon.run, name="test-daemon")
+        self.thread.start()
+        wait_until(lambda: self.daemon.last_reconcile is not None, 20, "the first pass")
+
+    def stop(self) -> None:
+        self.daemon.request_stop()
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+
+def test_watch_writes_the_memo_after_its_first_pass_and_a_restart_reads_no_unchanged_checkpoint(root: Path) -> None:
+    first = Watching(root)
+    first.stop()
+    assert len(json.loads(memo_path(root).read_bytes())["entries"]) == 6
+    broken = root / "exp" / "checkpoint-10" / "trainer_state.json"
+    broken.write_bytes(broken.read_bytes()[:100])  # changed while no daemon ran
+    _OPENED.clear()
+    second = Watching(root)
+    try:
+        assert len(_OPENED) == 1 and _OPENED[0] == str(broken), _OPENED
+    finally:
+        second.stop()
+    plan, opened = plan_json(root)
+    [decision] = [d for d in plan["runs"][0]["checkpoints"] if d["name"] == "checkpoint-10"]  # type: ignore[index]
+    assert decision["complete"] is False and opened == 1  # written down by no one: never vouched for
+
+
+def test_watch_dry_run_writes_no_memo(root: Path) -> None:
+    Watching(root, dry_run=True).stop()
+    assert not (root / STATE_DIR_NAME).exists()
+
+
+def test_on_a_nearly_full_filesystem_the_memo_is_not_written(mount: Callable[..., Path]) -> None:
+    """A really full tmpfs: a cache must not take the last megabytes a training run needs to save."""
+    small = mount("tmpfs", "small", "size=80m")
+    simulate_run(small / "exp", CONFIG)
+    settled()
+    pruned(small)
+    assert memo_path(small).exists()  # 80 MiB, nearly all free: room enough
+    filler = small / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (40 << 20))
+    pruned(small)
+    assert not (small / STATE_DIR_NAME / MEMO_TEMP).exists()
+    held = json.loads(memo_path(small).read_bytes())
+    filler.unlink()
+    (small / "exp" / "checkpoint-5").rename(small / "elsewhere")
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (40 << 20))
+    pruned(small)  # not written: the memo still holds the checkpoint that has gone since
+    assert json.loads(memo_path(small).read_bytes()) == held
