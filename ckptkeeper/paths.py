@@ -30,11 +30,20 @@ class Relation(Enum):
     CONTAINS = "contains"
 
 
+# Filesystems whose kernel code sets every inode's ctime from this machine's clock at each change, and offers no
+# way to set it back (the argument of `scan.lstat_signature`). Not FUSE (sshfs reports ctime = mtime), FAT and
+# exFAT (utime sets both), NFS and SMB (the server's clock), nor anything unknown.
+KERNEL_CTIME_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay", "jfs", "bcachefs", "ramfs"}
+)
+
+
 @dataclass(frozen=True)
 class Mount:
     device: str  # major:minor of the filesystem
     root: tuple[str, ...]  # the directory of that filesystem mounted here
     point: tuple[str, ...]  # where it is mounted
+    fstype: str = ""  # as the mount table names it: ext4, tmpfs, fuse.sshfs, ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,10 @@ def _parse_mounts(table: str) -> list[Mount]:
     for line in table.splitlines():
         fields = line.split(" ")
         if len(fields) > 4:
-            mounts.append(Mount(fields[2], _parts(_unescape(fields[3])), _parts(_unescape(fields[4]))))
+            # After the optional fields, a lone "-", then the filesystem type (proc(5)).
+            separator = fields.index("-", 6) if "-" in fields[6:] else len(fields)
+            fstype = fields[separator + 1] if separator + 1 < len(fields) else ""
+            mounts.append(Mount(fields[2], _parts(_unescape(fields[3])), _parts(_unescape(fields[4])), fstype))
     return mounts
 
 
@@ -138,6 +150,19 @@ class MountTable:
 MOUNT_TABLE = MountTable()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=MOUNT_TABLE.forget_in_child)
+
+
+def kernel_sets_ctimes(devices: set[int]) -> bool:
+    """Every one of these filesystems (st_dev) is mounted here with a type of KERNEL_CTIME_FILESYSTEMS (of a
+    device mounted more than once, every mount). One not in the mount table (a btrfs subvolume's own device)
+    does not count as one."""
+    mounts = read_mounts()
+    for device in devices:
+        wanted = f"{os.major(device)}:{os.minor(device)}"
+        types = {m.fstype for m in mounts if m.device == wanted}
+        if not types or not types <= KERNEL_CTIME_FILESYSTEMS:
+            return False
+    return True
 
 
 def read_mounts() -> list[Mount]:

@@ -21,6 +21,7 @@ from ckptkeeper import weights
 from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_problem
 from ckptkeeper.metric_specs import MetricSpec
 from ckptkeeper.model import Checkpoint, Run, Signature, root_name
+from ckptkeeper.paths import fd_path, kernel_sets_ctimes
 from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
 
 # ASCII digits only, no leading zero: `checkpoint-7` is the Trainer's name for step 7, and two directories
@@ -110,10 +111,12 @@ def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings
     return sorted(found)
 
 
-def _walk_files(directory: Path) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
-    """(path relative to `directory`, lstat) of the directory and of everything below it, links not followed;
-    and the names directly inside it."""
-    walked = [(".", directory.lstat())]
+def _walk_files(
+    directory: Path, top: os.stat_result | None = None
+) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
+    """(path relative to `directory`, lstat) of the directory (`top`, where it is known) and of everything below
+    it, links not followed; and the names directly inside it."""
+    walked = [(".", top if top is not None else directory.lstat())]
     names: list[str] = []
     pending = [(os.fspath(directory), "")]
     while pending:
@@ -164,9 +167,12 @@ def lstat_signature(directory: Path) -> tuple[tuple[int, int], Signature]:
     changes the list of paths. So the same paths with the same types, inodes, sizes, mtimes and ctimes are
     the same bytes, with one exception: a change made within the same tick of the file-time clock as the
     look that took the signature may be given the very times that look saw (on a filesystem with 1 s
-    timestamps, within the same second). `Checkpoint.signature_vouches` is set only where the newest change
-    was older than the look by more than the timestamp step and TIMESTAMP_TICK; elsewhere (a checkpoint
-    written a moment before, file times in the future) the caller reads the checkpoint again in full."""
+    timestamps, within the same second). And it holds only where the kernel sets ctime: on FUSE (sshfs reports
+    ctime = mtime) or FAT (one field for both, which utime sets) a writer can put a rewritten file's times back.
+    `Checkpoint.signature_vouches` is set only where the newest change was older than the look by more than the
+    timestamp step and TIMESTAMP_TICK, and every entry is on a filesystem of KERNEL_CTIME_FILESYSTEMS; elsewhere
+    (a checkpoint written a moment before, file times in the future, sshfs) the caller reads the checkpoint
+    again in full."""
     walked, _ = _walk_files(directory)
     top = walked[0][1]
     return (top.st_dev, top.st_ino), signature_of(walked)
@@ -182,6 +188,9 @@ class Contents:
     best_steps: tuple[int, ...] = ()
     stopped: bool = False
     marker: weights.Marker | None = None  # a weights-only marker of ckptkeeper's, as read
+    # Complete, and nothing failed to be read: what was found depends on the files alone, not on the reader (a
+    # permission, an I/O error), so a memo may keep it (`scan_memo`).
+    memorable: bool = False
 
 
 class ContentsMemo(Protocol):
@@ -303,7 +312,8 @@ def _read_up_to(fd: int, expected: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_contents(directory: Path, step: int, names: list[str]) -> Contents:
+def _read_contents(directory: Path, step: int, names: list[str], name: str | None = None) -> Contents:
+    """What the files of the checkpoint directory `directory` (named `name`, by default its own name) say."""
     problems: list[str] = []
     if INCOMPLETE_MARKER in names:
         problems.append(f"{INCOMPLETE_MARKER} present (save in progress)")
@@ -333,29 +343,31 @@ def _read_contents(directory: Path, step: int, names: list[str]) -> Contents:
             if state.global_step is not None and state.global_step != step:
                 # Read exactly however long (up to 4300 digits): a reason line does not show thousands of them.
                 said = state.global_step if abs(state.global_step) < 10**64 else "of over 64 digits"
-                problems.append(f"global_step {said} in {TRAINER_STATE} does not match {directory.name}")
+                problems.append(f"global_step {said} in {TRAINER_STATE} does not match {name or directory.name}")
     if not problems:
         problem = _safetensors_problem(directory, names)
         if problem:
             problems.append(problem)
-    return Contents(tuple(problems), epoch, metrics, best_steps, stopped, _read_marker(directory, names))
+    marker, marker_read = _read_marker(directory, names)
+    memorable = not problems and marker_read
+    return Contents(tuple(problems), epoch, metrics, best_steps, stopped, marker, memorable)
 
 
-def _read_marker(directory: Path, names: list[str]) -> weights.Marker | None:
+def _read_marker(directory: Path, names: list[str]) -> tuple[weights.Marker | None, bool]:
     """The weights-only marker, read as trainer_state.json is (no link followed, never blocking on a FIFO,
-    a regular file only); None when there is none of ckptkeeper's."""
+    a regular file only); None when there is none of ckptkeeper's. And False where it could not be read."""
     if weights.MARKER not in names:
-        return None
+        return None, True
     try:
         fd = os.open(directory / weights.MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None
+        return None, False
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return weights.read_marker(os.read(fd, 1 << 16))
+            return None, True
+        return weights.read_marker(os.read(fd, 1 << 16)), True
     except OSError:
-        return None
+        return None, False
     finally:
         os.close(fd)
 
@@ -366,14 +378,19 @@ FUTURE_TOLERANCE = 1.0
 
 
 def timestamp_granularity(stats: Iterable[os.stat_result]) -> float:
-    """The coarsest step the filesystem's file times may have, judged from the times themselves: 0 where
-    any has a fraction of a second (nanosecond timestamps), 1 s where all are whole seconds (ext4 with
-    128-byte inodes, ext3, some NFS and Lustre setups), 2 s where all are even too (FAT). A time that is
-    whole by chance costs a second of waiting, never an early settle."""
-    times = [t for st in stats for t in (st.st_mtime_ns, st.st_ctime_ns)]
-    if any(t % 1_000_000_000 for t in times):
+    """The coarsest step the file times of these entries may have, judged from the times themselves, entry by
+    entry (a checkpoint may span filesystems: a tmpfs mounted inside one on ext3): 0 where every entry has a
+    fraction of a second (nanosecond timestamps), else 1 s for the entries whose times are all whole seconds
+    (ext4 with 128-byte inodes, ext3, some NFS and Lustre setups), 2 s where those are all even too (FAT). A
+    time that is whole by chance costs a second of waiting, never an early settle."""
+    whole = [
+        (st.st_mtime_ns, st.st_ctime_ns)
+        for st in stats
+        if st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
+    ]
+    if not whole:
         return 0.0
-    return 2.0 if all(t % 2_000_000_000 == 0 for t in times) else 1.0
+    return 2.0 if all(m % 2_000_000_000 == 0 and c % 2_000_000_000 == 0 for m, c in whole) else 1.0
 
 
 def _settle_check(
@@ -436,24 +453,35 @@ def read_checkpoint(
     held = cache.get(run_dir, name) if cache is not None else None
     looked_at = time.time()
     try:
-        walked, names = _walk_files(directory)
+        # Walked and read through one descriptor: the signature and the contents are of the very same directory,
+        # even if its path leads elsewhere in between (a run directory renamed away and back).
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return Checkpoint(name, step, complete=False, incomplete_reason=VANISHED_WHILE_READING)
     except OSError as e:
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
-    if held is None and memo is not None:
-        look = _look_with_memo(directory, step, walked, names, memo, now, looked_at)
-    else:
-        look = _look_at(directory, step, walked, names, held, now, looked_at)
+    try:
+        here = Path(fd_path(dir_fd, directory))
+        walked, names = _walk_files(here, os.fstat(dir_fd))
+        if held is None and memo is not None:
+            look = _look_with_memo(here, name, step, walked, names, memo, run_dir, now, looked_at)
+        else:
+            look = _look_at(here, name, step, walked, names, held, now, looked_at)
+    except FileNotFoundError:
+        return Checkpoint(name, step, complete=False, incomplete_reason=VANISHED_WHILE_READING)
+    except OSError as e:
+        return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
+    finally:
+        os.close(dir_fd)
     checkpoint = _judge(name, step, look, now, settle, evaluations)
-    if memo is not None and checkpoint.signature_vouches:
+    if memo is not None and checkpoint.signature_vouches and look.contents.memorable:
         memo.saw(run_dir, name, look.signature, look.contents)
     if cache is not None:
         trusted = checkpoint if checkpoint.complete else None
         seen_at = look.first_seen if look.first_seen is not None else 0.0
         seen = _Seen(
             _dir_key(walked[0][1]), look.signature, look.contents, trusted, seen_at, look.seen_changing,
-            checkpoint.signature_vouches,
+            checkpoint.signature_vouches and look.contents.memorable,
         )  # fmt: skip
         cache.put(run_dir, name, seen)
     return checkpoint
@@ -474,6 +502,7 @@ class _Look:
 
 def _look_at(
     directory: Path,
+    name: str,
     step: int,
     walked: list[tuple[str, os.stat_result]],
     names: list[str],
@@ -485,23 +514,25 @@ def _look_at(
     signature = signature_of(walked)
     if held is not None and held.signature == signature:
         return _Look(walked, signature, held.contents, held.first_seen, held.seen_changing, looked_at)
-    return _Look(walked, signature, _read_contents(directory, step, names), now, held is not None, looked_at)
+    return _Look(walked, signature, _read_contents(directory, step, names, name), now, held is not None, looked_at)
 
 
 def _look_with_memo(
     directory: Path,
+    name: str,
     step: int,
     walked: list[tuple[str, os.stat_result]],
     names: list[str],
     memo: ContentsMemo,
+    run_dir: str,
     now: float | None,
     looked_at: float,
 ) -> _Look:
     """Read the checkpoint's files, unless an earlier command saw exactly these entries (`memo`)."""
     signature = signature_of(walked)
-    contents = memo.contents(os.fspath(directory.parent), directory.name, signature)
+    contents = memo.contents(run_dir, name, signature)
     if contents is None:
-        contents = _read_contents(directory, step, names)
+        contents = _read_contents(directory, step, names, name)
     return _Look(walked, signature, contents, now, False, looked_at)
 
 
@@ -556,8 +587,12 @@ _OWN_FILES = (weights.MARKER, weights.MARKER_TEMP)
 
 
 def _vouches(stats: list[os.stat_result], newest_change: float, looked_at: float) -> bool:
-    """The signature taken at `looked_at` would show any later change (see `lstat_signature`)."""
-    return newest_change < looked_at - timestamp_granularity(stats) - TIMESTAMP_TICK
+    """The signature taken at `looked_at` would show any later change (see `lstat_signature`): the change is
+    older than the timestamp step, and every entry is on a filesystem whose kernel sets ctime from this machine's
+    clock (not FUSE, whose ctime is what the server says, or FAT, where utime sets it too)."""
+    if newest_change >= looked_at - timestamp_granularity(stats) - TIMESTAMP_TICK:
+        return False
+    return kernel_sets_ctimes({st.st_dev for st in stats})
 
 
 def _written_at(walked: list[tuple[str, os.stat_result]], evaluations: frozenset[str] = frozenset()) -> float:

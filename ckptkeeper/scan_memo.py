@@ -144,6 +144,8 @@ def _read(state_dir: Path) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MEMO_BYTES:
             return b""
+        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return b""  # written, or writable, by someone else: what it says about checkpoints is theirs
         return os.pread(fd, st.st_size + 1, 0)
     except OSError:
         return b""
@@ -171,9 +173,6 @@ def _strings(value: object) -> tuple[str, ...] | None:
     return None
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
 
 def _decode(raw: object) -> Contents | None:
     """The Contents an entry holds, or None when it is not exactly of the shape `_encode` writes."""
@@ -181,7 +180,7 @@ def _decode(raw: object) -> Contents | None:
         return None
     problems, epoch, metrics = _strings(raw["problems"]), raw["epoch"], raw["metrics"]
     best_steps, stopped = raw["best_steps"], raw["stopped"]
-    if problems is None or not (epoch is None or _number(epoch)) or not isinstance(stopped, bool):
+    if problems is None or not (epoch is None or _finite(epoch)) or not isinstance(stopped, bool):
         return None
     if not isinstance(metrics, dict) or not all(isinstance(k, str) and _finite(v) for k, v in metrics.items()):
         return None
@@ -190,11 +189,16 @@ def _decode(raw: object) -> Contents | None:
     well_formed, marker = _decode_marker(raw["marker"])
     if not well_formed:
         return None
-    return Contents(problems, epoch, dict(metrics), tuple(best_steps), stopped, marker)
+    return Contents(problems, epoch, dict(metrics), tuple(best_steps), stopped, marker, memorable=True)
 
 
 def _finite(value: object) -> bool:
-    return _number(value) and math.isfinite(value)  # type: ignore[arg-type]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too big for a float
+        return False
 
 
 def _decode_marker(raw: object) -> tuple[bool, weights.Marker | None]:
