@@ -68,7 +68,7 @@ def test_pairs_of_settings() -> None:
 
 
 def test_nothing_given_is_the_defaults() -> None:
-    assert _quick_settings({}) == Settings()
+    assert _quick_settings({}) == Settings.model_validate({})
 
 
 @pytest.mark.parametrize(
