@@ -106,7 +106,9 @@ MAX_STALE_AFTER = 365 * 86400
 class Settings(BaseModel):
     """Every setting of plan, prune and watch; each key is also a flag (`max_depth` is `--max-depth`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # The validator is built at the first validation, not at import: the usual command line is checked by
+    # _quick_settings, without it (building it, with pydantic's plugin look-up, was a third of plan's start-up).
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
 
     root: PathSetting | None = None
     keep: list[RuleText] = Field(default_factory=list)
@@ -160,10 +162,7 @@ class Settings(BaseModel):
     @field_validator("keep", "keep_weights", "keep_under_pressure", mode="before")
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
-        """`keep` may be written `best:1,last:5` as well as a list of rules."""
-        if isinstance(value, str):
-            return [p for p in (part.strip() for part in value.split(",")) if p] if value.strip() else []
-        return value
+        return _comma_list(value)
 
     def archive_option_pairs(self) -> tuple[tuple[str, Any], ...]:
         return tuple(sorted(self.archive_options.items()))
@@ -195,6 +194,66 @@ class Settings(BaseModel):
         settle = default_settle if self.settle is None else self.settle
         stale_after = parse_seconds(self.stale_after) or DEFAULT_STALE_AFTER
         return ScanOptions(self.max_depth, settle, stale_after, self.metric_specs())
+
+
+def _comma_list(value: object) -> object:
+    """`keep` may be written `best:1,last:5` as well as a list of rules."""
+    if isinstance(value, str):
+        return [p for p in (part.strip() for part in value.split(",")) if p] if value.strip() else []
+    return value
+
+
+class _NotQuick(Exception):
+    """A value _quick_settings leaves to the model."""
+
+
+def _quick_path(value: object) -> Path:
+    if not isinstance(value, Path) or "\0" in str(value):
+        raise _NotQuick
+    return value
+
+
+def _quick_rules(value: object) -> list[str]:
+    texts = _comma_list(value)
+    if type(texts) is not list or any(type(text) is not str for text in texts):
+        raise _NotQuick
+    return [_valid_rule(text) for text in texts]  # a RuleError is left to the model too
+
+
+def _quick_bool(value: object) -> bool:
+    if type(value) is not bool:
+        raise _NotQuick
+    return value
+
+
+# What _quick_settings checks itself: the settings of a usual command line (ROOT, --keep, --state-dir,
+# --dry-run), each only in the form the model takes unchanged but for what its own validator does.
+_QUICK: dict[str, Callable[[object], object]] = {
+    "root": _quick_path,
+    "state_dir": _quick_path,
+    "keep": _quick_rules,
+    "keep_weights": _quick_rules,
+    "dry_run": _quick_bool,
+    "protect_trainer_best": _quick_bool,
+    "exit_when_done": _quick_bool,
+    "standby": _quick_bool,
+}
+
+
+def _quick_settings(values: Mapping[str, object]) -> Settings | None:
+    """The Settings that the model's validation of `values` gives, made without building its validator; None
+    where `values` holds a setting not in _QUICK, a value of another form, or a bad one: the model then
+    validates them, and says what is wrong. tests/test_config_quick.py checks this against the model."""
+    quick: dict[str, Any] = {}
+    for key, value in values.items():
+        check = _QUICK.get(key)
+        if check is None:
+            return None
+        try:
+            quick[key] = check(value)
+        except (_NotQuick, ValueError):
+            return None
+    return Settings.model_construct(**quick)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -367,6 +426,8 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         values[name] = _scalar(raw)
     if problems:
         raise ConfigError("\n".join(problems))
+    if not values:  # the defaults: nothing to check
+        return values
     try:
         Settings.model_validate(values)
     except ValidationError as e:
@@ -396,10 +457,12 @@ def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[s
             return as_flag(loc)
         return in_environment(loc) if field in from_env else in_file(config.name if config else "")(loc)
 
-    try:
-        settings = Settings.model_validate({**from_file, **from_env, **given})
-    except ValidationError as e:  # the file and the environment passed alone: a flag's value, as a rule
-        raise ConfigError(_messages(e, where, "command line")) from None
+    settings = None if from_file or from_env else _quick_settings(given)
+    if settings is None:
+        try:
+            settings = Settings.model_validate({**from_file, **from_env, **given})
+        except ValidationError as e:  # the file and the environment passed alone: a flag's value, as a rule
+            raise ConfigError(_messages(e, where, "command line")) from None
     # Checked on the merged settings: the floor may come from one place and the pressure rules from another.
     if settings.keep_under_pressure and settings.min_free is None:
         key = "keep_under_pressure"

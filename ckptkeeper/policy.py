@@ -8,7 +8,6 @@ is a member that no rule can override; adding one is adding a class here and lis
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -273,6 +272,8 @@ def closest_metric(name: str, present: Sequence[str]) -> str | None:
     """The metric of `present` that `name` most likely misspells, if one is close. Compared without the
     `eval_` prefix, which every eval metric shares: `acuracy` finds eval_accuracy, `eval_los` eval_loss,
     and `f1` does not find eval_loss for their common prefix."""
+    import difflib  # only for a rule that names a missing metric: not at every start
+
     bare = {metric.removeprefix("eval_"): metric for metric in present}
     close = difflib.get_close_matches(name.removeprefix("eval_"), list(bare), n=1)
     return bare[close[0]] if close else None

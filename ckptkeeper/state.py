@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import re
-import socket
 import stat
 import threading
 from pathlib import Path
@@ -238,6 +237,8 @@ class StateDir:
             for fd in held:
                 os.close(fd)
             raise
+        import socket  # only where a lock is taken (prune, watch): plan starts without it
+
         me = f"pid {os.getpid()} on {socket.gethostname()}"
         for fd in held[1:-1]:  # the root's lock file (not the root directory)
             _say_holder(fd, f"{me}\n".encode())

@@ -24,10 +24,10 @@ import json
 import math
 import operator
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, ValidationError, field_validator
 from pydantic_core import from_json
 
 TRAINER_STATE = "trainer_state.json"
@@ -41,21 +41,37 @@ class TrainerStateError(ValueError):
     """The file is not a usable trainer_state.json; the message is a short reason for a plan's table."""
 
 
-class _TrainerStateFile(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    global_step: StrictInt | None = None
-    epoch: StrictFloat | None = None  # strict float accepts a JSON integer, rejects strings and booleans
-    # Entries are checked by _history_problem: validating 500 dicts here would copy each one.
-    log_history: list[Any] = []
-    best_global_step: StrictInt | None = None
-    best_model_checkpoint: str | None = None
-    stateful_callbacks: dict[str, Any] = {}
+def _int_or_null(value: object) -> bool:
+    return value is None or type(value) is int  # a boolean is not an integer (True == 1)
 
-    @field_validator("epoch", mode="before")
-    @classmethod
-    def _epoch_beyond_floats(cls, value: object) -> object:
-        """An integer epoch too large for a float (StrictFloat refuses it) is no epoch, as Infinity is."""
-        return None if type(value) is int and _as_float(value) is None else value
+
+def _number_or_null(value: object) -> bool:
+    return value is None or type(value) is int or type(value) is float
+
+
+def _text_or_null(value: object) -> bool:
+    return value is None or type(value) is str
+
+
+# The keys ckptkeeper reads, each with the JSON types it accepts and what the message says otherwise, in the
+# order they are checked (the first problem found is the reason given). The messages are pydantic's strict
+# ones, which this reader used until it was written by hand (tests/test_trainer_state_oracle.py holds that
+# model and checks this reader against it). A missing key is as null: no step, no epoch, no history.
+_KEY_TYPES: tuple[tuple[str, Callable[[object], bool], str], ...] = (
+    ("global_step", _int_or_null, "integer"),
+    ("epoch", _number_or_null, "number"),
+    ("log_history", lambda value: type(value) is list, "list"),
+    ("best_global_step", _int_or_null, "integer"),
+    ("best_model_checkpoint", _text_or_null, "string"),
+    ("stateful_callbacks", lambda value: type(value) is dict, "dictionary"),
+)
+
+
+def _key_problem(raw: dict[str, Any]) -> str | None:
+    for key, accepts, kind in _KEY_TYPES:
+        if key in raw and not accepts(raw[key]):
+            return f"trainer_state.json: {key}: input should be a valid {kind}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -98,11 +114,11 @@ class TrainerState:
         return tuple(found)
 
 
-def _best_steps(state: _TrainerStateFile) -> tuple[int, ...]:
+def _best_steps(best_global_step: int | None, best_model_checkpoint: str | None) -> tuple[int, ...]:
     """best_global_step, and the step best_model_checkpoint names if another: with evals between saves
     the first may have no checkpoint while the second is what load_best_model_at_end loads."""
-    steps = [] if state.best_global_step is None else [state.best_global_step]
-    named = _named_step(state.best_model_checkpoint)
+    steps = [] if best_global_step is None else [best_global_step]
+    named = _named_step(best_model_checkpoint)
     if named is not None and named not in steps:
         steps.append(named)
     return tuple(steps)
@@ -236,22 +252,19 @@ def parse_trainer_state(data: bytes) -> TrainerState:
     raw = _load_json(data)
     if not isinstance(raw, dict):
         raise TrainerStateError(f"trainer_state.json holds a JSON {_json_type(raw)}, not an object")
-    try:
-        state = _TrainerStateFile.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise TrainerStateError(f"trainer_state.json: {where}: {first['msg'].lower()}") from None
-    problem = _history_problem(state.log_history)
+    problem = _key_problem(raw) or _history_problem(raw.get("log_history", []))
     if problem:
         raise TrainerStateError(problem)
-    epoch = None if state.epoch is None else float(state.epoch)
-    if epoch is not None and not math.isfinite(epoch):
-        epoch = None
     return TrainerState(
-        global_step=state.global_step,
-        epoch=epoch,
-        best_steps=_best_steps(state),
-        training_stopped=_training_stopped(state.stateful_callbacks),
-        log_history=tuple(state.log_history),
+        global_step=raw.get("global_step"),
+        epoch=_epoch(raw.get("epoch")),
+        best_steps=_best_steps(raw.get("best_global_step"), raw.get("best_model_checkpoint")),
+        training_stopped=_training_stopped(raw.get("stateful_callbacks", {})),
+        log_history=tuple(raw.get("log_history", ())),
     )
+
+
+def _epoch(value: int | float | None) -> float | None:
+    """The epoch as a float; None for none, NaN, the infinities, and an integer beyond the float range."""
+    epoch = None if value is None else _as_float(value)
+    return epoch if epoch is not None and math.isfinite(epoch) else None

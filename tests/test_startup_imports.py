@@ -1,0 +1,114 @@
+"""A guard on start-up time (issue #12: a command that does work starts within 0.15 s of `python -c pass`):
+what `plan`, `prune` and `--help` import, in a new process. Deterministic where a timing is not: each module
+named here cost milliseconds at every start when something imported it by accident (benchmarks/bench_startup
+measures the time itself)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ckptkeeper.simtrainer import SimConfig
+
+# Run the command in-process, as the console script does, then list every module imported.
+PROBE = """
+import json, sys
+from ckptkeeper.cli import entry
+sys.argv = ["ckptkeeper", *json.loads(sys.argv[1])]
+try:
+    entry()
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+sys.stdout.flush()
+sys.stderr.write("\\n" + json.dumps({"code": code, "modules": sorted(sys.modules)}) + "\\n")
+"""
+
+# Never imported by plan or prune of local paths without a config file:
+NOT_FOR_WORK = {
+    # pydantic's validator of Settings is built only for what config._quick_settings leaves to it; building it
+    # looks up pydantic plugins through importlib.metadata (about 20 ms with the email package it imports)
+    "pydantic.plugin._loader",
+    "importlib.metadata",
+    "email",
+    # the YAML and TOML parsers: only for a config file or an environment value
+    "yaml",
+    "tomllib",
+    # the daemon, the object store, pins' leases, history, the demo, progress bars, the simulated trainer
+    "watchdog",
+    "fsspec",
+    "ckptkeeper.watch",
+    "ckptkeeper.observers",
+    "ckptkeeper.destination",
+    "ckptkeeper.archives",
+    "ckptkeeper.pinning",
+    "ckptkeeper.history",
+    "ckptkeeper.decision_log",
+    "ckptkeeper.demo",
+    "ckptkeeper.progress",
+    "ckptkeeper.simtrainer",
+    "concurrent.futures",
+    "safetensors",
+}
+# --help and --version import none of those, and not pydantic nor the engine either.
+NOT_FOR_HELP = NOT_FOR_WORK | {"pydantic", "pydantic_core", "ckptkeeper.config", "ckptkeeper.engine"}
+
+
+def among(modules: set[str], packages: set[str]) -> set[str]:
+    """The modules that are one of `packages` or inside one."""
+    return {m for m in modules if m in packages or m.startswith(tuple(p + "." for p in packages))}
+
+
+def imported(*args: str | Path) -> set[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps([str(a) for a in args])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report["code"] == 0, done.stdout + done.stderr
+    modules = set(report["modules"])
+    assert "ckptkeeper.cli" in modules
+    return modules
+
+
+@pytest.fixture
+def root(sim_run: Callable[..., Path]) -> Path:
+    run = sim_run("run", SimConfig(steps_per_epoch=10, epochs=2))
+    return run.parent
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["plan", "{root}", "--keep", "last:1"],
+        ["plan", "{root}", "--keep", "best:1,last:2", "--json"],
+        ["prune", "{root}", "--keep", "last:1"],
+        ["prune", "{root}", "--keep", "last:1", "--dry-run"],
+    ],
+    ids=["plan", "plan-json", "prune", "prune-dry-run"],
+)
+def test_plan_and_prune_import_only_what_they_need(root: Path, args: list[str]) -> None:
+    modules = imported(*(a.format(root=root) for a in args))
+    assert {"ckptkeeper.engine", "ckptkeeper.config", "ckptkeeper.trainer_state"} <= modules  # it did work
+    assert among(modules, NOT_FOR_WORK) == set()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["plan", "--help"], ["prune", "--help"]])
+def test_help_and_version_import_no_engine(args: list[str]) -> None:
+    assert among(imported(*args), NOT_FOR_HELP) == set()
+
+
+def test_a_flag_the_quick_path_leaves_to_the_model_still_works(root: Path) -> None:
+    """--max-depth is validated by pydantic's model (built on demand): the guard above is not vacuous."""
+    modules = imported("plan", root, "--keep", "last:1", "--max-depth", "3")
+    assert "pydantic.plugin._loader" in modules
