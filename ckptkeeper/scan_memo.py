@@ -173,7 +173,6 @@ def _strings(value: object) -> tuple[str, ...] | None:
     return None
 
 
-
 def _decode(raw: object) -> Contents | None:
     """The Contents an entry holds, or None when it is not exactly of the shape `_encode` writes."""
     if not isinstance(raw, dict) or raw.keys() != {"problems", "epoch", "metrics", "best_steps", "stopped", "marker"}:
