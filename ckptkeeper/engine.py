@@ -563,7 +563,7 @@ class Pipeline:
                 memo.save(self.state.dir_fd)
             return PassResult(plan, results, tuple(warnings), leftovers)
         finally:
-            self.release()
+            self.state.close()  # the lock, and the state directory's descriptors: a pass of its own
 
     # ---- one removal ---------------------------------------------------------------------------------------
     def _removal(self, action: Action, c: Checkpoint) -> Removal:

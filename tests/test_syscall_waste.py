@@ -99,3 +99,20 @@ def test_a_journal_replaced_by_a_symlink_is_refused_as_before(tmp_path: Path) ->
     assert (tmp_path / "elsewhere").read_text() == ""
     assert (tmp_path / "state" / JOURNAL_NAME).is_symlink()
     state.close()
+
+
+def test_prune_in_process_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    """`prune` called again and again in one process (a notebook, a test suite) keeps no descriptor of the state
+    directory: each pass lets go of its lock and its directories."""
+    from click.testing import CliRunner
+
+    from ckptkeeper.cli import main
+
+    root = tmp_path / "outputs"
+    simulate_run(root / "exp", SimConfig(steps_per_epoch=10, epochs=1, save_steps=5, eval_steps=5))
+    CliRunner().invoke(main, ["prune", str(root), "--keep", "last:100"])  # the mount table, opened once
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        result = CliRunner().invoke(main, ["prune", str(root), "--keep", "last:100"])
+        assert result.exit_code == 0, result.output
+    assert len(os.listdir("/proc/self/fd")) == before
