@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cliutil import per_removal
 
 from ckptkeeper.actions import (
     ARCHIVE_TEMP_PREFIX,
@@ -685,7 +686,7 @@ def test_a_removal_that_fails_inside_the_trash_is_an_error_outcome_and_the_pass_
         [left] = list(state.trash.iterdir())
         assert left.name.endswith(".checkpoint-5") and (left / "scheduler.pt").exists()
         assert sorted(p.name for p in run.iterdir()) == ["checkpoint-20"]
-        journal = state.read_journal()
+        journal = per_removal(state.read_journal())
         assert [(e["action"], e["checkpoint"]) for e in journal] == [
             ("start-delete", "checkpoint-5"),
             ("error", "checkpoint-5"),
