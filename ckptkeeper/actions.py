@@ -303,6 +303,167 @@ def _rmtree(path: str) -> None:
         shutil.rmtree(path, onerror=lambda func, failed, info: make_writable_and_retry(func, failed, info[1]))
 
 
+# ---------------------------------------------------------------------------------------------- tree delete
+FD_WINDOW = 64  # directory descriptors a tree delete holds open at once, however deep the tree (see _TreeDelete)
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
+class _Level:
+    """One directory of a tree being deleted: open as `fd` (-1 while closed to bound the descriptors held),
+    its (device, inode), the subdirectories still to go into, and its name in its parent."""
+
+    __slots__ = ("fd", "ident", "name", "shown", "subdirs")
+
+    def __init__(self, fd: int, ident: Identity, name: str, shown: str, subdirs: list[str]) -> None:
+        self.fd, self.ident, self.name, self.shown, self.subdirs = fd, ident, name, shown, subdirs
+
+
+class _TreeDelete:
+    """`rm -rf` of one directory through descriptors, as `rm` does it: no recursion (a tree 10,000 levels deep
+    is fine), no stat per file (`scandir`'s d_type says what is a directory), one `unlink(name, dir_fd)` per
+    file and one `rmdir(name, dir_fd)` per directory. Owned by the thread that calls `run`.
+
+    Safety: a subdirectory is entered only by `openat(O_DIRECTORY | O_NOFOLLOW)` relative to its parent's
+    descriptor, so a link put in a directory's place is unlinked, never followed; its `fstat` must show the
+    tree's device, so another filesystem mounted inside (a mount point is checked before, by the caller; this
+    catches one made since) is never emptied. At most FD_WINDOW descriptors are held: deeper, an ancestor's
+    is closed and opened again through `..` on the way back up, and used only if it is still the very
+    directory (device, inode) it was. A directory that denies a removal (read-only for a non-root user) is
+    made writable through its own descriptor and the removal tried again. An entry already gone was removed
+    by someone else: the goal is reached. Other errors are raised naming the entry as `shown` names the top."""
+
+    def __init__(self, top_fd: int, name: str, shown: str, device: int, stop: StopCheck | None = None) -> None:
+        self.top_fd, self.name, self.shown, self.device, self.stop = top_fd, name, shown, device, stop
+        self.stack: list[_Level] = []
+
+    def run(self) -> None:
+        sys.audit("ckptkeeper.delete_tree", self.name, self.top_fd)  # as shutil.rmtree's (path, dir_fd)
+        try:
+            level = self._enter(self.top_fd, self.name, self.shown)
+            if level is None:
+                return
+            self.stack.append(level)
+            while self.stack:
+                self._step()
+        finally:
+            for level in self.stack:
+                if level.fd >= 0:
+                    os.close(level.fd)
+
+    def _step(self) -> None:
+        level = self.stack[-1]
+        self._check_stop(level.shown)
+        if level.subdirs:
+            name = level.subdirs.pop()
+            child = self._enter(level.fd, name, os.path.join(level.shown, name))
+            if child is not None:
+                self.stack.append(child)
+                self._bound_descriptors()
+            return
+        self.stack.pop()
+        try:
+            parent_fd = self._parent_fd(level)
+        finally:
+            os.close(level.fd)
+            level.fd = -1
+        self._remove(parent_fd, level.name, os.rmdir, level.shown)
+
+    def _enter(self, parent_fd: int, name: str, shown: str) -> _Level | None:
+        """Open the directory `name` (not following a link), unlink its files, and return it with its
+        subdirectories to go; None when it is no longer a directory there (then it was unlinked) or gone."""
+        fd = self._open(parent_fd, name, shown)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_dev != self.device:
+                raise OSError(errno.EXDEV, "another filesystem is mounted here; not deleted", shown)
+            subdirs = []
+            with os.scandir(fd) as entries:
+                found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            for entry_name, is_dir in found:
+                if is_dir:
+                    subdirs.append(entry_name)
+                else:
+                    self._check_stop(shown)
+                    self._remove(fd, entry_name, os.unlink, os.path.join(shown, entry_name))
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Level(fd, (st.st_dev, st.st_ino), name, shown, subdirs)
+
+    def _open(self, parent_fd: int, name: str, shown: str) -> int | None:
+        for attempt in (1, 2):
+            try:
+                return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):  # a link or a file put in its place: not followed
+                    self._remove(parent_fd, name, os.unlink, shown)
+                    return None
+                if e.errno not in _DENIED or attempt == 2:
+                    raise OSError(e.errno, e.strerror, shown) from None
+                self._make_writable(parent_fd)  # a directory without search permission: the lookup fails
+                _make_searchable(parent_fd, name)
+        return None  # not reached
+
+    def _check_stop(self, shown: str) -> None:
+        if self.stop is not None and self.stop():
+            raise Stopped(f"stopped while deleting {shown}; it is finished on the next start")
+
+    def _remove(self, dir_fd: int, name: str, remove: Callable[..., None], shown: str) -> None:
+        """`remove(name, dir_fd=dir_fd)`; where the directory denies it, once more after making it writable."""
+        for attempt in (1, 2):
+            try:
+                remove(name, dir_fd=dir_fd)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno not in _DENIED or attempt == 2:
+                    raise OSError(e.errno, e.strerror, shown) from None
+                self._make_writable(dir_fd)
+
+    def _make_writable(self, fd: int) -> None:
+        """A directory of the tree, given to its owner in full through its own descriptor (the trash, which
+        holds the top, is ckptkeeper's and left as it is)."""
+        if fd != self.top_fd:
+            os.fchmod(fd, stat.S_IRWXU)
+
+    def _bound_descriptors(self) -> None:
+        if len(self.stack) > FD_WINDOW:
+            far = self.stack[-FD_WINDOW - 1]
+            if far.fd >= 0:
+                os.close(far.fd)
+                far.fd = -1
+
+    def _parent_fd(self, level: _Level) -> int:
+        """The descriptor of `level`'s parent (the trash's for the top), opened again through `..` if it was
+        closed, and then only if it is still the directory it was."""
+        if not self.stack:
+            return self.top_fd
+        parent = self.stack[-1]
+        if parent.fd < 0:
+            fd = os.open("..", _DIR_FLAGS, dir_fd=level.fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != parent.ident:
+                os.close(fd)
+                raise OSError(errno.ESTALE, "moved while it was being deleted", parent.shown)
+            parent.fd = fd
+        return parent.fd
+
+
+def _make_searchable(parent_fd: int, name: str) -> None:
+    """Give the directory `name` (not a link: O_PATH | O_NOFOLLOW) to its owner in full, so that it can be
+    opened and emptied. chmod through /proc/self/fd acts on the very inode held, never on a path walked again."""
+    fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    try:
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IRWXU)
+    finally:
+        os.close(fd)
+
+
 def finish_entry(entry: TrashEntry, stuck: list[str] | None = None) -> bool:
     """Delete one trash entry; True when it is gone. One that cannot be deleted is described in `stuck`."""
     try:
@@ -314,9 +475,10 @@ def finish_entry(entry: TrashEntry, stuck: list[str] | None = None) -> bool:
     return True
 
 
-def delete_entry(entry: TrashEntry) -> None:
-    """Delete one trash entry, through the trash's descriptor; an OSError names the real paths."""
-    where = os.path.join(fd_path(entry.dir_fd, entry.shown.parent), entry.name)
+def delete_entry(entry: TrashEntry, stop: StopCheck | None = None) -> None:
+    """Delete one trash entry, through the trash's descriptor (`_TreeDelete`); an OSError names the paths as
+    `entry.shown` does. `stop` is asked between entries: once it says so, Stopped is raised and what is left
+    stays in the trash (finished on the next start)."""
     try:
         st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -328,16 +490,7 @@ def delete_entry(entry: TrashEntry) -> None:
     mounts = mount_points_below(real_path_at(entry.dir_fd, entry.name, entry.shown.parent), real=True)
     if mounts:  # mounted after the guard looked: never empty another filesystem
         raise OSError(errno.EBUSY, f"a filesystem is mounted inside it, at {mounts[0]}")
-    try:
-        _rmtree(where)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        # Say where as the user knows it, not as /proc/self/fd/N/...
-        shown = os.fsdecode(e.filename) if e.filename is not None else ""
-        if shown.startswith(where):
-            shown = str(entry.shown) + shown[len(where) :]
-        raise OSError(e.errno, e.strerror, shown or None) from None
+    _TreeDelete(entry.dir_fd, entry.name, str(entry.shown), st.st_dev, stop).run()
 
 
 def empty_trash(
@@ -381,12 +534,17 @@ def _dispose_or_finish(entry: TrashEntry, checkpoint: Path, dispose: Dispose | N
     try:
         delete_entry(entry)
     except OSError as e:
-        raise ActionError(
-            f"{checkpoint} was moved to the trash ({entry.shown}) but could not be removed there: {e}; "
-            "it is finished on the next start"
-        ) from None
+        raise ActionError(trash_failure(checkpoint, entry, e)) from None
     finally:
         entry.close()
+
+
+def trash_failure(checkpoint: Path, entry: TrashEntry, error: object) -> str:
+    """What went wrong when a checkpoint reached the trash but its entry could not be deleted there."""
+    return (
+        f"{checkpoint} was moved to the trash ({entry.shown}) but could not be removed there: {error}; "
+        "it is finished on the next start"
+    )
 
 
 def delete_checkpoint(

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,12 +26,14 @@ from ckptkeeper.actions import (
     Dispose,
     StopCheck,
     Stopped,
+    TrashEntry,
     Vanished,
     archive_checkpoint,
     archive_to_store,
     delete_checkpoint,
     empty_trash,
     open_run_dir,
+    trash_failure,
 )
 from ckptkeeper.layout import Layout, LayoutError, default_state_dir
 from ckptkeeper.metric_sources import MetricSources
@@ -50,6 +53,7 @@ from ckptkeeper.model import (
 from ckptkeeper.paths import fd_path, identity
 from ckptkeeper.policy import NO_RULE, PlanInputs, Policy, RootPlan, plan_root
 from ckptkeeper.pressure import Disk, Space
+from ckptkeeper.reaper import Deleters, Deleting
 from ckptkeeper.render import journal_reasons
 from ckptkeeper.rules import format_rules
 from ckptkeeper.scan import (
@@ -346,6 +350,11 @@ class Pipeline:
         # The root's (device, inode) when its lock was taken: a root that is another directory now (a link on
         # its path changed) is never acted in. Until then, the root as found now.
         self.root_identity: Identity | None = None
+        # While `act` runs without a `dispose` (prune): the deleters that take each trash entry; the entry the
+        # removal under way handed them, and its outcome's journal line, kept for `_settled` (taken by `_act`).
+        self._deleters: Deleters | None = None
+        self._handed: Deleting | None = None
+        self._unjournaled: dict[str, object] = {}
 
     @classmethod
     def checked(
@@ -514,19 +523,60 @@ class Pipeline:
         return None
 
     def act(self, plan: RootPlan, on_outcome: OnOutcome = lambda _: None) -> tuple[RunResult, ...]:
-        """Carry out every removal of the plan (oldest first per run), journaled; one result per run."""
-        results = []
-        for run_plan in plan.runs:
-            outcomes = []
+        """Carry out every removal of the plan (oldest first per run), journaled; one result per run.
+
+        Without a `dispose` of its own (prune, not the daemon), each trash entry goes to `Deleters`: a few
+        threads delete it while this one re-checks and renames the next checkpoints. Each outcome is still
+        told in plan order, once its trash entry is deleted, and a trash entry that could not be deleted is
+        an error as it was when deleted inline. All are deleted (or given up on) before this returns; an
+        exception (Ctrl-C) stops the deleters between two files, what is left staying in the trash."""
+        if self.dispose is not None or self.dry_run:
+            return self._act(plan, on_outcome)
+        deleters = self._deleters = Deleters()
+        interrupted = True
+        try:
+            results = self._act(plan, on_outcome)
+            interrupted = False
+        finally:
+            self._deleters = self._handed = None
+            self._unjournaled = {}
+            deleters.close(stop=interrupted)
+        return results
+
+    def _act(self, plan: RootPlan, on_outcome: OnOutcome) -> tuple[RunResult, ...]:
+        told = _InOrder(len(plan.runs), on_outcome, self._settled)
+        for index, run_plan in enumerate(plan.runs):
             for decision in run_plan.acted_on:
                 if self.stop is not None and self.stop():
                     break
+                self._handed, self._unjournaled = None, {}
                 outcome = self._carry_out(run_plan.run.path, decision)
                 outcome = replace(outcome, step=decision.checkpoint.step, reasons=decision.reasons)
-                outcomes.append(outcome)
-                on_outcome(outcome)
-            results.append(_result(run_plan, outcomes))
-        return tuple(results)
+                path = self._path(run_plan.run.path, decision.checkpoint.name)
+                told.add(_Pending(index, outcome, path, self._handed, self._unjournaled))
+        told.flush(block=True)
+        return tuple(_result(run_plan, told.outcomes[i]) for i, run_plan in enumerate(plan.runs))
+
+    def _settled(self, pending: _Pending) -> Outcome:
+        """The outcome of a removal once its trash entry (if the deleters had it) is deleted, journaled only now:
+        the outcome line says what happened, as when the entry is deleted inline (`delete` once it is gone, an
+        `error` where it could not be deleted there). Only the order of lines changes: another removal's start
+        line may come between a start and its outcome (`history` pairs them by run and checkpoint)."""
+        if pending.deleting is None:
+            return pending.outcome
+        outcome, error = pending.outcome, pending.deleting.wait()
+        if error is not None:
+            detail = trash_failure(pending.path, pending.deleting.entry, error)
+            outcome = replace(outcome, action=OutcomeKind.ERROR, bytes=0, detail=detail)
+        return self._journaled(outcome, pending.line)
+
+    def _hand_over(self, entry: TrashEntry) -> None:
+        """The `dispose` of removals while `act` has deleters: the entry goes to them, its handle kept aside."""
+        assert self._deleters is not None
+        self._handed = self._deleters.submit(entry)
+
+    def _path(self, run: str, name: str) -> Path:
+        return self.root / run / name if run != "." else self.root / name
 
     # ---- whole commands -----------------------------------------------------------------------------------
     def survey(self, now: float | None) -> PassResult:
@@ -567,24 +617,25 @@ class Pipeline:
 
     # ---- one removal ---------------------------------------------------------------------------------------
     def _removal(self, action: Action, c: Checkpoint) -> Removal:
+        dispose = self._hand_over if self.dispose is None and self._deleters is not None else self.dispose
         if action is Action.WEIGHTS_ONLY:
-            return Slimming(self.root, c.resume_state, self.state, self.dispose, self.root_identity)
+            return Slimming(self.root, c.resume_state, self.state, dispose, self.root_identity)
         if action is Action.ARCHIVE and self.store is not None and self.backoff is not None:
             return StoreArchival(
-                self.root, self.store, self.backoff, self.state, self.dispose, self.stop, self.root_identity,
+                self.root, self.store, self.backoff, self.state, dispose, self.stop, self.root_identity,
                 self.progress,
             )  # fmt: skip
         if action is Action.ARCHIVE:
             assert self.layout.archive_to is not None
-            return Archival(self.root, self.layout.archive_to, self.state, self.dispose, self.stop, self.root_identity)
-        return Deletion(self.root, self.state, self.dispose, self.root_identity)
+            return Archival(self.root, self.layout.archive_to, self.state, dispose, self.stop, self.root_identity)
+        return Deletion(self.root, self.state, dispose, self.root_identity)
 
     def _carry_out(self, run: str, decision: Decision) -> Outcome:
         c = decision.checkpoint
         removal = self._removal(decision.action, c)
         if self.dry_run:
             return Outcome(run, c.name, OutcomeKind.would(decision.action), removal.freed(c))
-        path = self.root / run / c.name if run != "." else self.root / c.name
+        path = self._path(run, c.name)
         checked = self._held_back(run, c, decision.action) or self._recheck(run, path, c)
         if isinstance(checked, Outcome):
             return checked
@@ -611,6 +662,12 @@ class Pipeline:
                 outcome = self._remove(run, path, decision, removal, checked)
         except pins.PinsError as e:
             return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"{e}; {PINS_UNREADABLE}")
+        return self._journaled_now_or_later(outcome, entry)
+
+    def _journaled_now_or_later(self, outcome: Outcome, entry: dict[str, object]) -> Outcome:
+        if self._handed is not None:  # with the deleters: journaled once its trash entry is deleted (`_settled`)
+            self._unjournaled = entry
+            return outcome
         return self._journaled(outcome, entry)
 
     def _held_back(self, run: str, c: Checkpoint, action: Action) -> Outcome | None:
@@ -677,7 +734,7 @@ class Pipeline:
         except OSError as e:
             unrecorded = f"not journaled: cannot write {self._journal()}: {_why(e)}"
             detail = f"{outcome.detail}; {unrecorded}" if outcome.detail else unrecorded
-            return Outcome(outcome.run, outcome.checkpoint, outcome.action, outcome.bytes, detail)
+            return replace(outcome, detail=detail)
         return outcome
 
     def _rules_text(self) -> str:
@@ -743,6 +800,42 @@ def _same(planned: Checkpoint, now_seen: Checkpoint) -> bool:
     or written since (every entry's type, inode, size, mtime and ctime)."""
     same_identity = planned.identity is None or planned.identity == now_seen.identity
     return same_identity and (planned.signature is None or planned.signature == now_seen.signature)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An outcome to tell in plan order: at once, or once `deleting` (its trash entry, with the deleters) is over."""
+
+    run_index: int
+    outcome: Outcome
+    path: Path
+    deleting: Deleting | None
+    line: dict[str, object]  # the journal line of its outcome, to write once `deleting` is over
+
+    @property
+    def ready(self) -> bool:
+        return self.deleting is None or self.deleting.done.is_set()
+
+
+class _InOrder:
+    """Outcomes told (`tell`) in plan order, each once `settle` can say it without waiting on a deletion still
+    under way (`flush(block=True)`: waiting for them all). Owned by the thread that acts."""
+
+    def __init__(self, runs: int, tell: OnOutcome, settle: Callable[[_Pending], Outcome]) -> None:
+        self.outcomes: list[list[Outcome]] = [[] for _ in range(runs)]
+        self.waiting: deque[_Pending] = deque()
+        self.tell, self.settle = tell, settle
+
+    def add(self, pending: _Pending) -> None:
+        self.waiting.append(pending)
+        self.flush(block=False)
+
+    def flush(self, block: bool) -> None:
+        while self.waiting and (block or self.waiting[0].ready):
+            pending = self.waiting.popleft()
+            outcome = self.settle(pending)
+            self.outcomes[pending.run_index].append(outcome)
+            self.tell(outcome)
 
 
 def _result(plan: RunPlan, outcomes: Sequence[Outcome]) -> RunResult:

@@ -1,4 +1,5 @@
-"""The reaper: deletes trash entries on its own thread, so that deleting 100 GB never delays the daemon."""
+"""Deleting trash entries off the main thread: the daemon's reaper (so that deleting 100 GB never delays it),
+and `prune`'s deleters (so that it renames the next checkpoint out of its run while the last one is deleted)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ckptkeeper.actions import TrashEntry, finish_entry
+from ckptkeeper.actions import Stopped, TrashEntry, delete_entry, finish_entry
 from ckptkeeper.state import StateDir
 
 log = logging.getLogger("ckptkeeper")
@@ -89,3 +90,74 @@ class Reaper:
     def left(self) -> int:
         """Trash entries handed over and not deleted yet (after a stop: left for the next start)."""
         return max(0, self.queue.unfinished_tasks - (1 if self._stopping else 0))
+
+
+DELETER_THREADS = 2  # unlink and rmdir release the GIL: two threads keep two cores busy in the kernel
+IN_FLIGHT = 8  # entries handed over and not yet deleted, at most: each holds a descriptor of the trash
+
+
+class Deleting:
+    """One trash entry handed to `Deleters`; `done` is set once its deletion is over, with `error` what
+    stopped it (None: the entry is gone). The deleter that takes it writes `error`, then sets `done`; the
+    owner of the Deleters reads `error` only after `done` is set."""
+
+    __slots__ = ("done", "entry", "error")
+
+    def __init__(self, entry: TrashEntry) -> None:
+        self.entry = entry
+        self.done = threading.Event()
+        self.error: Exception | None = None
+
+    def wait(self) -> Exception | None:
+        self.done.wait()
+        return self.error
+
+
+class Deleters:
+    """Deletes the trash entries of one `prune` on a few threads (`ckptkeeper-deleter-N`) while the thread that
+    made it (the command's, which owns this object and alone calls `submit` and `close`) re-checks and renames
+    the next checkpoints. The threads share only `queue` (thread-safe, bounded: `submit` waits while IN_FLIGHT
+    entries are pending) and `stopping` (an Event); each Deleting they take is theirs until its `done` is set.
+
+    They are daemon threads: a process that dies mid-delete (SIGKILL, SIGTERM's default action) leaves the
+    entry in the trash, out of every run directory, finished on the next start like any interrupted removal.
+    `close(stop=True)` (Ctrl-C) makes them give up between two entries of the tree they are deleting."""
+
+    def __init__(self, threads: int = DELETER_THREADS, in_flight: int = IN_FLIGHT) -> None:
+        self.queue: queue.Queue[Deleting | None] = queue.Queue(maxsize=in_flight)
+        self.stopping = threading.Event()
+        self.count = threads
+        self.threads: list[threading.Thread] = []  # started at the first entry: a prune that removes nothing makes none
+
+    def submit(self, entry: TrashEntry) -> Deleting:
+        """Take over a trash entry (and its descriptor); called by the owner only."""
+        if not self.threads:
+            names = [f"ckptkeeper-deleter-{i}" for i in range(self.count)]
+            self.threads = [threading.Thread(target=self._run, name=name, daemon=True) for name in names]
+            for thread in self.threads:
+                thread.start()
+        deleting = Deleting(entry)
+        self.queue.put(deleting)
+        return deleting
+
+    def close(self, stop: bool = False, timeout: float = 10.0) -> None:
+        """Let the threads end once the queue is empty (or, with `stop`, at once: what they have not deleted
+        stays in the trash), waiting at most `timeout` seconds for each."""
+        if stop:
+            self.stopping.set()
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while (deleting := self.queue.get()) is not None:
+            try:
+                if self.stopping.is_set():
+                    raise Stopped(f"stopped before deleting {deleting.entry.shown}; it is finished on the next start")
+                delete_entry(deleting.entry, self.stopping.is_set)
+            except Exception as e:  # an OSError, Stopped, or anything unforeseen: the owner reports it
+                deleting.error = e
+            finally:
+                deleting.entry.close()
+                deleting.done.set()

@@ -44,3 +44,22 @@ def bind_mount(source: Path, target: Path) -> Iterator[Path]:
         yield target
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def per_removal(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Journal lines with each removal's own lines together, at the place of its start line: a `start-*` line
+    opens a removal of its (run, checkpoint), its later lines join it; lines of no checkpoint stay where they
+    are. `prune` deletes a trash entry while it renames the next checkpoint, so another removal's start line
+    may come between a start and its outcome: so read, the journal is start, outcome, start, outcome... in plan
+    order, as when removals ran one after another (`history` pairs lines the same way)."""
+    slots: list[list[dict[str, Any]]] = []
+    removal: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for line in lines:
+        key = (str(line.get("run")), str(line.get("checkpoint")))
+        if "checkpoint" in line and key in removal and not str(line.get("action", "")).startswith("start-"):
+            removal[key].append(line)
+            continue
+        slots.append([line])
+        if "checkpoint" in line:
+            removal[key] = slots[-1]
+    return [line for slot in slots for line in slot]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cliutil import per_removal
 
 from ckptkeeper.actions import (
     ARCHIVE_TEMP_PREFIX,
@@ -45,7 +46,7 @@ from ckptkeeper.state import StateDir
 
 # ---------------------------------------------------------------------------------------------- observation
 _recording: list[list[tuple[str, ...]]] = []
-_WATCHED = {"os.rename", "shutil.rmtree", "shutil.copytree"}
+_WATCHED = {"os.rename", "shutil.rmtree", "shutil.copytree", "ckptkeeper.delete_tree"}
 
 
 def tree_size(path: Path) -> int:
@@ -73,7 +74,7 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
     if _recording and event in _WATCHED:
         if event == "os.rename":  # (src, dst, src_dir_fd, dst_dir_fd)
             paths = (_real(os.fspath(args[0]), args[2]), _real(os.fspath(args[1]), args[3]))
-        elif event == "shutil.rmtree":  # (path, dir_fd)
+        elif event in ("shutil.rmtree", "ckptkeeper.delete_tree"):  # (path, dir_fd)
             paths = (_real(os.fspath(args[0]), args[1]),)
         else:
             paths = tuple(_real(os.fspath(a), None) for a in args[:2] if isinstance(a, str | os.PathLike))
@@ -183,7 +184,7 @@ def test_delete_renames_into_the_state_trash_then_removes_it_there(
     assert source == doomed
     assert trashed.parent == state.trash
     assert trashed.name.endswith(".checkpoint-10") and checkpoint_step(trashed.name) is None
-    assert fs_calls[-1] == ("shutil.rmtree", str(trashed))  # removed there, after the rename
+    assert fs_calls[-1] == ("ckptkeeper.delete_tree", str(trashed))  # removed there, after the rename
     assert not doomed.exists()
     assert trash_is_empty(state) and state.trash.is_dir()
     assert manifest(neighbour) == neighbour_before
@@ -601,7 +602,7 @@ def test_state_dir_on_another_filesystem_uses_a_run_local_trash(
     assert to_state_trash[0] == doomed and to_state_trash[1].parent == state.trash  # EXDEV: another filesystem
     assert to_run_trash[0] == doomed and to_run_trash[1].parent == run / RUN_TRASH_NAME
     assert checkpoint_step(to_run_trash[1].name) is None
-    assert fs_calls[-1] == ("shutil.rmtree", str(to_run_trash[1]))
+    assert fs_calls[-1] == ("ckptkeeper.delete_tree", str(to_run_trash[1]))
     assert not doomed.exists() and not any((run / RUN_TRASH_NAME).iterdir()) and trash_is_empty(state)
     assert manifest(kept) == kept_before
 
@@ -685,7 +686,7 @@ def test_a_removal_that_fails_inside_the_trash_is_an_error_outcome_and_the_pass_
         [left] = list(state.trash.iterdir())
         assert left.name.endswith(".checkpoint-5") and (left / "scheduler.pt").exists()
         assert sorted(p.name for p in run.iterdir()) == ["checkpoint-20"]
-        journal = state.read_journal()
+        journal = per_removal(state.read_journal())
         assert [(e["action"], e["checkpoint"]) for e in journal] == [
             ("start-delete", "checkpoint-5"),
             ("error", "checkpoint-5"),

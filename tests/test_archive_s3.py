@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from cliutil import per_removal
 from s3util import Bucket, S3Server, new_bucket, start_process, tree_digest
 from watchutil import StartWatch, Watch, wait_until
 
@@ -99,7 +100,7 @@ def test_prune_uploads_verifies_writes_the_manifest_and_removes_the_source(run: 
         assert (document["run"], document["checkpoint"]) == ("exp1", n)
     assert (run / "checkpoint-30").is_dir()
     assert not any((root / "_ckptkeeper" / "trash").iterdir())
-    journal = [json.loads(x) for x in (root / "_ckptkeeper" / "journal.jsonl").read_text().splitlines()]
+    journal = per_removal([json.loads(x) for x in (root / "_ckptkeeper" / "journal.jsonl").read_text().splitlines()])
     assert [(e["action"], e.get("checkpoint")) for e in journal] == [
         ("start-archive", "checkpoint-10"), ("archive", "checkpoint-10"),
         ("start-archive", "checkpoint-20"), ("archive", "checkpoint-20"),

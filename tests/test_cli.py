@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from cliutil import per_removal
 
 from ckptkeeper import __version__
 from ckptkeeper.cli import main
@@ -387,7 +388,9 @@ def test_prune_prints_each_action_and_the_totals(outputs_a: Path) -> None:
     assert checkpoints(outputs_a / "A") == KEPT_A
     assert {s: snapshot(outputs_a / "A" / f"checkpoint-{s}") for s in KEPT_A} == kept_before  # mtimes untouched
     assert os.listdir(outputs_a / "_ckptkeeper" / "trash") == []
-    journal = [json.loads(line) for line in (outputs_a / "_ckptkeeper" / "journal.jsonl").read_text().splitlines()]
+    journal = per_removal(
+        [json.loads(line) for line in (outputs_a / "_ckptkeeper" / "journal.jsonl").read_text().splitlines()]
+    )
     # Each removal is journaled twice: its intent before acting, then its outcome.
     assert [(e["action"], e["run"], e["checkpoint"], e["bytes"] > 0) for e in journal] == [
         (action, "A", f"checkpoint-{s}", True) for s in REMOVED_A for action in ("start-delete", "delete")
@@ -728,7 +731,9 @@ def test_a_trash_entry_that_cannot_be_finished_is_a_warning_and_the_prune_goes_o
         ]
         assert checkpoints(outputs_a / "A") == KEPT_A
         assert os.listdir(trash) == [left.name]
-        journal = [json.loads(line) for line in (outputs_a / "_ckptkeeper" / "journal.jsonl").read_text().splitlines()]
+        journal = per_removal(
+            [json.loads(line) for line in (outputs_a / "_ckptkeeper" / "journal.jsonl").read_text().splitlines()]
+        )
         assert {k: journal[0][k] for k in ("action", "entry", "why")} == {
             "action": "error",
             "entry": f"{left}: Operation not permitted",
@@ -750,7 +755,7 @@ def test_state_dir_option_moves_lock_and_journal(outputs_a: Path, tmp_path: Path
     assert result.exit_code == 0, result.output
     assert not (outputs_a / "_ckptkeeper").exists()
     # An intent line before each of the 4 removals, then its outcome line.
-    journal = [json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()]
+    journal = per_removal([json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()])
     assert [(e["action"], e["checkpoint"]) for e in journal] == [
         (action, f"checkpoint-{s}") for s in REMOVED_A for action in ("start-delete", "delete")
     ]

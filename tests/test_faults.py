@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from cliutil import per_removal
 from watchutil import Watch, journal, steps, wait_until
 
 from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX, RUN_TRASH_NAME
@@ -335,7 +336,7 @@ def test_prune_archive_to_a_full_disk_rolls_back_each_copy_and_keeps_the_source(
     assert checkpoint_manifests(run) == {s: before[s] for s in (2, 3, 4)}
     assert sorted(os.listdir(run)) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
     assert os.listdir(root / "_ckptkeeper" / "trash") == []
-    entries = [(e["action"], e["checkpoint"]) for e in journal(root / "_ckptkeeper")]
+    entries = [(e["action"], e["checkpoint"]) for e in per_removal(journal(root / "_ckptkeeper"))]
     assert entries == [
         ("start-archive", "checkpoint-1"),
         ("archive", "checkpoint-1"),
@@ -451,7 +452,7 @@ def test_prune_a_checkpoint_that_cannot_be_removed_is_reported_the_others_go_and
     else:
         assert again.stdout.splitlines()[2] == f"finished removing {left}, left in the trash by an interrupted run"
         tail = ["finish-trash"]
-    assert [e["action"] for e in journal(root / "_ckptkeeper")] == [
+    assert [e["action"] for e in per_removal(journal(root / "_ckptkeeper"))] == [
         *["start-delete", "delete", "start-delete", "error", "start-delete", "delete"],
         *tail,
     ]

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from cliutil import ckptkeeper
+from cliutil import ckptkeeper, per_removal
 
 from ckptkeeper.actions import RUN_TRASH_NAME, TrashEntry, delete_entry
 from ckptkeeper.cli import main
@@ -605,7 +605,9 @@ def test_prune_slims_keeping_every_weight_file_and_the_directory_mtime(tmp_path:
         x.startswith("Done: removed 4 checkpoints, made 2 weights only, freed ") and x.endswith(" Kept 4.") for x in out
     )
     slims = [
-        (e["action"], e["checkpoint"], e["bytes"], e.get("detail")) for e in journal(root) if "slim" in e["action"]
+        (e["action"], e["checkpoint"], e["bytes"], e.get("detail"))
+        for e in per_removal(journal(root))
+        if "slim" in e["action"]
     ]
     assert slims == [
         ("start-slim", "checkpoint-20", resume_bytes["checkpoint-20"], None),

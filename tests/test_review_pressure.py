@@ -227,7 +227,9 @@ import mfusepy as fuse
 from loopfs import Passthrough
 
 class Controlled(Passthrough):
-    """A passthrough that does as the control file says: {"statfs": "eio"}, {"unlink_delay": SECONDS}."""
+    """A passthrough that does as the control file says: {"statfs": "eio"}, {"unlink_delay": SECONDS}, and
+    {"hold_after_rename": NAME, "hold_opendir": PATH, "hold": SECONDS}: once NAME is renamed, the next opendir
+    of PATH waits SECONDS (holds the thread of the process that opens it there)."""
 
     def __init__(self, source, control):
         super().__init__(source)
@@ -250,6 +252,23 @@ class Controlled(Passthrough):
         except (OSError, ValueError):
             pass
         super().unlink(path)
+
+    def rename(self, old, new):
+        super().rename(old, new)
+        try:
+            with open(self.control) as f:
+                wanted = json.load(f)
+        except (OSError, ValueError):
+            wanted = {}
+        if wanted.get("hold_after_rename") and old.endswith("/" + wanted["hold_after_rename"]):
+            self.hold = (wanted["hold_opendir"], wanted["hold"])
+
+    def opendir(self, path):
+        held = getattr(self, "hold", None)
+        if held is not None and path == held[0]:
+            self.hold = None
+            time.sleep(held[1])
+        return super().opendir(path)
 
 fuse.FUSE(Controlled(sys.argv[1], sys.argv[2]), sys.argv[3], foreground=True, allow_other=True, use_ino=True)
 '''

@@ -296,7 +296,9 @@ def test_prune_exits_1_when_a_release_it_needed_was_skipped(fs: Mount, tmp_path:
     pass for `prune`: a trainer's low-disk hook is told the next save is safe when it is not. README: "prune
     exits 1 when the floor cannot be met ... so a low-disk hook can tell that the next save may still fail".
     Fix: exit 1 when a release (or a planned removal the verdict counted) did not free its bytes. (A FUSE
-    passthrough whose unlinks take 0.1 s makes the deletion of checkpoint-10 last long enough.)"""
+    passthrough holds prune, once checkpoint-10 has left its run, in its next opening of the root, the re-check of
+    checkpoint-20's first step: prune deletes trash entries on other threads, so the deletion itself holds
+    nothing up.)"""
     source, mnt, control = fs("source", "64m"), tmp_path / "mnt", tmp_path / "control.json"
     when = time.time() - 2 * DAY
     big = checkpoint(source / "outputs" / "run", 10, when=when)
@@ -310,7 +312,8 @@ def test_prune_exits_1_when_a_release_it_needed_was_skipped(fs: Mount, tmp_path:
         root = mnt / "outputs"
         rules = ("--keep", "last:3", "--min-free", floor_for(root, "--keep", "last:3", short=MB // 2))
         flags = (*rules, "--keep-under-pressure", "last:1", "--state-dir", str(tmp_path / "state"))
-        control.write_text(json.dumps({"unlink_delay": 0.1}))
+        hold = {"hold_after_rename": "checkpoint-10", "hold_opendir": "/outputs", "hold": 2.0}
+        control.write_text(json.dumps({"unlink_delay": 0.1, **hold}))
         prune = subprocess.Popen(
             [sys.executable, "-m", "ckptkeeper", "prune", str(root), *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
