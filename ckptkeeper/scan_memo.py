@@ -59,7 +59,8 @@ def digest(signature: Signature) -> str:
 
 
 class ScanMemo:
-    """The memo of one state directory: read once, looked up per checkpoint, written back by `prune`."""
+    """The memo of one state directory: read once, looked up per checkpoint, written back by `prune` (or the
+    daemon's `Reconciler`). Owned by the thread that runs the pipeline."""
 
     def __init__(self, state_dir: Path, entries: dict[str, Any] | None = None) -> None:
         self.state_dir = state_dir
