@@ -81,6 +81,7 @@ from ckptkeeper.pins import PINS_LOCK_NAME, REMOVING_NAME
 from ckptkeeper.policy import Policy
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan import ScanOptions
+from ckptkeeper.scan_memo import MEMO_NAME
 from ckptkeeper.state import ROOT_LOCK_NAME, STATE_DIR_NAME
 
 pytestmark = pytest.mark.e2e
@@ -536,6 +537,7 @@ def check_root(name: str, root: Path, summary: dict[str, Any], expected: set[int
     state_dir = root / STATE_DIR_NAME
     assert not os.listdir(state_dir / "trash"), f"{name}: the trash still holds {os.listdir(state_dir / 'trash')}"
     own = {"journal.jsonl", "lock", "trash", "reserve", "CKPTKEEPER_STATE_DIR", PINS_LOCK_NAME, REMOVING_NAME}
+    own.add(MEMO_NAME)  # the watch daemon's scan memo
     assert set(os.listdir(state_dir)) <= own, os.listdir(state_dir)
     assert not (root / RUN_TRASH_NAME).exists()
 

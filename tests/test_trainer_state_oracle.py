@@ -112,9 +112,9 @@ def fixture_files() -> list[Path]:
 
 def test_every_fixture_file_reads_the_same() -> None:
     files = fixture_files()
-    assert len(files) > 100
+    assert len(files) > 100  # the project's own: 119 (../shared/fixtures adds more where it is there)
     outcomes = [assert_same(p.read_bytes()) for p in files]
-    assert sum(p.name == ts.TRAINER_STATE for p in files) > 50
+    assert sum(p.name == ts.TRAINER_STATE for p in files) > 30  # the project's own: 38
     assert "read" in {o[0] for o in outcomes}
 
 
