@@ -582,15 +582,15 @@ class Pipeline:
     def survey(self, now: float | None) -> PassResult:
         """Scan and plan the whole root, without the lock: what `plan` shows."""
         warnings: list[str] = []
-        runs = self.scan(self.find_runs(warnings=warnings), now, memo=self.load_memo())
+        runs = self.scan(self.find_runs(warnings=warnings), now, memo=self.load_memo(recording=False))
         warnings += self.metric_warnings()
         return PassResult(self.plan(runs, now=now), warnings=tuple(warnings))
 
-    def load_memo(self) -> ScanMemo:
-        """What the last `prune` read of each checkpoint (`scan_memo`); only `prune` writes it."""
+    def load_memo(self, recording: bool = True) -> ScanMemo:
+        """What the last `prune` or `watch` read of each checkpoint (`scan_memo`); `recording`: to be saved."""
         from ckptkeeper.scan_memo import ScanMemo
 
-        return ScanMemo.load(self.layout.state_dir)
+        return ScanMemo.load(self.layout.state_dir, recording)
 
     def prune(self, now: float | None, report: PruneReport) -> PassResult:
         """One whole pass over the root under its lock: what `prune` does."""

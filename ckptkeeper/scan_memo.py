@@ -62,14 +62,15 @@ class ScanMemo:
     """The memo of one state directory: read once, looked up per checkpoint, written back by `prune` (or the
     daemon's `Reconciler`). Owned by the thread that runs the pipeline."""
 
-    def __init__(self, state_dir: Path, entries: dict[str, Any] | None = None) -> None:
+    def __init__(self, state_dir: Path, entries: dict[str, Any] | None = None, recording: bool = True) -> None:
         self.state_dir = state_dir
         self._old: dict[str, Any] = entries or {}
         self._new: dict[str, list[Any]] = {}
+        self.recording = recording  # `saw` writes down (not for `plan`, which never saves)
         self.used = 0  # checkpoints whose files were not read (for tests and benchmarks)
 
     @classmethod
-    def load(cls, state_dir: Path) -> ScanMemo:
+    def load(cls, state_dir: Path, recording: bool = True) -> ScanMemo:
         """The memo as the state directory holds it; empty where there is none that can be used."""
         raw = _read(state_dir)
         try:
@@ -78,9 +79,9 @@ class ScanMemo:
             data = None
         code = code_version()
         if not code or not isinstance(data, dict) or data.get("code") != code:
-            return cls(state_dir)
+            return cls(state_dir, recording=recording)
         entries = data.get("entries")
-        return cls(state_dir, entries if isinstance(entries, dict) else None)
+        return cls(state_dir, entries if isinstance(entries, dict) else None, recording)
 
     def contents(self, run_dir: str, name: str, signature: Signature) -> Contents | None:
         held = self._old.get(_key(run_dir, name))
@@ -92,7 +93,8 @@ class ScanMemo:
         return contents
 
     def saw(self, run_dir: str, name: str, signature: Signature, contents: Contents) -> None:
-        self._new[_key(run_dir, name)] = [digest(signature), _encode(contents)]
+        if self.recording:
+            self._new[_key(run_dir, name)] = [digest(signature), _encode(contents)]
 
     def take(self, cache: ContentCache) -> None:
         """What the watch daemon's cache holds replaces what this memo was told (the daemon saves it so)."""
