@@ -156,13 +156,19 @@ def wait_for_deletions_under_way(root: Path, proc: subprocess.Popen[str]) -> Non
 def prune_signalled(root: Path, sig: signal.Signals) -> tuple[subprocess.Popen[str], str, float]:
     """`prune` of every checkpoint but the newest, sent `sig` once deletions are under way: the process, its
     stderr, and how long it took to end after the signal."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptkeeper", "prune", str(root), *KEEP],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    # As in a terminal: a suite started in the background by a shell inherits SIGINT ignored, which a child keeps
+    # (and Python then installs no KeyboardInterrupt); a handler here becomes the default in the child at exec.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ckptkeeper", "prune", str(root), *KEEP],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     wait_for_deletions_under_way(root, proc)
     proc.send_signal(sig)
     sent = time.monotonic()
