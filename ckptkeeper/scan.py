@@ -463,10 +463,8 @@ def read_checkpoint(
     try:
         here = Path(fd_path(dir_fd, directory))
         walked, names = _walk_files(here, os.fstat(dir_fd))
-        if held is None and memo is not None:
-            look = _look_with_memo(here, name, step, walked, names, memo, run_dir, now, looked_at)
-        else:
-            look = _look_at(here, name, step, walked, names, held, now, looked_at)
+        remembered = memo if held is None else None  # only for a first look: the cache knows better after it
+        look = _look_at(here, name, step, walked, names, held, now, looked_at, (run_dir, remembered))
     except FileNotFoundError:
         return Checkpoint(name, step, complete=False, incomplete_reason=VANISHED_WHILE_READING)
     except OSError as e:
@@ -509,31 +507,18 @@ def _look_at(
     held: _Seen | None,
     now: float | None,
     looked_at: float,
+    memo: tuple[str, ContentsMemo | None] = ("", None),
 ) -> _Look:
-    """Read the checkpoint's files, unless the last look (`held`) saw exactly these entries."""
+    """Read the checkpoint's files, unless the last look (`held`) or an earlier command (`memo`: the run
+    directory and what it was told) saw exactly these entries."""
     signature = signature_of(walked)
     if held is not None and held.signature == signature:
         return _Look(walked, signature, held.contents, held.first_seen, held.seen_changing, looked_at)
-    return _Look(walked, signature, _read_contents(directory, step, names, name), now, held is not None, looked_at)
-
-
-def _look_with_memo(
-    directory: Path,
-    name: str,
-    step: int,
-    walked: list[tuple[str, os.stat_result]],
-    names: list[str],
-    memo: ContentsMemo,
-    run_dir: str,
-    now: float | None,
-    looked_at: float,
-) -> _Look:
-    """Read the checkpoint's files, unless an earlier command saw exactly these entries (`memo`)."""
-    signature = signature_of(walked)
-    contents = memo.contents(run_dir, name, signature)
+    run_dir, remembered = memo
+    contents = remembered.contents(run_dir, name, signature) if remembered is not None else None
     if contents is None:
         contents = _read_contents(directory, step, names, name)
-    return _Look(walked, signature, contents, now, False, looked_at)
+    return _Look(walked, signature, contents, now, held is not None, looked_at)
 
 
 def _judge(
