@@ -59,7 +59,7 @@ class Reconciler:
         self.unseen = UnseenFrees()
         self._freed: dict[str, int] = {}  # run -> bytes this pass's removals took out of it
         # What the last prune or watch read of each checkpoint: the first look at an unchanged one reads no file.
-        self.memo = pipeline.load_memo()
+        self.memo = pipeline.load_memo(recording=False)  # saved from the cache (`take`), not look by look
         self._memo_saved: tuple[int, int] = (0, -1)  # the cache (its id) and its `changes` when last saved
 
     @property
