@@ -22,6 +22,7 @@ from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_proble
 from ckptkeeper.metric_specs import MetricSpec
 from ckptkeeper.model import Checkpoint, Run, Signature, root_name
 from ckptkeeper.paths import fd_path, kernel_sets_ctimes
+from ckptkeeper.readahead import Readahead
 from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
 
 # ASCII digits only, no leading zero: `checkpoint-7` is the Trainer's name for step 7, and two directories
@@ -199,6 +200,8 @@ class ContentsMemo(Protocol):
     def contents(self, run_dir: str, name: str, signature: Signature) -> Contents | None: ...
 
     def saw(self, run_dir: str, name: str, signature: Signature, contents: Contents) -> None: ...
+
+    def holds(self, run_dir: str, name: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -621,7 +624,10 @@ def read_run(
     run_dir = os.fspath(directory)
     if cache is not None:
         cache.forget_missing(directory, {e.name for e, _ in entries})
-    for e, step in entries:
+    ahead = _readahead(run_dir, [e for e, _ in entries], cache, memo)
+    for index, (e, step) in enumerate(entries):
+        if ahead is not None:
+            ahead.reading(index)
         held = cache.get(run_dir, e.name) if cache is not None and trusting else None
         if held is not None and held.trusted is not None:
             try:
@@ -635,6 +641,16 @@ def read_run(
     checkpoints.sort(key=lambda c: c.step)
     path = run_path(root, directory)
     return Run(path, tuple(checkpoints), root_name(root) if path == "." else path)
+
+
+def _readahead(
+    run_dir: str, entries: list[os.DirEntry[str]], cache: ContentCache | None, memo: ContentsMemo | None
+) -> Readahead | None:
+    """Read-ahead hints for a one-shot command's scan (a daemon's cache knows most checkpoints, and its own
+    observer would see the opens), for the checkpoints the memo does not know."""
+    if cache is not None or len(entries) < 2:
+        return None
+    return Readahead([None if memo is not None and memo.holds(run_dir, e.name) else e.path for e in entries])
 
 
 def scan_root(

@@ -92,6 +92,10 @@ class ScanMemo:
             self.used += 1
         return contents
 
+    def holds(self, run_dir: str, name: str) -> bool:
+        """Something is written down for this checkpoint (whether it still holds is `contents`' to say)."""
+        return _key(run_dir, name) in self._old
+
     def saw(self, run_dir: str, name: str, signature: Signature, contents: Contents) -> None:
         if self.recording:
             self._new[_key(run_dir, name)] = [digest(signature), _encode(contents)]
