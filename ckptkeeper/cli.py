@@ -21,8 +21,8 @@ from ckptkeeper.colour import Palette
 from ckptkeeper.units import count
 
 if TYPE_CHECKING:
-    from ckptkeeper.config import Settings
     from ckptkeeper.engine import PassResult, Pipeline, ProgressSink
+    from ckptkeeper.settings import Settings
     from ckptkeeper.watch import WatchOptions
 
 EXIT_OK = 0
@@ -117,7 +117,7 @@ def _check_floor(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 def _check_duration(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from ckptkeeper.config import MAX_STALE_AFTER
+    from ckptkeeper.settings import MAX_STALE_AFTER
     from ckptkeeper.units import DURATION_FORMS, parse_seconds
 
     if value is None:

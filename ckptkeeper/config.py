@@ -1,4 +1,5 @@
-"""Settings: a config file (YAML or TOML) overlaid by command-line flags, validated by pydantic.
+"""Settings: a config file (YAML or TOML) overlaid by the environment and command-line flags, validated (by
+`config_model`'s pydantic model, imported only for what the quick path here does not take itself).
 
 User config is read strictly (unknown keys are errors), unlike what trainers write. Relative paths in a
 config file are taken from the current directory, like the same paths given as flags.
@@ -9,27 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    ValidationError,
-    field_validator,
-)
-
-from ckptkeeper.metric_specs import AwaitSpec, MetricSpec, MetricSpecError, parse_await, parse_metric
-from ckptkeeper.model import Action
-from ckptkeeper.policy import Policy, Protections
-from ckptkeeper.pressure import PressurePolicy, parse_floor
-from ckptkeeper.rules import RuleError, parse_rule, parse_rules
-from ckptkeeper.scan import DEFAULT_MAX_DEPTH, ScanOptions
-from ckptkeeper.stale import DEFAULT_STALE_AFTER
+from ckptkeeper.metric_specs import MetricSpecError
+from ckptkeeper.pressure import parse_floor
+from ckptkeeper.rules import RuleError, parse_rule
+from ckptkeeper.settings import MAX_STALE_AFTER, Settings, setting_keys
 from ckptkeeper.units import DURATION_FORMS, parse_seconds
 
 
@@ -42,16 +28,10 @@ def _valid_rule(text: str) -> str:
     return text.strip()
 
 
-RuleText = Annotated[str, AfterValidator(_valid_rule)]
-
-
 def _no_nul(path: Path) -> Path:
     if "\0" in str(path):  # the OS rejects such a path with a ValueError, not an OSError
         raise ValueError("a path cannot contain a NUL character")
     return path
-
-
-PathSetting = Annotated[Path, AfterValidator(_no_nul)]
 
 
 def _archive_target(value: object) -> object:
@@ -61,9 +41,6 @@ def _archive_target(value: object) -> object:
             raise ValueError("a URL cannot contain a NUL character")
         return value
     return _no_nul(Path(value)) if isinstance(value, (str, os.PathLike)) else value
-
-
-ArchiveSetting = Annotated[Path | str, BeforeValidator(_archive_target)]
 
 
 def _option_pairs(value: object) -> object:
@@ -89,111 +66,11 @@ def _valid_floor(value: object) -> str:
     return text.strip()
 
 
-FloorText = Annotated[object, AfterValidator(_valid_floor)]
-
-
 def _valid_duration(value: object) -> str:
     seconds = parse_seconds(value)
     if seconds is None or seconds <= 0 or seconds > MAX_STALE_AFTER:
         raise ValueError(f"expected a duration such as {DURATION_FORMS}, or seconds (more than 0, at most 365d)")
     return value.strip() if isinstance(value, str) else str(value)
-
-
-DurationText = Annotated[object, AfterValidator(_valid_duration)]
-MAX_STALE_AFTER = 365 * 86400
-
-
-class Settings(BaseModel):
-    """Every setting of plan, prune and watch; each key is also a flag (`max_depth` is `--max-depth`)."""
-
-    # The validator is built at the first validation, not at import: the usual command line is checked by
-    # _quick_settings, without it (building it, with pydantic's plugin look-up, was a third of plan's start-up).
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
-
-    root: PathSetting | None = None
-    keep: list[RuleText] = Field(default_factory=list)
-    keep_weights: list[RuleText] = Field(default_factory=list)  # what these alone keep is kept weights-only
-    min_free: FloorText | None = None  # free space to keep on each filesystem holding a run
-    keep_under_pressure: list[RuleText] = Field(default_factory=list)  # what still stays below that floor
-    archive_to: ArchiveSetting | None = None  # a directory, or an object store URL (s3://bucket/prefix)
-    archive_options: Annotated[dict[str, Any], BeforeValidator(_option_pairs)] = Field(default_factory=dict)
-    state_dir: PathSetting | None = None
-    max_depth: StrictInt = Field(DEFAULT_MAX_DEPTH, ge=0, le=64)
-    protect_trainer_best: StrictBool = True
-    # Named metrics from evaluation jobs: NAME -> SOURCE#POINTER (`--metric NAME=SOURCE#POINTER`)
-    metrics: dict[str, str] = Field(default_factory=dict)
-    # `--await NAME[:TIMEOUT]`: keep a complete checkpoint until its NAME arrives (or TIMEOUT passes)
-    await_: list[str] = Field(default_factory=list, alias="await")
-    # None: the command's default (0 for plan and prune, 2 s for watch)
-    settle: float | None = Field(None, ge=0, le=3600)
-    stale_after: DurationText = "1h"  # an incomplete checkpoint unchanged this long is reported as stale
-    dry_run: StrictBool = False
-    # watch only
-    rescan_interval: float = Field(60.0, gt=0, le=86400)
-    poll: float | None = Field(None, gt=0, le=3600)
-    exit_when_done: StrictBool = False
-    standby: StrictBool = False
-    grace: float = Field(10.0, gt=0, le=3600)
-    log_format: Literal["text", "json"] = "text"
-    metrics_port: StrictInt | None = Field(None, ge=0, le=65535)  # None: no metrics server; 0: any free port
-    metrics_host: str = "127.0.0.1"
-
-    @field_validator("metrics")
-    @classmethod
-    def _valid_metrics(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, source in value.items():
-            parse_metric(f"{name}={source}")
-        return value
-
-    @field_validator("await_", mode="before")
-    @classmethod
-    def _split_awaits(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [p for p in (part.strip() for part in value.split(",")) if p]
-        return value
-
-    def metric_specs(self) -> tuple[MetricSpec, ...]:
-        return tuple(parse_metric(f"{name}={source}") for name, source in self.metrics.items())
-
-    def await_specs(self) -> tuple[AwaitSpec, ...]:
-        defined = {spec.name: spec for spec in self.metric_specs()}
-        return tuple(parse_await(text, defined) for text in self.await_)
-
-    @field_validator("keep", "keep_weights", "keep_under_pressure", mode="before")
-    @classmethod
-    def _split_comma_list(cls, value: object) -> object:
-        return _comma_list(value)
-
-    def archive_option_pairs(self) -> tuple[tuple[str, Any], ...]:
-        return tuple(sorted(self.archive_options.items()))
-
-    def archive(self) -> tuple[Path | str | None, tuple[tuple[str, Any], ...]]:
-        """Where removed checkpoints go (a path, a URL or None) and the object store's options."""
-        return self.archive_to, self.archive_option_pairs()
-
-    def rules_text(self) -> str:
-        return ",".join(self.keep)
-
-    def policy(self) -> Policy:
-        pressure = None
-        if self.min_free is not None:
-            pressure = PressurePolicy(parse_floor(str(self.min_free)), parse_rules(",".join(self.keep_under_pressure)))
-        defined = frozenset(self.metrics)
-        if pressure is not None:
-            pressure = PressurePolicy(pressure.floor, parse_rules(",".join(self.keep_under_pressure), defined))
-        return Policy(
-            rules=parse_rules(self.rules_text(), defined),
-            protections=Protections(trainer_best=self.protect_trainer_best, awaits=self.await_specs()),
-            weight_rules=parse_rules(",".join(self.keep_weights), defined),
-            removal=Action.ARCHIVE if self.archive_to else Action.DELETE,
-            pressure=pressure,
-            defined_metrics=defined,
-        )
-
-    def scan_options(self, default_settle: float = 0.0) -> ScanOptions:
-        settle = default_settle if self.settle is None else self.settle
-        stale_after = parse_seconds(self.stale_after) or DEFAULT_STALE_AFTER
-        return ScanOptions(self.max_depth, settle, stale_after, self.metric_specs())
 
 
 def _comma_list(value: object) -> object:
@@ -241,7 +118,7 @@ _QUICK: dict[str, Callable[[object], object]] = {
 
 
 def _quick_settings(values: Mapping[str, object]) -> Settings | None:
-    """The Settings that the model's validation of `values` gives, made without building its validator; None
+    """The Settings that the model's validation of `values` gives, made without pydantic; None
     where `values` holds a setting not in _QUICK, a value of another form, or a bad one: the model then
     validates them, and says what is wrong. tests/test_config_quick.py checks this against the model."""
     quick: dict[str, Any] = {}
@@ -253,7 +130,7 @@ def _quick_settings(values: Mapping[str, object]) -> Settings | None:
             quick[key] = check(value)
         except (_NotQuick, ValueError):
             return None
-    return Settings.model_construct(**quick)
+    return Settings(**quick)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -270,15 +147,16 @@ def _location(loc: tuple[int | str, ...]) -> str:
 Where = Callable[[tuple[int | str, ...]], str]  # what a setting is called where its value came from
 
 
-def _messages(error: ValidationError, where: Where, whole: str) -> str:
-    """One line per problem, each led by the name of the setting as it was given (`where`); `whole` leads a
-    problem between settings."""
-    lines = []
-    for e in error.errors():
-        loc = tuple(e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where(loc) if loc else whole}: {msg}")
-    return "\n".join(dict.fromkeys(lines))
+def _validated(values: Mapping[str, object], where: Where, whole: str) -> Settings:
+    """The Settings `values` give, by the model; a ConfigError naming each wrong setting (`where`)."""
+    from pydantic import ValidationError
+
+    from ckptkeeper.config_model import messages, validate
+
+    try:
+        return validate(values)
+    except ValidationError as e:
+        raise ConfigError(messages(e, where, whole)) from None
 
 
 def in_file(name: str) -> Where:
@@ -410,7 +288,7 @@ def env_var(setting: str) -> str:
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings from `CKPTKEEPER_*` variables (an empty variable counts as unset). A misspelt variable
     is an error rather than a silently ignored setting."""
-    known = {env_var(info.alias or name): info.alias or name for name, info in Settings.model_fields.items()}
+    known = {env_var(key): key for key in setting_keys()}
     values: dict[str, Any] = {}
     problems = []
     for var, raw in sorted(environ.items()):
@@ -428,10 +306,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         raise ConfigError("\n".join(problems))
     if not values:  # the defaults: nothing to check
         return values
-    try:
-        Settings.model_validate(values)
-    except ValidationError as e:
-        raise ConfigError(_messages(e, in_environment, "environment")) from None
+    _validated(values, in_environment, "environment")
     return values
 
 
@@ -443,10 +318,7 @@ def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[s
         config = Path(environ[CONFIG_ENV])
     from_file = read_config_file(config) if config else {}
     if config:
-        try:
-            Settings.model_validate(from_file)
-        except ValidationError as e:
-            raise ConfigError(_messages(e, in_file(config.name), f"{config.name}: settings")) from None
+        _validated(from_file, in_file(config.name), f"{config.name}: settings")
     from_env = read_environment(environ)
     given = {k: v for k, v in flags.items() if v is not None}
 
@@ -458,11 +330,8 @@ def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[s
         return in_environment(loc) if field in from_env else in_file(config.name if config else "")(loc)
 
     settings = None if from_file or from_env else _quick_settings(given)
-    if settings is None:
-        try:
-            settings = Settings.model_validate({**from_file, **from_env, **given})
-        except ValidationError as e:  # the file and the environment passed alone: a flag's value, as a rule
-            raise ConfigError(_messages(e, where, "command line")) from None
+    if settings is None:  # (the file and the environment passed alone: what is wrong is a flag's value, as a rule)
+        settings = _validated({**from_file, **from_env, **given}, where, "command line")
     # Checked on the merged settings: the floor may come from one place and the pressure rules from another.
     if settings.keep_under_pressure and settings.min_free is None:
         key = "keep_under_pressure"

@@ -5,6 +5,7 @@ to give it; --help and the example configs hold no internal words; shell complet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,8 +19,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from ckptkeeper.cli import main
-from ckptkeeper.config import Settings, flag_name
+from ckptkeeper.config import flag_name
 from ckptkeeper.policy import closest_metric
+from ckptkeeper.settings import Settings
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -196,8 +198,9 @@ def test_pressure_rules_without_a_floor_name_the_flag(tmp_path: Path) -> None:
 def test_every_setting_is_named_by_a_flag_the_commands_have() -> None:
     """The flag an error names (config.flag_name) is one a command takes, for every setting."""
     options = {opt for command in main.commands.values() for p in command.params for opt in p.opts}
-    assert {name: flag_name(name) in options for name in Settings.model_fields if name != "root"} == {
-        name: True for name in Settings.model_fields if name != "root"
+    fields = [f.name for f in dataclasses.fields(Settings)]
+    assert {name: flag_name(name) in options for name in fields if name != "root"} == {
+        name: True for name in fields if name != "root"
     }
     assert flag_name("root") == "ROOT"
 

@@ -1,10 +1,11 @@
 """The quick path of load_settings (config._quick_settings: the usual command line checked without building
-pydantic's validator) against the model itself: for every value it takes it must give exactly the Settings
-that Settings.model_validate gives, and every value the model refuses it must leave to the model (which
-then says what is wrong, as before)."""
+pydantic) against the model itself: for every value it takes it must give exactly the Settings that
+config_model.validate gives, and every value the model refuses it must leave to the model (which then says
+what is wrong, as before). And the model and the Settings dataclass have the same fields and defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -12,7 +13,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from ckptkeeper.config import _QUICK, ConfigError, Settings, _quick_settings, load_settings
+from ckptkeeper.config import _QUICK, ConfigError, _quick_settings, load_settings
+from ckptkeeper.config_model import SettingsModel, validate
+from ckptkeeper.settings import Settings, setting_keys
 
 PATHS: list[object] = [
     Path("outputs"), Path("/tmp/runs"), Path("."), Path(""), Path("a\0b"), Path("run\nx"), Path("/"),
@@ -32,7 +35,7 @@ VALUES: dict[str, list[object]] = {
 
 def model(values: dict[str, Any]) -> Settings | None:
     try:
-        return Settings.model_validate(values)
+        return validate(values)
     except ValidationError:
         return None
 
@@ -44,10 +47,8 @@ def assert_same(values: dict[str, Any]) -> bool:
         return False
     assert expected is not None, values  # the quick path took what the model refuses
     assert quick == expected, values
-    assert quick.model_dump() == expected.model_dump(), values
-    assert quick.model_fields_set == expected.model_fields_set, values
-    for name in Settings.model_fields:
-        assert type(getattr(quick, name)) is type(getattr(expected, name)), (name, values)
+    for field in dataclasses.fields(Settings):
+        assert type(getattr(quick, field.name)) is type(getattr(expected, field.name)), (field.name, values)
     return True
 
 
@@ -68,7 +69,16 @@ def test_pairs_of_settings() -> None:
 
 
 def test_nothing_given_is_the_defaults() -> None:
-    assert _quick_settings({}) == Settings.model_validate({})
+    assert _quick_settings({}) == validate({}) == Settings()
+
+
+def test_the_model_has_the_fields_and_defaults_of_settings() -> None:
+    fields = dataclasses.fields(Settings)
+    assert list(SettingsModel.model_fields) == [f.name for f in fields]
+    assert [info.alias or name for name, info in SettingsModel.model_fields.items()] == list(setting_keys())
+    for f in fields:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        assert SettingsModel.model_fields[f.name].get_default(call_default_factory=True) == default, f.name
 
 
 @pytest.mark.parametrize(

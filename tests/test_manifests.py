@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from ckptkeeper.cli import main
-from ckptkeeper.config import Settings, load_settings
+from ckptkeeper.config import load_settings
+from ckptkeeper.settings import Settings
 
 PROJECT = Path(__file__).resolve().parent.parent
 KUBERNETES = sorted((PROJECT / "configs" / "kubernetes").glob("*.yaml"))

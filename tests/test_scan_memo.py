@@ -37,9 +37,9 @@ _OPENED: list[str] = []
 
 def _count_state_opens(event: str, args: tuple[object, ...]) -> None:
     """Opens that read a trainer_state.json (not readahead's hints, which read nothing: test_readahead.py)."""
-    if event == "open" and args and str(args[0]).endswith("trainer_state.json"):
-        if sys._getframe(1).f_code is not hint_checkpoint.__code__:
-            _OPENED.append(str(args[0]))
+    reads = event == "open" and args and str(args[0]).endswith("trainer_state.json")
+    if reads and sys._getframe(1).f_code is not hint_checkpoint.__code__:
+        _OPENED.append(str(args[0]))
 
 
 sys.addaudithook(_count_state_opens)
