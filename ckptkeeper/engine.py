@@ -14,7 +14,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -350,11 +350,6 @@ class Pipeline:
         # The root's (device, inode) when its lock was taken: a root that is another directory now (a link on
         # its path changed) is never acted in. Until then, the root as found now.
         self.root_identity: Identity | None = None
-        # While `act` runs without a `dispose` (prune): the deleters that take each trash entry; the entry the
-        # removal under way handed them, and its outcome's journal line, kept for `_settled` (taken by `_act`).
-        self._deleters: Deleters | None = None
-        self._handed: Deleting | None = None
-        self._unjournaled: dict[str, object] = {}
 
     @classmethod
     def checked(
@@ -532,28 +527,26 @@ class Pipeline:
         exception (Ctrl-C) stops the deleters between two files, what is left staying in the trash."""
         if self.dispose is not None or self.dry_run:
             return self._act(plan, on_outcome)
-        deleters = self._deleters = Deleters()
+        deleters = Deleters()
         interrupted = True
         try:
-            results = self._act(plan, on_outcome)
+            results = self._act(plan, on_outcome, deleters)
             interrupted = False
         finally:
-            self._deleters = self._handed = None
-            self._unjournaled = {}
             deleters.close(stop=interrupted)
         return results
 
-    def _act(self, plan: RootPlan, on_outcome: OnOutcome) -> tuple[RunResult, ...]:
+    def _act(self, plan: RootPlan, on_outcome: OnOutcome, deleters: Deleters | None = None) -> tuple[RunResult, ...]:
         told = _InOrder(len(plan.runs), on_outcome, self._settled)
         for index, run_plan in enumerate(plan.runs):
             for decision in run_plan.acted_on:
                 if self.stop is not None and self.stop():
                     break
-                self._handed, self._unjournaled = None, {}
-                outcome = self._carry_out(run_plan.run.path, decision)
+                handoff = _Handoff(deleters) if deleters is not None else None
+                outcome = self._carry_out(run_plan.run.path, decision, handoff)
                 outcome = replace(outcome, step=decision.checkpoint.step, reasons=decision.reasons)
                 path = self._path(run_plan.run.path, decision.checkpoint.name)
-                told.add(_Pending(index, outcome, path, self._handed, self._unjournaled))
+                told.add(_Pending(index, outcome, path, handoff))
         told.flush(block=True)
         return tuple(_result(run_plan, told.outcomes[i]) for i, run_plan in enumerate(plan.runs))
 
@@ -562,18 +555,14 @@ class Pipeline:
         the outcome line says what happened, as when the entry is deleted inline (`delete` once it is gone, an
         `error` where it could not be deleted there). Only the order of lines changes: another removal's start
         line may come between a start and its outcome (`history` pairs them by run and checkpoint)."""
-        if pending.deleting is None:
+        handoff = pending.handoff
+        if handoff is None or handoff.deleting is None:
             return pending.outcome
-        outcome, error = pending.outcome, pending.deleting.wait()
+        outcome, error = pending.outcome, handoff.deleting.wait()
         if error is not None:
-            detail = trash_failure(pending.path, pending.deleting.entry, error)
+            detail = trash_failure(pending.path, handoff.deleting.entry, error)
             outcome = replace(outcome, action=OutcomeKind.ERROR, bytes=0, detail=detail)
-        return self._journaled(outcome, pending.line)
-
-    def _hand_over(self, entry: TrashEntry) -> None:
-        """The `dispose` of removals while `act` has deleters: the entry goes to them, its handle kept aside."""
-        assert self._deleters is not None
-        self._handed = self._deleters.submit(entry)
+        return self._journaled(outcome, handoff.line)
 
     def _path(self, run: str, name: str) -> Path:
         return self.root / run / name if run != "." else self.root / name
@@ -616,8 +605,8 @@ class Pipeline:
             self.state.close()  # the lock, and the state directory's descriptors: a pass of its own
 
     # ---- one removal ---------------------------------------------------------------------------------------
-    def _removal(self, action: Action, c: Checkpoint) -> Removal:
-        dispose = self._hand_over if self.dispose is None and self._deleters is not None else self.dispose
+    def _removal(self, action: Action, c: Checkpoint, handoff: _Handoff | None = None) -> Removal:
+        dispose = handoff.dispose if handoff is not None else self.dispose
         if action is Action.WEIGHTS_ONLY:
             return Slimming(self.root, c.resume_state, self.state, dispose, self.root_identity)
         if action is Action.ARCHIVE and self.store is not None and self.backoff is not None:
@@ -630,9 +619,11 @@ class Pipeline:
             return Archival(self.root, self.layout.archive_to, self.state, dispose, self.stop, self.root_identity)
         return Deletion(self.root, self.state, dispose, self.root_identity)
 
-    def _carry_out(self, run: str, decision: Decision) -> Outcome:
+    def _carry_out(self, run: str, decision: Decision, handoff: _Handoff | None = None) -> Outcome:
+        """One removal, re-checked, pin-guarded and journaled. With a `handoff` (prune's deleters), its trash entry
+        is handed to them and the outcome's journal line waits in the handoff until the entry is deleted."""
         c = decision.checkpoint
-        removal = self._removal(decision.action, c)
+        removal = self._removal(decision.action, c, handoff)
         if self.dry_run:
             return Outcome(run, c.name, OutcomeKind.would(decision.action), removal.freed(c))
         path = self._path(run, c.name)
@@ -662,11 +653,11 @@ class Pipeline:
                 outcome = self._remove(run, path, decision, removal, checked)
         except pins.PinsError as e:
             return Outcome(run, c.name, OutcomeKind.ERROR, 0, f"{e}; {PINS_UNREADABLE}")
-        return self._journaled_now_or_later(outcome, entry)
+        return self._journaled_now_or_later(outcome, entry, handoff)
 
-    def _journaled_now_or_later(self, outcome: Outcome, entry: dict[str, object]) -> Outcome:
-        if self._handed is not None:  # with the deleters: journaled once its trash entry is deleted (`_settled`)
-            self._unjournaled = entry
+    def _journaled_now_or_later(self, outcome: Outcome, entry: dict[str, object], handoff: _Handoff | None) -> Outcome:
+        if handoff is not None and handoff.deleting is not None:
+            handoff.line = entry  # journaled once its trash entry is deleted (`_settled`)
             return outcome
         return self._journaled(outcome, entry)
 
@@ -802,19 +793,33 @@ def _same(planned: Checkpoint, now_seen: Checkpoint) -> bool:
     return same_identity and (planned.signature is None or planned.signature == now_seen.signature)
 
 
+@dataclass
+class _Handoff:
+    """One removal's trash entry handed to prune's deleters (this is its `dispose`), and the journal line of its
+    outcome, written once the entry is deleted. Made per removal by the thread that runs `act`, which alone
+    reads and writes it (the deleters see only the entry)."""
+
+    deleters: Deleters
+    deleting: Deleting | None = None  # set when the removal disposed of its trash entry
+    line: dict[str, object] = field(default_factory=dict)
+
+    def dispose(self, entry: TrashEntry) -> None:
+        self.deleting = self.deleters.submit(entry)
+
+
 @dataclass(frozen=True)
 class _Pending:
-    """An outcome to tell in plan order: at once, or once `deleting` (its trash entry, with the deleters) is over."""
+    """An outcome to tell in plan order: at once, or once its trash entry (with the deleters) is deleted."""
 
     run_index: int
     outcome: Outcome
     path: Path
-    deleting: Deleting | None
-    line: dict[str, object]  # the journal line of its outcome, to write once `deleting` is over
+    handoff: _Handoff | None
 
     @property
     def ready(self) -> bool:
-        return self.deleting is None or self.deleting.done.is_set()
+        deleting = self.handoff.deleting if self.handoff is not None else None
+        return deleting is None or deleting.done.is_set()
 
 
 class _InOrder:
