@@ -94,16 +94,31 @@ class MountTable:
         self._fd: int | None = None
         self._poll: select.poll | None = None
         self._mounts: list[Mount] = []
+        self._types: dict[str, frozenset[str]] = {}  # device (major:minor) -> the types it is mounted with
         self.reads = 0  # how many times the table was read (for tests and benchmarks)
 
     def mounts(self) -> list[Mount]:
         """Every mount, in the table's order (a later one at the same point hides an earlier one)."""
         with self._lock:
-            if self._fd is not None and not self._changed():
-                return list(self._mounts)
-            self._close()
-            self._mounts = self._read()
+            self._refresh()
             return list(self._mounts)
+
+    def types_of(self, device: str) -> frozenset[str]:
+        """The filesystem types the device (major:minor) is mounted with (of every mount of it); none where it
+        is not in the table. One poll, no copy of the table: asked for every checkpoint a scan judges."""
+        with self._lock:
+            self._refresh()
+            return self._types.get(device, frozenset())
+
+    def _refresh(self) -> None:
+        if self._fd is not None and not self._changed():
+            return
+        self._close()
+        self._mounts = self._read()
+        types: dict[str, set[str]] = {}
+        for mount in self._mounts:
+            types.setdefault(mount.device, set()).add(mount.fstype)
+        self._types = {device: frozenset(found) for device, found in types.items()}
 
     def _changed(self) -> bool:
         assert self._poll is not None
@@ -156,10 +171,8 @@ def kernel_sets_ctimes(devices: set[int]) -> bool:
     """Every one of these filesystems (st_dev) is mounted here with a type of KERNEL_CTIME_FILESYSTEMS (of a
     device mounted more than once, every mount). One not in the mount table (a btrfs subvolume's own device)
     does not count as one."""
-    mounts = read_mounts()
     for device in devices:
-        wanted = f"{os.major(device)}:{os.minor(device)}"
-        types = {m.fstype for m in mounts if m.device == wanted}
+        types = MOUNT_TABLE.types_of(f"{os.major(device)}:{os.minor(device)}")
         if not types or not types <= KERNEL_CTIME_FILESYSTEMS:
             return False
     return True

@@ -37,6 +37,21 @@ def test_the_mount_table_is_read_again_only_after_a_mount_or_an_unmount(
     assert table.mounts() == first and table.reads == 3
 
 
+def test_the_types_a_device_is_mounted_with_follow_the_table(tmp_path: Path, mount: Callable[..., Path]) -> None:
+    """kernel_sets_ctimes asks types_of for every checkpoint a scan judges: no copy of the table, and a mount
+    made since the last question is seen by the next one (the scan memo's trust depends on it)."""
+    table = MountTable()
+    root_device = os.stat("/").st_dev
+    assert table.types_of(f"{os.major(root_device)}:{os.minor(root_device)}")  # / is mounted with some type
+    fs = mount("tmpfs", "fs")
+    device = os.stat(fs).st_dev
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    assert table.types_of(wanted) == frozenset({"tmpfs"}) and table.reads == 2
+    assert table.types_of(wanted) == frozenset({"tmpfs"}) and table.reads == 2  # not read again
+    subprocess.run(["umount", str(fs)], check=True)
+    assert table.types_of(wanted) == frozenset() and table.reads == 3
+
+
 def test_a_mount_made_inside_a_checkpoint_after_earlier_looks_still_stops_its_removal(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting needs root")
