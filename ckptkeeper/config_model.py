@@ -43,9 +43,9 @@ DurationText = Annotated[object, AfterValidator(_valid_duration)]
 
 
 class SettingsModel(BaseModel):
-    """Settings' fields, each with what a valid value is (`populate_by_name`: `await` or `await_`)."""
+    """Settings' fields, each with what a valid value is; `await` (a Python keyword) is the field `await_`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     root: PathSetting | None = None
     keep: list[RuleText] = Field(default_factory=list)

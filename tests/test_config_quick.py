@@ -105,3 +105,13 @@ def test_the_environment_and_a_config_file_still_go_through_the_model(tmp_path: 
     config.write_text("keep: best:1\nmax_depth: 2\n")
     settings = load_settings(config, {"root": Path("x")}, {})
     assert (settings.keep, settings.max_depth) == (["best:1"], 2)
+
+
+def test_a_config_key_is_the_setting_as_documented_not_the_field_behind_it(tmp_path: Path) -> None:
+    """`await` is the setting; `await_` (the Python field behind it) is no key a user may write."""
+    config = tmp_path / "c.yaml"
+    config.write_text("metrics: {mmlu: 'file:r.json#/acc'}\nawait_: [mmlu]\n")
+    with pytest.raises(ConfigError, match="await_: Extra inputs are not permitted"):
+        load_settings(config, {}, {})
+    config.write_text("metrics: {mmlu: 'file:r.json#/acc'}\nawait: [mmlu]\n")
+    assert load_settings(config, {}, {}).await_ == ["mmlu"]
