@@ -381,7 +381,7 @@ class Pipeline:
     @property
     def excluded(self) -> list[Path]:
         """ckptkeeper's own directories, never scanned as runs."""
-        own = [self.layout.state_dir, *([self.layout.archive_to] if self.layout.archive_to else [])]
+        own = [self.layout.state_dir, *([self.layout.archive_dir] if self.layout.archive_dir else [])]
         return own + (self.metric_sources.directories if self.metric_sources is not None else [])
 
     # ---- lock and leftovers -----------------------------------------------------------------------------
@@ -509,7 +509,7 @@ class Pipeline:
 
     def _archive_device(self) -> int | None:
         """The device --archive-to lies on (its nearest existing directory: it may not be made yet)."""
-        where = self.layout.archive_to
+        where = self.layout.archive_dir
         while where is not None:
             found = identity(where)
             if found is not None:
@@ -615,8 +615,8 @@ class Pipeline:
                 self.progress,
             )  # fmt: skip
         if action is Action.ARCHIVE:
-            assert self.layout.archive_to is not None
-            return Archival(self.root, self.layout.archive_to, self.state, dispose, self.stop, self.root_identity)
+            assert self.layout.archive_dir is not None
+            return Archival(self.root, self.layout.archive_dir, self.state, dispose, self.stop, self.root_identity)
         return Deletion(self.root, self.state, dispose, self.root_identity)
 
     def _carry_out(self, run: str, decision: Decision, handoff: _Handoff | None = None) -> Outcome:

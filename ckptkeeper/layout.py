@@ -29,14 +29,14 @@ def default_state_dir(root: Path) -> Path:
 class Layout:
     root: Path
     state_dir: Path
-    archive_to: Path | None = None  # a local archive directory
+    archive_dir: Path | None = None  # a local archive directory
     archive_url: str | None = None  # or an object store (destination.ObjectStore): no identity to compare
     archive_options: tuple[tuple[str, Any], ...] = ()  # fsspec storage options of archive_url
 
     @property
     def archive(self) -> Path | str | None:
         """Where removed checkpoints go, as the user named it: a path, a URL, or None (they are deleted)."""
-        return self.archive_url if self.archive_url is not None else self.archive_to
+        return self.archive_url if self.archive_url is not None else self.archive_dir
 
     @classmethod
     def checked(

@@ -375,7 +375,7 @@ def test_the_library_refuses_the_same_paths(outputs: Path, tmp_path: Path) -> No
     link.symlink_to(outputs, target_is_directory=True)
     with pytest.raises(LayoutError, match="is the root"):
         Layout.checked(outputs, None, link)
-    assert Layout.checked(outputs, None, tmp_path / "elsewhere").archive_to == tmp_path / "elsewhere"
+    assert Layout.checked(outputs, None, tmp_path / "elsewhere").archive_dir == tmp_path / "elsewhere"
 
 
 def test_standby_waits_for_the_lock_and_takes_over_when_the_holder_dies(outputs: Path, tmp_path: Path) -> None:
