@@ -34,16 +34,21 @@ def plan_json(*args: str | Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def bind_mount(source: Path, target: Path) -> Iterator[Path]:
-    """`mount --bind SOURCE TARGET` (root), undone at the end; the test is skipped where it cannot mount."""
+def mounted(target: Path, *options: str) -> Iterator[Path]:
+    """`mount OPTIONS... TARGET` (root), undone at the end; the test is skipped where it cannot mount."""
     target.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True, check=False)
+    done = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        pytest.skip(f"mount --bind failed: {done.stderr.strip()}")
+        pytest.skip(f"mount {' '.join(options)} failed: {done.stderr.strip()}")
     try:
         yield target
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def bind_mount(source: Path, target: Path) -> contextlib.AbstractContextManager[Path]:
+    """`mount --bind SOURCE TARGET` (root), undone at the end; the test is skipped where it cannot mount."""
+    return mounted(target, "--bind", str(source))
 
 
 def per_removal(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:

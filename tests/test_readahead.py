@@ -12,20 +12,17 @@ import mmap
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from memoutil import settled_outputs
 
 from ckptkeeper.cli import main
 from ckptkeeper.readahead import HINTED, Readahead, hint_checkpoint
-from ckptkeeper.scan import TIMESTAMP_TICK
-from ckptkeeper.simtrainer import SimConfig, simulate_run
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-CONFIG = SimConfig(steps_per_epoch=10, epochs=3, save_steps=5, eval_steps=5)  # checkpoints 5 .. 30
 _hinted: list[str] = []
 
 
@@ -136,11 +133,8 @@ def plan(root: Path, *extra: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Iterator[Path]:
-    top = tmp_path / "outputs"
-    simulate_run(top / "exp", CONFIG)
-    time.sleep(TIMESTAMP_TICK + 0.1)  # past the window in which a signature cannot vouch (the memo's)
-    yield top
+def root(tmp_path: Path) -> Path:
+    return settled_outputs(tmp_path)
 
 
 def states(root: Path) -> list[Path]:

@@ -20,14 +20,15 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from cliutil import mounted
+from memoutil import CONFIG, settled, settled_outputs
 
 from ckptkeeper.cli import main
 from ckptkeeper.scan import TIMESTAMP_TICK, lstat_signature
 from ckptkeeper.scan_memo import MEMO_NAME, digest
-from ckptkeeper.simtrainer import SimConfig, simulate_run
+from ckptkeeper.simtrainer import simulate_run
 from ckptkeeper.state import STATE_DIR_NAME
 
-CONFIG = SimConfig(steps_per_epoch=10, epochs=3, save_steps=5, eval_steps=5)  # checkpoints 5 .. 30
 KEEP_ALL = ("--keep", "last:100")
 TESTS = Path(__file__).parent
 
@@ -64,10 +65,6 @@ def plan_without_memo(root: Path, memo: Path, *args: str) -> dict[str, Any]:
         return plan(root, *args)
     finally:
         aside.rename(memo)
-
-
-def settled() -> None:
-    time.sleep(TIMESTAMP_TICK + 0.15)
 
 
 def corrupt_in_place(path: Path) -> None:
@@ -228,14 +225,8 @@ def one_second_fs(where: Path) -> Iterator[Path]:
     with open(image, "wb") as f:
         f.truncate(64 << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], capture_output=True, check=True)
-    where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot loop-mount: {done.stderr.strip()}")
-    try:
+    with mounted(where, "-o", "loop", str(image)):
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def rewrite_within_the_second_of_a_prune(root: Path, state: Path, behind: int = 0) -> bool:
@@ -256,16 +247,18 @@ def rewrite_within_the_second_of_a_prune(root: Path, state: Path, behind: int = 
     return int(time.time()) == second and target.stat().st_ctime == second - behind
 
 
+def rewrite_within_a_second_of_a_prune(root: Path, state: Path, behind: int = 0) -> None:
+    """rewrite_within_the_second_of_a_prune, tried up to three times; the test is skipped if no try fits."""
+    if not any(rewrite_within_the_second_of_a_prune(root, state, behind) for _ in range(3)):
+        pytest.skip("could not do it within one second three times")
+
+
 def test_a_rewrite_within_the_second_of_the_look_on_a_1s_filesystem_is_read_again(tmp_path: Path) -> None:
     """Held: every time is whole, so the window is a second and more; the look is not written down."""
     with one_second_fs(tmp_path / "fs") as fs:
         root, state = fs / "outputs", tmp_path / "state"
         simulate_run(root / "exp", CONFIG)
-        for _ in range(3):
-            if rewrite_within_the_second_of_a_prune(root, state):
-                break
-        else:
-            pytest.skip("could not do it within one second three times")
+        rewrite_within_a_second_of_a_prune(root, state)
         assert judged_in(plan(root, *KEEP_ALL, "--state-dir", str(state)))["exp/checkpoint-30"][0] is False
 
 
@@ -284,11 +277,7 @@ def test_finding_a_finer_grained_mount_inside_a_1s_checkpoint_shrinks_the_window
         try:
             (inner / "mp_rank_00_model_states.pt").write_bytes(b"x" * 64)
             time.sleep(0.3)
-            for _ in range(3):
-                if rewrite_within_the_second_of_a_prune(root, state):
-                    break
-            else:
-                pytest.skip("could not do it within one second three times")
+            rewrite_within_a_second_of_a_prune(root, state)
             fresh = plan_without_memo(root, state / MEMO_NAME, *KEEP_ALL, "--state-dir", str(state))
             assert judged_in(fresh)["exp/checkpoint-30"][0] is False  # read: broken
             assert judged_in(plan(root, *KEEP_ALL, "--state-dir", str(state)))["exp/checkpoint-30"][0] is False
@@ -307,11 +296,7 @@ def test_finding_file_times_of_a_clock_behind_this_one_vouch_for_a_look_they_can
     state = tmp_path / "state"
     with remote_mount(source, tmp_path / "mnt", "behind") as mnt:
         root = mnt / "outputs"
-        for _ in range(3):
-            if rewrite_within_the_second_of_a_prune(root, state, 5):
-                break
-        else:
-            pytest.skip("could not do it within one second three times")
+        rewrite_within_a_second_of_a_prune(root, state, behind=5)
         fresh = plan_without_memo(root, state / MEMO_NAME, *KEEP_ALL, "--state-dir", str(state))
         assert judged_in(fresh)["exp/checkpoint-30"][0] is False  # read: broken
         assert judged_in(plan(root, *KEEP_ALL, "--state-dir", str(state)))["exp/checkpoint-30"][0] is False
@@ -320,10 +305,7 @@ def test_finding_file_times_of_a_clock_behind_this_one_vouch_for_a_look_they_can
 # ------------------------------------------------------------------------- forged and odd memos
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    top = tmp_path / "outputs"
-    simulate_run(top / "exp", CONFIG)
-    settled()
-    return top
+    return settled_outputs(tmp_path)
 
 
 def forge(root: Path, name: str, **changes: object) -> None:

@@ -12,25 +12,23 @@ import os
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from memoutil import CONFIG, settled, settled_outputs
 
 from ckptkeeper.cli import main
 from ckptkeeper.policy import Policy
 from ckptkeeper.readahead import hint_checkpoint
 from ckptkeeper.rules import parse_rules
-from ckptkeeper.scan import TIMESTAMP_TICK
 from ckptkeeper.scan_memo import MEMO_NAME, MEMO_TEMP
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 from ckptkeeper.state import STATE_DIR_NAME
 from ckptkeeper.watch import Daemon, WatchOptions
 from tests.watchutil import wait_until
 
-CONFIG = SimConfig(steps_per_epoch=10, epochs=3, save_steps=5, eval_steps=5)  # checkpoints 5 .. 30
 KEEP_ALL = ("--keep", "last:100")
 _OPENED: list[str] = []
 
@@ -57,16 +55,9 @@ def plan_json(root: Path) -> tuple[dict[str, object], int]:
     return json.loads(result.output), len(_OPENED)
 
 
-def settled() -> None:
-    time.sleep(TIMESTAMP_TICK + 0.1)  # past the window in which a signature cannot vouch
-
-
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    top = tmp_path / "outputs"
-    simulate_run(top / "exp", CONFIG)
-    settled()
-    return top
+    return settled_outputs(tmp_path)
 
 
 def memo_path(root: Path) -> Path:
