@@ -42,6 +42,16 @@ FloorText = Annotated[object, AfterValidator(_valid_floor)]
 DurationText = Annotated[object, AfterValidator(_valid_duration)]
 
 
+def _not_a_bool(value: object) -> object:
+    """A lax float takes true for 1.0 (`poll: yes` would poll every second): seconds are a number."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds, not true or false")
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 class SettingsModel(BaseModel):
     """Settings' fields, each with what a valid value is; `await` (a Python keyword) is the field `await_`."""
 
@@ -59,14 +69,14 @@ class SettingsModel(BaseModel):
     protect_trainer_best: StrictBool = True
     metrics: dict[str, str] = Field(default_factory=dict)
     await_: list[str] = Field(default_factory=list, alias="await")
-    settle: float | None = Field(None, ge=0, le=3600)
+    settle: Seconds | None = Field(None, ge=0, le=3600)
     stale_after: DurationText = "1h"
     dry_run: StrictBool = False
-    rescan_interval: float = Field(60.0, gt=0, le=86400)
-    poll: float | None = Field(None, gt=0, le=3600)
+    rescan_interval: Seconds = Field(60.0, gt=0, le=86400)
+    poll: Seconds | None = Field(None, gt=0, le=3600)
     exit_when_done: StrictBool = False
     standby: StrictBool = False
-    grace: float = Field(10.0, gt=0, le=3600)
+    grace: Seconds = Field(10.0, gt=0, le=3600)
     log_format: Literal["text", "json"] = "text"
     metrics_port: StrictInt | None = Field(None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"

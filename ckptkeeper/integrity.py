@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
+from ckptkeeper.regular import NotRegular, open_regular
+
 INDEX_SUFFIX = ".safetensors.index.json"
 LENGTH_BYTES = 8  # the header's length, a little-endian u64, opens the file
 MAX_HEADER_BYTES = 100_000_000  # the library's limit
@@ -42,9 +44,11 @@ SHOWN_NAME_CHARS = 255
 def safetensors_problem(path: Path) -> str | None:
     """None when `path` is a valid safetensors file, else a short reason (worded as the library words it)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular(path)
     except FileNotFoundError:
         return f"{path.name} is missing"
+    except NotRegular as e:
+        return f"{path.name}: invalid safetensors ({e.kind}, not a regular file)"
     except OSError as e:
         return f"{path.name}: invalid safetensors (I/O error: {e.strerror or e})"
     try:
@@ -270,20 +274,14 @@ def _read_index(index: Path) -> bytes:
     """The bytes of a regular file. A symlink is not followed (it may lead out of the root, or to /dev/zero),
     a FIFO is not waited on, a device is not opened, and no more than MAX_INDEX_BYTES are read (a sparse file
     of any size)."""
-    if not stat.S_ISREG(mode := os.lstat(index).st_mode) and not stat.S_ISDIR(mode):
-        raise _NotRegular
-    try:  # O_NOFOLLOW and O_NONBLOCK again, in case the entry was replaced since the lstat
-        fd = os.open(index, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-            raise _NotRegular from None
-        raise
+    try:
+        fd = open_regular(index)
+    except NotRegular as e:
+        if stat.S_ISDIR(e.mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(index)) from None
+        raise _NotRegular from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(index))
-        if not stat.S_ISREG(st.st_mode):
-            raise _NotRegular
         data = f.read(MAX_INDEX_BYTES + 1) if st.st_size <= MAX_INDEX_BYTES else b""
     if st.st_size > MAX_INDEX_BYTES or len(data) > MAX_INDEX_BYTES:
         raise _TooLarge

@@ -18,7 +18,6 @@ the metric, with the reason kept for the plan to show.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from ckptkeeper.metric_specs import MetricSpec, as_number, format_pointer, resolve
 from ckptkeeper.model import Checkpoint, Run
+from ckptkeeper.regular import NotRegular, open_regular
 
 MAX_RESULTS_BYTES = 64 << 20  # a results file is ~10 kB; a bigger "results file" is not read into memory
 MAX_LM_EVAL_DEPTH = 8  # DIR/<model dir>/results_<ts>.json is depth 2; deeper directories are warned of
@@ -64,10 +64,6 @@ def _read_fd(fd: int, shown: str) -> object:
         raise Unreadable(f"{shown} is not valid JSON (being written?)") from None
 
 
-def _open_flags() -> int:
-    return os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
 def read_json_at(directory: str, relative: str) -> tuple[FileKey, object]:
     """The JSON document at `relative` below `directory`, no component followed through a link."""
     parts = relative.split("/")
@@ -78,11 +74,11 @@ def read_json_at(directory: str, relative: str) -> tuple[FileKey, object]:
             os.close(fd)
             fd = next_fd
         try:
-            file_fd = os.open(parts[-1], _open_flags(), dir_fd=fd)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
+            file_fd = open_regular(parts[-1], fd)
+        except NotRegular as e:
+            if stat.S_ISLNK(e.mode):
                 raise Unreadable(f"{relative} is a symlink (not followed)") from None
-            raise
+            raise Unreadable(f"{relative} is not a regular file") from None
         try:
             return _key(os.fstat(file_fd)), _read_fd(file_fd, relative)
         finally:
@@ -239,8 +235,8 @@ class LmEvalSource:
     def _read(self, path: str, st: os.stat_result) -> Evaluation | None:
         self.reads += 1
         try:
-            fd = os.open(path, _open_flags())
-        except OSError:
+            fd = open_regular(path)
+        except OSError:  # gone, or not a regular file any more (NotRegular)
             return None
         try:
             document = _read_fd(fd, path)

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import secrets
-import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptkeeper.model import Pin
+from ckptkeeper.regular import NotRegular, open_regular
 
 PINS_NAME = "pins.json"
 PINS_TEMP = "pins.json.part"
@@ -104,16 +104,15 @@ def _read_at(dir_fd: int, shown: Path) -> PinsFile:
     """The pins file in the directory open as `dir_fd` (empty when there is none); PinsError when unreadable."""
     where = str(shown / PINS_NAME)
     try:
-        fd = os.open(PINS_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = open_regular(PINS_NAME, dir_fd)
     except FileNotFoundError:
         return PinsFile()
+    except NotRegular as e:
+        raise PinsError(f"cannot read the pins file {where}: it is {e.kind}, not a regular file") from None
     except OSError as e:
-        why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror or str(e)
-        raise PinsError(f"cannot read the pins file {where}: {why}") from None
+        raise PinsError(f"cannot read the pins file {where}: {e.strerror or e}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PinsError(f"cannot read the pins file {where}: it is not a regular file")
         if st.st_size > MAX_PINS_BYTES:
             raise PinsError(f"cannot read the pins file {where}: {st.st_size} bytes, more than a pins file holds")
         data = os.pread(fd, MAX_PINS_BYTES + 1, 0)
@@ -294,7 +293,7 @@ def removal_under_way(dir_fd: int) -> dict[str, Any] | None:
     """The removal a live engine is carrying out (`run`, `checkpoint`, `pid`), if any; a marker left by a killed
     one (its flock died with it) is none. Call it under the pins lock."""
     try:
-        fd = os.open(REMOVING_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = open_regular(REMOVING_NAME, dir_fd)
     except FileNotFoundError:
         return None
     try:

@@ -6,7 +6,6 @@ not descended into, and sizes count a link as the link itself.
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import re
@@ -23,6 +22,7 @@ from ckptkeeper.metric_specs import MetricSpec
 from ckptkeeper.model import Checkpoint, Run, Signature, root_name
 from ckptkeeper.paths import fd_path, kernel_sets_ctimes
 from ckptkeeper.readahead import Readahead
+from ckptkeeper.regular import NotRegular, open_regular
 from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
 
 # ASCII digits only, no leading zero: `checkpoint-7` is the Trainer's name for step 7, and two directories
@@ -285,15 +285,11 @@ def _read_trainer_state(path: Path) -> bytes:
     """The file's bytes: a regular file (a link, FIFO or device is never opened through), at most
     MAX_TRAINER_STATE_BYTES (a bigger one, even sparse, would be read into memory whole)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # O_NOFOLLOW on a symlink
-            raise TrainerStateError(f"{TRAINER_STATE} is not a regular file") from None
-        raise
+        fd = open_regular(path)
+    except NotRegular:
+        raise TrainerStateError(f"{TRAINER_STATE} is not a regular file") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise TrainerStateError(f"{TRAINER_STATE} is not a regular file")
         if st.st_size > MAX_TRAINER_STATE_BYTES:
             raise TrainerStateError(
                 f"{TRAINER_STATE} is larger than {MAX_TRAINER_STATE_BYTES >> 20} MiB ({st.st_size} bytes)"
@@ -362,12 +358,12 @@ def _read_marker(directory: Path, names: list[str]) -> tuple[weights.Marker | No
     if weights.MARKER not in names:
         return None, True
     try:
-        fd = os.open(directory / weights.MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_regular(directory / weights.MARKER)
+    except NotRegular:
+        return None, True
     except OSError:
         return None, False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, True
         return weights.read_marker(os.read(fd, 1 << 16)), True
     except OSError:
         return None, False

@@ -30,6 +30,7 @@ from typing import Any
 
 from ckptkeeper import __version__, integrity, scan, trainer_state, weights
 from ckptkeeper.model import Signature
+from ckptkeeper.regular import open_regular
 from ckptkeeper.scan import ContentCache, Contents
 from ckptkeeper.state import OWNER_MARK
 
@@ -142,14 +143,14 @@ def _read(state_dir: Path) -> bytes:
         return b""
     try:
         os.stat(OWNER_MARK, dir_fd=dir_fd, follow_symlinks=False)
-        fd = os.open(MEMO_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = open_regular(MEMO_NAME, dir_fd)
     except OSError:
         return b""
     finally:
         os.close(dir_fd)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MEMO_BYTES:
+        if st.st_size > MAX_MEMO_BYTES:
             return b""
         if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return b""  # written, or writable, by someone else: what it says about checkpoints is theirs

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from ckptkeeper.actions import (
     _trash_name,
     open_run_dir,
 )
+from ckptkeeper.regular import open_regular
 from ckptkeeper.state import StateDir
 from ckptkeeper.weights import MARKER, MARKER_TEMP, Marker, marker_text, read_marker
 
@@ -104,11 +104,11 @@ def _open_checkpoint(run_fd: int, checkpoint: Path, checked: os.stat_result) -> 
 
 def _read_marker(fd: int) -> Marker | None:
     try:
-        marker = os.open(MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
-    except OSError:
+        marker = open_regular(MARKER, fd)
+    except OSError:  # none, or not a regular file (NotRegular)
         return None
     try:
-        return read_marker(os.read(marker, 1 << 16)) if stat.S_ISREG(os.fstat(marker).st_mode) else None
+        return read_marker(os.read(marker, 1 << 16))
     except OSError:
         return None
     finally:

@@ -178,7 +178,10 @@ def test_a_file_that_is_gone_or_unreadable_is_named(tmp_path: Path) -> None:
     assert safetensors_problem(tmp_path / "model.safetensors") == "model.safetensors is missing"
     (tmp_path / "dir.safetensors").mkdir()
     problem = safetensors_problem(tmp_path / "dir.safetensors")
-    assert problem is not None and problem.startswith("dir.safetensors: invalid safetensors (I/O error: ")
+    assert problem == "dir.safetensors: invalid safetensors (a directory, not a regular file)"
+    os.mkfifo(tmp_path / "fifo.safetensors")  # never opened: a writer waiting on it is not released
+    problem = safetensors_problem(tmp_path / "fifo.safetensors")
+    assert problem == "fifo.safetensors: invalid safetensors (a FIFO, not a regular file)"
 
 
 dtypes = st.sampled_from([*DTYPE_BITS, "F128", "int8"])

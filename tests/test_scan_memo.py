@@ -21,7 +21,7 @@ from memoutil import CONFIG, settled, settled_outputs
 
 from ckptkeeper.cli import main
 from ckptkeeper.policy import Policy
-from ckptkeeper.readahead import hint_checkpoint
+from ckptkeeper.readahead import _hint_file
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.scan_memo import MEMO_NAME, MEMO_TEMP
 from ckptkeeper.simtrainer import SimConfig, simulate_run
@@ -36,7 +36,7 @@ _OPENED: list[str] = []
 def _count_state_opens(event: str, args: tuple[object, ...]) -> None:
     """Opens that read a trainer_state.json (not readahead's hints, which read nothing: test_readahead.py)."""
     reads = event == "open" and args and str(args[0]).endswith("trainer_state.json")
-    if reads and sys._getframe(1).f_code is not hint_checkpoint.__code__:
+    if reads and sys._getframe(2).f_code is not _hint_file.__code__:
         _OPENED.append(str(args[0]))
 
 
