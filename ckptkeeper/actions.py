@@ -53,6 +53,7 @@ PROBE_NAME = re.compile(re.escape(PROBE_PREFIX) + "[0-9a-f]{32}")
 COMPARE_CHUNK = 8 << 20
 SLOW_FSYNC = 0.002  # s: an fsync slower than this leaves the rest of a copy's fsyncs to threads (see _TreeCopy)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_BACK = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 Identity = tuple[int, int]
 StopCheck = Callable[[], bool]
 
@@ -1048,7 +1049,7 @@ class _TreeCopy:
                 raise OSError(errno.EINVAL, "not a regular file")
             dst = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
             try:
-                self.data(src, dst, st.st_size, rel)
+                self.data(src, dst, st.st_size, rel, lambda: os.open(name, _READ_BACK, dir_fd=dst_fd))
                 _copy_xattrs(src, dst)
                 os.chmod(dst, stat.S_IMODE(st.st_mode))
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -1058,15 +1059,16 @@ class _TreeCopy:
         finally:
             os.close(src)
 
-    def data(self, src: int, dst: int, size: int, rel: str) -> None:
+    def data(self, src: int, dst: int, size: int, rel: str, reader: Callable[[], int]) -> None:
         """Copy the bytes in chunks to the end of the file (`size` only sizes the first read), each chunk read
-        back from the copy and compared with the source's."""
+        back from the copy through `dst` and compared with the source's. Where `dst` cannot read (a FUSE
+        filesystem that opened the new file write-only), through a descriptor from `reader` instead."""
         offset, want = 0, min(COMPARE_CHUNK, size + 1)
         while chunk := os.read(src, want):
             view = memoryview(chunk)
             while view:
                 view = view[os.write(dst, view) :]
-            if os.pread(dst, len(chunk), offset) != chunk:
+            if _read_back(dst, len(chunk), offset, reader) != chunk:
                 raise _Differs(f"{rel}: the bytes read back from the copy at offset {offset} are not the source's")
             offset += len(chunk)
             want = COMPARE_CHUNK
@@ -1080,6 +1082,19 @@ class _TreeCopy:
         started = time.monotonic()
         os.fsync(fd)
         self.slow = time.monotonic() - started > self.slow_fsync
+
+
+def _read_back(fd: int, size: int, offset: int, reader: Callable[[], int]) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError as e:
+        if e.errno != errno.EBADF:
+            raise
+    fd = reader()
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
 
 
 def _copy_xattrs(src: int, dst: int) -> None:

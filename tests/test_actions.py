@@ -73,7 +73,7 @@ def _real(path: str, dir_fd: object) -> str:
 def _audit(event: str, args: tuple[Any, ...]) -> None:
     if _recording and event in _WATCHED:
         if event == "os.rename":  # (src, dst, src_dir_fd, dst_dir_fd)
-            paths = (_real(os.fspath(args[0]), args[2]), _real(os.fspath(args[1]), args[3]))
+            paths: tuple[str, ...] = (_real(os.fspath(args[0]), args[2]), _real(os.fspath(args[1]), args[3]))
         elif event in ("shutil.rmtree", "ckptkeeper.delete_tree"):  # (path, dir_fd)
             paths = (_real(os.fspath(args[0]), args[1]),)
         elif event == "ckptkeeper.copy_tree":  # (src, src_dir_fd, dst, dst_dir_fd)
