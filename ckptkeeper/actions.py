@@ -912,7 +912,7 @@ def _copy_verified(
     source = os.path.join(fd_path(run_fd, checkpoint.parent), checkpoint.name)
     copy = os.path.join(fd_path(parent_fd, target.parent), temp)
     try:
-        _copy_tree(run_fd, checkpoint.name, checked, parent_fd, temp, stop)
+        _copy_tree(run_fd, checkpoint, checked, parent_fd, temp, stop)
         mismatch = verify_copy(source, copy)
         if mismatch:
             raise ActionError(f"the copy of {checkpoint} in {target.parent} does not match: {mismatch}")
@@ -952,20 +952,20 @@ class _Differs(Exception):
 
 
 def _copy_tree(
-    run_fd: int, name: str, checked: os.stat_result, parent_fd: int, temp: str, stop: StopCheck | None
+    run_fd: int, checkpoint: Path, checked: os.stat_result, parent_fd: int, temp: str, stop: StopCheck | None
 ) -> None:
-    """Copy the checkpoint `name` of the run open as `run_fd` to a new directory `temp` in `parent_fd`, through
+    """Copy `checkpoint`, of the run open as `run_fd`, to a new directory `temp` in `parent_fd`, through
     directory descriptors, links never followed (_TreeCopy); every file and directory is fsynced before this
     returns. The source must still be the directory that was checked (`checked`), else Changed."""
-    sys.audit("ckptkeeper.copy_tree", name, run_fd, temp, parent_fd)  # as shutil.copytree's (src, dst), by fds
+    sys.audit("ckptkeeper.copy_tree", checkpoint.name, run_fd, temp, parent_fd)  # shutil.copytree's, by fds
     try:
-        src_fd = os.open(name, _DIR_FLAGS, dir_fd=run_fd)
+        src_fd = os.open(checkpoint.name, _DIR_FLAGS, dir_fd=run_fd)
     except FileNotFoundError:
-        raise Vanished(f"{name} vanished before it was archived") from None
+        raise Vanished(f"{checkpoint} vanished before it was archived") from None
     try:
         st = os.fstat(src_fd)
         if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
-            raise Changed(f"{name} was replaced by another directory while it was being archived")
+            raise Changed(f"{checkpoint} was replaced by another directory while it was being archived")
         os.mkdir(temp, 0o700, dir_fd=parent_fd)
         dst_fd = os.open(temp, _DIR_FLAGS, dir_fd=parent_fd)
         try:
