@@ -259,8 +259,8 @@ def checker_archived(template: Template) -> Callable[[Case], None]:
 
 @contextlib.contextmanager
 def phase_timing(log: dict[str, list[float]]) -> Iterator[None]:
-    """Time the phases of archive_checkpoint: copy (shutil.copytree, outermost call only), fsync
-    (actions._fsync_tree), verify (actions.verify_copy), remove source (actions.delete_checkpoint until the
+    """Time the phases of archive_checkpoint: copy (actions._copy_tree: the copy, each chunk read back and
+    compared, every fsync), verify (actions.verify_copy), remove source (actions.delete_checkpoint until the
     Reaper is done, measured by the caller as the rest). The wrappers cost microseconds per call."""
     patched: list[tuple[Any, str, Any]] = []
     depth = [0]
@@ -283,8 +283,7 @@ def phase_timing(log: dict[str, list[float]]) -> Iterator[None]:
         setattr(owner, attr, timed)
         patched.append((owner, attr, original))
 
-    wrap(shutil, "copytree", "copy")
-    wrap(actions, "_fsync_tree", "fsync")
+    wrap(actions, "_copy_tree", "copy, compare, fsync")
     wrap(actions, "verify_copy", "verify")
     try:
         yield
@@ -606,9 +605,9 @@ def archive_part(
     for line in skipped:
         print(f"- SKIPPED {line}")
     print(
-        "- ckptkeeper: archive_checkpoint (copytree under a temporary name, fsync every file and "
-        "directory, verify names/kinds/sizes/safetensors headers, rename into place, then delete the "
-        "source as in 3); `sync -f DST` is syncfs(2) of the target's filesystem"
+        "- ckptkeeper: archive_checkpoint (copy under a temporary name, each chunk read back and compared "
+        "with the source's, fsync every file and directory, verify names/kinds/sizes/safetensors headers, rename "
+        "into place, then delete the source as in 3); `sync -f DST` is syncfs(2) of the target's filesystem"
     )
     print(*phase_lines(archives), sep="\n")
     print(f"- sources on {filesystem_of(trees)}; part took {time.monotonic() - part:.0f} s")

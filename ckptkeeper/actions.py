@@ -21,6 +21,7 @@ import re
 import shutil
 import stat
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ckptkeeper.paths import (
     real_path_at,
     relation,
 )
+from ckptkeeper.regular import open_regular
 from ckptkeeper.scan import checkpoint_step
 from ckptkeeper.state import TRASH_ENTRY, StateDir
 
@@ -47,8 +49,12 @@ FSYNC_THREADS = 32  # concurrent fsyncs when an archive copy is made durable (se
 # archive an output directory after all, the Trainer's push_to_hub would leave it out.
 PROBE_PREFIX = "_ckptkeeper-probe."
 PROBE_NAME = re.compile(re.escape(PROBE_PREFIX) + "[0-9a-f]{32}")
-COPY_CHUNK = 64 << 20  # a stop is honoured between chunks of this size while a large file is copied
+# A file is copied in chunks of this size, each read back from the copy and compared; a stop is honoured
+# between them.
+COMPARE_CHUNK = 8 << 20
+SLOW_FSYNC = 0.002  # s: an fsync slower than this leaves the rest of a copy's fsyncs to threads (see _TreeCopy)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_BACK = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 Identity = tuple[int, int]
 StopCheck = Callable[[], bool]
 
@@ -569,23 +575,38 @@ def delete_checkpoint(
 # ---------------------------------------------------------------------------------------------- archive
 def _listing(top: Path | str) -> dict[str, tuple[str, int]]:
     """Relative path -> (kind, size) for everything below `top`, links not followed. A directory that cannot
-    be listed is skipped, as os.walk does (its entries are then missing and the lists differ)."""
+    be listed is skipped, as os.walk does (its entries are then missing and the lists differ). Walked through
+    a descriptor of `top`: each entry is looked at relative to its directory's descriptor."""
     found: dict[str, tuple[str, int]] = {}
-    pending = [("", os.fspath(top))]
-    while pending:
-        prefix, directory = pending.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            rel = prefix + entry.name
-            if entry.is_dir(follow_symlinks=False):
-                found[rel] = ("dir", 0)
-                pending.append((rel + os.sep, entry.path))
-            else:
-                kind = "link" if entry.is_symlink() else "file"
-                found[rel] = (kind, entry.stat(follow_symlinks=False).st_size)
+    try:
+        top_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return found
+    try:
+        pending = [""]
+        while pending:
+            prefix = pending.pop()
+            try:
+                dir_fd = os.open(prefix, _DIR_FLAGS, dir_fd=top_fd) if prefix else os.dup(top_fd)
+            except OSError:
+                continue
+            try:
+                with os.scandir(dir_fd) as it:
+                    entries = list(it)
+                for entry in entries:
+                    rel = prefix + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        found[rel] = ("dir", 0)
+                        pending.append(rel + os.sep)
+                    else:
+                        kind = "link" if entry.is_symlink() else "file"
+                        found[rel] = (kind, entry.stat(follow_symlinks=False).st_size)
+            except OSError:
+                continue
+            finally:
+                os.close(dir_fd)
+    finally:
+        os.close(top_fd)
     return found
 
 
@@ -628,18 +649,24 @@ def _fsync_path(path: str | Path) -> None:
 
 
 def _fsync_tree(top: Path | str) -> None:
-    """fsync every file (links excepted) and directory of the tree, `top` included; the first error raises.
-
-    The fsyncs run concurrently: on a journaling filesystem each one waits for a journal commit, and issued
-    one after another a checkpoint of 3,000 small files waits for 3,000 commits (~10 s on a loop-mounted
-    ext4 in benchmarks/bench_actions.py); issued together, the journal commits them in batches (~1 s)."""
+    """fsync every file (links excepted) and directory of the tree, `top` included; the first error raises."""
     paths: list[str] = []
     for dirpath, _, filenames in os.walk(top):
         paths.extend(full for n in filenames if not os.path.islink(full := os.path.join(dirpath, n)))
         paths.append(dirpath)
-    workers = min(FSYNC_THREADS, len(paths))
+    _fsync_all(paths, FSYNC_THREADS)
+
+
+def _fsync_all(paths: list[str], threads: int = 1) -> None:
+    """fsync each path, on up to `threads` threads; the first error raises.
+
+    The fsyncs run concurrently: on a journaling filesystem each one waits for a journal commit, and issued
+    one after another a checkpoint of 3,000 small files waits for 3,000 commits (~10 s on a loop-mounted
+    ext4 in benchmarks/bench_actions.py); issued together, the journal commits them in batches (~1 s)."""
+    workers = min(threads, len(paths))
     if workers <= 1:
-        _fsync_all(paths)
+        for path in paths:
+            _fsync_path(path)
         return
     # One share of the paths per thread, not one task per path: on a filesystem where fsync costs nothing
     # (tmpfs), handing 3,000 tasks to a pool costs more than the fsyncs.
@@ -648,11 +675,6 @@ def _fsync_tree(top: Path | str) -> None:
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptkeeper-fsync") as pool:
         for _ in pool.map(_fsync_all, [paths[i::workers] for i in range(workers)]):
             pass
-
-
-def _fsync_all(paths: list[str]) -> None:
-    for path in paths:
-        _fsync_path(path)
 
 
 def _clear_archive_temps(parent_fd: int, name: str, shown: Path) -> None:
@@ -846,7 +868,7 @@ def _archive_at(
         return "renamed"
     _clear_archive_temps(parent_fd, target.name, target.parent)
     temp = f"{ARCHIVE_TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
-    _copy_verified(source, os.path.join(parent, temp), checkpoint, target, stop)
+    _copy_verified(run_fd, checkpoint, checked, parent_fd, temp, target, stop)
     if os.path.lexists(os.path.join(parent, target.name)):
         _rmtree_quietly(os.path.join(parent, temp))
         raise ActionError(f"{target} appeared while {checkpoint} was copied there; left for the next pass")
@@ -877,94 +899,219 @@ def _check_existing_copy(
         raise ActionError(f"cannot make the archived copy {target} durable: {e}") from None
 
 
-def _copy_verified(source: str, temp: str, checkpoint: Path, target: Path, stop: StopCheck | None) -> None:
+def _copy_verified(
+    run_fd: int,
+    checkpoint: Path,
+    checked: os.stat_result,
+    parent_fd: int,
+    temp: str,
+    target: Path,
+    stop: StopCheck | None,
+) -> None:
+    """Copy the checkpoint to `temp` in ARCHIVE/<run>, compared and made durable (_TreeCopy), then verified
+    against the source as it is now (verify_copy); on any failure the copy is removed and nothing else done."""
+    source = os.path.join(fd_path(run_fd, checkpoint.parent), checkpoint.name)
+    copy = os.path.join(fd_path(parent_fd, target.parent), temp)
     try:
-        shutil.copytree(source, temp, symlinks=True, copy_function=_copier(stop))
-        _fsync_tree(temp)
-        mismatch = verify_copy(source, temp)
+        _copy_tree(run_fd, checkpoint, checked, parent_fd, temp, stop)
+        mismatch = verify_copy(source, copy)
         if mismatch:
             raise ActionError(f"the copy of {checkpoint} in {target.parent} does not match: {mismatch}")
     except _CopyFailed as e:
-        _rmtree_quietly(temp)
+        _rmtree_quietly(copy)
         if not os.path.lexists(source):
             raise Vanished(f"{checkpoint} vanished while it was archived") from None
-        name = os.path.relpath(e.source, source)
-        raise ActionError(f"cannot archive {checkpoint} to {target}: {name}: {e.error.strerror or e.error}") from None
+        raise ActionError(f"cannot archive {checkpoint} to {target}: {e.rel}: {e.error.strerror or e.error}") from None
+    except _Differs as e:
+        _rmtree_quietly(copy)
+        raise ActionError(f"the copy of {checkpoint} in {target.parent} does not match: {e}") from None
     except FileNotFoundError as e:
-        _rmtree_quietly(temp)
+        _rmtree_quietly(copy)
         if not os.path.lexists(source):
             raise Vanished(f"{checkpoint} vanished while it was archived") from None
         raise ActionError(f"cannot archive {checkpoint}: {e}") from None
-    except shutil.Error as e:
-        # copytree's list of (source, copy, message), one per directory it could not create or stamp.
-        _rmtree_quietly(temp)
-        failed = e.args[0] if e.args and isinstance(e.args[0], list) and e.args[0] else [("", "", str(e))]
-        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        raise ActionError(f"cannot archive {checkpoint} to {target}: {failed[0][2]}{more}") from None
     except OSError as e:
-        _rmtree_quietly(temp)
+        _rmtree_quietly(copy)
         raise ActionError(f"cannot archive {checkpoint} to {target}: {e}") from None
     except BaseException:  # ActionError (Stopped, a mismatch), or an interrupt: never leave a partial copy
-        _rmtree_quietly(temp)
+        _rmtree_quietly(copy)
         raise
 
 
 class _CopyFailed(Exception):
-    """One file could not be copied. Not an OSError on purpose: shutil.copytree collects each OSError and goes
-    on with every other file (on a full disk: writing them all, for one error line per file); this stops it."""
+    """One entry could not be copied (`rel`, relative to the checkpoint): the copy stops there, with one error
+    line for the checkpoint (on a full disk, not one per file)."""
 
-    def __init__(self, source: str, error: OSError) -> None:
-        super().__init__(f"{source}: {error}")
-        self.source = source
+    def __init__(self, rel: str, error: OSError) -> None:
+        super().__init__(f"{rel}: {error}")
+        self.rel = rel
         self.error = error
 
 
-def _copier(stop: StopCheck | None) -> Callable[[str, str], object]:
-    def copy_file(source: str, copy: str) -> object:
-        if stop is not None and stop():
-            raise Stopped("the copy was not complete; the checkpoint stays whole")
-        try:
-            _copy_chunks(source, copy, stop)
-            shutil.copystat(source, copy, follow_symlinks=False)
-        except OSError as e:
-            raise _CopyFailed(source, e) from e
-        return copy
-
-    return copy_file
+class _Differs(Exception):
+    """What was read back from the copy is not what the source holds."""
 
 
-def _copy_chunks(source: str, copy: str, stop: StopCheck | None) -> None:
-    """Copy a regular file's bytes in chunks, asking `stop` between them. A FIFO or device is refused."""
-    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _copy_tree(
+    run_fd: int, checkpoint: Path, checked: os.stat_result, parent_fd: int, temp: str, stop: StopCheck | None
+) -> None:
+    """Copy `checkpoint`, of the run open as `run_fd`, to a new directory `temp` in `parent_fd`, through
+    directory descriptors, links never followed (_TreeCopy); every file and directory is fsynced before this
+    returns. The source must still be the directory that was checked (`checked`), else Changed."""
+    sys.audit("ckptkeeper.copy_tree", checkpoint.name, run_fd, temp, parent_fd)  # shutil.copytree's, by fds
     try:
-        if not stat.S_ISREG(os.fstat(src).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", source)
-        dst = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        src_fd = os.open(checkpoint.name, _DIR_FLAGS, dir_fd=run_fd)
+    except FileNotFoundError:
+        raise Vanished(f"{checkpoint} vanished before it was archived") from None
+    try:
+        st = os.fstat(src_fd)
+        if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+            raise Changed(f"{checkpoint} was replaced by another directory while it was being archived")
+        os.mkdir(temp, 0o700, dir_fd=parent_fd)
+        dst_fd = os.open(temp, _DIR_FLAGS, dir_fd=parent_fd)
         try:
-            offset = 0
-            while sent := _send(dst, src, offset):
-                offset += sent
-                if stop is not None and stop():
-                    raise Stopped("the copy was not complete; the checkpoint stays whole")
+            copier = _TreeCopy(stop)
+            copier.contents(src_fd, dst_fd, "")
+            copier.finish_directory(dst_fd, st, "")
+            _fsync_all([os.path.join(fd_path(dst_fd, temp), rel) for rel in copier.deferred], threads=FSYNC_THREADS)
         finally:
-            os.close(dst)
+            os.close(dst_fd)
     finally:
-        os.close(src)
+        os.close(src_fd)
 
 
-def _send(dst: int, src: int, offset: int) -> int:
-    """Copy up to COPY_CHUNK bytes from `offset`; 0 at the end. sendfile between files where the kernel
-    allows it (Linux), else a read and a write."""
+class _TreeCopy:
+    """Copies a directory's contents through directory descriptors (`openat`, no path walked again, links never
+    followed), one file after the other on this thread, and checks each as it goes: every chunk of a file is
+    written, then read back from the copy and compared with the bytes read from the source; every link is read
+    back and compared with the source's target. A FIFO, device or socket is refused. Modes, times and extended
+    attributes are copied as `cp -a` (and shutil.copytree) do.
+
+    Each file and directory is fsynced through the descriptor that made it. Where an fsync takes more than
+    `slow_fsync` seconds (a disk's journal commit: done one after another, 3,000 files wait for 3,000 commits),
+    the rest are left in `deferred` for _fsync_all's threads, whose concurrent fsyncs the journal commits in
+    batches. `stop` is asked before every entry and between chunks of a file."""
+
+    def __init__(self, stop: StopCheck | None, slow_fsync: float = SLOW_FSYNC) -> None:
+        self.stop = stop
+        self.slow_fsync = slow_fsync
+        self.deferred: list[str] = []  # relative paths to fsync once the copy is made
+        self.slow = False
+
+    def contents(self, src_fd: int, dst_fd: int, prefix: str) -> None:
+        with os.scandir(src_fd) as it:
+            entries = list(it)
+        for entry in entries:
+            if self.stop is not None and self.stop():
+                raise Stopped("the copy was not complete; the checkpoint stays whole")
+            rel = prefix + entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    self.directory(src_fd, dst_fd, entry.name, rel)
+                elif entry.is_symlink():
+                    self.link(src_fd, dst_fd, entry.name, rel)
+                else:
+                    self.file(src_fd, dst_fd, entry.name, rel)
+            except OSError as e:
+                raise _CopyFailed(rel, e) from e
+
+    def directory(self, src_fd: int, dst_fd: int, name: str, rel: str) -> None:
+        sub_src = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
+        try:
+            os.mkdir(name, 0o700, dir_fd=dst_fd)
+            sub_dst = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
+            try:
+                self.contents(sub_src, sub_dst, rel + os.sep)
+                self.finish_directory(sub_dst, os.fstat(sub_src), rel)
+            finally:
+                os.close(sub_dst)
+        finally:
+            os.close(sub_src)
+
+    def finish_directory(self, dst_fd: int, st: os.stat_result, rel: str) -> None:
+        """Once its entries are made: the source directory's mode and times (`st`), then its fsync."""
+        os.chmod(dst_fd, stat.S_IMODE(st.st_mode))
+        os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.fsync(dst_fd, rel)
+
+    def link(self, src_fd: int, dst_fd: int, name: str, rel: str) -> None:
+        st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+        to = os.readlink(name, dir_fd=src_fd)
+        os.symlink(to, name, dir_fd=dst_fd)
+        if os.readlink(name, dir_fd=dst_fd) != to:
+            raise _Differs(f"{rel}: the copied link does not lead to {to!r}")
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+
+    def file(self, src_fd: int, dst_fd: int, name: str, rel: str) -> None:
+        src = open_regular(name, src_fd)  # a FIFO or device swapped in since the listing is never opened
+        try:
+            st = os.fstat(src)
+            dst = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
+            try:
+                self.data(src, dst, st.st_size, rel, lambda: os.open(name, _READ_BACK, dir_fd=dst_fd))
+                _copy_xattrs(src, dst)
+                os.chmod(dst, stat.S_IMODE(st.st_mode))
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                self.fsync(dst, rel)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def data(self, src: int, dst: int, size: int, rel: str, reader: Callable[[], int]) -> None:
+        """Copy the bytes in chunks to the end of the file (`size` only sizes the first read), each chunk read
+        back from the copy through `dst` and compared with the source's. Where `dst` cannot read (a FUSE
+        filesystem that opened the new file write-only), through a descriptor from `reader` instead."""
+        offset, want = 0, min(COMPARE_CHUNK, size + 1)
+        while chunk := os.read(src, want):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst, view) :]
+            if _read_back(dst, len(chunk), offset, reader) != chunk:
+                raise _Differs(f"{rel}: the bytes read back from the copy at offset {offset} are not the source's")
+            offset += len(chunk)
+            if len(chunk) < want:  # the end (a short read that was not would show as a size in verify_copy)
+                return
+            want = COMPARE_CHUNK
+            if self.stop is not None and self.stop():
+                raise Stopped("the copy was not complete; the checkpoint stays whole")
+
+    def fsync(self, fd: int, rel: str) -> None:
+        if self.slow:
+            self.deferred.append(rel)
+            return
+        started = time.monotonic()
+        os.fsync(fd)
+        self.slow = time.monotonic() - started > self.slow_fsync
+
+
+def _read_back(fd: int, size: int, offset: int, reader: Callable[[], int]) -> bytes:
     try:
-        return os.sendfile(dst, src, offset, COPY_CHUNK)
+        return os.pread(fd, size, offset)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP):
+        if e.errno != errno.EBADF:
             raise
-    data = os.pread(src, COPY_CHUNK, offset)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(dst, view) :]
-    return len(data)
+    fd = reader()
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _copy_xattrs(src: int, dst: int) -> None:
+    """Extended attributes, as shutil.copystat copies them (those the target cannot take are left out)."""
+    try:
+        names = os.listxattr(src)
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.ENODATA, errno.EINVAL):
+            raise
+        return
+    for name in names:
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name))
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENODATA, errno.EINVAL, errno.EACCES):
+                raise
 
 
 def _rmtree_quietly(path: str | Path) -> None:

@@ -97,6 +97,15 @@ def _quick_rules(value: object) -> list[str]:
     return [_valid_rule(text) for text in texts]  # a RuleError is left to the model too
 
 
+def _quick_archive(value: object) -> Path:
+    """A local archive directory as the flag gives it (text); a URL, or anything else, is left to the model."""
+    if isinstance(value, Path):
+        return _quick_path(value)
+    if type(value) is not str or "://" in value or "\0" in value:
+        raise _NotQuick
+    return Path(value)
+
+
 def _quick_bool(value: object) -> bool:
     if type(value) is not bool:
         raise _NotQuick
@@ -104,12 +113,14 @@ def _quick_bool(value: object) -> bool:
 
 
 # What _quick_settings checks itself: the settings of a usual command line (ROOT, --keep, --state-dir,
-# --dry-run), each only in the form the model takes unchanged but for what its own validator does.
+# --archive-to a directory, --dry-run), each only in the form the model takes unchanged but for what its own
+# validator does.
 _QUICK: dict[str, Callable[[object], object]] = {
     "root": _quick_path,
     "state_dir": _quick_path,
     "keep": _quick_rules,
     "keep_weights": _quick_rules,
+    "archive_to": _quick_archive,
     "dry_run": _quick_bool,
     "protect_trainer_best": _quick_bool,
     "exit_when_done": _quick_bool,

@@ -53,7 +53,7 @@ from ckptkeeper.model import (
 from ckptkeeper.paths import fd_path, identity
 from ckptkeeper.policy import NO_RULE, PlanInputs, Policy, RootPlan, plan_root
 from ckptkeeper.pressure import Disk, Space
-from ckptkeeper.reaper import Deleters, Deleting
+from ckptkeeper.reaper import ARCHIVE_DELETER_THREADS, DELETER_THREADS, Deleters, Deleting
 from ckptkeeper.render import journal_reasons
 from ckptkeeper.rules import format_rules
 from ckptkeeper.scan import (
@@ -527,7 +527,8 @@ class Pipeline:
         exception (Ctrl-C) stops the deleters between two files, what is left staying in the trash."""
         if self.dispose is not None or self.dry_run:
             return self._act(plan, on_outcome)
-        deleters = Deleters()
+        threads = ARCHIVE_DELETER_THREADS if self.layout.archive_dir is not None else DELETER_THREADS
+        deleters = Deleters(threads)
         interrupted = True
         try:
             results = self._act(plan, on_outcome, deleters)

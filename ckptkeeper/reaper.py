@@ -93,6 +93,10 @@ class Reaper:
 
 
 DELETER_THREADS = 2  # unlink and rmdir release the GIL: two threads keep two cores busy in the kernel
+# An archive to another filesystem: the sources go while this thread copies the next checkpoints. On a disk each
+# unlink waits for the journal more than it works (4 checkpoints of 1,000 files: 0.36 s wall for 0.09 s of CPU one
+# after the other, 0.20 s on 2 threads, 0.14 s on 4), so more threads overlap more of the waits.
+ARCHIVE_DELETER_THREADS = 4
 IN_FLIGHT = 8  # entries handed over and not yet deleted, at most: each holds a descriptor of the trash
 
 

@@ -46,7 +46,7 @@ from ckptkeeper.state import StateDir
 
 # ---------------------------------------------------------------------------------------------- observation
 _recording: list[list[tuple[str, ...]]] = []
-_WATCHED = {"os.rename", "shutil.rmtree", "shutil.copytree", "ckptkeeper.delete_tree"}
+_WATCHED = {"os.rename", "shutil.rmtree", "ckptkeeper.copy_tree", "ckptkeeper.delete_tree"}
 
 
 def tree_size(path: Path) -> int:
@@ -73,9 +73,11 @@ def _real(path: str, dir_fd: object) -> str:
 def _audit(event: str, args: tuple[Any, ...]) -> None:
     if _recording and event in _WATCHED:
         if event == "os.rename":  # (src, dst, src_dir_fd, dst_dir_fd)
-            paths = (_real(os.fspath(args[0]), args[2]), _real(os.fspath(args[1]), args[3]))
+            paths: tuple[str, ...] = (_real(os.fspath(args[0]), args[2]), _real(os.fspath(args[1]), args[3]))
         elif event in ("shutil.rmtree", "ckptkeeper.delete_tree"):  # (path, dir_fd)
             paths = (_real(os.fspath(args[0]), args[1]),)
+        elif event == "ckptkeeper.copy_tree":  # (src, src_dir_fd, dst, dst_dir_fd)
+            paths = (_real(args[0], args[1]), _real(args[2], args[3]))
         else:
             paths = tuple(_real(os.fspath(a), None) for a in args[:2] if isinstance(a, str | os.PathLike))
         _recording[-1].append((event, *paths))
@@ -86,7 +88,7 @@ sys.addaudithook(_audit)
 
 @pytest.fixture
 def fs_calls() -> Iterator[list[tuple[str, ...]]]:
-    """(event, path, [path]) for every os.rename, shutil.rmtree and shutil.copytree while the test runs."""
+    """(event, path, [path]) for every os.rename, shutil.rmtree, tree delete and tree copy while the test runs."""
     calls: list[tuple[str, ...]] = []
     _recording.append(calls)
     try:
@@ -428,7 +430,7 @@ def test_archive_on_the_same_filesystem_is_one_rename_to_archive_run_path_checkp
         ("checkpoint-5", "archive", f"moved to {target}")
     ]
     assert renames(fs_calls) == [(source, target)]
-    assert not any(c[0] == "shutil.copytree" for c in fs_calls)
+    assert not any(c[0] == "ckptkeeper.copy_tree" for c in fs_calls)
     assert target.stat().st_ino == inode and manifest(target) == before
     assert not source.exists() and (run / "checkpoint-10").is_dir()
     [start, entry] = state.read_journal()
@@ -456,14 +458,14 @@ def test_archive_to_another_filesystem_copies_under_a_temporary_name_then_rename
 
     [attempt, into_place, to_trash] = renames(fs_calls)
     assert attempt == (source, target)  # refused by the kernel: another filesystem (EXDEV)
-    copy = next(c for c in fs_calls if c[0] == "shutil.copytree")  # the top call (it recurses)
+    copy = next(c for c in fs_calls if c[0] == "ckptkeeper.copy_tree")
     temp = Path(copy[2])
     assert Path(copy[1]) == source
     assert temp.parent == target.parent and temp.name.startswith(f"{ARCHIVE_TEMP_PREFIX}checkpoint-5.")
     assert into_place == (temp, target)
     assert to_trash[0] == source and to_trash[1].parent == state.trash
     calls = [c[0] for c in fs_calls]
-    assert calls.index("shutil.copytree") < fs_calls.index(("os.rename", str(temp), str(target)))
+    assert calls.index("ckptkeeper.copy_tree") < fs_calls.index(("os.rename", str(temp), str(target)))
     assert fs_calls.index(("os.rename", str(temp), str(target))) < fs_calls.index(
         ("os.rename", str(source), str(to_trash[1]))
     )

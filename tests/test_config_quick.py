@@ -27,8 +27,12 @@ RULES: list[object] = [
     ["bogus"], [3], ("last:1",), None, 1, True, {"last": 1}, "last:1\0", "last:99999999999999999999999",
 ]  # fmt: skip
 BOOLS: list[object] = [True, False, None, 0, 1, "true", "yes", 1.0, []]
+ARCHIVES: list[object] = [
+    "/mnt/archive", "archive", "", " ", "run\nx", "a\0b", "s3://bucket/prefix", "s3://a\0b", "file:///x", "x://",
+    Path("/mnt/archive"), Path("a\0b"), None, 3, b"x", ["x"],
+]  # fmt: skip
 VALUES: dict[str, list[object]] = {
-    "root": PATHS, "state_dir": PATHS, "keep": RULES, "keep_weights": RULES,
+    "root": PATHS, "state_dir": PATHS, "keep": RULES, "keep_weights": RULES, "archive_to": ARCHIVES,
     "dry_run": BOOLS, "protect_trainer_best": BOOLS, "exit_when_done": BOOLS, "standby": BOOLS,
 }  # fmt: skip
 
