@@ -101,6 +101,11 @@ def _valid_duration(value: object) -> str:
 
 DurationText = Annotated[object, AfterValidator(_valid_duration)]
 MAX_STALE_AFTER = 365 * 86400
+# The bounds of watch's settings that _quick_settings checks too (seconds; a TCP port).
+MAX_RESCAN_INTERVAL = 86400.0
+MAX_POLL = 3600.0
+MAX_GRACE = 3600.0
+MAX_PORT = 65535
 
 
 class Settings(BaseModel):
@@ -129,13 +134,13 @@ class Settings(BaseModel):
     stale_after: DurationText = "1h"  # an incomplete checkpoint unchanged this long is reported as stale
     dry_run: StrictBool = False
     # watch only
-    rescan_interval: float = Field(60.0, gt=0, le=86400)
-    poll: float | None = Field(None, gt=0, le=3600)
+    rescan_interval: float = Field(60.0, gt=0, le=MAX_RESCAN_INTERVAL)
+    poll: float | None = Field(None, gt=0, le=MAX_POLL)
     exit_when_done: StrictBool = False
     standby: StrictBool = False
-    grace: float = Field(10.0, gt=0, le=3600)
+    grace: float = Field(10.0, gt=0, le=MAX_GRACE)
     log_format: Literal["text", "json"] = "text"
-    metrics_port: StrictInt | None = Field(None, ge=0, le=65535)  # None: no metrics server; 0: any free port
+    metrics_port: StrictInt | None = Field(None, ge=0, le=MAX_PORT)  # None: no metrics server; 0: any free port
     metrics_host: str = "127.0.0.1"
 
     @field_validator("metrics")
@@ -226,8 +231,38 @@ def _quick_bool(value: object) -> bool:
     return value
 
 
+def _quick_seconds(at_most: float) -> Callable[[object], object]:
+    """A float of seconds in (0, at_most], the model's `Field(gt=0, le=at_most)` (NaN and inf are not)."""
+
+    def check(value: object) -> float:
+        if type(value) is not float or not 0 < value <= at_most:
+            raise _NotQuick
+        return value
+
+    return check
+
+
+def _quick_log_format(value: object) -> str:
+    if type(value) is not str or value not in ("text", "json"):
+        raise _NotQuick
+    return value
+
+
+def _quick_port(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_PORT:
+        raise _NotQuick
+    return value
+
+
+def _quick_str(value: object) -> str:
+    if type(value) is not str:
+        raise _NotQuick
+    return value
+
+
 # What _quick_settings checks itself: the settings of a usual command line (ROOT, --keep, --state-dir,
-# --dry-run), each only in the form the model takes unchanged but for what its own validator does.
+# --dry-run; and watch's --poll, --rescan-interval, --grace, --log-format, --metrics-port, --metrics-host), each
+# only in the form the model takes unchanged but for what its own validator does.
 _QUICK: dict[str, Callable[[object], object]] = {
     "root": _quick_path,
     "state_dir": _quick_path,
@@ -237,6 +272,12 @@ _QUICK: dict[str, Callable[[object], object]] = {
     "protect_trainer_best": _quick_bool,
     "exit_when_done": _quick_bool,
     "standby": _quick_bool,
+    "poll": _quick_seconds(MAX_POLL),
+    "rescan_interval": _quick_seconds(MAX_RESCAN_INTERVAL),
+    "grace": _quick_seconds(MAX_GRACE),
+    "log_format": _quick_log_format,
+    "metrics_port": _quick_port,
+    "metrics_host": _quick_str,
 }
 
 

@@ -24,9 +24,18 @@ RULES: list[object] = [
     ["bogus"], [3], ("last:1",), None, 1, True, {"last": 1}, "last:1\0", "last:99999999999999999999999",
 ]  # fmt: skip
 BOOLS: list[object] = [True, False, None, 0, 1, "true", "yes", 1.0, []]
+SECONDS: list[object] = [
+    5.0, 0.5, 1e-9, 60.0, 3600.0, 3600.5, 86400.0, 86400.5, 0.0, -0.0, -1.0, float("nan"), float("inf"), 5, 0,
+    True, "5", "5.0", None, [],
+]  # fmt: skip
+LOG_FORMATS: list[object] = ["text", "json", "JSON", "Text", " json", "yaml", "", None, 1, b"json", ["json"]]
+PORTS: list[object] = [0, 1, 9100, 65535, 65536, -1, True, False, 9100.0, "9100", None, 2**70]
+HOSTS: list[object] = ["127.0.0.1", "0.0.0.0", "::1", "localhost", "", " x ", "a\0b", None, 1, b"host", ["x"]]
 VALUES: dict[str, list[object]] = {
     "root": PATHS, "state_dir": PATHS, "keep": RULES, "keep_weights": RULES,
     "dry_run": BOOLS, "protect_trainer_best": BOOLS, "exit_when_done": BOOLS, "standby": BOOLS,
+    "poll": SECONDS, "rescan_interval": SECONDS, "grace": SECONDS,
+    "log_format": LOG_FORMATS, "metrics_port": PORTS, "metrics_host": HOSTS,
 }  # fmt: skip
 
 
