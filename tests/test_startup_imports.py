@@ -167,8 +167,8 @@ def test_a_flag_the_quick_path_leaves_to_the_model_still_works(root: Path) -> No
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["--dry-run"]],
-    ids=["inotify", "dry-run"],
+    [[], ["--poll", "1"], ["--log-format", "json"], ["--dry-run"], ["--metrics-host", "::1", "--grace", "5"]],
+    ids=["inotify", "poll", "json-log", "dry-run", "watch-flags"],
 )
 def test_watch_says_its_first_line_before_importing_what_it_does_not_need_yet(root: Path, args: list[str]) -> None:
     line, modules = imported_at_first_line(root, "--keep", "last:1", *args)
