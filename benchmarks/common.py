@@ -245,8 +245,9 @@ def timed_process_cpu(argv: Sequence[str]) -> tuple[float, float]:
 def timed_first_line(argv: Sequence[str], stop_timeout: float = 15.0) -> tuple[float, float]:
     """(wall s, CPU s) of a long-running command (`ckptkeeper watch`) from its spawn to the first line it prints,
     on stdout or stderr (one pipe, read as it arrives): what a user waits for before it says anything. CPU is
-    what every thread of the process had used when that line arrived (/proc/PID/task/*/schedstat, ns), which
-    unlike `timed_process_cpu` leaves out the interpreter's exit. Then SIGTERM and wait, not counted; a command
+    what every thread of the process had used when that line was read (/proc/PID/task/*/schedstat, ns), which
+    unlike `timed_process_cpu` leaves out the interpreter's exit; on a loaded machine, where this process may
+    read the line late, it also counts what the command did meanwhile. Then SIGTERM and wait, not counted; a command
     that exits before a line, prints none, or does not exit 0 once stopped is an error, never a figure."""
     warm_bytecode()
     started = time.perf_counter()
