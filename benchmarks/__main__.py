@@ -25,7 +25,7 @@ BENCHMARKS = {
     "watch": "benchmarks.bench_watch",  # 2. reaction time and 5. idle cost
     "actions": "benchmarks.bench_actions",  # 3. delete and 4. archive
     "trainer_block": "benchmarks.bench_trainer_block",  # 6. training loop blocked by retention
-    "startup": "benchmarks.bench_startup",  # 7. start-up: --help, --version, plan and prune of one checkpoint
+    "startup": "benchmarks.bench_startup",  # 7. start-up: --help, --version, plan/prune/watch of one checkpoint
     "prune": "benchmarks.bench_prune",  # issue #12: prune against rm -rf, whole commands
     "metrics": "benchmarks.bench_metrics",  # issue #20: plan and a watch pass with lm-eval results, against none
     "plan": "benchmarks.bench_plan",  # issue #12: plan against a json.load loop, whole commands, warm and cold

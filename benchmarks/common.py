@@ -242,6 +242,55 @@ def timed_process_cpu(argv: Sequence[str]) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def timed_first_line(argv: Sequence[str], stop_timeout: float = 15.0) -> tuple[float, float]:
+    """(wall s, CPU s) of a long-running command (`ckptkeeper watch`) from its spawn to the first line it prints,
+    on stdout or stderr (one pipe, read as it arrives): what a user waits for before it says anything. CPU is
+    what every thread of the process had used when that line was read (/proc/PID/task/*/schedstat, ns), which
+    unlike `timed_process_cpu` leaves out the interpreter's exit; on a loaded machine, where this process may
+    read the line late, it also counts what the command did meanwhile. Then SIGTERM and wait, not counted; a command
+    that exits before a line, prints none, or does not exit 0 once stopped is an error, never a figure."""
+    warm_bytecode()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=command_env()
+    )
+    assert proc.stdout is not None
+    seen = b""
+    while b"\n" not in seen:
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        seen += chunk
+    wall = time.perf_counter() - started
+    cpu = _task_cpu_seconds(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rest, _ = proc.communicate(timeout=stop_timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+    output = (seen + rest).decode("utf-8", "replace")
+    if b"\n" not in seen or proc.returncode != 0:
+        raise RuntimeError(f"{list(argv)[:4]} printed no line or exited with {proc.returncode}: {output[-500:]}")
+    return wall, cpu
+
+
+def _task_cpu_seconds(pid: int) -> float:
+    """Time on a CPU of every thread of `pid` alive now (schedstat's first field, in ns); nan if it is gone."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return math.nan
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total / 1e9
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of `pid` so far, in seconds (resolution 1/CLK_TCK)."""
     with open(f"/proc/{pid}/stat", encoding="utf-8") as f:

@@ -15,7 +15,15 @@ from typing import Any
 from ckptkeeper.metric_specs import MetricSpecError
 from ckptkeeper.pressure import parse_floor
 from ckptkeeper.rules import RuleError, parse_rule
-from ckptkeeper.settings import MAX_STALE_AFTER, Settings, setting_keys
+from ckptkeeper.settings import (
+    MAX_GRACE,
+    MAX_POLL,
+    MAX_PORT,
+    MAX_RESCAN_INTERVAL,
+    MAX_STALE_AFTER,
+    Settings,
+    setting_keys,
+)
 from ckptkeeper.units import DURATION_FORMS, parse_seconds
 
 
@@ -112,8 +120,38 @@ def _quick_bool(value: object) -> bool:
     return value
 
 
+def _quick_seconds(at_most: float) -> Callable[[object], object]:
+    """A float of seconds in (0, at_most], the model's `Field(gt=0, le=at_most)` (NaN and inf are not)."""
+
+    def check(value: object) -> float:
+        if type(value) is not float or not 0 < value <= at_most:
+            raise _NotQuick
+        return value
+
+    return check
+
+
+def _quick_log_format(value: object) -> str:
+    if type(value) is not str or value not in ("text", "json"):
+        raise _NotQuick
+    return value
+
+
+def _quick_port(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_PORT:
+        raise _NotQuick
+    return value
+
+
+def _quick_str(value: object) -> str:
+    if type(value) is not str:
+        raise _NotQuick
+    return value
+
+
 # What _quick_settings checks itself: the settings of a usual command line (ROOT, --keep, --state-dir,
-# --archive-to a directory, --dry-run), each only in the form the model takes unchanged but for what its own
+# --archive-to a directory, --dry-run; and watch's --poll, --rescan-interval, --grace, --log-format,
+# --metrics-port, --metrics-host), each only in the form the model takes unchanged but for what its own
 # validator does.
 _QUICK: dict[str, Callable[[object], object]] = {
     "root": _quick_path,
@@ -125,6 +163,12 @@ _QUICK: dict[str, Callable[[object], object]] = {
     "protect_trainer_best": _quick_bool,
     "exit_when_done": _quick_bool,
     "standby": _quick_bool,
+    "poll": _quick_seconds(MAX_POLL),
+    "rescan_interval": _quick_seconds(MAX_RESCAN_INTERVAL),
+    "grace": _quick_seconds(MAX_GRACE),
+    "log_format": _quick_log_format,
+    "metrics_port": _quick_port,
+    "metrics_host": _quick_str,
 }
 
 

@@ -33,7 +33,7 @@ from ckptkeeper.config import (
 )
 from ckptkeeper.metric_specs import parse_metric
 from ckptkeeper.scan import DEFAULT_MAX_DEPTH
-from ckptkeeper.settings import Settings
+from ckptkeeper.settings import MAX_GRACE, MAX_POLL, MAX_PORT, MAX_RESCAN_INTERVAL, Settings
 
 RuleText = Annotated[str, AfterValidator(_valid_rule)]
 PathSetting = Annotated[Path, AfterValidator(_no_nul)]
@@ -72,13 +72,13 @@ class SettingsModel(BaseModel):
     settle: Seconds | None = Field(None, ge=0, le=3600)
     stale_after: DurationText = "1h"
     dry_run: StrictBool = False
-    rescan_interval: Seconds = Field(60.0, gt=0, le=86400)
-    poll: Seconds | None = Field(None, gt=0, le=3600)
+    rescan_interval: Seconds = Field(60.0, gt=0, le=MAX_RESCAN_INTERVAL)
+    poll: Seconds | None = Field(None, gt=0, le=MAX_POLL)
     exit_when_done: StrictBool = False
     standby: StrictBool = False
-    grace: Seconds = Field(10.0, gt=0, le=3600)
+    grace: Seconds = Field(10.0, gt=0, le=MAX_GRACE)
     log_format: Literal["text", "json"] = "text"
-    metrics_port: StrictInt | None = Field(None, ge=0, le=65535)
+    metrics_port: StrictInt | None = Field(None, ge=0, le=MAX_PORT)
     metrics_host: str = "127.0.0.1"
 
     @field_validator("metrics")

@@ -4,6 +4,10 @@
 the last successful reconcile is recent (its body says when the daemon polls because the inotify limit was
 reached), and 503 with the reason otherwise. Each daemon has its own registry, so several can live in one
 process (tests, the demo).
+
+prometheus_client and http.server are imported when a registry or a server is made, not with this module:
+prometheus_client imports http.server, urllib.request, email and ssl (about 25 ms), which the daemon makes
+after its first log line unless it serves them (`LateMetrics`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from typing import TYPE_CHECKING
 
 from ckptkeeper.model import Outcome, OutcomeKind
 from ckptkeeper.pressure import DiskPressure
 from ckptkeeper.render import pressure_line
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
+
+    from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 
 class WatchMode(StrEnum):
@@ -38,6 +45,8 @@ class DiskGauges:
     loop; `note` is replaced whole, and read by the HTTP thread for /healthz."""
 
     def __init__(self, r: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge
+
         by_fs = ["filesystem"]
         self.free = Gauge(
             "ckptkeeper_disk_free_bytes", "Free bytes for an unprivileged writer (--min-free)", by_fs, registry=r
@@ -87,8 +96,9 @@ class DiskGauges:
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = r = CollectorRegistry(auto_describe=True)
         self.checkpoints_seen = Gauge(
             "ckptkeeper_checkpoints_seen", "Checkpoint directories on disk, per run", ["run"], registry=r
         )
@@ -116,13 +126,7 @@ class Metrics:
         )
         self.errors = Counter("ckptkeeper_errors", "Removals that failed (retried on later passes)", registry=r)
         self.store = StoreGauges(r)
-        self.reconcile_seconds = Histogram(
-            "ckptkeeper_reconcile_duration_seconds",
-            "Time to rescan, plan and act on one run or the whole root",
-            ["scope"],
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60),
-            registry=r,
-        )
+        self.reconcile_seconds = _reconcile_histogram(r)
         self.last_reconcile = Gauge(
             "ckptkeeper_last_reconcile_timestamp_seconds", "When the last reconcile succeeded (unix time)", registry=r
         )
@@ -153,6 +157,8 @@ class Metrics:
 
     @functools.cached_property
     def awaiting(self) -> Gauge:
+        from prometheus_client import Gauge
+
         return Gauge(
             "ckptkeeper_awaiting_checkpoints",
             "Complete checkpoints kept until an awaited evaluation (--await) arrives, per run",
@@ -162,6 +168,8 @@ class Metrics:
 
     @functools.cached_property
     def pinned(self) -> Gauge:
+        from prometheus_client import Gauge
+
         return Gauge(
             "ckptkeeper_pinned_checkpoints",
             "Checkpoints a pin keeps now (`ckptkeeper pin`), per run",
@@ -179,13 +187,50 @@ class Metrics:
         self.stale_incomplete.labels(run=run).set(stale)
 
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return bytes(generate_latest(self.registry))
+
+
+def _reconcile_histogram(r: CollectorRegistry) -> Histogram:
+    from prometheus_client import Histogram
+
+    return Histogram(
+        "ckptkeeper_reconcile_duration_seconds",
+        "Time to rescan, plan and act on one run or the whole root",
+        ["scope"],
+        buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60),
+        registry=r,
+    )
+
+
+class LateMetrics:
+    """The Metrics of a daemon, made when first asked for (`get`): the daemon asks at its first pass, after its
+    first line, unless it serves them from the start. How it watches (`set_mode`, from the observer supervisor)
+    may be told before: they are made with it. Owned by the daemon's main loop."""
+
+    def __init__(self) -> None:
+        self.made: Metrics | None = None
+        self.mode: tuple[WatchMode, str | None] = (WatchMode.NONE, None)
+
+    def get(self) -> Metrics:
+        if self.made is None:
+            self.made = Metrics()
+            self.made.set_mode(*self.mode)
+        return self.made
+
+    def set_mode(self, mode: WatchMode, note: str | None = None) -> None:
+        self.mode = (mode, note)
+        if self.made is not None:
+            self.made.set_mode(mode, note)
 
 
 class StoreGauges:
     """An object store archive (--archive-to URL): bytes sent, failures of the store, time to its next try."""
 
     def __init__(self, r: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge
+
         self.uploaded = Counter(
             "ckptkeeper_archive_uploaded_bytes", "Bytes sent to an object store archive (--archive-to URL)", registry=r
         )
@@ -236,39 +281,10 @@ class MetricsServer:
         port: int,
         waiting: Callable[[], str | None] = lambda: None,
     ) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    problem = outer.health()
-                    note = outer.metrics.mode_note
-                    waiting = outer.waiting()
-                    ok = outer.metrics.standby_note or waiting or ("ok" if note is None else f"ok ({note})")
-                    pressure = outer.metrics.disk.note
-                    ok = ok if pressure is None else f"{ok}\n{pressure}"
-                    body = (problem or ok).encode() + b"\n"
-                    self._send(503 if problem else 200, body, "text/plain; charset=utf-8")
-                else:
-                    self._send(404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
-
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # scrapes and probes every few seconds would drown the daemon's own log
-
         self.metrics = metrics
         self.health = health
         self.waiting = waiting  # what the daemon waits for, while it healthily waits (a root to appear)
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server = _http_server(self, host, port)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="ckptkeeper-metrics", daemon=True)
 
@@ -284,6 +300,42 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=2)
+
+
+def _http_server(outer: MetricsServer, host: str, port: int) -> ThreadingHTTPServer:
+    """The server of `outer`'s /metrics and /healthz, bound to host:port (not yet serving)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                problem = outer.health()
+                note = outer.metrics.mode_note
+                waiting = outer.waiting()
+                ok = outer.metrics.standby_note or waiting or ("ok" if note is None else f"ok ({note})")
+                pressure = outer.metrics.disk.note
+                ok = ok if pressure is None else f"{ok}\n{pressure}"
+                body = (problem or ok).encode() + b"\n"
+                self._send(503 if problem else 200, body, "text/plain; charset=utf-8")
+            else:
+                self._send(404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes and probes every few seconds would drown the daemon's own log
+
+    return ThreadingHTTPServer((host, port), Handler)
 
 
 def staleness_problem(last_success: float | None, max_age: float, now: float | None = None) -> str | None:

@@ -20,6 +20,11 @@ from ckptkeeper.stale import DEFAULT_STALE_AFTER
 from ckptkeeper.units import parse_seconds
 
 MAX_STALE_AFTER = 365 * 86400
+# The bounds of watch's settings (seconds; a TCP port), checked by the model and by config's quick path.
+MAX_RESCAN_INTERVAL = 86400.0
+MAX_POLL = 3600.0
+MAX_GRACE = 3600.0
+MAX_PORT = 65535
 # The setting's name where it is not the field's: `await` is a Python keyword.
 ALIASES = {"await_": "await"}
 

@@ -15,6 +15,7 @@ seconds as a safety net, after an inotify queue overflow, and whenever the watch
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ from ckptkeeper.engine import Pipeline, require_rules
 from ckptkeeper.inbox import Inbox, Pending
 from ckptkeeper.layout import Layout, default_state_dir
 from ckptkeeper.metric_specs import MetricSpec
-from ckptkeeper.metrics import Metrics, MetricsServer, WatchMode, staleness_problem
+from ckptkeeper.metrics import LateMetrics, Metrics, MetricsServer, WatchMode, staleness_problem
 from ckptkeeper.model import root_name
 from ckptkeeper.observers import ObserverSupervisor, RootChange
 from ckptkeeper.pins import PinsReader
@@ -111,7 +112,9 @@ class Daemon:
         self.root = Path(os.path.abspath(root))
         self.state_dir = Path(os.path.abspath(state_dir or default_state_dir(self.root)))
         self.stop_event = threading.Event()
-        self.metrics = Metrics()
+        # The metrics and the reconciler are made at the first pass, after the first line ("watching ..."):
+        # prometheus_client's import (http.server, email, ssl) and the scan memo's load are not waited for.
+        self._metrics = LateMetrics()
         self.reaper = Reaper(on_drained=self._wake)
         self.tracker = RunTracker()
         self.decision_log = DecisionLog(options.settle, root_name(self.root))  # named again once resolved
@@ -138,6 +141,11 @@ class Daemon:
     @property
     def observer(self) -> object:
         return self.supervisor.observer
+
+    @property
+    def metrics(self) -> Metrics:
+        """Made at the first pass, after the first line (or at the start when served): `LateMetrics`."""
+        return self._metrics.get()
 
     @property
     def last_reconcile(self) -> float | None:
@@ -188,11 +196,8 @@ class Daemon:
         sources = self.pipeline.metric_sources.directories if self.pipeline.metric_sources is not None else []
         self.inbox = Inbox(self.root, self.options.max_depth, self.pipeline.excluded, sources)
         self.supervisor = ObserverSupervisor(self.root, self.inbox, self.options.poll)
-        self.supervisor.on_mode = self.metrics.set_mode
+        self.supervisor.on_mode = self._metrics.set_mode  # kept for the metrics until they are made
         self.reaper.on_drained = self._wake
-        self.reconciler = Reconciler(
-            self.pipeline, self.tracker, self.decision_log, self.metrics, self.reaper, self.stop_event
-        )
         return self.pipeline
 
     def _upload_progress(self, run: str, checkpoint: Path) -> UploadProgress:
@@ -211,6 +216,11 @@ class Daemon:
     # ---- reconciling (the Reconciler's) ------------------------------------------------------------------------
     def reconcile_all(self, trusting: bool = False, distrusted: Collection[Path] = ()) -> None:
         self._reconciler().reconcile_all(trusting, distrusted)
+
+    @functools.cached_property
+    def reconciler(self) -> Reconciler:
+        """Made at the first pass, after the daemon's first line: with it the metrics and the scan memo it loads."""
+        return Reconciler(self._pipe(), self.tracker, self.decision_log, self.metrics, self.reaper, self.stop_event)
 
     def _reconciler(self) -> Reconciler:
         self._pipe()

@@ -66,6 +66,22 @@ def test_each_benchmark_writes_a_report_with_its_table_and_raw_figures(
     assert figures
 
 
+def test_the_startup_benchmark_times_watch_to_its_first_line(
+    quick_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """`watch` never exits by itself: its rows are timed to its first log line, then it is stopped (else the run
+    would hang, or fail on its exit code)."""
+    _, out = quick_run
+    figures = json.loads((out / "startup.json").read_text())
+    report = (out / "startup.md").read_text()
+    assert len(figures["to_first_line"]) == 2  # the default observer, and --poll
+    for label in figures["to_first_line"]:
+        assert "watch" in figures["commands"][label]
+        assert len(figures["seconds"][label]) == figures["reps"]
+        assert all(0 < s < 30 for s in figures["seconds"][label] + figures["cpu_seconds"][label])
+        assert f"| {label} | " in report and label in figures["work"]
+
+
 def test_the_benchmarks_leave_no_tree_behind(quick_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     done, _ = quick_run
     work = Path(done.args[done.args.index("--workdir") + 1])

@@ -31,9 +31,18 @@ ARCHIVES: list[object] = [
     "/mnt/archive", "archive", "", " ", "run\nx", "a\0b", "s3://bucket/prefix", "s3://a\0b", "file:///x", "x://",
     Path("/mnt/archive"), Path("a\0b"), None, 3, b"x", ["x"],
 ]  # fmt: skip
+SECONDS: list[object] = [
+    5.0, 0.5, 1e-9, 60.0, 3600.0, 3600.5, 86400.0, 86400.5, 0.0, -0.0, -1.0, float("nan"), float("inf"), 5, 0,
+    True, "5", "5.0", None, [],
+]  # fmt: skip
+LOG_FORMATS: list[object] = ["text", "json", "JSON", "Text", " json", "yaml", "", None, 1, b"json", ["json"]]
+PORTS: list[object] = [0, 1, 9100, 65535, 65536, -1, True, False, 9100.0, "9100", None, 2**70]
+HOSTS: list[object] = ["127.0.0.1", "0.0.0.0", "::1", "localhost", "", " x ", "a\0b", None, 1, b"host", ["x"]]
 VALUES: dict[str, list[object]] = {
     "root": PATHS, "state_dir": PATHS, "keep": RULES, "keep_weights": RULES, "archive_to": ARCHIVES,
     "dry_run": BOOLS, "protect_trainer_best": BOOLS, "exit_when_done": BOOLS, "standby": BOOLS,
+    "poll": SECONDS, "rescan_interval": SECONDS, "grace": SECONDS,
+    "log_format": LOG_FORMATS, "metrics_port": PORTS, "metrics_host": HOSTS,
 }  # fmt: skip
 
 

@@ -196,6 +196,26 @@ def test_no_metrics_server_without_a_port(tmp_path: Path, run_daemon: Callable[[
     assert handle.stop() == 0
 
 
+@pytest.mark.parametrize(("poll", "mode"), [(None, "inotify"), (0.5, "polling")])
+def test_metrics_made_at_the_first_pass_hold_how_the_daemon_watches(
+    tmp_path: Path, run_daemon: Callable[[Daemon], DaemonThread], poll: float | None, mode: str
+) -> None:
+    """Without a server the metrics are made at the first pass, after the watcher started and the first line was
+    said (prometheus_client is not imported before it): they hold the mode set before they were made, and the
+    pass's figures."""
+    root = tmp_path / "outputs"
+    simulate_run(root / "run", SMALL)
+    daemon = Daemon(root, Policy(parse_rules("last:1")), root / "_ckptkeeper", WatchOptions(settle=0.0, poll=poll))
+    handle = run_daemon(daemon)
+    wait_until(lambda: daemon.last_reconcile is not None, 10, "the first reconcile")
+    found = samples(daemon.metrics.render().decode())
+    assert found[("ckptkeeper_observer_mode", (("mode", mode),))] == 1
+    assert found[("ckptkeeper_observer_mode", (("mode", "none"),))] == 0
+    on_disk = len(list((root / "run").glob("checkpoint-*")))
+    assert found[("ckptkeeper_checkpoints_seen", (("run", "run"),))] == on_disk == 1
+    assert handle.stop() == 0
+
+
 def test_metrics_server_on_its_own(no_thread_leaks: None) -> None:
     metrics = Metrics()
     reason: list[str | None] = ["disk on fire"]

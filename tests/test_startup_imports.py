@@ -1,5 +1,6 @@
 """A guard on start-up time (issue #12: a command that does work starts within 0.15 s of `python -c pass`):
-what `plan`, `prune` and `--help` import, in a new process. Deterministic where a timing is not: each module
+what `plan`, `prune` and `--help` import, and what `watch` has imported when it says its first line, in a new
+process. Deterministic where a timing is not: each module
 named here cost milliseconds at every start when something imported it by accident (benchmarks/bench_startup
 measures the time itself)."""
 
@@ -61,6 +62,39 @@ NOT_FOR_WORK = {
 # --help and --version import none of those, and not pydantic nor the engine either.
 NOT_FOR_HELP = NOT_FOR_WORK | {"pydantic", "pydantic_core", "ckptkeeper.config", "ckptkeeper.engine"}
 
+# `watch` runs until stopped: run it in-process as the console script does, and list every module imported when
+# its first line reaches stderr (what a user sees first, `watching ROOT (inotify; ...)`); the process ends there.
+FIRST_LINE_PROBE = """
+import json, os, sys
+
+class FirstLine:
+    def __init__(self, stream):
+        self.stream = stream
+    def write(self, text):
+        self.stream.write(text)
+        if "\\n" in text:
+            self.stream.write("\\n" + json.dumps({"modules": sorted(sys.modules)}) + "\\n")
+            self.stream.flush()
+            os._exit(0)
+        return len(text)
+    def flush(self):
+        self.stream.flush()
+    def isatty(self):
+        return False
+
+sys.stderr = FirstLine(sys.stderr)
+from ckptkeeper.cli import entry
+sys.argv = ["ckptkeeper", *json.loads(sys.argv[1])]
+entry()
+"""
+# Not imported by `watch` before its first line unless it serves metrics (--metrics-port): prometheus_client,
+# with the HTTP server, URL, e-mail and TLS modules it imports (the metrics are made at the first pass), and
+# what plan and prune do not import either, but for the daemon's own modules and watchdog.
+NOT_BEFORE_WATCHING = (
+    NOT_FOR_WORK
+    - {"watchdog", "ckptkeeper.watch", "ckptkeeper.observers", "ckptkeeper.decision_log", "ckptkeeper.progress"}
+) | {"prometheus_client", "http.server", "socketserver", "urllib.request", "ssl", "wsgiref"}
+
 
 def among(modules: set[str], packages: set[str]) -> set[str]:
     """The modules that are one of `packages` or inside one."""
@@ -81,6 +115,23 @@ def imported(*args: str | Path) -> set[str]:
     modules = set(report["modules"])
     assert "ckptkeeper.cli" in modules
     return modules
+
+
+def imported_at_first_line(*args: str | Path) -> tuple[str, set[str]]:
+    """`ckptkeeper watch ARGS` in a new process: its first line, and the modules imported when it was said."""
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_LINE_PROBE, json.dumps(["watch", *(str(a) for a in args)])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    lines = [line for line in done.stderr.splitlines() if line]
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
+    modules = set(json.loads(lines[1])["modules"])
+    assert "ckptkeeper.watch" in modules
+    return lines[0], modules
 
 
 @pytest.fixture
@@ -114,3 +165,22 @@ def test_a_flag_the_quick_path_leaves_to_the_model_still_works(root: Path) -> No
     """--max-depth is validated by pydantic's model (imported on demand): the guard above is not vacuous."""
     modules = imported("plan", root, "--keep", "last:1", "--max-depth", "3")
     assert {"pydantic", "ckptkeeper.config_model", "pydantic.plugin._loader"} <= modules
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--poll", "1"], ["--log-format", "json"], ["--dry-run"], ["--metrics-host", "::1", "--grace", "5"]],
+    ids=["inotify", "poll", "json-log", "dry-run", "watch-flags"],
+)
+def test_watch_says_its_first_line_before_importing_what_it_does_not_need_yet(root: Path, args: list[str]) -> None:
+    line, modules = imported_at_first_line(root, "--keep", "last:1", *args)
+    assert "watching" in line
+    assert {"ckptkeeper.engine", "ckptkeeper.config", "watchdog.observers"} <= modules  # it did its work
+    assert among(modules, NOT_BEFORE_WATCHING) == set()
+
+
+def test_watch_serving_metrics_has_imported_them_by_its_first_line(root: Path) -> None:
+    """With --metrics-port the first line says where they are served: the guard above sees such imports."""
+    line, modules = imported_at_first_line(root, "--keep", "last:1", "--metrics-port", "0")
+    assert "serving metrics on http://127.0.0.1:" in line
+    assert {"prometheus_client", "http.server"} <= modules
