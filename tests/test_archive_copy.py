@@ -9,13 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fuseutil import fuse_mounted
 
 from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX, ActionError, archive_checkpoint
 from ckptkeeper.integrity import encode_safetensors
@@ -82,29 +80,11 @@ fuse.FUSE(ops, sys.argv[2], foreground=True, allow_other=True, use_ino=True, **o
 @contextlib.contextmanager
 def fuse_mount(tmp_path: Path, kind: str, *extra: str) -> Iterator[Path]:
     """A FUSE passthrough of a fresh directory, as `kind` says (FS), mounted for the test."""
-    try:
-        import mfusepy  # type: ignore[import-untyped]  # noqa: F401  (the test extra; it loads libfuse)
-    except (ImportError, OSError) as e:
-        pytest.skip(f"needs mfusepy and libfuse: {e}")
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs root and /dev/fuse")
     script, source, mount_point = tmp_path / "fs.py", tmp_path / "store", tmp_path / "mnt"
     script.write_text(FS)
     source.mkdir()
-    mount_point.mkdir()
-    argv = [sys.executable, str(script), str(source), str(mount_point), kind, str(TESTS), *extra]
-    proc = subprocess.Popen(argv)
-    try:
-        deadline = time.monotonic() + 15
-        while not os.path.ismount(mount_point) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not os.path.ismount(mount_point):
-            pytest.skip("cannot mount FUSE")
+    with fuse_mounted(mount_point, script, str(source), str(mount_point), kind, str(TESTS), *extra):
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-        proc.kill()
-        proc.wait()
 
 
 def checkpoint(run: Path, step: int, files: int = 30) -> Path:

@@ -12,13 +12,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cliutil import bind_mount, ckptkeeper
+from fuseutil import fuse_mounted
 from watchutil import Watch, steps, wait_until
 
 from ckptkeeper.engine import Pipeline
@@ -39,25 +38,8 @@ def date_back(checkpoint: Path, when: float) -> None:
             os.utime(os.path.join(dirpath, name), (when, when))
 
 
-@contextlib.contextmanager
-def fuse_mount(source: Path, mount_point: Path) -> Iterator[Path]:
-    try:
-        import mfusepy  # noqa: F401  (the test extra; it loads libfuse, which a machine may lack)
-    except (ImportError, OSError) as e:
-        pytest.skip(f"needs mfusepy and libfuse: {e}")
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs root and /dev/fuse")
-    mount_point.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, str(LOOPFS), str(source), str(mount_point)], stderr=subprocess.PIPE)
-    try:
-        wait_until(lambda: os.path.ismount(mount_point) or proc.poll() is not None, 15, "the FUSE mount")
-        if proc.poll() is not None:
-            pytest.skip(f"cannot mount FUSE: {proc.stderr.read().decode() if proc.stderr else ''}")
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-        proc.kill()
-        proc.wait()
+def fuse_mount(source: Path, mount_point: Path) -> contextlib.AbstractContextManager[Path]:
+    return fuse_mounted(mount_point, LOOPFS, str(source), str(mount_point))
 
 
 # ---------------------------------------------------------------------------------------------- aliases

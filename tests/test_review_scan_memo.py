@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 from cliutil import mounted
+from fuseutil import fuse_mounted
 from memoutil import CONFIG, settled, settled_outputs
 
 from ckptkeeper.cli import main
@@ -114,27 +115,10 @@ fuse.FUSE(kind(sys.argv[1]), sys.argv[2], foreground=True, allow_other=True, use
 @contextlib.contextmanager
 def remote_mount(source: Path, mount_point: Path, kind: str) -> Iterator[Path]:
     """A FUSE passthrough of `source` whose file times are as `kind` says (REMOTE_FS)."""
-    try:
-        import mfusepy  # type: ignore[import-untyped]  # noqa: F401  (the test extra; it loads libfuse)
-    except (ImportError, OSError) as e:
-        pytest.skip(f"needs mfusepy and libfuse: {e}")
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs root and /dev/fuse")
     script = mount_point.parent / "remote_fs.py"
     script.write_text(REMOTE_FS)
-    mount_point.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, str(script), str(source), str(mount_point), kind, str(TESTS)])
-    try:
-        deadline = time.monotonic() + 15
-        while not os.path.ismount(mount_point) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not os.path.ismount(mount_point):
-            pytest.skip("cannot mount FUSE")
+    with fuse_mounted(mount_point, script, str(source), str(mount_point), kind, str(TESTS)):
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-        proc.kill()
-        proc.wait()
 
 
 def test_finding_a_rewrite_with_mtime_put_back_where_ctime_follows_mtime_deletes_the_last_good_checkpoint(
