@@ -257,8 +257,6 @@ def _settings(flags: dict[str, Any]) -> Settings:
     from ckptkeeper.config import ConfigError, load_settings
 
     config_file = flags.pop("config_file", None)
-    if "await_" in flags:  # the setting's name (`await` in a config file) is a Python keyword
-        flags["await"] = list(flags.pop("await_")) or None
     try:
         return load_settings(config_file, flags)
     except ConfigError as e:

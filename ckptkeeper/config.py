@@ -365,6 +365,15 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+def _settings_of_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Click's parameters as settings: --await is the parameter `await_` (a Python keyword), a tuple of the times
+    it was given (none: not given); the setting is `await`, as a config file and the environment name it."""
+    settings = dict(flags)
+    if "await_" in settings:
+        settings["await"] = list(settings.pop("await_") or ()) or None
+    return settings
+
+
 def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from the config file (`config`, or $CKPTKEEPER_CONFIG), then `CKPTKEEPER_*` variables, then
     every flag that was given (not None): flags over environment over config file."""
@@ -375,7 +384,7 @@ def load_settings(config: Path | None, flags: dict[str, Any], environ: Mapping[s
     if config:
         _validated(from_file, in_file(config.name), f"{config.name}: settings")
     from_env = read_environment(environ)
-    given = {k: v for k, v in flags.items() if v is not None}
+    given = {k: v for k, v in _settings_of_flags(flags).items() if v is not None}
 
     def where(loc: tuple[int | str, ...]) -> str:
         """Each setting named as it was given: the flag, the variable, or the file's key."""
