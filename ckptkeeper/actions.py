@@ -32,6 +32,7 @@ from ckptkeeper.paths import (
     Relation,
     checkpoint_component,
     fd_path,
+    kernel_holds_data,
     place_of,
     place_of_fd,
     read_mounts,
@@ -49,8 +50,8 @@ FSYNC_THREADS = 32  # concurrent fsyncs when an archive copy is made durable (se
 # archive an output directory after all, the Trainer's push_to_hub would leave it out.
 PROBE_PREFIX = "_ckptkeeper-probe."
 PROBE_NAME = re.compile(re.escape(PROBE_PREFIX) + "[0-9a-f]{32}")
-# A file is copied in chunks of this size, each read back from the copy and compared; a stop is honoured
-# between them.
+# A file is copied in chunks of this size, each read back from the copy and compared where that checks something
+# (_TreeCopy); a stop is honoured between them.
 COMPARE_CHUNK = 8 << 20
 SLOW_FSYNC = 0.002  # s: an fsync slower than this leaves the rest of a copy's fsyncs to threads (see _TreeCopy)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -987,6 +988,10 @@ class _TreeCopy:
     back and compared with the source's target. A FIFO, device or socket is refused. Modes, times and extended
     attributes are copied as `cp -a` (and shutil.copytree) do.
 
+    The read-back is skipped in a directory whose filesystem this kernel serves from its own page cache
+    (`paths.kernel_holds_data`: ext4, xfs, tmpfs, ...): there it would return the very pages the write filled
+    and compare a buffer with itself. A FUSE filesystem, NFS, SMB or one not known is read back.
+
     Each file and directory is fsynced through the descriptor that made it. Where an fsync takes more than
     `slow_fsync` seconds (a disk's journal commit: done one after another, 3,000 files wait for 3,000 commits),
     the rest are left in `deferred` for _fsync_all's threads, whose concurrent fsyncs the journal commits in
@@ -997,10 +1002,18 @@ class _TreeCopy:
         self.slow_fsync = slow_fsync
         self.deferred: list[str] = []  # relative paths to fsync once the copy is made
         self.slow = False
+        self.reads_back_on: dict[int, bool] = {}  # st_dev -> whether a copy there is read back
+
+    def reads_back(self, dst_fd: int) -> bool:
+        device = os.fstat(dst_fd).st_dev
+        if device not in self.reads_back_on:
+            self.reads_back_on[device] = not kernel_holds_data(device)
+        return self.reads_back_on[device]
 
     def contents(self, src_fd: int, dst_fd: int, prefix: str) -> None:
         with os.scandir(src_fd) as it:
             entries = list(it)
+        read_back = self.reads_back(dst_fd)
         for entry in entries:
             if self.stop is not None and self.stop():
                 raise Stopped("the copy was not complete; the checkpoint stays whole")
@@ -1011,7 +1024,7 @@ class _TreeCopy:
                 elif entry.is_symlink():
                     self.link(src_fd, dst_fd, entry.name, rel)
                 else:
-                    self.file(src_fd, dst_fd, entry.name, rel)
+                    self.file(src_fd, dst_fd, entry.name, rel, read_back)
             except OSError as e:
                 raise _CopyFailed(rel, e) from e
 
@@ -1042,13 +1055,14 @@ class _TreeCopy:
             raise _Differs(f"{rel}: the copied link does not lead to {to!r}")
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
-    def file(self, src_fd: int, dst_fd: int, name: str, rel: str) -> None:
+    def file(self, src_fd: int, dst_fd: int, name: str, rel: str, read_back: bool) -> None:
         src = open_regular(name, src_fd)  # a FIFO or device swapped in since the listing is never opened
         try:
             st = os.fstat(src)
             dst = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
             try:
-                self.data(src, dst, st.st_size, rel, lambda: os.open(name, _READ_BACK, dir_fd=dst_fd))
+                reader = (lambda: os.open(name, _READ_BACK, dir_fd=dst_fd)) if read_back else None
+                self.data(src, dst, st.st_size, rel, reader)
                 _copy_xattrs(src, dst)
                 os.chmod(dst, stat.S_IMODE(st.st_mode))
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -1058,16 +1072,17 @@ class _TreeCopy:
         finally:
             os.close(src)
 
-    def data(self, src: int, dst: int, size: int, rel: str, reader: Callable[[], int]) -> None:
+    def data(self, src: int, dst: int, size: int, rel: str, reader: Callable[[], int] | None) -> None:
         """Copy the bytes in chunks to the end of the file (`size` only sizes the first read), each chunk read
-        back from the copy through `dst` and compared with the source's. Where `dst` cannot read (a FUSE
-        filesystem that opened the new file write-only), through a descriptor from `reader` instead."""
+        back from the copy through `dst` and compared with the source's, unless `reader` is None. Where `dst`
+        cannot read (a FUSE filesystem that opened the new file write-only), through a descriptor from
+        `reader`."""
         offset, want = 0, min(COMPARE_CHUNK, size + 1)
         while chunk := os.read(src, want):
             view = memoryview(chunk)
             while view:
                 view = view[os.write(dst, view) :]
-            if _read_back(dst, len(chunk), offset, reader) != chunk:
+            if reader is not None and _read_back(dst, len(chunk), offset, reader) != chunk:
                 raise _Differs(f"{rel}: the bytes read back from the copy at offset {offset} are not the source's")
             offset += len(chunk)
             if len(chunk) < want:  # the end (a short read that was not would show as a size in verify_copy)

@@ -36,6 +36,10 @@ class Relation(Enum):
 KERNEL_CTIME_FILESYSTEMS = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay", "jfs", "bcachefs", "ramfs"}
 )
+# Filesystems whose reads and writes this kernel serves itself, through its page cache, from local storage or
+# memory: a byte read back just after it was written is the page that write filled, so reading a copy back
+# checks nothing there (`actions._TreeCopy`). Not FUSE (a process answers), NFS or SMB (a server does).
+KERNEL_DATA_FILESYSTEMS = KERNEL_CTIME_FILESYSTEMS | {"vfat", "msdos", "exfat", "ntfs3"}
 
 
 @dataclass(frozen=True)
@@ -168,12 +172,22 @@ if hasattr(os, "register_at_fork"):
 
 
 def kernel_sets_ctimes(devices: set[int]) -> bool:
-    """Every one of these filesystems (st_dev) is mounted here with a type of KERNEL_CTIME_FILESYSTEMS (of a
-    device mounted more than once, every mount). One not in the mount table (a btrfs subvolume's own device)
-    does not count as one."""
+    """Every one of these filesystems (st_dev) is of KERNEL_CTIME_FILESYSTEMS (`mounted_as`)."""
+    return mounted_as(devices, KERNEL_CTIME_FILESYSTEMS)
+
+
+def kernel_holds_data(device: int) -> bool:
+    """This filesystem (st_dev) is of KERNEL_DATA_FILESYSTEMS (`mounted_as`)."""
+    return mounted_as({device}, KERNEL_DATA_FILESYSTEMS)
+
+
+def mounted_as(devices: set[int], fstypes: frozenset[str]) -> bool:
+    """Every one of these filesystems (st_dev) is mounted here with a type of `fstypes` (of a device mounted
+    more than once, every mount). One not in the mount table (a btrfs subvolume's own device) does not count
+    as one."""
     for device in devices:
         types = MOUNT_TABLE.types_of(f"{os.major(device)}:{os.minor(device)}")
-        if not types or not types <= KERNEL_CTIME_FILESYSTEMS:
+        if not types or not types <= fstypes:
             return False
     return True
 

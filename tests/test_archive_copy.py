@@ -9,14 +9,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fuseutil import fuse_mounted
 
-from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX, ActionError, archive_checkpoint
+from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX, ActionError, _TreeCopy, archive_checkpoint
 from ckptkeeper.integrity import encode_safetensors
+from ckptkeeper.paths import kernel_holds_data
 from ckptkeeper.state import StateDir
 
 TESTS = Path(__file__).parent
@@ -161,3 +164,26 @@ def test_every_file_and_directory_of_the_copy_is_fsynced_before_it_is_renamed_in
     expected = {temp} | {f"{temp}/{rel}" for rel in before if rel not in links}
     assert expected - fsynced == set()
     assert not source.exists()
+
+
+def test_a_copy_is_read_back_only_where_a_process_or_a_server_answers_the_reads(tmp_path: Path, tmpfs: Path) -> None:
+    """On a filesystem this kernel serves from its page cache the read-back would compare a buffer with itself,
+    so it is skipped there; through FUSE (and anything not known) it is kept. The copy is whole either way."""
+    copier = _TreeCopy(None)
+    source = checkpoint(tmp_path / "run", 5, files=3)
+    log = tmp_path / "ops.log"
+    log.touch()
+    with fuse_mount(tmp_path, "recording", str(log), "0") as mnt:
+        for where in (Path(tempfile.mkdtemp(dir=tmpfs)), mnt / "copy-5"):
+            where.mkdir(exist_ok=True)
+            src_fd, dst_fd = os.open(source, os.O_RDONLY), os.open(where, os.O_RDONLY)
+            try:
+                copier.contents(src_fd, dst_fd, "")
+            finally:
+                os.close(src_fd)
+                os.close(dst_fd)
+            assert manifest(where) == manifest(source)
+            shutil.rmtree(where)
+        assert copier.reads_back_on == {tmpfs.stat().st_dev: False, mnt.stat().st_dev: True}
+    assert kernel_holds_data(tmpfs.stat().st_dev)
+    assert not kernel_holds_data(os.makedev(4095, 4095))  # a device the mount table does not know
