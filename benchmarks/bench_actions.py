@@ -260,8 +260,9 @@ def checker_archived(template: Template) -> Callable[[Case], None]:
 @contextlib.contextmanager
 def phase_timing(log: dict[str, list[float]]) -> Iterator[None]:
     """Time the phases of archive_checkpoint: copy (actions._copy_tree: the copy, each chunk read back and
-    compared, every fsync), verify (actions.verify_copy), remove source (actions.delete_checkpoint until the
-    Reaper is done, measured by the caller as the rest). The wrappers cost microseconds per call."""
+    compared where the target is not served from this kernel's page cache, every fsync), verify
+    (actions.verify_copy), remove source (actions.delete_checkpoint until the Reaper is done, measured by the
+    caller as the rest). The wrappers cost microseconds per call."""
     patched: list[tuple[Any, str, Any]] = []
     depth = [0]
 
@@ -606,8 +607,9 @@ def archive_part(
         print(f"- SKIPPED {line}")
     print(
         "- ckptkeeper: archive_checkpoint (copy under a temporary name, each chunk read back and compared "
-        "with the source's, fsync every file and directory, verify names/kinds/sizes/safetensors headers, rename "
-        "into place, then delete the source as in 3); `sync -f DST` is syncfs(2) of the target's filesystem"
+        "with the source's on FUSE/NFS/SMB (not on tmpfs or ext4), fsync every file and directory, verify "
+        "names/kinds/sizes/safetensors headers, rename into place, then delete the source as in 3); "
+        "`sync -f DST` is syncfs(2) of the target's filesystem"
     )
     print(*phase_lines(archives), sep="\n")
     print(f"- sources on {filesystem_of(trees)}; part took {time.monotonic() - part:.0f} s")
