@@ -5,39 +5,24 @@ the last successful reconcile is recent (its body says when the daemon polls bec
 reached), and 503 with the reason otherwise. Each daemon has its own registry, so several can live in one
 process (tests, the demo).
 
-prometheus_client and http.server are imported when a registry or a server is made, not with this module:
-prometheus_client imports http.server, urllib.request, email and ssl (about 25 ms), which the daemon makes
-after its first log line unless it serves them (`LateMetrics`).
+This module imports prometheus_client and http.server (which import urllib.request, email and ssl: about
+25 ms), so the daemon imports it only when it makes its metrics: at its first pass, after its first log line,
+unless it serves them from the start (`health.LateMetrics`).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections.abc import Callable, Sequence
-from enum import StrEnum
-from typing import TYPE_CHECKING
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ckptkeeper.health import OBSERVER_MODES, WatchMode
 from ckptkeeper.model import Outcome, OutcomeKind
 from ckptkeeper.pressure import DiskPressure
 from ckptkeeper.render import pressure_line
-
-if TYPE_CHECKING:
-    from http.server import ThreadingHTTPServer
-
-    from prometheus_client import CollectorRegistry, Gauge, Histogram
-
-
-class WatchMode(StrEnum):
-    """How the daemon watches the root now (the `mode` label of ckptkeeper_observer_mode)."""
-
-    INOTIFY = "inotify"
-    POLLING = "polling"
-    NONE = "none"
-
-
-OBSERVER_MODES = tuple(WatchMode)
 
 
 class DiskGauges:
@@ -45,8 +30,6 @@ class DiskGauges:
     loop; `note` is replaced whole, and read by the HTTP thread for /healthz."""
 
     def __init__(self, r: CollectorRegistry) -> None:
-        from prometheus_client import Counter, Gauge
-
         by_fs = ["filesystem"]
         self.free = Gauge(
             "ckptkeeper_disk_free_bytes", "Free bytes for an unprivileged writer (--min-free)", by_fs, registry=r
@@ -96,8 +79,6 @@ class DiskGauges:
 
 class Metrics:
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
-
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.checkpoints_seen = Gauge(
             "ckptkeeper_checkpoints_seen", "Checkpoint directories on disk, per run", ["run"], registry=r
@@ -157,8 +138,6 @@ class Metrics:
 
     @functools.cached_property
     def awaiting(self) -> Gauge:
-        from prometheus_client import Gauge
-
         return Gauge(
             "ckptkeeper_awaiting_checkpoints",
             "Complete checkpoints kept until an awaited evaluation (--await) arrives, per run",
@@ -168,8 +147,6 @@ class Metrics:
 
     @functools.cached_property
     def pinned(self) -> Gauge:
-        from prometheus_client import Gauge
-
         return Gauge(
             "ckptkeeper_pinned_checkpoints",
             "Checkpoints a pin keeps now (`ckptkeeper pin`), per run",
@@ -187,14 +164,23 @@ class Metrics:
         self.stale_incomplete.labels(run=run).set(stale)
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
         return bytes(generate_latest(self.registry))
+
+    def count(self, outcome: Outcome) -> None:
+        """An outcome of an action: removals, archives, slims and errors, and the bytes freed."""
+        if outcome.action is OutcomeKind.DELETED:
+            self.removed.labels(run=outcome.run).inc()
+        elif outcome.action is OutcomeKind.ARCHIVED:
+            self.archived.labels(run=outcome.run).inc()
+        elif outcome.action is OutcomeKind.ERROR:
+            self.errors.inc()
+        elif outcome.action is OutcomeKind.SLIMMED:
+            self.slimmed.labels(run=outcome.run).inc()
+        if outcome.action.frees:
+            self.bytes_freed.inc(outcome.bytes)
 
 
 def _reconcile_histogram(r: CollectorRegistry) -> Histogram:
-    from prometheus_client import Histogram
-
     return Histogram(
         "ckptkeeper_reconcile_duration_seconds",
         "Time to rescan, plan and act on one run or the whole root",
@@ -204,33 +190,10 @@ def _reconcile_histogram(r: CollectorRegistry) -> Histogram:
     )
 
 
-class LateMetrics:
-    """The Metrics of a daemon, made when first asked for (`get`): the daemon asks at its first pass, after its
-    first line, unless it serves them from the start. How it watches (`set_mode`, from the observer supervisor)
-    may be told before: they are made with it. Owned by the daemon's main loop."""
-
-    def __init__(self) -> None:
-        self.made: Metrics | None = None
-        self.mode: tuple[WatchMode, str | None] = (WatchMode.NONE, None)
-
-    def get(self) -> Metrics:
-        if self.made is None:
-            self.made = Metrics()
-            self.made.set_mode(*self.mode)
-        return self.made
-
-    def set_mode(self, mode: WatchMode, note: str | None = None) -> None:
-        self.mode = (mode, note)
-        if self.made is not None:
-            self.made.set_mode(mode, note)
-
-
 class StoreGauges:
     """An object store archive (--archive-to URL): bytes sent, failures of the store, time to its next try."""
 
     def __init__(self, r: CollectorRegistry) -> None:
-        from prometheus_client import Counter, Gauge
-
         self.uploaded = Counter(
             "ckptkeeper_archive_uploaded_bytes", "Bytes sent to an object store archive (--archive-to URL)", registry=r
         )
@@ -252,19 +215,6 @@ class StoreGauges:
             self.failures.inc(failures - self._failures_seen)
             self._failures_seen = failures
         self.retry_in.set(retry_in)
-
-
-def count_outcome(metrics: Metrics, outcome: Outcome) -> None:
-    if outcome.action is OutcomeKind.DELETED:
-        metrics.removed.labels(run=outcome.run).inc()
-    elif outcome.action is OutcomeKind.ARCHIVED:
-        metrics.archived.labels(run=outcome.run).inc()
-    elif outcome.action is OutcomeKind.ERROR:
-        metrics.errors.inc()
-    elif outcome.action is OutcomeKind.SLIMMED:
-        metrics.slimmed.labels(run=outcome.run).inc()
-    if outcome.action.frees:
-        metrics.bytes_freed.inc(outcome.bytes)
 
 
 HealthCheck = Callable[[], str | None]  # None when healthy, else the reason
@@ -304,9 +254,6 @@ class MetricsServer:
 
 def _http_server(outer: MetricsServer, host: str, port: int) -> ThreadingHTTPServer:
     """The server of `outer`'s /metrics and /healthz, bound to host:port (not yet serving)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from prometheus_client import CONTENT_TYPE_LATEST
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -336,12 +283,3 @@ def _http_server(outer: MetricsServer, host: str, port: int) -> ThreadingHTTPSer
             pass  # scrapes and probes every few seconds would drown the daemon's own log
 
     return ThreadingHTTPServer((host, port), Handler)
-
-
-def staleness_problem(last_success: float | None, max_age: float, now: float | None = None) -> str | None:
-    if last_success is None:
-        return "no reconcile has finished yet"
-    age = (time.time() if now is None else now) - last_success
-    if age > max_age:
-        return f"the last successful reconcile was {age:.0f} s ago (more than {max_age:.0f} s)"
-    return None

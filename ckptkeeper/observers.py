@@ -33,8 +33,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.polling import PollingEmitter
 
+from ckptkeeper.health import WatchMode
 from ckptkeeper.inbox import Hints, Inbox
-from ckptkeeper.metrics import WatchMode
 from ckptkeeper.paths import identity
 from ckptkeeper.scan import checkpoint_step, never_descended
 

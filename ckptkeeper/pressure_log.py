@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from ckptkeeper.metrics import Metrics
 from ckptkeeper.model import RunPlan
 from ckptkeeper.pressure import FREEING, NO_FIGURES, DiskPressure
 from ckptkeeper.render import location, pressure_line, reasons_text, shown
+
+if TYPE_CHECKING:
+    from ckptkeeper.metrics import Metrics
 
 log = logging.getLogger("ckptkeeper")
 

@@ -15,12 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import PinsUnreadable, Pipeline
 from ckptkeeper.inbox import Pending
-from ckptkeeper.metrics import Metrics, count_outcome
 from ckptkeeper.model import Outcome, OutcomeKind, ReasonKind, Run, RunPlan, root_name
 from ckptkeeper.policy import RootPlan
 from ckptkeeper.pressure import FREEING
@@ -29,6 +28,9 @@ from ckptkeeper.reaper import Reaper
 from ckptkeeper.render import shown
 from ckptkeeper.scan import run_path
 from ckptkeeper.tracker import RunTracker
+
+if TYPE_CHECKING:
+    from ckptkeeper.metrics import Metrics
 from ckptkeeper.unseen import UnseenFrees
 
 log = logging.getLogger("ckptkeeper")
@@ -206,7 +208,7 @@ class Reconciler:
             return None
 
     def _on_outcome(self, outcome: Outcome) -> None:
-        count_outcome(self.metrics, outcome)
+        self.metrics.count(outcome)
         backoff = self.pipeline.backoff
         if backoff is not None:
             self.metrics.store.set(backoff.failures, backoff.left(time.monotonic()))

@@ -25,14 +25,14 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptkeeper.decision_log import DecisionLog
 from ckptkeeper.engine import Pipeline, require_rules
+from ckptkeeper.health import HealthSnapshot, LateMetrics, WatchMode, health_problem
 from ckptkeeper.inbox import Inbox, Pending
 from ckptkeeper.layout import Layout, default_state_dir
 from ckptkeeper.metric_specs import MetricSpec
-from ckptkeeper.metrics import LateMetrics, Metrics, MetricsServer, WatchMode, staleness_problem
 from ckptkeeper.model import root_name
 from ckptkeeper.observers import ObserverSupervisor, RootChange
 from ckptkeeper.pins import PinsReader
@@ -46,6 +46,9 @@ from ckptkeeper.stale import DEFAULT_STALE_AFTER
 from ckptkeeper.state import LockHeld
 from ckptkeeper.tracker import RunTracker
 from ckptkeeper.units import count
+
+if TYPE_CHECKING:
+    from ckptkeeper.metrics import Metrics, MetricsServer
 
 log = logging.getLogger("ckptkeeper")
 
@@ -76,16 +79,6 @@ class WatchOptions:
     @property
     def scan(self) -> ScanOptions:
         return ScanOptions(self.max_depth, self.settle, self.stale_after, self.metrics)
-
-
-@dataclass(frozen=True)
-class HealthSnapshot:
-    """What /healthz reports, as the main loop last published it (the HTTP thread reads only this)."""
-
-    waiting: str | None = None  # healthily waiting: for the root to appear, or (standby) for the lock
-    mode: WatchMode = WatchMode.NONE
-    watcher_alive: bool = False
-    last_reconcile: float | None = None
 
 
 class Daemon:
@@ -153,14 +146,7 @@ class Daemon:
 
     def health(self) -> str | None:
         """None when healthy; else why not (for /healthz). Reads only the published snapshot."""
-        if self.stop_event.is_set():
-            return "stopping"
-        snap = self.snapshot
-        if snap.waiting is not None:
-            return None  # healthy: waiting is its job (/healthz says what for)
-        if snap.mode is WatchMode.NONE or not snap.watcher_alive:
-            return f"the file watcher is not running (mode {snap.mode})"
-        return staleness_problem(snap.last_reconcile, 2 * self.options.rescan_interval + 30)
+        return health_problem(self.snapshot, self.stop_event.is_set(), self.options.rescan_interval)
 
     def _publish(self, snapshot: HealthSnapshot) -> None:
         """Replace the snapshot whole: the HTTP thread reads either the old one or the new one."""
@@ -314,6 +300,8 @@ class Daemon:
     def _start_metrics_server(self) -> None:
         if self.options.metrics_port is None:
             return
+        from ckptkeeper.metrics import MetricsServer
+
         self.metrics_server = MetricsServer(
             self.metrics, self.health, self.options.metrics_host, self.options.metrics_port, self._waiting_note
         )

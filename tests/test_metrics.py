@@ -19,7 +19,8 @@ import test_watch_inprocess as inprocess
 from prometheus_client.parser import text_string_to_metric_families
 from watchutil import TrainerThread, Watch, journal, planned, steps, wait_until
 
-from ckptkeeper.metrics import Metrics, MetricsServer, staleness_problem
+from ckptkeeper.health import staleness_problem
+from ckptkeeper.metrics import Metrics, MetricsServer
 from ckptkeeper.policy import Policy
 from ckptkeeper.rules import parse_rules
 from ckptkeeper.simtrainer import SimConfig, simulate_run
