@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -82,3 +84,56 @@ def test_a_fifo_is_never_opened(tmp_path: Path) -> None:
 def test_a_missing_file_is_the_opens_own_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         open_regular(tmp_path / "missing")
+
+
+NO_PROC = r"""
+import os, sys
+from ckptkeeper.regular import NotRegular, open_regular
+
+directory, swap_to = sys.argv[1], sys.argv[2]
+assert not os.path.exists("/proc/self"), "/proc is still mounted"
+dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+print("read:", os.read(open_regular("state.json", dir_fd), 100).decode())
+try:
+    open_regular("fifo", dir_fd)
+except NotRegular as e:
+    print("fifo:", e.kind)
+
+
+def swap(event, args):  # between the O_PATH open and the open again, another file takes the name
+    if event == "open" and args[0] == "state.json" and args[2] & os.O_NONBLOCK:
+        os.rename(swap_to, "state.json", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+sys.addaudithook(swap)
+try:
+    open_regular("state.json", dir_fd)
+except FileNotFoundError as e:
+    print("swapped:", e.strerror)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to unmount /proc in a mount namespace of its own")
+def test_without_proc_the_name_is_opened_again_and_must_be_the_same_inode(tmp_path: Path) -> None:
+    """Where /proc is not mounted (a minimal container), the file is opened by name again; a FIFO is still
+    refused before any open, and a file that took the name in between is refused (never read)."""
+    (tmp_path / "state.json").write_text('{"global_step": 5}')
+    (tmp_path / "other.json").write_text('{"global_step": 999}')
+    os.mkfifo(tmp_path / "fifo")
+    script = f"umount -l /proc && exec {sys.executable} -c '{NO_PROC}' {tmp_path} other.json"
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0 and "unshare" in done.stderr:
+        pytest.skip(f"cannot make a mount namespace here: {done.stderr.strip()}")
+    assert done.stdout.splitlines() == [
+        'read: {"global_step": 5}',
+        "fifo: a FIFO",
+        "swapped: replaced while it was opened",
+    ], done.stderr
+    assert (tmp_path / "state.json").read_text() == '{"global_step": 999}'  # the swap happened
