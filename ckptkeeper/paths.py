@@ -38,8 +38,12 @@ KERNEL_CTIME_FILESYSTEMS = frozenset(
 )
 # Filesystems whose reads and writes this kernel serves itself, through its page cache, from local storage or
 # memory: a byte read back just after it was written is the page that write filled, so reading a copy back
-# checks nothing there (`actions._TreeCopy`). Not FUSE (a process answers), NFS or SMB (a server does).
-KERNEL_DATA_FILESYSTEMS = KERNEL_CTIME_FILESYSTEMS | {"vfat", "msdos", "exfat", "ntfs3"}
+# checks nothing there (`actions._TreeCopy`). Not FUSE (a process answers), NFS or SMB (a server does), nor
+# overlay (its upper layer may be any of these).
+KERNEL_DATA_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "jfs", "bcachefs", "ramfs"}
+    | {"vfat", "msdos", "exfat", "ntfs3"}
+)
 
 
 @dataclass(frozen=True)
