@@ -166,7 +166,10 @@ class StateDir:
         if self._fd is not None and self._trash_fd is not None:
             if _still_linked(self._fd) and _still_linked(self._trash_fd):
                 return
-            self.close()  # deleted (with its root, say) since it was opened: make it anew
+            # Deleted (with its root, say) since it was opened: made anew below. The root's lock stays held
+            # (another instance must not start on this root meanwhile); the state lock is taken again in the
+            # new directory (`_lock_again`).
+            self._close_directory()
         problem = ownership_problem(self.path)
         if problem:
             raise OSError(errno.EEXIST, f"{problem}; refusing to use it", str(self.path))
@@ -182,6 +185,7 @@ class StateDir:
         except BaseException:
             os.close(fd)
             raise
+        self._lock_again()
 
     def _claim(self, fd: int) -> None:
         """Mark the directory open as `fd` as ckptkeeper's, make its trash, and hold both open."""
@@ -196,6 +200,22 @@ class StateDir:
         self._trash_fd = self._open_dir(self.trash, dir_fd=fd, name=TRASH_NAME)
         self._fd = fd
         self._keep_reserve()
+
+    def _lock_again(self) -> None:
+        """Where this process held the lock of a state directory deleted since, take the lock of the directory
+        made in its place. Where another root's instance took it first: LockHeld, and the directory is let go
+        (the next use tries again)."""
+        if self._lock_fd is None or os.fstat(self._lock_fd).st_nlink > 0:
+            return
+        try:
+            fd = self._lock_state()
+        except BaseException:
+            self._close_directory()
+            raise
+        holder = os.pread(self._lock_fd, 300, 0)
+        os.close(self._lock_fd)
+        self._lock_fd = fd
+        _say_holder(fd, holder)
 
     @staticmethod
     def _open_dir(path: Path, dir_fd: int | None = None, name: str | None = None) -> int:
@@ -323,6 +343,10 @@ class StateDir:
     def close(self) -> None:
         """Release the locks and the directory descriptors."""
         self.release_lock()
+        self._close_directory()
+
+    def _close_directory(self) -> None:
+        self._close_journal()
         for fd in (self._trash_fd, self._fd):
             if fd is not None:
                 os.close(fd)
