@@ -227,7 +227,7 @@ def _into_trash(run_fd: int, checkpoint: Path, checked: os.stat_result, state: S
         os.rename(name, tname, src_dir_fd=run_fd, dst_dir_fd=trash_fd)
     except FileNotFoundError:
         entry.close()
-        raise Vanished(f"{checkpoint} vanished before it was removed") from None
+        raise _not_found(run_fd, checkpoint, state.trash) from None
     except OSError as e:
         entry.close()
         if e.errno != errno.EXDEV:
@@ -235,6 +235,18 @@ def _into_trash(run_fd: int, checkpoint: Path, checked: os.stat_result, state: S
         entry = _into_local_trash(run_fd, checkpoint, tname)
     _check_arrived(entry, run_fd, checkpoint, checked)
     return entry
+
+
+def _not_found(run_fd: int, checkpoint: Path, trash: Path) -> ActionError:
+    """Why a rename into the trash found nothing: the checkpoint is gone (Vanished), or, where it is still
+    there, the trash was deleted since it was opened (the checkpoint stays whole, left for the next pass)."""
+    try:
+        os.stat(checkpoint.name, dir_fd=run_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return Vanished(f"{checkpoint} vanished before it was removed")
+    except OSError:
+        pass
+    return ActionError(f"cannot move {checkpoint} to the trash: {trash} was deleted while it was used")
 
 
 def _into_local_trash(run_fd: int, checkpoint: Path, tname: str) -> TrashEntry:
@@ -250,7 +262,7 @@ def _into_local_trash(run_fd: int, checkpoint: Path, tname: str) -> TrashEntry:
         os.rename(checkpoint.name, tname, src_dir_fd=run_fd, dst_dir_fd=local_fd)
     except FileNotFoundError:
         entry.close()
-        raise Vanished(f"{checkpoint} vanished before it was removed") from None
+        raise _not_found(run_fd, checkpoint, checkpoint.parent / RUN_TRASH_NAME) from None
     except OSError as e:
         entry.close()
         raise ActionError(f"cannot move {checkpoint} to the trash: {e.strerror}") from None
