@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ckptkeeper import weights
 from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, open_safetensors_problem
@@ -24,9 +24,6 @@ from ckptkeeper.paths import fd_path, kernel_sets_ctimes
 from ckptkeeper.readahead import Readahead
 from ckptkeeper.regular import NotRegular, open_regular
 from ckptkeeper.trainer_state import TRAINER_STATE, TrainerStateError, parse_trainer_state
-
-if TYPE_CHECKING:
-    from ckptkeeper.scan_helper import Helper
 
 # ASCII digits only, no leading zero: `checkpoint-7` is the Trainer's name for step 7, and two directories
 # can never claim the same step (`checkpoint-007` is left alone, like any other non-checkpoint).
@@ -678,10 +675,6 @@ def read_run(
     if cache is not None:
         cache.forget_missing(directory, {e.name for e, _ in entries})
     ahead = _readahead(run_dir, [e for e, _ in entries], cache, memo)
-    helper = _helper(run_dir, [e for e, _ in entries], cache, memo)
-    if helper is not None:
-        checkpoints = _read_sharing(helper, entries, ahead, now, settle, evaluations, memo)
-        entries = []
     for index, (e, step) in enumerate(entries):
         if ahead is not None:
             ahead.reading(index)
@@ -698,58 +691,6 @@ def read_run(
     checkpoints.sort(key=lambda c: c.step)
     path = run_path(root, directory)
     return Run(path, tuple(checkpoints), root_name(root) if path == "." else path)
-
-
-# A one-shot scan hands checkpoints to a helper process (`scan_helper`) where one run directory has at least this
-# many to read (not known to the memo): a fork and its reaping cost about a millisecond, a checkpoint's files 0.5 ms.
-HELPER_MIN = 16
-
-
-def _helper(
-    run_dir: str, entries: list[os.DirEntry[str]], cache: ContentCache | None, memo: ContentsMemo | None
-) -> Helper[_Open] | None:
-    """A helper for a one-shot command's scan of this run directory (a daemon's cache knows most checkpoints)."""
-    if cache is not None or len(entries) < HELPER_MIN:
-        return None
-    if sum(memo is None or not memo.holds(run_dir, e.name) for e in entries) < HELPER_MIN:
-        return None
-    from ckptkeeper.scan_helper import Helper
-
-    return Helper[_Open].start()
-
-
-def _read_sharing(
-    helper: Helper[_Open],
-    entries: list[tuple[os.DirEntry[str], int]],
-    ahead: Readahead | None,
-    now: float | None,
-    settle: float,
-    evaluations: frozenset[str],
-    memo: ContentsMemo | None,
-) -> list[Checkpoint]:
-    """read_checkpoint of each entry, each checkpoint's files read here or by `helper` (whichever is free): every
-    directory is opened and walked here, in order, and judged here once what its files said is known. Stops the
-    helper, whatever happens."""
-    done: list[Checkpoint] = []
-    try:
-        for index, (e, step) in enumerate(entries):
-            if ahead is not None:
-                ahead.reading(index)
-            opened = _open_checkpoint(Path(e.path), step, now, None, memo)
-            if isinstance(opened, Checkpoint):
-                done.append(opened)
-            elif opened.look.contents is not None or not helper.give(
-                opened, opened.dir_fd, step, opened.names, opened.name
-            ):
-                done.append(_finish(opened, opened.look.contents, now, settle, None, evaluations, memo))
-            done.extend(_finish(o, contents, now, settle, None, evaluations, memo) for o, contents in helper.answers())
-        while helper.waiting:
-            answered = helper.answers(block=True)
-            done.extend(_finish(o, contents, now, settle, None, evaluations, memo) for o, contents in answered)
-    finally:
-        for opened in helper.close():
-            os.close(opened.dir_fd)
-    return done
 
 
 def _readahead(
