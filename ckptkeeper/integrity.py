@@ -14,7 +14,7 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ckptkeeper.regular import NotRegular, open_regular
 
@@ -51,15 +51,41 @@ def safetensors_problem(path: Path) -> str | None:
         return f"{path.name}: invalid safetensors ({e.kind}, not a regular file)"
     except OSError as e:
         return f"{path.name}: invalid safetensors (I/O error: {e.strerror or e})"
+    return open_safetensors_problem(fd, path.name)
+
+
+def open_safetensors_problem(fd: int, name: str) -> str | None:
+    """`safetensors_problem` of the file open as `fd` (a regular file, opened by the caller; closed here)."""
     try:
-        with os.fdopen(fd, "rb") as f:
-            detail = header_problem(f, os.fstat(f.fileno()).st_size)
+        detail = header_problem(_FdReader(fd), os.fstat(fd).st_size)
     except OSError as e:
         detail = f"I/O error: {e.strerror or e}"
-    return None if detail is None else f"{path.name}: invalid safetensors ({detail})"
+    finally:
+        os.close(fd)
+    return None if detail is None else f"{name}: invalid safetensors ({detail})"
 
 
-def header_problem(f: BinaryIO, size: int) -> str | None:
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+class _FdReader:
+    """read(n) of a descriptor as a buffered file reads: up to n bytes, fewer only at the end of the file (a read
+    may return less than asked for on some filesystems). Without os.fdopen's buffer object and its three system
+    calls (fstat, the isatty ioctl, lseek), most of what opening a small file cost."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def read(self, size: int, /) -> bytes:
+        chunks: list[bytes] = []
+        while size > 0 and (chunk := os.read(self._fd, size)):
+            chunks.append(chunk)
+            size -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def header_problem(f: _Readable | BinaryIO, size: int) -> str | None:
     """Why the safetensors file open as `f`, of `size` bytes, is not valid; None when it is. The format's
     own checks, as the safetensors library makes them (its Rust `read_metadata` and `Metadata::validate`):
     an 8-byte little-endian header length of at most 100 MB, within the file; a UTF-8 JSON object of tensors
@@ -75,7 +101,7 @@ def header_problem(f: BinaryIO, size: int) -> str | None:
     return None if LENGTH_BYTES + n + end == size else "incomplete metadata, file not fully covered"
 
 
-def _read_header(f: BinaryIO, size: int) -> tuple[int, bytes]:
+def _read_header(f: _Readable | BinaryIO, size: int) -> tuple[int, bytes]:
     """The header's length and bytes."""
     if size < LENGTH_BYTES:
         raise _HeaderError("header too small")
@@ -122,21 +148,21 @@ def _header_tensors(raw: bytes) -> list[tuple[str, str, list[int], tuple[int, in
             f"invalid UTF-8 in header: invalid utf-8 sequence of {e.end - e.start} bytes from index {e.start}"
         ) from None
     try:
-        header = json.loads(
-            text, parse_constant=_not_json, parse_float=_finite_float, parse_int=_json_int, object_pairs_hook=_Object
-        )
+        header = _decode_header(text)
     except (ValueError, RecursionError, _NumberTooLong) as e:
         raise _HeaderError(f"invalid JSON in header: {e}") from None
     if not isinstance(header, dict):
         raise _HeaderError("invalid JSON in header: not an object")
-    if _depth(header) > MAX_JSON_DEPTH:
+    # Each level of nesting opens with a bracket: text with no more brackets than the limit cannot nest deeper.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(header) > MAX_JSON_DEPTH:
         raise _HeaderError("invalid JSON in header: recursion limit exceeded")
     if isinstance(header, _Object) and "__metadata__" in header.repeated:
         raise _HeaderError("invalid JSON in header: duplicate field `__metadata__`")
     meta = header.pop("__metadata__", None)
     if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
         raise _HeaderError("invalid JSON in header: __metadata__ is not a map of strings")
-    _no_lone_surrogates(header, meta)
+    if "\\u" in text:  # a lone surrogate comes from a \u escape only: decoded UTF-8 holds none
+        _no_lone_surrogates(header, meta)
     return [(name, *_tensor_info(info)) for name, info in header.items()]
 
 
@@ -216,6 +242,19 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError("number out of range")
     return value
+
+
+# One decoder for every header (json.loads with these arguments built a new one per call).
+_HEADER_DECODER = json.JSONDecoder(
+    parse_constant=_not_json, parse_float=_finite_float, parse_int=_json_int, object_pairs_hook=_Object
+)
+
+
+def _decode_header(text: str) -> object:
+    """json.loads(text) with the hooks above: its own refusal of a byte order mark first, with its message."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _HEADER_DECODER.decode(text)
 
 
 def _no_lone_surrogates(*values: object) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ckptkeeper import weights
-from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, safetensors_problem
+from ckptkeeper.integrity import INDEX_SUFFIX, index_problem, open_safetensors_problem
 from ckptkeeper.metric_specs import MetricSpec
 from ckptkeeper.model import Checkpoint, Run, Signature, root_name
 from ckptkeeper.paths import fd_path, kernel_sets_ctimes
@@ -113,13 +113,15 @@ def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings
 
 
 def _walk_files(
-    directory: Path, top: os.stat_result | None = None
+    directory: Path, top: os.stat_result | None = None, dir_fd: int | None = None
 ) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
     """(path relative to `directory`, lstat) of the directory (`top`, where it is known) and of everything below
-    it, links not followed; and the names directly inside it."""
+    it, links not followed; and the names directly inside it. With `dir_fd` (the directory, open), its own
+    entries are listed and lstat'ed through it (fstatat, no path looked up again per entry)."""
     walked = [(".", top if top is not None else directory.lstat())]
     names: list[str] = []
-    pending = [(os.fspath(directory), "")]
+    base = os.fspath(directory)
+    pending: list[tuple[str | int, str]] = [(base if dir_fd is None else dir_fd, "")]
     while pending:
         current, prefix = pending.pop()
         with os.scandir(current) as it:
@@ -129,7 +131,7 @@ def _walk_files(
                 if not prefix:
                     names.append(e.name)
                 if stat.S_ISDIR(st.st_mode):
-                    pending.append((e.path, prefix + e.name + "/"))
+                    pending.append((os.path.join(base, prefix + e.name), prefix + e.name + "/"))
     return walked, names
 
 
@@ -264,13 +266,16 @@ class ContentCache:
         return sum(len(held) for held in self._runs.values())
 
 
-def _safetensors_problem(directory: Path, names: list[str]) -> str | None:
+def _safetensors_problem(directory: Path, names: list[str], dir_fd: int | None = None) -> str | None:
     valid: set[str] = set()
     for name in sorted(n for n in names if n.endswith(".safetensors")):
-        path = directory / name
-        if not path.is_file() or path.is_symlink():
+        try:
+            fd = open_regular(name if dir_fd is not None else directory / name, dir_fd)
+        except (FileNotFoundError, NotRegular):
             continue  # only regular files are opened: a link may point outside the root
-        problem = safetensors_problem(path)
+        except OSError as e:
+            return f"{name}: invalid safetensors (I/O error: {e.strerror or e})"
+        problem = open_safetensors_problem(fd, name)
         if problem:
             return problem
         valid.add(name)
@@ -281,11 +286,12 @@ def _safetensors_problem(directory: Path, names: list[str]) -> str | None:
     return None
 
 
-def _read_trainer_state(path: Path) -> bytes:
+def _read_trainer_state(path: Path, dir_fd: int | None = None) -> bytes:
     """The file's bytes: a regular file (a link, FIFO or device is never opened through), at most
-    MAX_TRAINER_STATE_BYTES (a bigger one, even sparse, would be read into memory whole)."""
+    MAX_TRAINER_STATE_BYTES (a bigger one, even sparse, would be read into memory whole). With `dir_fd`, the
+    file of that name in the directory open as `dir_fd`."""
     try:
-        fd = open_regular(path)
+        fd = open_regular(path.name if dir_fd is not None else path, dir_fd)
     except NotRegular:
         raise TrainerStateError(f"{TRAINER_STATE} is not a regular file") from None
     try:
@@ -311,8 +317,11 @@ def _read_up_to(fd: int, expected: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_contents(directory: Path, step: int, names: list[str], name: str | None = None) -> Contents:
-    """What the files of the checkpoint directory `directory` (named `name`, by default its own name) say."""
+def _read_contents(
+    directory: Path, step: int, names: list[str], name: str | None = None, dir_fd: int | None = None
+) -> Contents:
+    """What the files of the checkpoint directory `directory` (named `name`, by default its own name) say; with
+    `dir_fd`, the same directory open, through which its files are opened."""
     problems: list[str] = []
     if INCOMPLETE_MARKER in names:
         problems.append(f"{INCOMPLETE_MARKER} present (save in progress)")
@@ -329,7 +338,7 @@ def _read_contents(directory: Path, step: int, names: list[str], name: str | Non
         problems.append(f"no {TRAINER_STATE}")
     else:
         try:
-            state = parse_trainer_state(_read_trainer_state(state_path))
+            state = parse_trainer_state(_read_trainer_state(state_path, dir_fd))
         except TrainerStateError as e:
             problems.append(str(e))
         except FileNotFoundError:  # removed since the listing, e.g. by the Trainer's own rotation
@@ -344,7 +353,7 @@ def _read_contents(directory: Path, step: int, names: list[str], name: str | Non
                 said = state.global_step if abs(state.global_step) < 10**64 else "of over 64 digits"
                 problems.append(f"global_step {said} in {TRAINER_STATE} does not match {name or directory.name}")
     if not problems:
-        problem = _safetensors_problem(directory, names)
+        problem = _safetensors_problem(directory, names, dir_fd)
         if problem:
             problems.append(problem)
     marker, marker_read = _read_marker(directory, names)
@@ -447,6 +456,30 @@ def read_checkpoint(
     `cache`, files whose lstat has not changed since the last look are not read again; with a `memo`, the
     same across commands (what it is told holds only signatures that vouch). `evaluations`: files an
     evaluation job puts in a checkpoint (`--metric file:PATH`), which are no write of the training run."""
+    opened = _open_checkpoint(directory, step, now, cache, memo)
+    if isinstance(opened, Checkpoint):
+        return opened
+    return _finish(opened, opened.look.contents, now, settle, cache, evaluations, memo)
+
+
+@dataclass(frozen=True)
+class _Open:
+    """A checkpoint directory open as `dir_fd` (reached as `here`) and walked: what its files said is known from
+    an earlier look (`look.contents`) or still to be read through `dir_fd` (None). `_finish` closes `dir_fd`."""
+
+    name: str
+    step: int
+    run_dir: str
+    dir_fd: int
+    here: Path
+    names: list[str]
+    look: _Look
+
+
+def _open_checkpoint(
+    directory: Path, step: int, now: float | None, cache: ContentCache | None, memo: ContentsMemo | None
+) -> _Open | Checkpoint:
+    """Open and walk one checkpoint directory (a Checkpoint where it cannot be: gone, unreadable)."""
     name = directory.name
     run_dir = os.fspath(directory.parent)
     held = cache.get(run_dir, name) if cache is not None else None
@@ -461,24 +494,50 @@ def read_checkpoint(
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
     try:
         here = Path(fd_path(dir_fd, directory))
-        walked, names = _walk_files(here, os.fstat(dir_fd))
+        walked, names = _walk_files(here, os.fstat(dir_fd), dir_fd)
         remembered = memo if held is None else None  # only for a first look: the cache knows better after it
-        look = _look_at(here, name, step, walked, names, held, now, looked_at, (run_dir, remembered))
+        look = _look_at(name, walked, held, now, looked_at, (run_dir, remembered))
+    except FileNotFoundError:
+        os.close(dir_fd)
+        return Checkpoint(name, step, complete=False, incomplete_reason=VANISHED_WHILE_READING)
+    except OSError as e:
+        os.close(dir_fd)
+        return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return _Open(name, step, run_dir, dir_fd, here, names, look)
+
+
+def _finish(
+    opened: _Open,
+    contents: Contents | None,
+    now: float | None,
+    settle: float,
+    cache: ContentCache | None,
+    evaluations: frozenset[str],
+    memo: ContentsMemo | None,
+) -> Checkpoint:
+    """The Checkpoint of an open checkpoint directory, given what its files said (read here when None); closes it."""
+    name, step, run_dir, look = opened.name, opened.step, opened.run_dir, opened.look
+    try:
+        if contents is None:
+            contents = _read_contents(opened.here, step, opened.names, name, opened.dir_fd)
     except FileNotFoundError:
         return Checkpoint(name, step, complete=False, incomplete_reason=VANISHED_WHILE_READING)
     except OSError as e:
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
     finally:
-        os.close(dir_fd)
-    checkpoint = _judge(name, step, look, now, settle, evaluations)
-    if memo is not None and checkpoint.signature_vouches and look.contents.memorable:
-        memo.saw(run_dir, name, look.signature, look.contents)
+        os.close(opened.dir_fd)
+    checkpoint = _judge(name, step, look, contents, now, settle, evaluations)
+    if memo is not None and checkpoint.signature_vouches and contents.memorable:
+        memo.saw(run_dir, name, look.signature, contents)
     if cache is not None:
         trusted = checkpoint if checkpoint.complete else None
         seen_at = look.first_seen if look.first_seen is not None else 0.0
         seen = _Seen(
-            _dir_key(walked[0][1]), look.signature, look.contents, trusted, seen_at, look.seen_changing,
-            checkpoint.signature_vouches and look.contents.memorable,
+            _dir_key(look.walked[0][1]), look.signature, contents, trusted, seen_at, look.seen_changing,
+            checkpoint.signature_vouches and contents.memorable,
         )  # fmt: skip
         cache.put(run_dir, name, seen)
     return checkpoint
@@ -491,40 +550,35 @@ class _Look:
 
     walked: list[tuple[str, os.stat_result]]
     signature: Signature
-    contents: Contents
+    contents: Contents | None  # None: to be read (a first look at these entries)
     first_seen: float | None  # when these exact entries were first seen (the caller's clock)
     seen_changing: bool  # they replaced different ones seen at an earlier look
     looked_at: float  # time.time() just before the walk
 
 
 def _look_at(
-    directory: Path,
     name: str,
-    step: int,
     walked: list[tuple[str, os.stat_result]],
-    names: list[str],
     held: _Seen | None,
     now: float | None,
     looked_at: float,
     memo: tuple[str, ContentsMemo | None] = ("", None),
 ) -> _Look:
-    """Read the checkpoint's files, unless the last look (`held`) or an earlier command (`memo`: the run
-    directory and what it was told) saw exactly these entries."""
+    """The look at these entries; its contents are those the last look (`held`) or an earlier command (`memo`:
+    the run directory and what it was told) saw for exactly these entries, else None: the files are to be read."""
     signature = signature_of(walked)
     if held is not None and held.signature == signature:
         return _Look(walked, signature, held.contents, held.first_seen, held.seen_changing, looked_at)
     run_dir, remembered = memo
     contents = remembered.contents(run_dir, name, signature) if remembered is not None else None
-    if contents is None:
-        contents = _read_contents(directory, step, names, name)
     return _Look(walked, signature, contents, now, held is not None, looked_at)
 
 
 def _judge(
-    name: str, step: int, look: _Look, now: float | None, settle: float, evaluations: frozenset[str] = frozenset()
+    name: str, step: int, look: _Look, contents: Contents, now: float | None, settle: float, evaluations: frozenset[str]
 ) -> Checkpoint:
-    """The Checkpoint of one look: its contents' problems, or else whether it has settled."""
-    walked, contents = look.walked, look.contents
+    """The Checkpoint of one look, given what its files said: their problems, or else whether it has settled."""
+    walked = look.walked
     stats = [st for _, st in walked]
     newest_change = max(max(st.st_mtime, st.st_ctime) for st in stats)
     in_future = now is not None and newest_change > now + FUTURE_TOLERANCE

@@ -22,7 +22,6 @@ from __future__ import annotations
 import codecs
 import json
 import math
-import operator
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,9 +90,11 @@ class TrainerState:
     def metrics_at(self, step: int) -> dict[str, float]:
         """The union of the eval entries logged at exactly `step` (several eval sets give several). The entries
         are found by list.index over their steps (a loop in C: a Trainer's file holds hundreds of entries and
-        only a few are at one step), each then checked to be an int (a bool is not a step: True == 1)."""
+        only a few are at one step), each then checked to be an int (a bool is not a step: True == 1). The steps
+        are taken by a list comprehension: `map(operator.methodcaller("get", "step"), ...)` took about twice as
+        long (a call of the method through the caller object per entry)."""
         merged: dict[str, float] = {}
-        steps = list(map(_GET_STEP, self.log_history))
+        steps = [entry.get("step") for entry in self.log_history]
         found = -1
         while True:
             try:
@@ -183,9 +184,6 @@ def _json_type(value: object) -> str:
     if isinstance(value, str):
         return "string"
     return "array" if isinstance(value, list) else "object"
-
-
-_GET_STEP = operator.methodcaller("get", "step")
 
 
 def _history_problem(history: list[Any]) -> str | None:

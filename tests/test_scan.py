@@ -611,9 +611,9 @@ def _walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     walked: list[str] = []
     real_walk = scan_module._walk_files
 
-    def counting_walk(directory: Path, top: os.stat_result | None = None) -> object:
+    def counting_walk(directory: Path, top: os.stat_result | None = None, dir_fd: int | None = None) -> object:
         walked.append(Path(os.path.realpath(directory)).name)  # walked through /proc/self/fd/N
-        return real_walk(directory, top)
+        return real_walk(directory, top, dir_fd)
 
     monkeypatch.setattr(scan_module, "_walk_files", counting_walk)
     return walked
