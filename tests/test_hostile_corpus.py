@@ -1189,7 +1189,7 @@ ROOT_CASES = [
     Case(
         "root-is-a-file",
         "ROOT is a regular file",
-        lambda root: (root / "file").write_bytes(FULL_STATE),
+        lambda root: (root / "file").touch(),
         "last:1",
         {},
         {"output": "is not a directory"},
