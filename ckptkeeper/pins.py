@@ -335,8 +335,11 @@ def guarded_removal(dir_fd: int, shown: Path, run: str, checkpoint: str) -> Iter
     """Around one removal: under the pins lock, the pin that now keeps the checkpoint (yielded: do not remove
     it); else the `removing` marker is taken (flock'd, naming it) before the pins lock is let go, and held until
     the block ends. PinsError when the pins cannot be read (then nothing is removed)."""
+    # Emptied as it is opened: no live engine holds it (one instance per state directory, and this one let go
+    # of it at the end of its last removal), and what a killed one left in it is not to be read as this one's.
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        marker = os.open(REMOVING_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+        marker = os.open(REMOVING_NAME, flags, 0o644, dir_fd=dir_fd)
     except OSError as e:
         raise PinsError(f"cannot open {shown / REMOVING_NAME}: {e.strerror or e}") from None
     taken = False
@@ -348,7 +351,6 @@ def guarded_removal(dir_fd: int, shown: Path, run: str, checkpoint: str) -> Iter
                 taken = True
                 say = {"run": run, "checkpoint": checkpoint, "pid": os.getpid(), "since": time.time()}
                 with contextlib.suppress(OSError):  # the flock is the marker; its words are for messages
-                    os.ftruncate(marker, 0)
                     os.pwrite(marker, json.dumps(say).encode(), 0)
         yield pin
     finally:
