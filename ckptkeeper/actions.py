@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import filecmp
+import functools
 import os
 import random
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from ckptkeeper.integrity import safetensors_problem
 from ckptkeeper.paths import (
+    MOUNT_TABLE,
     Relation,
     checkpoint_component,
     fd_path,
@@ -96,11 +98,23 @@ Dispose = Callable[[TrashEntry], None]
 
 # ---------------------------------------------------------------------------------------------- reaching it
 def _split_below(root: Path, checkpoint: Path, verb: str) -> list[str]:
-    below = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root))
-    parts = below.split(os.sep)
-    if below == os.curdir or parts[0] == os.pardir:
+    root_text, text = os.fspath(root), os.fspath(checkpoint)
+    head, name = os.path.split(text)
+    if os.path.isabs(root_text) and os.path.isabs(head) and name not in ("", os.curdir, os.pardir):
+        parts = [*_below(root_text, head), name]  # what the line below gives, string work done once per run
+    else:
+        parts = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root)).split(os.sep)
+    if parts == [os.curdir] or parts[0] == os.pardir:
         raise ActionError(f"refusing to {verb} {checkpoint}: it is outside the root {root}")
     return parts
+
+
+@functools.lru_cache(maxsize=64)
+def _below(root: str, directory: str) -> tuple[str, ...]:
+    """The components of the absolute `directory` below the absolute `root` (`..` first when it is not below);
+    the same strings for every checkpoint of a run, so made once per run directory."""
+    below = os.path.relpath(directory, root)  # absolute paths: no working directory involved
+    return () if below == os.curdir else tuple(below.split(os.sep))
 
 
 def _past(verb: str) -> str:
@@ -205,8 +219,7 @@ def mount_points_below(directory: Path | str, real: bool = False) -> list[str]:
     where there is no mount table. The table is read again whenever it changed (`paths.MountTable`), so a
     mount made a moment ago is seen."""
     top = (os.fspath(directory) if real else os.path.realpath(directory)).rstrip("/") + "/"
-    found = ["/" + "/".join(m.point) for m in read_mounts()]
-    return sorted(p for p in found if p.startswith(top))
+    return sorted(p for p in MOUNT_TABLE.points() if p.startswith(top))
 
 
 # ---------------------------------------------------------------------------------------------- the trash
@@ -390,11 +403,18 @@ class _TreeDelete:
             subdirs = []
             with os.scandir(fd) as entries:
                 found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            stop = self.stop
             for entry_name, is_dir in found:
                 if is_dir:
                     subdirs.append(entry_name)
-                else:
+                    continue
+                if stop is not None and stop():
                     self._check_stop(shown)
+                try:  # the usual case without a call or a path made per file; anything else as `_remove` does it
+                    os.unlink(entry_name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except OSError:
                     self._remove(fd, entry_name, os.unlink, os.path.join(shown, entry_name))
         except BaseException:
             os.close(fd)

@@ -353,6 +353,8 @@ class Pipeline:
         # The root's (device, inode) when its lock was taken: a root that is another directory now (a link on
         # its path changed) is never acted in. Until then, the root as found now.
         self.root_identity: Identity | None = None
+        self._rules_for: Policy | None = None  # the policy `_rules` was written for
+        self._rules = ""
 
     @classmethod
     def checked(
@@ -547,10 +549,10 @@ class Pipeline:
                 if self.stop is not None and self.stop():
                     break
                 handoff = _Handoff(deleters) if deleters is not None else None
+                path = self._path(run_plan.run.path, decision.checkpoint.name)
                 with self.state.one_removal():
-                    outcome = self._carry_out(run_plan.run.path, decision, handoff)
+                    outcome = self._carry_out(run_plan.run.path, decision, handoff, path)
                     outcome = replace(outcome, step=decision.checkpoint.step, reasons=decision.reasons)
-                    path = self._path(run_plan.run.path, decision.checkpoint.name)
                     told.add(_Pending(index, outcome, path, handoff))
         told.flush(block=True)
         return tuple(_result(run_plan, told.outcomes[i]) for i, run_plan in enumerate(plan.runs))
@@ -624,14 +626,16 @@ class Pipeline:
             return Archival(self.root, self.layout.archive_dir, self.state, dispose, self.stop, self.root_identity)
         return Deletion(self.root, self.state, dispose, self.root_identity)
 
-    def _carry_out(self, run: str, decision: Decision, handoff: _Handoff | None = None) -> Outcome:
+    def _carry_out(
+        self, run: str, decision: Decision, handoff: _Handoff | None = None, path: Path | None = None
+    ) -> Outcome:
         """One removal, re-checked, pin-guarded and journaled. With a `handoff` (prune's deleters), its trash entry
         is handed to them and the outcome's journal line waits in the handoff until the entry is deleted."""
         c = decision.checkpoint
         removal = self._removal(decision.action, c, handoff)
         if self.dry_run:
             return Outcome(run, c.name, OutcomeKind.would(decision.action), removal.freed(c))
-        path = self._path(run, c.name)
+        path = self._path(run, c.name) if path is None else path
         checked = self._held_back(run, c, decision.action) or self._recheck(run, path, c)
         if isinstance(checked, Outcome):
             return checked
@@ -733,11 +737,19 @@ class Pipeline:
         return outcome
 
     def _rules_text(self) -> str:
-        text = f"keep {format_rules(self.policy.rules)}"
-        if self.policy.weight_rules:
-            text += f"; keep weights {format_rules(self.policy.weight_rules)}"
-        if self.policy.pressure is not None and self.policy.pressure.releases:
-            text += f"; under pressure keep {format_rules(self.policy.pressure.rules)}"
+        """The rules as the journal gives them, made once per policy (the same for every removal of a pass)."""
+        policy = self.policy
+        if self._rules_for is not policy:
+            self._rules_for, self._rules = policy, self._format_rules(policy)
+        return self._rules
+
+    @staticmethod
+    def _format_rules(policy: Policy) -> str:
+        text = f"keep {format_rules(policy.rules)}"
+        if policy.weight_rules:
+            text += f"; keep weights {format_rules(policy.weight_rules)}"
+        if policy.pressure is not None and policy.pressure.releases:
+            text += f"; under pressure keep {format_rules(policy.pressure.rules)}"
         return text
 
     def _journal(self) -> Path:
