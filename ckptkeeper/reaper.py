@@ -144,8 +144,8 @@ class Deleters:
         if len(self.threads) < self.count:
             name = f"ckptkeeper-deleter-{len(self.threads)}"
             thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self.threads.append(thread)  # first: a Ctrl-C inside start() must not leave a thread `close` never ends
             thread.start()
-            self.threads.append(thread)
         deleting = Deleting(entry)
         self.queue.put(deleting)
         return deleting
@@ -158,7 +158,8 @@ class Deleters:
         for _ in self.threads:
             self.queue.put(None)
         for thread in self.threads:
-            thread.join(timeout)
+            if thread.ident is not None:  # started (a Ctrl-C may come before `start` began it)
+                thread.join(timeout)
 
     def _run(self) -> None:
         while (deleting := self.queue.get()) is not None:
