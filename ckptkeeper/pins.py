@@ -27,7 +27,6 @@ import fcntl
 import json
 import math
 import os
-import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -317,6 +316,8 @@ def removal_under_way(dir_fd: int) -> dict[str, Any] | None:
 
 
 def new_id() -> str:
+    import secrets  # pin and lease only: prune and watch start without it (and hmac, base64)
+
     return secrets.token_hex(6)
 
 

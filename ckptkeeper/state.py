@@ -257,9 +257,9 @@ class StateDir:
             for fd in held:
                 os.close(fd)
             raise
-        import socket  # only where a lock is taken (prune, watch): plan starts without it
-
-        me = f"pid {os.getpid()} on {socket.gethostname()}"
+        # The host's name as gethostname(2) gives it (socket.gethostname: uname's nodename), without importing
+        # socket (and selectors, array) at every start of prune.
+        me = f"pid {os.getpid()} on {os.uname().nodename}"
         for fd in held[1:-1]:  # the root's lock file (not the root directory)
             _say_holder(fd, f"{me}\n".encode())
         _say_holder(held[-1], f"{me}, for {root}\n".encode())
