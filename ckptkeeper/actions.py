@@ -286,7 +286,7 @@ def _put_back(entry: TrashEntry, run_fd: int, checkpoint: Path, tag: str) -> str
     meanwhile (never renamed over), under `<name>.<tag>-<random>`, which is not a checkpoint's. Returns the name."""
     back = checkpoint.name
     if _exists_at(run_fd, back):
-        back = f"{checkpoint.name}.{tag}-{random.getrandbits(32):08x}"
+        back = f"{checkpoint.name}.{tag}-{os.urandom(4).hex()}"
     os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
     entry.close()
     return back
@@ -809,7 +809,7 @@ def _same_directory_problem(parent_fd: int, run_fd: int) -> str | None:
     volume by FUSE or NFS (separate superblocks) give one directory two devices and inodes. A probe file
     made in one, looked up by a name never used before in the other, tells."""
     _clear_stale_probes(parent_fd)
-    probe = f"{PROBE_PREFIX}{random.getrandbits(128):032x}"
+    probe = f"{PROBE_PREFIX}{os.urandom(16).hex()}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=parent_fd))
     except OSError as e:
@@ -889,7 +889,7 @@ def _archive_at(
             raise Changed(f"{checkpoint} was replaced by another directory while it was being archived")
         return "renamed"
     _clear_archive_temps(parent_fd, target.name, target.parent)
-    temp = f"{ARCHIVE_TEMP_PREFIX}{target.name}.{random.getrandbits(48):012x}"
+    temp = f"{ARCHIVE_TEMP_PREFIX}{target.name}.{os.urandom(6).hex()}"
     _copy_verified(run_fd, checkpoint, checked, parent_fd, temp, target, stop)
     if os.path.lexists(os.path.join(parent, target.name)):
         _rmtree_quietly(os.path.join(parent, temp))
