@@ -16,19 +16,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import filecmp
+import functools
 import os
+import random
 import re
 import shutil
 import stat
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptkeeper.integrity import safetensors_problem
 from ckptkeeper.paths import (
+    MOUNT_TABLE,
     Relation,
     checkpoint_component,
     fd_path,
@@ -96,11 +98,23 @@ Dispose = Callable[[TrashEntry], None]
 
 # ---------------------------------------------------------------------------------------------- reaching it
 def _split_below(root: Path, checkpoint: Path, verb: str) -> list[str]:
-    below = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root))
-    parts = below.split(os.sep)
-    if below == os.curdir or parts[0] == os.pardir:
+    root_text, text = os.fspath(root), os.fspath(checkpoint)
+    head, name = os.path.split(text)
+    if os.path.isabs(root_text) and os.path.isabs(head) and name not in ("", os.curdir, os.pardir):
+        parts = [*_below(root_text, head), name]  # what the line below gives, string work done once per run
+    else:
+        parts = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root)).split(os.sep)
+    if parts == [os.curdir] or parts[0] == os.pardir:
         raise ActionError(f"refusing to {verb} {checkpoint}: it is outside the root {root}")
     return parts
+
+
+@functools.lru_cache(maxsize=64)
+def _below(root: str, directory: str) -> tuple[str, ...]:
+    """The components of the absolute `directory` below the absolute `root` (`..` first when it is not below);
+    the same strings for every checkpoint of a run, so made once per run directory."""
+    below = os.path.relpath(directory, root)  # absolute paths: no working directory involved
+    return () if below == os.curdir else tuple(below.split(os.sep))
 
 
 def _past(verb: str) -> str:
@@ -205,14 +219,15 @@ def mount_points_below(directory: Path | str, real: bool = False) -> list[str]:
     where there is no mount table. The table is read again whenever it changed (`paths.MountTable`), so a
     mount made a moment ago is seen."""
     top = (os.fspath(directory) if real else os.path.realpath(directory)).rstrip("/") + "/"
-    found = ["/" + "/".join(m.point) for m in read_mounts()]
-    return sorted(p for p in found if p.startswith(top))
+    return sorted(p for p in MOUNT_TABLE.points() if p.startswith(top))
 
 
 # ---------------------------------------------------------------------------------------------- the trash
 def _trash_name(name: str) -> str:
-    # The leading token keeps a trash entry from ever matching checkpoint-<digits>.
-    return f"{uuid.uuid4().hex[:12]}.{name}"
+    # The leading token keeps a trash entry from ever matching checkpoint-<digits>. 48 random bits, as uuid4's
+    # first 12 hex digits were, from `random` (seeded from the kernel at import, again in a forked child): no
+    # system call per removal.
+    return f"{random.getrandbits(48):012x}.{name}"
 
 
 def _into_trash(run_fd: int, checkpoint: Path, checked: os.stat_result, state: StateDir) -> TrashEntry:
@@ -284,7 +299,7 @@ def _put_back(entry: TrashEntry, run_fd: int, checkpoint: Path, tag: str) -> str
     meanwhile (never renamed over), under `<name>.<tag>-<random>`, which is not a checkpoint's. Returns the name."""
     back = checkpoint.name
     if _exists_at(run_fd, back):
-        back = f"{checkpoint.name}.{tag}-{uuid.uuid4().hex[:8]}"
+        back = f"{checkpoint.name}.{tag}-{os.urandom(4).hex()}"
     os.rename(entry.name, back, src_dir_fd=entry.dir_fd, dst_dir_fd=run_fd)
     entry.close()
     return back
@@ -400,11 +415,18 @@ class _TreeDelete:
             subdirs = []
             with os.scandir(fd) as entries:
                 found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            stop = self.stop
             for entry_name, is_dir in found:
                 if is_dir:
                     subdirs.append(entry_name)
-                else:
+                    continue
+                if stop is not None and stop():
                     self._check_stop(shown)
+                try:  # the usual case without a call or a path made per file; anything else as `_remove` does it
+                    os.unlink(entry_name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+                except OSError:
                     self._remove(fd, entry_name, os.unlink, os.path.join(shown, entry_name))
         except BaseException:
             os.close(fd)
@@ -800,7 +822,7 @@ def _same_directory_problem(parent_fd: int, run_fd: int) -> str | None:
     volume by FUSE or NFS (separate superblocks) give one directory two devices and inodes. A probe file
     made in one, looked up by a name never used before in the other, tells."""
     _clear_stale_probes(parent_fd)
-    probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    probe = f"{PROBE_PREFIX}{os.urandom(16).hex()}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=parent_fd))
     except OSError as e:
@@ -880,7 +902,7 @@ def _archive_at(
             raise Changed(f"{checkpoint} was replaced by another directory while it was being archived")
         return "renamed"
     _clear_archive_temps(parent_fd, target.name, target.parent)
-    temp = f"{ARCHIVE_TEMP_PREFIX}{target.name}.{uuid.uuid4().hex[:12]}"
+    temp = f"{ARCHIVE_TEMP_PREFIX}{target.name}.{os.urandom(6).hex()}"
     _copy_verified(run_fd, checkpoint, checked, parent_fd, temp, target, stop)
     if os.path.lexists(os.path.join(parent, target.name)):
         _rmtree_quietly(os.path.join(parent, temp))

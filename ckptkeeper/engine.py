@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -48,6 +49,7 @@ from ckptkeeper.model import (
     Run,
     RunPlan,
     RunResult,
+    Signature,
     Stale,
 )
 from ckptkeeper.paths import fd_path, identity
@@ -63,10 +65,10 @@ from ckptkeeper.scan import (
     ScanOptions,
     checkpoint_step,
     find_run_dirs,
-    lstat_signature,
     read_checkpoint,
     read_run,
     run_path,
+    signature_of,
 )
 from ckptkeeper.slimming import slim_checkpoint
 from ckptkeeper.stale import stale_checkpoints
@@ -77,6 +79,7 @@ if TYPE_CHECKING:  # imported when an object store is used: plan and prune of lo
     from ckptkeeper.scan_memo import ScanMemo
 
 Identity = tuple[int, int]
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OnOutcome = Callable[[Outcome], None]
 
 
@@ -350,6 +353,8 @@ class Pipeline:
         # The root's (device, inode) when its lock was taken: a root that is another directory now (a link on
         # its path changed) is never acted in. Until then, the root as found now.
         self.root_identity: Identity | None = None
+        self._rules_for: Policy | None = None  # the policy `_rules` was written for
+        self._rules = ""
 
     @classmethod
     def checked(
@@ -544,10 +549,11 @@ class Pipeline:
                 if self.stop is not None and self.stop():
                     break
                 handoff = _Handoff(deleters) if deleters is not None else None
-                outcome = self._carry_out(run_plan.run.path, decision, handoff)
-                outcome = replace(outcome, step=decision.checkpoint.step, reasons=decision.reasons)
                 path = self._path(run_plan.run.path, decision.checkpoint.name)
-                told.add(_Pending(index, outcome, path, handoff))
+                with self.state.one_removal():
+                    outcome = self._carry_out(run_plan.run.path, decision, handoff, path)
+                    outcome = replace(outcome, step=decision.checkpoint.step, reasons=decision.reasons)
+                    told.add(_Pending(index, outcome, path, handoff))
         told.flush(block=True)
         return tuple(_result(run_plan, told.outcomes[i]) for i, run_plan in enumerate(plan.runs))
 
@@ -620,14 +626,16 @@ class Pipeline:
             return Archival(self.root, self.layout.archive_dir, self.state, dispose, self.stop, self.root_identity)
         return Deletion(self.root, self.state, dispose, self.root_identity)
 
-    def _carry_out(self, run: str, decision: Decision, handoff: _Handoff | None = None) -> Outcome:
+    def _carry_out(
+        self, run: str, decision: Decision, handoff: _Handoff | None = None, path: Path | None = None
+    ) -> Outcome:
         """One removal, re-checked, pin-guarded and journaled. With a `handoff` (prune's deleters), its trash entry
         is handed to them and the outcome's journal line waits in the handoff until the entry is deleted."""
         c = decision.checkpoint
         removal = self._removal(decision.action, c, handoff)
         if self.dry_run:
             return Outcome(run, c.name, OutcomeKind.would(decision.action), removal.freed(c))
-        path = self._path(run, c.name)
+        path = self._path(run, c.name) if path is None else path
         checked = self._held_back(run, c, decision.action) or self._recheck(run, path, c)
         if isinstance(checked, Outcome):
             return checked
@@ -695,10 +703,9 @@ class Pipeline:
         except ActionError as e:
             return Outcome(run, planned.name, OutcomeKind.ERROR, 0, str(e))
         try:
-            where = Path(fd_path(run_fd, path.parent)) / planned.name
             if planned.signature is not None and planned.signature_vouches:
-                return _compare_signature(run, where, planned)
-            return _read_again(run, where, planned)
+                return _compare_signature(run, run_fd, path, planned)
+            return _read_again(run, Path(fd_path(run_fd, path.parent)) / planned.name, planned)
         finally:
             os.close(run_fd)
 
@@ -730,11 +737,19 @@ class Pipeline:
         return outcome
 
     def _rules_text(self) -> str:
-        text = f"keep {format_rules(self.policy.rules)}"
-        if self.policy.weight_rules:
-            text += f"; keep weights {format_rules(self.policy.weight_rules)}"
-        if self.policy.pressure is not None and self.policy.pressure.releases:
-            text += f"; under pressure keep {format_rules(self.policy.pressure.rules)}"
+        """The rules as the journal gives them, made once per policy (the same for every removal of a pass)."""
+        policy = self.policy
+        if self._rules_for is not policy:
+            self._rules_for, self._rules = policy, self._format_rules(policy)
+        return self._rules
+
+    @staticmethod
+    def _format_rules(policy: Policy) -> str:
+        text = f"keep {format_rules(policy.rules)}"
+        if policy.weight_rules:
+            text += f"; keep weights {format_rules(policy.weight_rules)}"
+        if policy.pressure is not None and policy.pressure.releases:
+            text += f"; under pressure keep {format_rules(policy.pressure.rules)}"
         return text
 
     def _journal(self) -> Path:
@@ -763,11 +778,11 @@ def _why(e: OSError) -> str:
     return str(e.strerror or e)
 
 
-def _compare_signature(run: str, where: Path, planned: Checkpoint) -> Identity | Outcome:
-    """The re-check by signature: the directory reached as `where` has the identity and lstat signature the
-    scan saw (no entry added, removed, renamed, replaced or written since)."""
+def _compare_signature(run: str, run_fd: int, path: Path, planned: Checkpoint) -> Identity | Outcome:
+    """The re-check by signature: the checkpoint in the run directory open as `run_fd` has the identity and lstat
+    signature the scan saw (no entry added, removed, renamed, replaced or written since)."""
     try:
-        now_identity, now_signature = lstat_signature(where)
+        now_identity, now_signature = _signature_at(run_fd, path)
     except FileNotFoundError:
         return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
     except OSError:
@@ -775,6 +790,45 @@ def _compare_signature(run: str, where: Path, planned: Checkpoint) -> Identity |
     if now_identity != planned.identity or now_signature != planned.signature:
         return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
     return now_identity
+
+
+def _signature_at(run_fd: int, path: Path) -> tuple[Identity, Signature]:
+    """`scan.lstat_signature` of the checkpoint `path.name` in the run directory open as `run_fd`, taken through
+    descriptors: the checkpoint opened without following a link (a link or a file in its place is an OSError, a
+    checkpoint gone FileNotFoundError), its own entry by `fstat` and its entries by `fstatat` relative to it, which
+    spares the kernel a walk of /proc/self/fd/N/... for every entry. The same walk as `scan._walk_files` (the same
+    entries, as lstat sees them), so the same signature; subdirectories (DeepSpeed's `global_step*/`) are walked
+    below the checkpoint's descriptor as the scan walks them (`_walk_below`)."""
+    fd = os.open(path.name, _DIR_FLAGS, dir_fd=run_fd)
+    try:
+        top = os.fstat(fd)
+        walked: list[tuple[str, os.stat_result]] = [(".", top)]
+        subdirs: list[str] = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                walked.append((entry.name, st))
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(entry.name)
+        if subdirs:
+            _walk_below(fd_path(fd, path), subdirs, walked)
+    finally:
+        os.close(fd)
+    return (top.st_dev, top.st_ino), signature_of(walked)
+
+
+def _walk_below(top: str, subdirs: list[str], walked: list[tuple[str, os.stat_result]]) -> None:
+    """Append (path relative to `top`, lstat) of everything below these subdirectories of `top`, links not
+    followed, as `scan._walk_files` does (no recursion: a tree thousands of levels deep is fine)."""
+    pending = [(os.path.join(top, name), name + "/") for name in subdirs]
+    while pending:
+        current, prefix = pending.pop()
+        with os.scandir(current) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                walked.append((prefix + e.name, st))
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append((e.path, prefix + e.name + "/"))
 
 
 def _read_again(run: str, where: Path, planned: Checkpoint) -> Identity | Outcome | None:

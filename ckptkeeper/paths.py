@@ -103,6 +103,7 @@ class MountTable:
         self._poll: select.poll | None = None
         self._mounts: list[Mount] = []
         self._types: dict[str, frozenset[str]] = {}  # device (major:minor) -> the types it is mounted with
+        self._points: tuple[str, ...] = ()  # every mount point as a path, in the table's order
         self.reads = 0  # how many times the table was read (for tests and benchmarks)
 
     def mounts(self) -> list[Mount]:
@@ -110,6 +111,13 @@ class MountTable:
         with self._lock:
             self._refresh()
             return list(self._mounts)
+
+    def points(self) -> tuple[str, ...]:
+        """Every mount point as an absolute path, in the table's order; made once per read of the table (a removal
+        asks twice per checkpoint, through `actions.mount_points_below`)."""
+        with self._lock:
+            self._refresh()
+            return self._points
 
     def types_of(self, device: str) -> frozenset[str]:
         """The filesystem types the device (major:minor) is mounted with (of every mount of it); none where it
@@ -127,6 +135,7 @@ class MountTable:
         for mount in self._mounts:
             types.setdefault(mount.device, set()).add(mount.fstype)
         self._types = {device: frozenset(found) for device, found in types.items()}
+        self._points = tuple("/" + "/".join(mount.point) for mount in self._mounts)
 
     def _changed(self) -> bool:
         assert self._poll is not None

@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,12 +160,19 @@ class StateDir:
         self._journal_fd: int | None = None
         self._journal_id: tuple[int, int] = (0, 0)
         self._journal_end = -1
+        # Inside `one_removal`: the descriptors were found still linked, and the reserve present, once already.
+        self._in_removal = False
+        self._linked_seen = False
+        self._reserve_seen = False
 
     def create(self) -> None:
         """Make (or claim) the state directory and its trash, and hold both open. Refuses a directory that is
         not ckptkeeper's, and a link in the place of either."""
         if self._fd is not None and self._trash_fd is not None:
+            if self._linked_seen:
+                return
             if _still_linked(self._fd) and _still_linked(self._trash_fd):
+                self._linked_seen = self._in_removal
                 return
             # Deleted (with its root, say) since it was opened: made anew below. The root's lock stays held
             # (another instance must not start on this root meanwhile); the state lock is taken again in the
@@ -228,6 +236,18 @@ class StateDir:
                 ) from None
             raise
 
+    @contextlib.contextmanager
+    def one_removal(self) -> Iterator[None]:
+        """Around one removal (its pins guard, journal lines and rename, milliseconds): the directories are checked
+        to be still linked, and the reserve to be there, at their first use in the block rather than at every
+        one (four uses and two journal lines per removal; each check is system calls). Owned by the thread that
+        acts; a check of another thread's within the block is spared too, as it would be a moment later."""
+        self._in_removal, self._linked_seen, self._reserve_seen = True, False, False
+        try:
+            yield
+        finally:
+            self._in_removal, self._linked_seen, self._reserve_seen = False, False, False
+
     @property
     def trash_fd(self) -> int:
         """The trash, open; `create` first."""
@@ -257,9 +277,9 @@ class StateDir:
             for fd in held:
                 os.close(fd)
             raise
-        import socket  # only where a lock is taken (prune, watch): plan starts without it
-
-        me = f"pid {os.getpid()} on {socket.gethostname()}"
+        # The host's name as gethostname(2) gives it (socket.gethostname: uname's nodename), without importing
+        # socket (and selectors, array) at every start of prune.
+        me = f"pid {os.getpid()} on {os.uname().nodename}"
         for fd in held[1:-1]:  # the root's lock file (not the root directory)
             _say_holder(fd, f"{me}\n".encode())
         _say_holder(held[-1], f"{me}, for {root}\n".encode())
@@ -342,6 +362,7 @@ class StateDir:
 
     def close(self) -> None:
         """Release the locks and the directory descriptors."""
+        self._linked_seen = self._reserve_seen = False
         self.release_lock()
         self._close_directory()
 
@@ -370,6 +391,7 @@ class StateDir:
             self._keep_reserve(dir_fd)
 
     def _give_up_reserve(self, dir_fd: int) -> bool:
+        self._reserve_seen = False
         try:
             os.unlink(RESERVE_NAME, dir_fd=dir_fd)
         except OSError:
@@ -378,9 +400,12 @@ class StateDir:
 
     def _keep_reserve(self, dir_fd: int | None = None) -> None:
         """Make the reserve where it is missing; where there is no room for it, try again at the next line."""
+        if self._reserve_seen:
+            return
         dir_fd = self.dir_fd if dir_fd is None else dir_fd
         try:
             os.stat(RESERVE_NAME, dir_fd=dir_fd, follow_symlinks=False)
+            self._reserve_seen = self._in_removal
             return
         except FileNotFoundError:
             pass
