@@ -40,11 +40,6 @@ PINS_NAME = "pins.json"
 PINS_TEMP = "pins.json.part"
 PINS_LOCK_NAME = "pins.lock"
 REMOVING_NAME = "removing"
-# The marker's words are written over its first MARKER_BYTES (all that `removal_under_way` reads), padded with
-# spaces, and blanked with spaces when the removal ends: written in place, never truncated and filled again (a
-# page freed and allocated again for every removal). Whatever a killed engine left there is covered.
-MARKER_BYTES = 4096
-_BLANK = b" " * MARKER_BYTES
 MAX_PINS_BYTES = 16 << 20
 KEEP_LAPSED = 86400.0  # a lapsed lease is shown as lapsed for a day, then dropped at the next change
 FORMAT = 1
@@ -304,7 +299,7 @@ def removal_under_way(dir_fd: int) -> dict[str, Any] | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            data = os.pread(fd, MARKER_BYTES, 0)
+            data = os.pread(fd, 4096, 0)
             with contextlib.suppress(ValueError):
                 found = json.loads(data.decode("utf-8", "replace"))
                 if isinstance(found, dict):
@@ -341,7 +336,9 @@ def guarded_removal(dir_fd: int, shown: Path, run: str, checkpoint: str) -> Iter
     """Around one removal: under the pins lock, the pin that now keeps the checkpoint (yielded: do not remove
     it); else the `removing` marker is taken (flock'd, naming it) before the pins lock is let go, and held until
     the block ends. PinsError when the pins cannot be read (then nothing is removed)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    # Emptied as it is opened: no live engine holds it (one instance per state directory, and this one let go
+    # of it at the end of its last removal), and what a killed one left in it is not to be read as this one's.
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         marker = os.open(REMOVING_NAME, flags, 0o644, dir_fd=dir_fd)
     except OSError as e:
@@ -355,10 +352,10 @@ def guarded_removal(dir_fd: int, shown: Path, run: str, checkpoint: str) -> Iter
                 taken = True
                 say = {"run": run, "checkpoint": checkpoint, "pid": os.getpid(), "since": time.time()}
                 with contextlib.suppress(OSError):  # the flock is the marker; its words are for messages
-                    os.pwrite(marker, json.dumps(say).encode().ljust(MARKER_BYTES), 0)
+                    os.pwrite(marker, json.dumps(say).encode(), 0)
         yield pin
     finally:
         if taken:
             with contextlib.suppress(OSError):
-                os.pwrite(marker, _BLANK, 0)
+                os.ftruncate(marker, 0)
         os.close(marker)  # lets go of the flock
