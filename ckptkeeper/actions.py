@@ -18,7 +18,6 @@ import errno
 import filecmp
 import functools
 import os
-import random
 import re
 import shutil
 import stat
@@ -224,10 +223,10 @@ def mount_points_below(directory: Path | str, real: bool = False) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- the trash
 def _trash_name(name: str) -> str:
-    # The leading token keeps a trash entry from ever matching checkpoint-<digits>. 48 random bits, as uuid4's
-    # first 12 hex digits were, from `random` (seeded from the kernel at import, again in a forked child): no
-    # system call per removal.
-    return f"{random.getrandbits(48):012x}.{name}"
+    # The leading token keeps a trash entry from ever matching checkpoint-<digits>. 48 bits from the kernel, as
+    # uuid4's first 12 hex digits were: not `random`, whose next names can be told from earlier ones (or repeat in
+    # a process restored from a snapshot), which would let a name be taken in advance.
+    return f"{os.urandom(6).hex()}.{name}"
 
 
 def _into_trash(run_fd: int, checkpoint: Path, checked: os.stat_result, state: StateDir) -> TrashEntry:
