@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -69,6 +68,7 @@ from ckptkeeper.scan import (
     read_run,
     run_path,
     signature_of,
+    walk_files,
 )
 from ckptkeeper.slimming import slim_checkpoint
 from ckptkeeper.stale import stale_checkpoints
@@ -796,39 +796,15 @@ def _signature_at(run_fd: int, path: Path) -> tuple[Identity, Signature]:
     """`scan.lstat_signature` of the checkpoint `path.name` in the run directory open as `run_fd`, taken through
     descriptors: the checkpoint opened without following a link (a link or a file in its place is an OSError, a
     checkpoint gone FileNotFoundError), its own entry by `fstat` and its entries by `fstatat` relative to it, which
-    spares the kernel a walk of /proc/self/fd/N/... for every entry. The same walk as `scan._walk_files` (the same
-    entries, as lstat sees them), so the same signature; subdirectories (DeepSpeed's `global_step*/`) are walked
-    below the checkpoint's descriptor as the scan walks them (`_walk_below`)."""
+    spares the kernel a walk of /proc/self/fd/N/... for every entry: the scan's own walk (`scan.walk_files`), so
+    the same entries as lstat sees them, and the same signature."""
     fd = os.open(path.name, _DIR_FLAGS, dir_fd=run_fd)
     try:
         top = os.fstat(fd)
-        walked: list[tuple[str, os.stat_result]] = [(".", top)]
-        subdirs: list[str] = []
-        with os.scandir(fd) as entries:
-            for entry in entries:
-                st = entry.stat(follow_symlinks=False)
-                walked.append((entry.name, st))
-                if stat.S_ISDIR(st.st_mode):
-                    subdirs.append(entry.name)
-        if subdirs:
-            _walk_below(fd_path(fd, path), subdirs, walked)
+        walked, _ = walk_files(Path(fd_path(fd, path)), top, fd)
     finally:
         os.close(fd)
     return (top.st_dev, top.st_ino), signature_of(walked)
-
-
-def _walk_below(top: str, subdirs: list[str], walked: list[tuple[str, os.stat_result]]) -> None:
-    """Append (path relative to `top`, lstat) of everything below these subdirectories of `top`, links not
-    followed, as `scan._walk_files` does (no recursion: a tree thousands of levels deep is fine)."""
-    pending = [(os.path.join(top, name), name + "/") for name in subdirs]
-    while pending:
-        current, prefix = pending.pop()
-        with os.scandir(current) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                walked.append((prefix + e.name, st))
-                if stat.S_ISDIR(st.st_mode):
-                    pending.append((e.path, prefix + e.name + "/"))
 
 
 def _read_again(run: str, where: Path, planned: Checkpoint) -> Identity | Outcome | None:

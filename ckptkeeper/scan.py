@@ -112,7 +112,7 @@ def find_run_dirs(root: Path, max_depth: int, excluded: Iterable[Path], warnings
     return sorted(found)
 
 
-def _walk_files(
+def walk_files(
     directory: Path, top: os.stat_result | None = None, dir_fd: int | None = None
 ) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
     """(path relative to `directory`, lstat) of the directory (`top`, where it is known) and of everything below
@@ -176,7 +176,7 @@ def lstat_signature(directory: Path) -> tuple[tuple[int, int], Signature]:
     timestamp step and TIMESTAMP_TICK, and every entry is on a filesystem of KERNEL_CTIME_FILESYSTEMS; elsewhere
     (a checkpoint written a moment before, file times in the future, sshfs) the caller reads the checkpoint
     again in full."""
-    walked, _ = _walk_files(directory)
+    walked, _ = walk_files(directory)
     top = walked[0][1]
     return (top.st_dev, top.st_ino), signature_of(walked)
 
@@ -494,7 +494,7 @@ def _open_checkpoint(
         return Checkpoint(name, step, complete=False, incomplete_reason=f"cannot read: {e.strerror or e}")
     try:
         here = Path(fd_path(dir_fd, directory))
-        walked, names = _walk_files(here, os.fstat(dir_fd), dir_fd)
+        walked, names = walk_files(here, os.fstat(dir_fd), dir_fd)
         remembered = memo if held is None else None  # only for a first look: the cache knows better after it
         look = _look_at(name, walked, held, now, looked_at, (run_dir, remembered))
     except FileNotFoundError:

@@ -23,27 +23,42 @@ import pytest
 from ckptkeeper.scan import lstat_signature
 from ckptkeeper.simtrainer import SimConfig, simulate_run
 
+# The end of every hooked command below: the audit hook `hook` installed, then the command line run as `ckptkeeper`.
+RUN_HOOKED = """
+sys.addaudithook(hook)
+from ckptkeeper.cli import main
+main(sys.argv[1:])
+"""
+
+# `ckptkeeper pin R10_DO` of the root R10_ROOT, its exit code and output written to R10_OUT (from inside a hook).
+PIN = """
+def pin():
+    cmd = [sys.executable, "-m", "ckptkeeper", "pin", "--root", os.environ["R10_ROOT"], os.environ["R10_DO"]]
+    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    with open(os.environ["R10_OUT"], "w") as f:
+        f.write(f"{done.returncode}\\n{done.stdout}{done.stderr}")
+"""
+
 # A `prune` whose main thread, just before it renames the checkpoint named R10_AT into the trash (the audit event
 # of os.rename: the pins guard's marker is taken, the start line written), is SIGKILLed (R10_DO=kill) or frees the
 # file R10_FREE and runs `ckptkeeper pin R10_DO`, writing its exit code and output to R10_OUT.
-HOOKED_PRUNE = r"""
+HOOKED_PRUNE = (
+    r"""
 import os, signal, subprocess, sys
-
+"""
+    + PIN
+    + r"""
 def hook(event, args):
     if event != "os.rename" or args[0] != os.environ["R10_AT"]:
         return
     if os.environ["R10_DO"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     os.unlink(os.environ["R10_FREE"])
-    cmd = [sys.executable, "-m", "ckptkeeper", "pin", "--root", os.environ["R10_ROOT"], os.environ["R10_DO"]]
-    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    with open(os.environ["R10_OUT"], "w") as f:
-        f.write(f"{done.returncode}\n{done.stdout}{done.stderr}")
+    pin()
 
-sys.addaudithook(hook)
-from ckptkeeper.cli import main
-main(sys.argv[1:])
 """
+    + RUN_HOOKED
+)
 
 
 def make_run(root: Path, checkpoints: int) -> Path:
@@ -62,18 +77,23 @@ def make_run(root: Path, checkpoints: int) -> Path:
     return run
 
 
-def hooked_prune(root: Path, at: str, do: str, free: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, R10_AT=at, R10_DO=do, R10_ROOT=str(root), R10_FREE=str(free), R10_OUT=str(out))
-    args = ["prune", str(root), "--keep", "last:2", "--no-protect-trainer-best"]
+def run_hooked(script: str, args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -c SCRIPT ARGS...` (a hooked `ckptkeeper`: RUN_HOOKED) with these environment variables added."""
     return subprocess.run(
-        [sys.executable, "-c", HOOKED_PRUNE, *args],
-        env=env,
+        [sys.executable, "-c", script, *args],
+        env=dict(os.environ, **env),
         capture_output=True,
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def hooked_prune(root: Path, at: str, do: str, free: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    args = ["prune", str(root), "--keep", "last:2", "--no-protect-trainer-best"]
+    env = {"R10_AT": at, "R10_DO": do, "R10_ROOT": str(root), "R10_FREE": str(free), "R10_OUT": str(out)}
+    return run_hooked(HOOKED_PRUNE, args, **env)
 
 
 def fill(where: Path) -> Path:
@@ -136,9 +156,12 @@ def test_a_pin_that_succeeds_during_a_removal_on_a_full_copy_on_write_disk_is_ke
 # A `prune` during which the disk fills: the moment it renames checkpoint-1 (its marker's words written), a saving
 # run writes R10_FREE until ENOSPC; the moment it renames checkpoint-2, that file is deleted (the run's own rotation)
 # and `ckptkeeper pin R10_DO` is run, its exit code and output written to R10_OUT.
-FILLED_MID_PRUNE = r"""
+FILLED_MID_PRUNE = (
+    r"""
 import os, subprocess, sys
-
+"""
+    + PIN
+    + r"""
 def hook(event, args):
     if event != "os.rename" or args[0] not in ("checkpoint-1", "checkpoint-2"):
         return
@@ -150,15 +173,11 @@ def hook(event, args):
         except OSError:
             return
     os.unlink(os.environ["R10_FREE"])
-    cmd = [sys.executable, "-m", "ckptkeeper", "pin", "--root", os.environ["R10_ROOT"], os.environ["R10_DO"]]
-    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    with open(os.environ["R10_OUT"], "w") as f:
-        f.write(f"{done.returncode}\n{done.stdout}{done.stderr}")
+    pin()
 
-sys.addaudithook(hook)
-from ckptkeeper.cli import main
-main(sys.argv[1:])
 """
+    + RUN_HOOKED
+)
 
 
 def test_a_pin_during_a_removal_is_refused_when_the_disk_filled_during_the_previous_one(btrfs: Path) -> None:
@@ -169,16 +188,9 @@ def test_a_pin_during_a_removal_is_refused_when_the_disk_filled_during_the_previ
     root = btrfs / "root"
     run = make_run(root, 4)
     out, target = btrfs.parent / "pin.out", run / "checkpoint-2"
-    env = dict(os.environ, R10_DO=str(target), R10_ROOT=str(root), R10_FREE=str(btrfs / "filler"), R10_OUT=str(out))
+    env = {"R10_DO": str(target), "R10_ROOT": str(root), "R10_FREE": str(btrfs / "filler"), "R10_OUT": str(out)}
     args = ["prune", str(root), "--keep", "last:2", "--no-protect-trainer-best"]
-    done = subprocess.run(
-        [sys.executable, "-c", FILLED_MID_PRUNE, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_hooked(FILLED_MID_PRUNE, args, **env)
     assert done.returncode in (0, 1), done.stdout + done.stderr
     code, _, said = out.read_text().partition("\n")
     assert not (code == "0" and not target.exists()), f"pin exited 0 ({said.strip()}), then the checkpoint went"
@@ -188,7 +200,8 @@ def test_a_pin_during_a_removal_is_refused_when_the_disk_filled_during_the_previ
 # A `prune` that, the moment its pins guard reads the pins (the marker opened just before: the state directory was
 # checked then), removes the state directory's trash (R10_RMTRASH: `rmdir`, it is empty) or the whole state
 # directory (R10_RMSTATE), once; then lets the removal go on.
-STATE_GONE_PRUNE = r"""
+STATE_GONE_PRUNE = (
+    r"""
 import os, shutil, sys
 
 marked = []
@@ -205,23 +218,14 @@ def hook(event, args):
         else:
             shutil.rmtree(os.environ["R10_RMSTATE"])
 
-sys.addaudithook(hook)
-from ckptkeeper.cli import main
-main(sys.argv[1:])
 """
+    + RUN_HOOKED
+)
 
 
 def state_gone_prune(root: Path, state: Path, **env: str) -> subprocess.CompletedProcess[str]:
     args = ["prune", str(root), "--state-dir", str(state), "--keep", "last:2", "--no-protect-trainer-best"]
-    return subprocess.run(
-        [sys.executable, "-c", STATE_GONE_PRUNE, *args],
-        env=dict(os.environ, **env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    return run_hooked(STATE_GONE_PRUNE, args, **env)
 
 
 def test_a_trash_deleted_mid_removal_is_never_reported_as_the_checkpoint_vanishing(tmp_path: Path) -> None:
@@ -243,7 +247,8 @@ def test_a_trash_deleted_mid_removal_is_never_reported_as_the_checkpoint_vanishi
 # A `prune` whose state directory is deleted (`rm -rf`) the moment it renames checkpoint-1 into the trash; then, the
 # moment it renames checkpoint-2, a second `prune --dry-run` of the same root (it takes the lock too) is run and its
 # exit code written to R10_OUT.
-LOCK_GONE_PRUNE = r"""
+LOCK_GONE_PRUNE = (
+    r"""
 import os, shutil, subprocess, sys
 
 def hook(event, args):
@@ -261,10 +266,9 @@ def hook(event, args):
     with open(os.environ["R10_OUT"], "w") as f:
         f.write(said)
 
-sys.addaudithook(hook)
-from ckptkeeper.cli import main
-main(sys.argv[1:])
 """
+    + RUN_HOOKED
+)
 
 
 def test_a_prune_whose_state_directory_is_deleted_keeps_its_root_lock(tmp_path: Path) -> None:
@@ -277,16 +281,7 @@ def test_a_prune_whose_state_directory_is_deleted_keeps_its_root_lock(tmp_path: 
     run = make_run(root, 4)
     out = tmp_path / "second.out"
     args = ["prune", str(root), "--state-dir", str(state), "--keep", "last:2", "--no-protect-trainer-best"]
-    env = dict(os.environ, R10_RMSTATE=str(state), R10_OUT=str(out))
-    subprocess.run(
-        [sys.executable, "-c", LOCK_GONE_PRUNE, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    run_hooked(LOCK_GONE_PRUNE, args, R10_RMSTATE=str(state), R10_OUT=str(out))
     code, _, said = out.read_text().partition("\n")
     assert code == "4", f"a second prune ran beside the first (exit {code}):\n{said}"
     # checkpoint-1 stays whole: its trash went at its very rename (an error, retried at the next pass)
@@ -358,7 +353,8 @@ def test_the_signature_through_descriptors_is_the_scan_s_and_sees_every_nested_s
 # ------------------------------------------------------------------------------- 4. the mount table, once per read
 # A `prune` that, as its pins guard opens the marker of the removal of checkpoint-1 (scan and re-check behind it),
 # mounts a tmpfs inside that checkpoint and writes a file there (R10_MNT).
-MOUNTING_PRUNE = r"""
+MOUNTING_PRUNE = (
+    r"""
 import os, subprocess, sys
 
 done = []
@@ -373,10 +369,9 @@ def hook(event, args):
     with open(os.path.join(where, "precious"), "w") as f:
         f.write("data")
 
-sys.addaudithook(hook)
-from ckptkeeper.cli import main
-main(sys.argv[1:])
 """
+    + RUN_HOOKED
+)
 
 
 def test_a_mount_made_inside_a_checkpoint_after_the_scan_is_seen_by_the_cached_mount_points(tmp_path: Path) -> None:
@@ -390,15 +385,7 @@ def test_a_mount_made_inside_a_checkpoint_after_the_scan_is_seen_by_the_cached_m
     where = run / "checkpoint-1" / "mnt"
     args = ["prune", str(root), "--keep", "last:2", "--no-protect-trainer-best"]
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", MOUNTING_PRUNE, *args],
-            env=dict(os.environ, R10_MNT=str(where)),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        done = run_hooked(MOUNTING_PRUNE, args, R10_MNT=str(where))
         assert (where / "precious").read_text() == "data", done.stdout
         assert "mount" in done.stdout, done.stdout  # refused, naming the mount point
         assert (run / "checkpoint-1" / "trainer_state.json").exists(), done.stdout
@@ -412,7 +399,8 @@ def test_a_mount_made_inside_a_checkpoint_after_the_scan_is_seen_by_the_cached_m
 # ------------------------------------------------------------------------------- 5. four deleters, SIGKILL
 # A `prune` SIGKILLed (by whichever deleter thread it is) the moment its fourth tree delete of a trash entry begins:
 # entries before it may be half deleted by the other deleter threads, that one is whole in the trash.
-KILLED_AMID_DELETERS = r"""
+KILLED_AMID_DELETERS = (
+    r"""
 import os, signal, sys
 
 begun = []
@@ -423,10 +411,9 @@ def hook(event, args):
         if len(begun) == 4:
             os.kill(os.getpid(), signal.SIGKILL)
 
-sys.addaudithook(hook)
-from ckptkeeper.cli import main
-main(sys.argv[1:])
 """
+    + RUN_HOOKED
+)
 
 
 def _bulk_up(run: Path, files: int) -> None:

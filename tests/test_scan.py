@@ -217,7 +217,7 @@ def test_a_checkpoint_removed_while_it_is_read_is_incomplete_not_a_crash(tmp_pat
     directory = real_checkpoint(tmp_path)
 
     def remove_after_listing(frame: FrameType, event: str, arg: object) -> None:
-        if event == "return" and frame.f_code.co_name == "_walk_files":
+        if event == "return" and frame.f_code.co_name == "walk_files":
             sys.setprofile(None)
             shutil.rmtree(directory)
 
@@ -609,13 +609,13 @@ def _walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     from ckptkeeper import scan as scan_module
 
     walked: list[str] = []
-    real_walk = scan_module._walk_files
+    real_walk = scan_module.walk_files
 
     def counting_walk(directory: Path, top: os.stat_result | None = None, dir_fd: int | None = None) -> object:
         walked.append(Path(os.path.realpath(directory)).name)  # walked through /proc/self/fd/N
         return real_walk(directory, top, dir_fd)
 
-    monkeypatch.setattr(scan_module, "_walk_files", counting_walk)
+    monkeypatch.setattr(scan_module, "walk_files", counting_walk)
     return walked
 
 
