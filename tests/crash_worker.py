@@ -99,7 +99,7 @@ def prune(job: dict[str, Any], say: bool = False) -> PassResult:
             emit(f"DONE {pid} {time.perf_counter() - started:.6f} {len(totals.errors)}")
         return totals
     finally:
-        pipeline.release()
+        state.close()  # the lock and the state directory's descriptors, as `Pipeline.prune` lets go of them
 
 
 # ---------------------------------------------------------------------------------------------- ckptkeeper watch

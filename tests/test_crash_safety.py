@@ -953,6 +953,7 @@ def test_kill_while_holding_the_lock_then_next_run_succeeds(
     contender = StateDir(layout.state.path)
     with pytest.raises(LockHeld, match=rf"pid {pid}\b"):
         contender.acquire_lock(layout.root)
+    contender.close()
 
     assert server.kill(pid) == -signal.SIGKILL
     # The lock file still names the dead holder: the lock is stale, not released.
