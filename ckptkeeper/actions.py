@@ -97,13 +97,9 @@ Dispose = Callable[[TrashEntry], None]
 
 # ---------------------------------------------------------------------------------------------- reaching it
 def _split_below(root: Path, checkpoint: Path, verb: str) -> list[str]:
-    root_text, text = os.fspath(root), os.fspath(checkpoint)
-    head, name = os.path.split(text)
-    if os.path.isabs(root_text) and os.path.isabs(head) and name not in ("", os.curdir, os.pardir):
-        parts = [*_below(root_text, head), name]  # what the line below gives, string work done once per run
-    else:
-        parts = os.path.relpath(os.path.abspath(checkpoint), os.path.abspath(root)).split(os.sep)
-    if parts == [os.curdir] or parts[0] == os.pardir:
+    head, name = os.path.split(os.path.abspath(checkpoint))  # absolute already: no working directory read
+    parts = [*_below(os.path.abspath(root), head), name]
+    if not name or parts[0] == os.pardir:
         raise ActionError(f"refusing to {verb} {checkpoint}: it is outside the root {root}")
     return parts
 

@@ -21,7 +21,8 @@ from ckptkeeper.colour import Palette
 from ckptkeeper.units import count
 
 if TYPE_CHECKING:
-    from ckptkeeper.engine import PassResult, Pipeline, ProgressSink
+    from ckptkeeper.engine import PassResult, Pipeline
+    from ckptkeeper.removals import ProgressSink
     from ckptkeeper.settings import Settings
     from ckptkeeper.watch import WatchOptions
 

@@ -28,9 +28,6 @@ from ckptkeeper.actions import (
     Stopped,
     TrashEntry,
     Vanished,
-    archive_checkpoint,
-    archive_to_store,
-    delete_checkpoint,
     empty_trash,
     open_run_dir,
     trash_failure,
@@ -38,7 +35,6 @@ from ckptkeeper.actions import (
 from ckptkeeper.layout import Layout, LayoutError, default_state_dir
 from ckptkeeper.metric_sources import MetricSources
 from ckptkeeper.model import (
-    MOVED_TO,
     Action,
     Checkpoint,
     Decision,
@@ -48,29 +44,24 @@ from ckptkeeper.model import (
     Run,
     RunPlan,
     RunResult,
-    Signature,
     Stale,
 )
-from ckptkeeper.paths import fd_path, identity
+from ckptkeeper.paths import identity
 from ckptkeeper.policy import NO_RULE, PlanInputs, Policy, RootPlan, plan_root
 from ckptkeeper.pressure import Disk, Space
 from ckptkeeper.reaper import ARCHIVE_DELETER_THREADS, DELETER_THREADS, Deleters, Deleting
+from ckptkeeper.recheck import recheck
+from ckptkeeper.removals import Archival, Deletion, ProgressFactory, Removal, Slimming, StoreArchival
 from ckptkeeper.render import journal_reasons
 from ckptkeeper.rules import format_rules
 from ckptkeeper.scan import (
-    VANISHED_WHILE_READING,
     ContentCache,
     ContentsMemo,
     ScanOptions,
-    checkpoint_step,
     find_run_dirs,
-    read_checkpoint,
     read_run,
     run_path,
-    signature_of,
-    walk_files,
 )
-from ckptkeeper.slimming import slim_checkpoint
 from ckptkeeper.stale import stale_checkpoints
 from ckptkeeper.state import StateDir
 
@@ -154,163 +145,10 @@ class PruneReport(Protocol):
     def outcome(self, outcome: Outcome) -> None: ...
 
 
-class Removal(Protocol):
-    """One way to remove a checkpoint from its run: crash-safe and through the trash. It raises the
-    `actions` errors (Vanished, Changed, Stopped, ActionError); the engine turns them into outcomes."""
-
-    @property
-    def done(self) -> OutcomeKind:
-        """The outcome of a removal that went through."""
-        ...
-
-    @property
-    def verb(self) -> str:
-        """The journal's word for it (`start-<verb>`)."""
-        ...
-
-    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
-        """Carry it out; returns the detail for the outcome (empty for none)."""
-        ...
-
-    def freed(self, c: Checkpoint) -> int:
-        """The bytes it takes out of the run."""
-        ...
-
-
-@dataclass(frozen=True)
-class Deletion:
-    root: Path
-    state: StateDir
-    dispose: Dispose | None
-    root_identity: Identity | None
-    done: OutcomeKind = OutcomeKind.DELETED
-    verb: str = "delete"
-
-    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
-        delete_checkpoint(self.root, checkpoint, self.state, self.dispose, expected, self.root_identity)
-        return ""
-
-    def freed(self, c: Checkpoint) -> int:
-        return c.size_bytes
-
-
-@dataclass(frozen=True)
-class Archival:
-    """Into `<archive>/<run path>/checkpoint-N` (the root's own run directly below the archive)."""
-
-    root: Path
-    archive_to: Path
-    state: StateDir
-    dispose: Dispose | None
-    stop: StopCheck | None
-    root_identity: Identity | None
-    done: OutcomeKind = OutcomeKind.ARCHIVED
-    verb: str = "archive"
-
-    def freed(self, c: Checkpoint) -> int:
-        return c.size_bytes
-
-    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
-        target = self.archive_to / run / checkpoint.name if run != "." else self.archive_to / checkpoint.name
-        how = archive_checkpoint(
-            self.root, checkpoint, target, self.state, self.dispose, expected, self.stop, self.archive_to,
-            self.root_identity,
-        )  # fmt: skip
-        return f"{MOVED_TO}{target}" if how == "renamed" else f"{how} to {target}"
-
-
-@dataclass(frozen=True)
-class StoreArchival:
-    """Into an object store (`--archive-to s3://...`): upload, verify, manifest last (destination.archive), then
-    the source goes through the trash (actions.archive_to_store). A store that failed as a whole is tried again
-    only once its backoff has passed (`Pipeline._held_back`)."""
-
-    root: Path
-    store: ObjectStore
-    backoff: Backoff
-    state: StateDir
-    dispose: Dispose | None
-    stop: StopCheck | None
-    root_identity: Identity | None
-    progress: ProgressFactory | None = None
-    done: OutcomeKind = OutcomeKind.ARCHIVED
-    verb: str = "archive"
-
-    def freed(self, c: Checkpoint) -> int:
-        return c.size_bytes
-
-    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
-        from ckptkeeper.destination import DestinationDown, DestinationError, StopRequested, archive
-
-        shown = self.store.shown(run, checkpoint.name)
-        step = checkpoint_step(checkpoint.name) or 0
-        progress = self.progress(run, checkpoint) if self.progress is not None else None
-
-        def upload(source: str) -> tuple[dict[str, int], str]:
-            manifest, how = archive(self.store, source, run, checkpoint.name, step, self.stop, progress)
-            return {f.path: f.size for f in manifest.files}, how
-
-        try:
-            how = archive_to_store(
-                self.root, checkpoint, upload, self.state, self.dispose, expected, self.root_identity
-            )
-        except StopRequested:
-            raise Stopped("the upload was not complete; the checkpoint stays whole") from None
-        except DestinationDown as e:
-            self.backoff.failed(time.monotonic(), f"cannot archive to {self.store.url}: {e}")
-            raise ActionError(self.backoff.reason) from None
-        except DestinationError as e:
-            raise ActionError(f"cannot archive {checkpoint} to {shown}: {e}") from None
-        finally:
-            if progress is not None:
-                progress.close()
-        self.backoff.succeeded()
-        return f"{how} to {shown}"
-
-
-class ProgressSink(Protocol):
-    """Told the bytes sent as an upload goes (from upload threads), closed at its end."""
-
-    def __call__(self, sent: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-ProgressFactory = Callable[[str, Path], ProgressSink]  # (run, checkpoint directory) -> its sink
-
-
 DEFAULT_SCAN = ScanOptions()
 KEEP_WEIGHTS_AND_ARCHIVE = (
     "--keep-weights cannot be combined with --archive-to yet: the resume state would be deleted, not archived"
 )
-
-
-@dataclass(frozen=True)
-class Slimming:
-    """Keep the weights, remove the resume state (`--keep-weights`): see `slimming.py`."""
-
-    root: Path
-    resume_state: tuple[str, ...]
-    state: StateDir
-    dispose: Dispose | None
-    root_identity: Identity | None
-    done: OutcomeKind = OutcomeKind.SLIMMED
-    verb: str = "slim"
-
-    def remove(self, run: str, checkpoint: Path, expected: Identity | None) -> str:
-        slim_checkpoint(
-            self.root, checkpoint, self.resume_state, self.state, self.dispose, expected, self.root_identity
-        )
-        if not self.resume_state:
-            return "its directory's times put back (a slim cut short)"
-        return f"removed {', '.join(self.resume_state)}"
-
-    def freed(self, c: Checkpoint) -> int:
-        return c.resume_bytes
-
-
-VANISHED_BEFORE = "removed by someone else before ckptkeeper got to it"
-CHANGED = "changed since the plan was made; left for the next pass"
 
 
 class Pipeline:
@@ -551,7 +389,7 @@ class Pipeline:
                 handoff = _Handoff(deleters) if deleters is not None else None
                 path = self._path(run_plan.run.path, decision.checkpoint.name)
                 with self.state.one_removal():
-                    outcome = self._carry_out(run_plan.run.path, decision, handoff, path)
+                    outcome = self._carry_out(run_plan.run.path, path, decision, handoff)
                     outcome = replace(outcome, step=decision.checkpoint.step, reasons=decision.reasons)
                     told.add(_Pending(index, outcome, path, handoff))
         told.flush(block=True)
@@ -626,17 +464,14 @@ class Pipeline:
             return Archival(self.root, self.layout.archive_dir, self.state, dispose, self.stop, self.root_identity)
         return Deletion(self.root, self.state, dispose, self.root_identity)
 
-    def _carry_out(
-        self, run: str, decision: Decision, handoff: _Handoff | None = None, path: Path | None = None
-    ) -> Outcome:
+    def _carry_out(self, run: str, path: Path, decision: Decision, handoff: _Handoff | None) -> Outcome:
         """One removal, re-checked, pin-guarded and journaled. With a `handoff` (prune's deleters), its trash entry
         is handed to them and the outcome's journal line waits in the handoff until the entry is deleted."""
         c = decision.checkpoint
         removal = self._removal(decision.action, c, handoff)
         if self.dry_run:
             return Outcome(run, c.name, OutcomeKind.would(decision.action), removal.freed(c))
-        path = self._path(run, c.name) if path is None else path
-        checked = self._held_back(run, c, decision.action) or self._recheck(run, path, c)
+        checked = self._held_back(run, c, decision.action) or recheck(self.root, self.root_identity, run, path, c)
         if isinstance(checked, Outcome):
             return checked
         entry = {
@@ -688,26 +523,6 @@ class Pipeline:
             self.store.check()
         except DestinationError as e:
             raise LayoutError(f"--archive-to {e}") from None
-
-    def _recheck(self, run: str, path: Path, planned: Checkpoint) -> Identity | Outcome | None:
-        """The checkpoint directory's identity now, if it is still the very one judged, with the very entries
-        and contents; else the outcome. The plan was made from an earlier look at the disk; this one goes
-        through the run directory reached without following links (the same way the removal reaches it).
-        It compares a fresh lstat signature with the one the scan took (`scan.lstat_signature` says why an
-        unchanged one means unchanged contents); where that signature cannot vouch for it (written a moment
-        before the scan), it reads the checkpoint again in full."""
-        try:
-            run_fd = open_run_dir(self.root, path, "remove", self.root_identity)
-        except Vanished:
-            return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
-        except ActionError as e:
-            return Outcome(run, planned.name, OutcomeKind.ERROR, 0, str(e))
-        try:
-            if planned.signature is not None and planned.signature_vouches:
-                return _compare_signature(run, run_fd, path, planned)
-            return _read_again(run, Path(fd_path(run_fd, path.parent)) / planned.name, planned)
-        finally:
-            os.close(run_fd)
 
     def _remove(self, run: str, path: Path, decision: Decision, removal: Removal, expected: Identity | None) -> Outcome:
         """Carry out one removal; every failure is an Outcome, never an exception."""
@@ -776,52 +591,6 @@ def _measure(root: Path, run_dir: Path, root_identity: Identity | None) -> Disk 
 
 def _why(e: OSError) -> str:
     return str(e.strerror or e)
-
-
-def _compare_signature(run: str, run_fd: int, path: Path, planned: Checkpoint) -> Identity | Outcome:
-    """The re-check by signature: the checkpoint in the run directory open as `run_fd` has the identity and lstat
-    signature the scan saw (no entry added, removed, renamed, replaced or written since)."""
-    try:
-        now_identity, now_signature = _signature_at(run_fd, path)
-    except FileNotFoundError:
-        return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
-    except OSError:
-        return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
-    if now_identity != planned.identity or now_signature != planned.signature:
-        return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
-    return now_identity
-
-
-def _signature_at(run_fd: int, path: Path) -> tuple[Identity, Signature]:
-    """`scan.lstat_signature` of the checkpoint `path.name` in the run directory open as `run_fd`, taken through
-    descriptors: the checkpoint opened without following a link (a link or a file in its place is an OSError, a
-    checkpoint gone FileNotFoundError), its own entry by `fstat` and its entries by `fstatat` relative to it, which
-    spares the kernel a walk of /proc/self/fd/N/... for every entry: the scan's own walk (`scan.walk_files`), so
-    the same entries as lstat sees them, and the same signature."""
-    fd = os.open(path.name, _DIR_FLAGS, dir_fd=run_fd)
-    try:
-        top = os.fstat(fd)
-        walked, _ = walk_files(Path(fd_path(fd, path)), top, fd)
-    finally:
-        os.close(fd)
-    return (top.st_dev, top.st_ino), signature_of(walked)
-
-
-def _read_again(run: str, where: Path, planned: Checkpoint) -> Identity | Outcome | None:
-    """The re-check by a full read: still complete, the same size, identity and signature."""
-    now_seen = read_checkpoint(where, planned.step)
-    if now_seen.incomplete_reason == VANISHED_WHILE_READING:
-        return Outcome(run, planned.name, OutcomeKind.VANISHED, 0, VANISHED_BEFORE)
-    if not now_seen.complete or now_seen.size_bytes != planned.size_bytes or not _same(planned, now_seen):
-        return Outcome(run, planned.name, OutcomeKind.SKIPPED, 0, CHANGED)
-    return now_seen.identity
-
-
-def _same(planned: Checkpoint, now_seen: Checkpoint) -> bool:
-    """The very directory judged, with the very files: same identity, and no entry added, removed, renamed
-    or written since (every entry's type, inode, size, mtime and ctime)."""
-    same_identity = planned.identity is None or planned.identity == now_seen.identity
-    return same_identity and (planned.signature is None or planned.signature == now_seen.signature)
 
 
 @dataclass

@@ -40,10 +40,7 @@ KERNEL_CTIME_FILESYSTEMS = frozenset(
 # memory: a byte read back just after it was written is the page that write filled, so reading a copy back
 # checks nothing there (`actions._TreeCopy`). Not FUSE (a process answers), NFS or SMB (a server does), nor
 # overlay (its upper layer may be any of these).
-KERNEL_DATA_FILESYSTEMS = frozenset(
-    {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "jfs", "bcachefs", "ramfs"}
-    | {"vfat", "msdos", "exfat", "ntfs3"}
-)
+KERNEL_DATA_FILESYSTEMS = (KERNEL_CTIME_FILESYSTEMS - {"overlay"}) | {"vfat", "msdos", "exfat", "ntfs3"}
 
 
 @dataclass(frozen=True)

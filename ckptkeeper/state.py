@@ -19,6 +19,7 @@ import re
 import stat
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,14 @@ def _write_new(dir_fd: int, name: str, data: bytes) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Spared:
+    """Within one removal (`StateDir.one_removal`): the checks already passed once, not made again."""
+
+    linked: bool = False  # the state directory and its trash are still linked
+    reserve: bool = False  # the reserve file is there
+
+
 class StateDir:
     """The state directory. Owned by the thread that runs the pipeline; `record` may be called from any
     thread (the daemon's reaper journals too)."""
@@ -160,19 +169,18 @@ class StateDir:
         self._journal_fd: int | None = None
         self._journal_id: tuple[int, int] = (0, 0)
         self._journal_end = -1
-        # Inside `one_removal`: the descriptors were found still linked, and the reserve present, once already.
-        self._in_removal = False
-        self._linked_seen = False
-        self._reserve_seen = False
+        self._spared: _Spared | None = None  # inside `one_removal` only
 
     def create(self) -> None:
         """Make (or claim) the state directory and its trash, and hold both open. Refuses a directory that is
         not ckptkeeper's, and a link in the place of either."""
         if self._fd is not None and self._trash_fd is not None:
-            if self._linked_seen:
+            spared = self._spared
+            if spared is not None and spared.linked:
                 return
             if _still_linked(self._fd) and _still_linked(self._trash_fd):
-                self._linked_seen = self._in_removal
+                if spared is not None:
+                    spared.linked = True
                 return
             # Deleted (with its root, say) since it was opened: made anew below. The root's lock stays held
             # (another instance must not start on this root meanwhile); the state lock is taken again in the
@@ -242,11 +250,11 @@ class StateDir:
         to be still linked, and the reserve to be there, at their first use in the block rather than at every
         one (four uses and two journal lines per removal; each check is system calls). Owned by the thread that
         acts; a check of another thread's within the block is spared too, as it would be a moment later."""
-        self._in_removal, self._linked_seen, self._reserve_seen = True, False, False
+        self._spared = _Spared()
         try:
             yield
         finally:
-            self._in_removal, self._linked_seen, self._reserve_seen = False, False, False
+            self._spared = None
 
     @property
     def trash_fd(self) -> int:
@@ -362,7 +370,7 @@ class StateDir:
 
     def close(self) -> None:
         """Release the locks and the directory descriptors."""
-        self._linked_seen = self._reserve_seen = False
+        self._spared = None
         self.release_lock()
         self._close_directory()
 
@@ -391,7 +399,8 @@ class StateDir:
             self._keep_reserve(dir_fd)
 
     def _give_up_reserve(self, dir_fd: int) -> bool:
-        self._reserve_seen = False
+        if self._spared is not None:
+            self._spared.reserve = False
         try:
             os.unlink(RESERVE_NAME, dir_fd=dir_fd)
         except OSError:
@@ -400,12 +409,14 @@ class StateDir:
 
     def _keep_reserve(self, dir_fd: int | None = None) -> None:
         """Make the reserve where it is missing; where there is no room for it, try again at the next line."""
-        if self._reserve_seen:
+        spared = self._spared
+        if spared is not None and spared.reserve:
             return
         dir_fd = self.dir_fd if dir_fd is None else dir_fd
         try:
             os.stat(RESERVE_NAME, dir_fd=dir_fd, follow_symlinks=False)
-            self._reserve_seen = self._in_removal
+            if spared is not None:
+                spared.reserve = True
             return
         except FileNotFoundError:
             pass

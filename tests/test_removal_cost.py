@@ -17,7 +17,7 @@ import pytest
 
 from ckptkeeper import pins
 from ckptkeeper.actions import ActionError, _split_below, _trash_name
-from ckptkeeper.engine import _signature_at
+from ckptkeeper.recheck import _signature_at
 from ckptkeeper.scan import lstat_signature
 from ckptkeeper.state import JOURNAL_NAME, RESERVE_NAME, TRASH_ENTRY, StateDir
 

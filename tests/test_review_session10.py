@@ -320,14 +320,11 @@ def _mutations(c: Path, outside: Path) -> list[tuple[str, object]]:
 
 
 def test_the_signature_through_descriptors_is_the_scan_s_and_sees_every_nested_swap(tmp_path: Path) -> None:
-    """HELD: `engine._signature_at` (fstatat below the checkpoint's descriptor) equals `scan.lstat_signature`
+    """HELD: `recheck._signature_at` (fstatat below the checkpoint's descriptor) equals `scan.lstat_signature`
     (the walk by path) on a tree with nested directories, a link, a hard link and a FIFO, and changes with each
     swap below it (a nested file replaced, a hard link made from outside, a FIFO replaced, a nested directory
-    swapped for a link to a copy, a chmod three levels down, a nested directory renamed). prunefast only."""
-    try:
-        from ckptkeeper.engine import _signature_at  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        pytest.skip("no engine._signature_at (main walks /proc/self/fd paths)")
+    swapped for a link to a copy, a chmod three levels down, a nested directory renamed)."""
+    from ckptkeeper.recheck import _signature_at
     run, outside = tmp_path / "run", tmp_path / "outside"
     outside.mkdir()
     run.mkdir()
