@@ -151,17 +151,18 @@ class _Spared:
 
 
 class StateDir:
-    """The state directory. Owned by the thread that runs the pipeline; `record` may be called from any
-    thread (the daemon's reaper journals too)."""
+    """The state directory. Owned by the thread that runs the pipeline; `record`, `dir_fd` and `trash_fd` may be
+    called from any thread (the daemon's reaper journals too): they, `create` and `close` hold `_journal_lock`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.trash = path / TRASH_NAME
         self.journal_path = path / JOURNAL_NAME
-        # The daemon's reaper thread records too; reentrant: record -> create -> close -> the journal's close.
+        # The daemon's reaper thread records too; reentrant: record -> dir_fd -> create -> the journal's close.
         self._journal_lock = threading.RLock()
         self._lock_fd: int | None = None
         self._root_lock_fds: list[int] = []
+        self._retired: list[int] = []  # a deleted directory's descriptors, closed by `close` (`_retire_directory`)
         self._fd: int | None = None  # the state directory itself, opened without following links
         self._trash_fd: int | None = None
         # The journal, held open between lines (opened again when its name leads to another file): its
@@ -173,7 +174,12 @@ class StateDir:
 
     def create(self) -> None:
         """Make (or claim) the state directory and its trash, and hold both open. Refuses a directory that is
-        not ckptkeeper's, and a link in the place of either."""
+        not ckptkeeper's, and a link in the place of either. Under the journal's lock: the daemon's reaper
+        journals from its own thread, and either thread may find the directory deleted and make it anew."""
+        with self._journal_lock:
+            self._create()
+
+    def _create(self) -> None:
         if self._fd is not None and self._trash_fd is not None:
             spared = self._spared
             if spared is not None and spared.linked:
@@ -185,7 +191,7 @@ class StateDir:
             # Deleted (with its root, say) since it was opened: made anew below. The root's lock stays held
             # (another instance must not start on this root meanwhile); the state lock is taken again in the
             # new directory (`_lock_again`).
-            self._close_directory()
+            self._retire_directory()
         problem = ownership_problem(self.path)
         if problem:
             raise OSError(errno.EEXIST, f"{problem}; refusing to use it", str(self.path))
@@ -258,16 +264,20 @@ class StateDir:
 
     @property
     def trash_fd(self) -> int:
-        """The trash, open; `create` first."""
-        self.create()
-        assert self._trash_fd is not None
-        return self._trash_fd
+        """The trash, open (made first where it is not); valid until `close`, even if another thread finds the
+        directory deleted meanwhile (`_retire_directory`)."""
+        with self._journal_lock:
+            self._create()
+            assert self._trash_fd is not None
+            return self._trash_fd
 
     @property
     def dir_fd(self) -> int:
-        self.create()
-        assert self._fd is not None
-        return self._fd
+        """The state directory, open, as `trash_fd`."""
+        with self._journal_lock:
+            self._create()
+            assert self._fd is not None
+            return self._fd
 
     def acquire_lock(self, root: Path) -> None:
         """Take the root's own lock, so that one instance runs per root however the root is reached and
@@ -369,10 +379,22 @@ class StateDir:
         self._lock_fd, self._root_lock_fds = None, []
 
     def close(self) -> None:
-        """Release the locks and the directory descriptors."""
-        self._spared = None
-        self.release_lock()
-        self._close_directory()
+        """Release the locks and the directory descriptors (a deleted directory's, retired, too)."""
+        with self._journal_lock:
+            self._spared = None
+            self.release_lock()
+            self._close_directory()
+            retired, self._retired = self._retired, []
+            for fd in retired:
+                os.close(fd)
+
+    def _retire_directory(self) -> None:
+        """Let go of a deleted directory's descriptors without closing them until `close`: another thread may
+        still hold one of their numbers, which a descriptor opened meanwhile would otherwise take (it would then
+        act on whatever that is). Held open, they lead to the deleted directory, where nothing can be made."""
+        self._close_journal()
+        self._retired += [fd for fd in (self._trash_fd, self._fd) if fd is not None]
+        self._fd = self._trash_fd = None
 
     def _close_directory(self) -> None:
         self._close_journal()
@@ -399,8 +421,9 @@ class StateDir:
             self._keep_reserve(dir_fd)
 
     def _give_up_reserve(self, dir_fd: int) -> bool:
-        if self._spared is not None:
-            self._spared.reserve = False
+        spared = self._spared  # read once: the thread that owns the removal may end it meanwhile
+        if spared is not None:
+            spared.reserve = False
         try:
             os.unlink(RESERVE_NAME, dir_fd=dir_fd)
         except OSError:
@@ -450,8 +473,15 @@ class StateDir:
         data = (("\n" if cut_short else "") + json.dumps(line, sort_keys=False) + "\n").encode()
         self._journal_end = -1
         written = os.write(fd, data)
-        if written == len(data):
-            self._journal_end = size + written
+        if written != len(data):
+            # A full disk takes what fits in the journal's last block and reports no error: the line is not
+            # written, so the part is cut off again (this process alone writes the journal: it holds the state
+            # lock) and the write fails as ENOSPC (`record` then gives up the reserve and writes it whole).
+            # Where the part cannot be cut off, the next line starts on a line of its own (`cut_short`).
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.journal_path))
+        self._journal_end = size + written
 
     def _journal_file(self, dir_fd: int) -> tuple[int, int]:
         """The journal, open for appending, and its size now (one lstat of its name when it is held)."""
