@@ -452,17 +452,17 @@ class Pipeline:
     # ---- one removal ---------------------------------------------------------------------------------------
     def _removal(self, action: Action, c: Checkpoint, handoff: _Handoff | None = None) -> Removal:
         dispose = handoff.dispose if handoff is not None else self.dispose
+        through = (self.root, self.state, dispose, self.root_identity)  # `removals._Through`'s fields, in order
         if action is Action.WEIGHTS_ONLY:
-            return Slimming(self.root, c.resume_state, self.state, dispose, self.root_identity)
+            return Slimming(*through, resume_state=c.resume_state)
         if action is Action.ARCHIVE and self.store is not None and self.backoff is not None:
             return StoreArchival(
-                self.root, self.store, self.backoff, self.state, dispose, self.stop, self.root_identity,
-                self.progress,
-            )  # fmt: skip
+                *through, store=self.store, backoff=self.backoff, stop=self.stop, progress=self.progress
+            )
         if action is Action.ARCHIVE:
             assert self.layout.archive_dir is not None
-            return Archival(self.root, self.layout.archive_dir, self.state, dispose, self.stop, self.root_identity)
-        return Deletion(self.root, self.state, dispose, self.root_identity)
+            return Archival(*through, archive_to=self.layout.archive_dir, stop=self.stop)
+        return Deletion(*through)
 
     def _carry_out(self, run: str, path: Path, decision: Decision, handoff: _Handoff | None) -> Outcome:
         """One removal, re-checked, pin-guarded and journaled. With a `handoff` (prune's deleters), its trash entry

@@ -66,11 +66,18 @@ ProgressFactory = Callable[[str, Path], ProgressSink]  # (run, checkpoint direct
 
 
 @dataclass(frozen=True)
-class Deletion:
+class _Through:
+    """What every removal goes through: the root (reached as `root_identity`), the state directory whose trash takes
+    the checkpoint, and who deletes trash entries (`dispose`; None: inline)."""
+
     root: Path
     state: StateDir
     dispose: Dispose | None
     root_identity: Identity | None
+
+
+@dataclass(frozen=True)
+class Deletion(_Through):
     done: OutcomeKind = OutcomeKind.DELETED
     verb: str = "delete"
 
@@ -83,15 +90,11 @@ class Deletion:
 
 
 @dataclass(frozen=True)
-class Archival:
+class Archival(_Through):
     """Into `<archive>/<run path>/checkpoint-N` (the root's own run directly below the archive)."""
 
-    root: Path
     archive_to: Path
-    state: StateDir
-    dispose: Dispose | None
     stop: StopCheck | None
-    root_identity: Identity | None
     done: OutcomeKind = OutcomeKind.ARCHIVED
     verb: str = "archive"
 
@@ -108,18 +111,14 @@ class Archival:
 
 
 @dataclass(frozen=True)
-class StoreArchival:
+class StoreArchival(_Through):
     """Into an object store (`--archive-to s3://...`): upload, verify, manifest last (destination.archive), then
     the source goes through the trash (actions.archive_to_store). A store that failed as a whole is tried again
     only once its backoff has passed (`Pipeline._held_back`)."""
 
-    root: Path
     store: ObjectStore
     backoff: Backoff
-    state: StateDir
-    dispose: Dispose | None
     stop: StopCheck | None
-    root_identity: Identity | None
     progress: ProgressFactory | None = None
     done: OutcomeKind = OutcomeKind.ARCHIVED
     verb: str = "archive"
@@ -157,14 +156,10 @@ class StoreArchival:
 
 
 @dataclass(frozen=True)
-class Slimming:
+class Slimming(_Through):
     """Keep the weights, remove the resume state (`--keep-weights`): see `slimming.py`."""
 
-    root: Path
     resume_state: tuple[str, ...]
-    state: StateDir
-    dispose: Dispose | None
-    root_identity: Identity | None
     done: OutcomeKind = OutcomeKind.SLIMMED
     verb: str = "slim"
 

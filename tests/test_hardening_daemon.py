@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mountutil import own_tmpfs
 from watchutil import Watch, steps, wait_until
 
 from ckptkeeper.actions import ARCHIVE_TEMP_PREFIX
@@ -29,17 +29,8 @@ BIG_FILE = 768 << 20
 @pytest.fixture
 def archive_fs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of its own, large enough for a few big checkpoints: another filesystem than the runs."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    mount = tmp_path / "archive-fs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g", "ckptkeeper-test", str(mount)], check=False)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs")
-    try:
+    with own_tmpfs(tmp_path / "archive-fs", "4g") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _big_checkpoints(run: Path) -> None:

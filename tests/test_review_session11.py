@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mountutil import own_tmpfs
 
 from ckptkeeper.actions import ActionError, _split_below
 from ckptkeeper.engine import Pipeline
@@ -159,17 +160,8 @@ def test_kernel_data_filesystems_is_the_set_it_was() -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A fresh 2 MiB tmpfs (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    where = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "r11", str(where)], check=False)
-    if done.returncode != 0:
-        pytest.skip("mount -t tmpfs failed")
-    try:
+    with own_tmpfs(tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}", "2m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(where: Path, name: str) -> Path:
