@@ -70,7 +70,6 @@ if TYPE_CHECKING:  # imported when an object store is used: plan and prune of lo
     from ckptkeeper.scan_memo import ScanMemo
 
 Identity = tuple[int, int]
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OnOutcome = Callable[[Outcome], None]
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from ckptkeeper.actions import ActionError, Vanished, open_run_dir
 from ckptkeeper.model import Checkpoint, Outcome, OutcomeKind, Signature
-from ckptkeeper.paths import fd_path
+from ckptkeeper.paths import Identity, fd_path
 from ckptkeeper.scan import VANISHED_WHILE_READING, read_checkpoint, signature_of, walk_files
 
-Identity = tuple[int, int]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 VANISHED_BEFORE = "removed by someone else before ckptkeeper got to it"
 CHANGED = "changed since the plan was made; left for the next pass"

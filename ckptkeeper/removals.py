@@ -21,14 +21,13 @@ from ckptkeeper.actions import (
     delete_checkpoint,
 )
 from ckptkeeper.model import MOVED_TO, Checkpoint, OutcomeKind
+from ckptkeeper.paths import Identity
 from ckptkeeper.scan import checkpoint_step
 from ckptkeeper.slimming import slim_checkpoint
 from ckptkeeper.state import StateDir
 
 if TYPE_CHECKING:  # imported when an object store is used
     from ckptkeeper.destination import Backoff, ObjectStore
-
-Identity = tuple[int, int]
 
 
 class Removal(Protocol):
